@@ -1,0 +1,32 @@
+use sea_orm::entity::prelude::*;
+use serde::Serialize;
+
+/// An external side effect of a won claim, written in the claim's transaction (the outbox).
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[sea_orm(table_name = "effects")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub task_id: i64,
+    pub run_id: i64,
+    /// `push`, `pull_request`, `plane_comment` or `plane_state`.
+    pub kind: String,
+    /// Unique; also sent to the remote so that a repeated delivery is recognised there.
+    #[sea_orm(unique)]
+    pub idempotency_key: String,
+    /// `pending`, `done` or `failed`.
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub external_ref: Option<String>,
+    /// What to do, as JSON text (branch, commit, message, state name, ...).
+    pub payload: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

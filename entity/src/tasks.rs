@@ -1,0 +1,26 @@
+use sea_orm::entity::prelude::*;
+use serde::Serialize;
+
+/// A ticket driven through a pipeline, e.g. `ORCH-65`.
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[sea_orm(table_name = "tasks")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    #[sea_orm(unique)]
+    pub key: String,
+    pub pipeline: String,
+    pub title: String,
+    pub plane_issue_id: Option<String>,
+    /// `active`, `done`, `failed` or `cancelled`.
+    pub status: String,
+    /// W3C trace context of the task's root span; every span of the task joins it.
+    pub trace_parent: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,397 @@
+//! The command-line interface. Each command is a thin layer over the library: it loads
+//! the config, opens the store and prints what it did, as a table or as JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::clock::Clock;
+use crate::config::{CONFIG_PATH_DEFAULT, Config, validate_name};
+use crate::store::{NewTask, Source, Store, TaskDetail, TaskSummary};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = "Drives tasks through pipelines of AI-agent stages, advancing every stage exactly once"
+)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = "BATON_CONFIG", default_value = CONFIG_PATH_DEFAULT)]
+    pub config: PathBuf,
+    /// Log as JSON lines instead of readable text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: migrations, actors and HTTP API; stops cleanly on SIGINT/SIGTERM.
+    Serve {
+        /// Terminate running agents on shutdown (within shutdown.grace) instead of
+        /// leaving them to be adopted by the next start.
+        #[arg(long)]
+        stop_agents: bool,
+    },
+    /// Enqueue a task (works whether or not `serve` is running).
+    Submit {
+        /// The task's key, e.g. ORCH-65: ASCII letters, digits, '-', '_' and '.'.
+        key: String,
+        #[arg(long, default_value = "default")]
+        pipeline: String,
+        #[arg(long)]
+        title: Option<String>,
+        #[arg(long)]
+        plane_issue: Option<String>,
+    },
+    /// Tasks with their jobs and runs.
+    Status {
+        key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The task's events in order.
+    History {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task and kill its agent.
+    Cancel { key: String },
+    /// Re-queue a failed or cancelled task at the stage where it stopped.
+    Retry { key: String },
+    /// Apply the database migrations.
+    Migrate,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config and print the effective settings, secrets redacted.
+    Check,
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cli.log_json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(Store::open(&config.database_url).await?)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let clock = Clock::system();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = load_config(&cli.config)?;
+            println!("# {} is valid; effective settings:\n", cli.config.display());
+            print!("{}", config.render_effective());
+        }
+        Command::Migrate => {
+            let config = load_config(&cli.config)?;
+            let store = Store::connect(&config.database_url).await?;
+            let applied = store.migrate().await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            } else {
+                for m in applied {
+                    println!("applied {m}");
+                }
+            }
+        }
+        Command::Submit {
+            key,
+            pipeline,
+            title,
+            plane_issue,
+        } => {
+            let config = load_config(&cli.config)?;
+            let submitted = submit(
+                &config,
+                key,
+                pipeline,
+                title,
+                plane_issue,
+                Source::Cli,
+                &clock,
+            )
+            .await?;
+            println!(
+                "submitted {} (pipeline {}, first stage {}, job {})",
+                submitted.task.key, submitted.task.pipeline, submitted.job.stage, submitted.job.id
+            );
+        }
+        Command::Status { key, json } => {
+            let config = load_config(&cli.config)?;
+            let store = open_store(&config).await?;
+            if let Some(key) = key {
+                check_key(&key)?;
+                let detail = store.task_detail(&key).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&detail_json(&detail))?);
+                } else {
+                    print!("{}", render_detail(&detail));
+                }
+            } else {
+                let tasks = store.list_tasks(None).await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&json!({ "tasks": tasks }))?
+                    );
+                } else {
+                    print!("{}", render_tasks(&tasks));
+                }
+            }
+        }
+        Command::History { key, json } => {
+            let config = load_config(&cli.config)?;
+            check_key(&key)?;
+            let store = open_store(&config).await?;
+            let task = store.task_by_key(&key).await?;
+            let events = store.events(task.id).await?;
+            if json {
+                let events: Vec<_> = events.iter().map(event_json).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"task": key, "events": events}))?
+                );
+            } else {
+                for e in &events {
+                    println!(
+                        "{}  {:<16} {:<10} job={:<5} run={:<5} {}",
+                        fmt_time(e.at),
+                        e.kind,
+                        e.source,
+                        e.job_id
+                            .map(|j| j.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e.run_id
+                            .map(|j| j.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e.detail
+                    );
+                }
+            }
+        }
+        Command::Cancel { key } => {
+            let config = load_config(&cli.config)?;
+            check_key(&key)?;
+            let store = open_store(&config).await?;
+            let runs = store.cancel(&key, Source::Cli, clock.now_ms()).await?;
+            println!("cancelled {key}");
+            let host = crate::hostname();
+            for r in runs {
+                match (r.run.pid, r.hostname.as_deref()) {
+                    (Some(pid), Some(h)) if h == host => {
+                        let killed = kill_group(pid);
+                        println!(
+                            "  run {}: agent pid {pid} {}",
+                            r.run.id,
+                            if killed { "terminated" } else { "already gone" }
+                        );
+                    }
+                    (Some(pid), h) => println!(
+                        "  run {}: agent pid {pid} runs on {}; its monitor stops it at its next heartbeat",
+                        r.run.id,
+                        h.unwrap_or("an unknown host")
+                    ),
+                    (None, _) => println!("  run {}: no agent started yet", r.run.id),
+                }
+            }
+        }
+        Command::Retry { key } => {
+            let config = load_config(&cli.config)?;
+            check_key(&key)?;
+            let store = open_store(&config).await?;
+            let job = store.retry(&key, Source::Cli, clock.now_ms()).await?;
+            println!(
+                "re-queued {key} at stage {} (job {}, iteration {})",
+                job.stage, job.id, job.iteration
+            );
+        }
+        Command::Serve { .. } => {
+            bail!("`baton serve` is not available in this build yet");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Validates and submits a task: the key, the pipeline and its first stage are checked
+/// against the config before anything is written.
+pub async fn submit(
+    config: &Config,
+    key: String,
+    pipeline: String,
+    title: Option<String>,
+    plane_issue: Option<String>,
+    source: Source,
+    clock: &Clock,
+) -> anyhow::Result<crate::store::Submitted> {
+    check_key(&key)?;
+    let first_stage = config
+        .pipeline(&pipeline)
+        .map_err(anyhow::Error::msg)?
+        .stages
+        .first()
+        .cloned()
+        .with_context(|| format!("pipeline {pipeline} has no stages"))?;
+    let store = open_store(config).await?;
+    let submitted = store
+        .submit(
+            NewTask {
+                title: title.unwrap_or_else(|| key.clone()),
+                key,
+                pipeline,
+                plane_issue_id: plane_issue,
+                first_stage,
+                trace_parent: None,
+            },
+            source,
+            clock.now_ms(),
+        )
+        .await?;
+    Ok(submitted)
+}
+
+fn check_key(key: &str) -> anyhow::Result<()> {
+    validate_name(key).map_err(|msg| anyhow::anyhow!("invalid task key: {msg}"))
+}
+
+/// Sends SIGTERM to the agent's process group. Returns false when it is gone.
+pub fn kill_group(pid: i32) -> bool {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    killpg(Pid::from_raw(pid), Signal::SIGTERM).is_ok()
+}
+
+pub fn fmt_time(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn event_json(e: &entity::events::Model) -> serde_json::Value {
+    json!({
+        "id": e.id, "at": e.at, "kind": e.kind, "source": e.source,
+        "job_id": e.job_id, "run_id": e.run_id,
+        "detail": serde_json::from_str::<serde_json::Value>(&e.detail).unwrap_or(json!(e.detail)),
+    })
+}
+
+fn detail_json(d: &TaskDetail) -> serde_json::Value {
+    json!({
+        "task": d.task, "jobs": d.jobs, "runs": d.runs, "effects": d.effects,
+        "events": d.events.iter().map(event_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The stage a task is at: its newest job.
+fn current_job(jobs: &[entity::jobs::Model]) -> Option<&entity::jobs::Model> {
+    jobs.iter().max_by_key(|j| j.id)
+}
+
+pub fn render_tasks(tasks: &[TaskSummary]) -> String {
+    if tasks.is_empty() {
+        return "no tasks; submit one with `baton submit KEY`\n".to_string();
+    }
+    let mut out = format!(
+        "{:<20} {:<10} {:<10} {:<24} {}\n",
+        "TASK", "PIPELINE", "STATUS", "STAGE", "UPDATED"
+    );
+    for t in tasks {
+        let stage = current_job(&t.jobs)
+            .map(|j| {
+                format!(
+                    "{}#{} {} (attempt {})",
+                    j.stage, j.iteration, j.status, j.attempt
+                )
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<20} {:<10} {:<10} {:<24} {}\n",
+            t.task.key,
+            t.task.pipeline,
+            t.task.status,
+            stage,
+            fmt_time(t.task.updated_at)
+        ));
+    }
+    out
+}
+
+pub fn render_detail(d: &TaskDetail) -> String {
+    let t = &d.task;
+    let mut out = format!(
+        "{} ({}) pipeline={} status={} created={}\n",
+        t.key,
+        t.title,
+        t.pipeline,
+        t.status,
+        fmt_time(t.created_at)
+    );
+    if let Some(p) = &t.plane_issue_id {
+        out.push_str(&format!("  plane issue: {p}\n"));
+    }
+    out.push_str("  jobs:\n");
+    for j in &d.jobs {
+        out.push_str(&format!(
+            "    #{:<5} {:<12} iter {:<2} {:<10} attempt {}\n",
+            j.id, j.stage, j.iteration, j.status, j.attempt
+        ));
+        for r in d.runs.iter().filter(|r| r.job_id == j.id) {
+            out.push_str(&format!(
+                "           run {:<5} attempt {} pid {:<7} exit {:<4} outcome {:<9} commit {} log {}\n",
+                r.id,
+                r.attempt,
+                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r.exit_code.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                r.outcome.as_deref().unwrap_or("-"),
+                r.commit_sha.as_deref().map(|s| &s[..s.len().min(10)]).unwrap_or("-"),
+                r.log_path
+            ));
+        }
+    }
+    if !d.effects.is_empty() {
+        out.push_str("  effects:\n");
+        for e in &d.effects {
+            out.push_str(&format!(
+                "    #{:<5} {:<14} {:<8} attempts {} {}{}\n",
+                e.id,
+                e.kind,
+                e.status,
+                e.attempts,
+                e.external_ref.as_deref().unwrap_or(""),
+                e.last_error
+                    .as_deref()
+                    .map(|s| format!(" last error: {s}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    out
+}

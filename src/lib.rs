@@ -1,0 +1,25 @@
+//! baton: a supervisor for AI-agent pipelines that advances every stage exactly once.
+//!
+//! A task (a ticket such as `ORCH-65`) goes through the stages of its pipeline; each
+//! stage is one agent process in the task's git checkout. baton records every step in a
+//! database (SQLite or PostgreSQL), which is the arbiter of who may advance a job.
+//!
+//! # Layout
+//!
+//! - [`config`]: the `baton.toml` format, defaults and validation.
+//! - [`store`]: all database access, including the fenced claim; no SQL elsewhere.
+//! - [`clock`]: time in the database's unit, controllable by tests.
+//! - [`cli`]: the command-line interface; `main.rs` only parses and dispatches.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod store;
+
+/// This machine's host name, which runs and nodes are recorded with.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
