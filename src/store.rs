@@ -30,6 +30,8 @@ use crate::config::{Config, PlaneStates, RetrySettings, redact_url};
 
 /// How long an SQLite writer waits for another before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a caller waits for a pooled connection before the operation fails.
+pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub mod status {
     pub const QUEUED: &str = "queued";
@@ -265,10 +267,18 @@ pub struct Store {
 impl Store {
     /// Opens the database (SQLite in WAL mode with a busy timeout) without migrating.
     pub async fn connect(url: &str) -> StoreResult<Store> {
+        Store::connect_with(url, POOL_ACQUIRE_TIMEOUT).await
+    }
+
+    /// Like [`Store::connect`], with the time a caller waits for a pooled connection.
+    /// Tests on tokio's paused clock pass a long one: while a query is in flight the
+    /// runtime looks idle and the paused clock jumps to the next timer.
+    pub async fn connect_with(url: &str, acquire_timeout: Duration) -> StoreResult<Store> {
         let mut opts = ConnectOptions::new(url.to_string());
         opts.sqlx_logging(false)
             .max_connections(if url.starts_with("sqlite:") { 4 } else { 10 })
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(acquire_timeout)
+            .acquire_timeout(acquire_timeout)
             .map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
@@ -340,7 +350,7 @@ impl Store {
             updated_at: Set(now),
             ..Default::default()
         })
-        .on_conflict_do_nothing()
+        .on_conflict_do_nothing_on([tasks::Column::Key])
         .exec(&txn)
         .await?;
         let task_id = match inserted {
@@ -1074,7 +1084,7 @@ impl Store {
                 updated_at: Set(now),
                 ..Default::default()
             })
-            .on_conflict_do_nothing()
+            .on_conflict_do_nothing_on([effects::Column::IdempotencyKey])
             .exec(&txn)
             .await?;
         }

@@ -1,1 +1,6 @@
-fn main() {}
+//! baton's integration tests: one binary, one module per area. Every test that touches
+//! the database runs twice, on SQLite and on PostgreSQL (see `support`).
+
+mod cli;
+mod store;
+mod support;

@@ -1,0 +1,104 @@
+//! The `baton` binary as a user runs it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn baton(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run baton")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn submit_status_history_cancel_retry_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+
+    let o = baton(&config, &["migrate"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = baton(&config, &["submit", "ORCH-65", "--title", "Add a thing"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("submitted ORCH-65"));
+    let o = baton(&config, &["submit", "ORCH-65"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+
+    let o = baton(&config, &["status", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tasks"][0]["task"]["key"], "ORCH-65");
+    assert_eq!(v["tasks"][0]["jobs"][0]["stage"], "analyst");
+
+    let o = baton(&config, &["history", "ORCH-65", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let kinds: Vec<&str> = v["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["task_submitted", "job_queued"]);
+
+    let o = baton(&config, &["status", "ORCH-65"]);
+    assert!(text(&o).contains("analyst"), "{}", text(&o));
+    assert!(baton(&config, &["cancel", "ORCH-65"]).status.success());
+    let o = baton(&config, &["retry", "ORCH-65"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("re-queued ORCH-65 at stage analyst"));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    for (args, expect) in [
+        (vec!["submit", "../etc/passwd"], "invalid task key"),
+        (vec!["submit", "ORCH 65"], "invalid task key"),
+        (vec!["submit", "OK-1", "--pipeline", "nope"], "unknown pipeline \"nope\""),
+        (vec!["status", "MISSING-1"], "no task MISSING-1"),
+    ] {
+        let o = baton(&config, &args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(text(&o).contains(expect), "{args:?}: {}", text(&o));
+    }
+    let o = baton(&dir.path().join("absent.toml"), &["status"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("absent.toml not found"), "{}", text(&o));
+
+    std::fs::write(&config, "max_concurrent_jobs = 0\n[repo]\nurl = \"x\"\nbogus = 1\n").unwrap();
+    let o = baton(&config, &["config", "check"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("line 1: max_concurrent_jobs"), "{t}");
+    assert!(t.contains("line 4: repo.bogus: unknown key"), "{t}");
+    assert!(t.contains("pipelines: no pipeline is defined"), "{t}");
+}
+
+#[test]
+fn config_check_redacts_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    let toml = format!(
+        "database_url = \"postgres://baton:hunter2@db.example/baton\"\n{}\n[http]\ntoken_env = \"BATON_TEST_TOKEN_XYZ\"\n",
+        crate::store::PIPELINE_TOML
+    );
+    std::fs::write(&config, toml).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["--config", config.to_str().unwrap(), "config", "check"])
+        .env("BATON_TEST_TOKEN_XYZ", "sekrit-value")
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains("hunter2") && !t.contains("sekrit-value"), "{t}");
+    assert!(t.contains("postgres://baton:***@db.example/baton"), "{t}");
+    assert!(t.contains("$BATON_TEST_TOKEN_XYZ is set"), "{t}");
+}

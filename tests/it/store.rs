@@ -1,0 +1,329 @@
+//! The store's atomic operations and invariants 1, 2 and 4 of the product contract.
+
+use std::path::Path;
+
+use baton::config::{Config, EnvOverrides};
+use baton::store::{Claim, ClaimOutcome, ClaimPolicy, NewTask, Source, Store, Verdict};
+use entity::jobs;
+
+use crate::on_both;
+use crate::support::TestDb;
+
+pub const PIPELINE_TOML: &str = r#"
+[repo]
+url = "/nonexistent/repo.git"
+[retry]
+max_attempts = 2
+backoff_initial = "10s"
+backoff_max = "1m"
+[pipelines.default]
+stages = ["analyst", "developer", "reviewer"]
+max_iterations = 2
+[stages.analyst]
+command = ["true"]
+[stages.developer]
+command = ["true"]
+[stages.reviewer]
+command = ["true"]
+on_reject = "developer"
+gate.verdict = { file = "review.md", approve = "APPROVED", reject = "CHANGES_REQUESTED" }
+[effects]
+push = true
+"#;
+
+pub fn policy() -> ClaimPolicy {
+    let config = Config::from_toml(PIPELINE_TOML, Path::new("/tmp"), &EnvOverrides::default()).unwrap();
+    ClaimPolicy::from_config(&config)
+}
+
+const NOW: i64 = 1_800_000_000_000;
+
+async fn submit(store: &Store, key: &str) -> baton::store::Submitted {
+    store
+        .submit(
+            NewTask {
+                key: key.into(),
+                pipeline: "default".into(),
+                title: format!("title of {key}"),
+                plane_issue_id: None,
+                first_stage: "analyst".into(),
+                trace_parent: None,
+            },
+            Source::Cli,
+            NOW,
+        )
+        .await
+        .unwrap()
+}
+
+fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Source) -> Claim {
+    Claim {
+        job_id: job.id,
+        run_id,
+        verdict,
+        decided_by: by,
+        tier: None,
+        commit_sha: Some("abc123".into()),
+    }
+}
+
+fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+async fn submit_writes_task_job_and_events(db: TestDb) {
+    let s = submit(&db.store, "ORCH-1").await;
+    assert_eq!(s.task.status, "active");
+    assert_eq!((s.job.stage.as_str(), s.job.status.as_str(), s.job.attempt), ("analyst", "queued", 1));
+    let events = db.store.events(s.task.id).await.unwrap();
+    assert_eq!(kinds(&events), ["task_submitted", "job_queued"]);
+    let again = db
+        .store
+        .submit(
+            NewTask {
+                key: "ORCH-1".into(),
+                pipeline: "default".into(),
+                title: String::new(),
+                plane_issue_id: None,
+                first_stage: "analyst".into(),
+                trace_parent: None,
+            },
+            Source::Cli,
+            NOW,
+        )
+        .await;
+    assert!(matches!(again, Err(baton::store::StoreError::TaskExists(k)) if k == "ORCH-1"));
+    assert_eq!(db.store.list_tasks(None).await.unwrap().len(), 1);
+}
+on_both!(submit_writes_task_job_and_events, submit_writes_task_job_and_events);
+
+async fn dispatch_takes_due_jobs_once(db: TestDb) {
+    assert!(db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().is_none());
+    let a = submit(&db.store, "A-1").await;
+    let b = submit(&db.store, "B-1").await;
+    let first = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    assert_eq!(first.job.id, a.job.id);
+    assert_eq!(first.job.status, "running");
+    assert_eq!(first.job.current_run_id, Some(first.run.id));
+    assert_eq!(first.run.node_id, "n1");
+    assert!(first.run.log_path.contains("A-1"));
+    let second = db.store.dispatch("n2", db.dir.path(), NOW).await.unwrap().unwrap();
+    assert_eq!(second.job.id, b.job.id);
+    assert!(db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().is_none());
+}
+on_both!(dispatch_takes_due_jobs_once, dispatch_takes_due_jobs_once);
+
+async fn concurrent_dispatchers_take_distinct_jobs(db: TestDb) {
+    for i in 0..6 {
+        submit(&db.store, &format!("T-{i}")).await;
+    }
+    let mut handles = Vec::new();
+    for n in 0..4 {
+        let store = db.other_store().await;
+        let dir = db.dir.path().to_path_buf();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(d) = store.dispatch(&format!("n{n}"), &dir, NOW).await.unwrap() {
+                got.push(d.job.id);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, 6, "every job dispatched exactly once: {all:?}");
+    assert_eq!(all.len(), 6);
+}
+on_both!(concurrent_dispatchers_take_distinct_jobs, concurrent_dispatchers_take_distinct_jobs);
+
+async fn not_before_delays_dispatch(db: TestDb) {
+    let s = submit(&db.store, "R-1").await;
+    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let won = db
+        .store
+        .claim(&claim(&d.job, d.run.id, Verdict::Failed { reason: "gate".into() }, Source::Monitor), &policy(), NOW)
+        .await
+        .unwrap();
+    let ClaimOutcome::Won(w) = won else { panic!("{won:?}") };
+    assert_eq!(w.job_status, "queued");
+    let job = db.store.job(s.job.id).await.unwrap().unwrap();
+    assert_eq!((job.attempt, job.not_before, job.current_run_id), (2, NOW + 10_000, None));
+    assert!(db.store.dispatch("n1", db.dir.path(), NOW + 9_999).await.unwrap().is_none());
+    let again = db.store.dispatch("n1", db.dir.path(), NOW + 10_000).await.unwrap().unwrap();
+    assert_eq!((again.job.id, again.run.attempt), (s.job.id, 2));
+    // The second failure exhausts max_attempts = 2: the job and the task fail.
+    let lost = db
+        .store
+        .claim(&claim(&again.job, again.run.id, Verdict::TimedOut, Source::Reaper), &policy(), NOW + 20_000)
+        .await
+        .unwrap();
+    let ClaimOutcome::Won(w) = lost else { panic!() };
+    assert_eq!((w.job_status.as_str(), w.task_status.as_deref()), ("failed", Some("failed")));
+    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "failed");
+    assert_eq!(db.store.advances_of(s.job.id).await.unwrap().len(), 1);
+    let k = kinds(&db.store.events(s.task.id).await.unwrap()).join(",");
+    assert!(k.contains("retry_scheduled") && k.ends_with("task_failed"), "{k}");
+}
+on_both!(not_before_delays_dispatch, not_before_delays_dispatch);
+
+async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
+    let s = submit(&db.store, "P-1").await;
+    let mut stages = Vec::new();
+    let verdicts = [
+        Verdict::Passed,   // analyst
+        Verdict::Passed,   // developer 1
+        Verdict::Rejected, // reviewer 1 -> developer 2
+        Verdict::Passed,   // developer 2
+        Verdict::Passed,   // reviewer 2 -> done
+    ];
+    for v in verdicts {
+        let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+        stages.push(format!("{}#{}", d.job.stage, d.job.iteration));
+        let out = db.store.claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW).await.unwrap();
+        assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
+        assert_eq!(db.store.advances_of(d.job.id).await.unwrap().len(), 1);
+        let effects = db.store.effects_of_run(d.run.id).await.unwrap();
+        assert_eq!(effects.len(), 1, "a push per committed stage");
+        assert_eq!(effects[0].kind, "push");
+    }
+    assert_eq!(stages, ["analyst#1", "developer#1", "reviewer#1", "developer#2", "reviewer#2"]);
+    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "done");
+    assert!(db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().is_none());
+}
+on_both!(passing_claims_walk_the_pipeline_with_one_reject_loop, passing_claims_walk_the_pipeline_with_one_reject_loop);
+
+async fn reject_loop_is_bounded_by_max_iterations(db: TestDb) {
+    let s = submit(&db.store, "L-1").await;
+    let mut last = None;
+    for v in [Verdict::Passed, Verdict::Passed, Verdict::Rejected, Verdict::Passed, Verdict::Rejected] {
+        let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+        last = Some(db.store.claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW).await.unwrap());
+    }
+    let Some(ClaimOutcome::Won(w)) = last else { panic!("{last:?}") };
+    assert_eq!(w.task_status.as_deref(), Some("failed"), "developer would run a 3rd time; max_iterations = 2");
+    assert!(w.next_job.is_none());
+    let events = db.store.events(s.task.id).await.unwrap();
+    let failed = events.iter().find(|e| e.kind == "task_failed").unwrap();
+    assert!(failed.detail.contains("max_iterations"), "{}", failed.detail);
+}
+on_both!(reject_loop_is_bounded_by_max_iterations, reject_loop_is_bounded_by_max_iterations);
+
+/// Everything a claimant could have written, to compare before and after a lost claim.
+async fn snapshot(store: &Store, task_id: i64) -> String {
+    let d = store.list_tasks(None).await.unwrap();
+    let t = store.task(task_id).await.unwrap();
+    let detail = store.task_detail(&t.key).await.unwrap();
+    let mut advances = Vec::new();
+    for j in &detail.jobs {
+        advances.extend(store.advances_of(j.id).await.unwrap());
+    }
+    format!("{:?}|{:?}|{:?}|{:?}|{:?}", d, detail.jobs, detail.runs, detail.effects, advances)
+}
+
+async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
+    let s = submit(&db.store, "Z-1").await;
+    let first = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    // The first attempt is finalized as failed; the job is retried with a new run.
+    db.store
+        .claim(&claim(&first.job, first.run.id, Verdict::Failed { reason: "x".into() }, Source::Monitor), &policy(), NOW)
+        .await
+        .unwrap();
+    let second = db.store.dispatch("n1", db.dir.path(), NOW + 60_000).await.unwrap().unwrap();
+    assert_ne!(first.run.id, second.run.id);
+    let before = snapshot(&db.store, s.task.id).await;
+    // A zombie of the first attempt claims with its old run id: it must lose.
+    let zombie = db
+        .store
+        .claim(&claim(&second.job, first.run.id, Verdict::Passed, Source::Monitor), &policy(), NOW + 61_000)
+        .await
+        .unwrap();
+    assert!(matches!(zombie, ClaimOutcome::AlreadyAdvanced | ClaimOutcome::Lost), "{zombie:?}");
+    // A claim naming a run that never was current loses too.
+    let bogus = db
+        .store
+        .claim(&claim(&second.job, second.run.id + 1000, Verdict::Passed, Source::Reaper), &policy(), NOW + 61_000)
+        .await
+        .unwrap();
+    assert_eq!(bogus, ClaimOutcome::Lost);
+    assert_eq!(before, snapshot(&db.store, s.task.id).await, "a lost claim wrote something");
+    let events = db.store.events(s.task.id).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "claim_lost").count(), 2);
+    assert_eq!(events.last().unwrap().kind, "claim_lost");
+    // The current run still wins.
+    let ok = db
+        .store
+        .claim(&claim(&second.job, second.run.id, Verdict::Passed, Source::Monitor), &policy(), NOW + 62_000)
+        .await
+        .unwrap();
+    assert!(matches!(ok, ClaimOutcome::Won(_)));
+}
+on_both!(stale_run_claim_loses_and_writes_nothing, stale_run_claim_loses_and_writes_nothing);
+
+async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
+    let s = submit(&db.store, "C-8").await;
+    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        stores.push(db.other_store().await);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+    let mut handles = Vec::new();
+    for (i, store) in stores.into_iter().enumerate() {
+        let c = claim(&d.job, d.run.id, Verdict::Passed, if i % 2 == 0 { Source::Monitor } else { Source::Reaper });
+        let barrier = barrier.clone();
+        handles.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.claim(&c, &policy(), NOW).await.unwrap()
+        }));
+    }
+    let mut won = 0;
+    for h in handles {
+        if let ClaimOutcome::Won(_) = h.await.unwrap() {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 1, "exactly one claim wins");
+    assert_eq!(db.store.advances_of(d.job.id).await.unwrap().len(), 1);
+    let jobs = db.store.jobs_of(s.task.id).await.unwrap();
+    assert_eq!(jobs.len(), 2, "exactly one next job: {jobs:?}");
+    let events = db.store.events(s.task.id).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "claim_won").count(), 1);
+    assert_eq!(events.iter().filter(|e| e.kind == "claim_lost").count(), 7);
+    assert_eq!(db.store.effects_of_run(d.run.id).await.unwrap().len(), 1);
+}
+on_both!(eight_concurrent_claims_give_one_winner, eight_concurrent_claims_give_one_winner);
+
+async fn record_exit_counts_once(db: TestDb) {
+    let s = submit(&db.store, "E-1").await;
+    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    assert!(db.store.record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5).await.unwrap());
+    assert!(!db.store.record_exit(s.task.id, &d.run, 1, serde_json::json!({}), NOW + 9).await.unwrap());
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!((run.exit_code, run.exited_at), (Some(0), Some(NOW + 5)));
+}
+on_both!(record_exit_counts_once, record_exit_counts_once);
+
+async fn cancel_and_retry(db: TestDb) {
+    let s = submit(&db.store, "X-1").await;
+    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let runs = db.store.cancel("X-1", Source::Cli, NOW).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].run.id, d.run.id);
+    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "cancelled");
+    assert!(!db.store.heartbeat_run(d.job.id, d.run.id, NOW).await.unwrap(), "the monitor learns of the cancel");
+    // The cancelled run's claim loses.
+    let out = db.store.claim(&claim(&d.job, d.run.id, Verdict::Passed, Source::Monitor), &policy(), NOW).await.unwrap();
+    assert_eq!(out, ClaimOutcome::Lost);
+    assert!(db.store.cancel("X-1", Source::Cli, NOW).await.is_err(), "cancelling twice is an error");
+    let job = db.store.retry("X-1", Source::Cli, NOW).await.unwrap();
+    assert_eq!((job.stage.as_str(), job.iteration, job.attempt), ("analyst", 2, 1));
+    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "active");
+    assert!(db.store.retry("X-1", Source::Cli, NOW).await.is_err(), "an active task cannot be retried");
+    assert!(matches!(db.store.cancel("NOPE", Source::Cli, NOW).await, Err(baton::store::StoreError::NoSuchTask(_))));
+}
+on_both!(cancel_and_retry, cancel_and_retry);

@@ -1,0 +1,178 @@
+//! Test databases: a fresh SQLite file or a fresh PostgreSQL database per test, dropped
+//! at the end. PostgreSQL is found at `BATON_TEST_PG_URL` (default
+//! `postgres://postgres@127.0.0.1:5432`). When it cannot be reached the PostgreSQL half
+//! of a test is skipped with a message saying why, except under CI (`CI=true`), where
+//! it fails.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use baton::store::Store;
+use sea_orm::{ConnectionTrait, Database, Statement};
+
+pub const PG_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: String,
+    pub store: Store,
+    pub dir: tempfile::TempDir,
+    pg_name: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh, migrated database, or `None` when PostgreSQL is unavailable outside CI.
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Sqlite => {
+                let url = format!("sqlite://{}?mode=rwc", dir.path().join("baton.db").display());
+                let store = Store::open(&url).await.expect("open sqlite");
+                Some(TestDb {
+                    url,
+                    store,
+                    dir,
+                    pg_name: None,
+                })
+            }
+            Backend::Postgres => {
+                let base = pg_base();
+                let admin = match Database::connect(format!("{base}/postgres")).await {
+                    Ok(db) => db,
+                    Err(e) => {
+                        if std::env::var("CI").is_ok_and(|v| v == "true") {
+                            panic!("PostgreSQL is required under CI but {base} cannot be reached: {e}");
+                        }
+                        eprintln!("SKIPPED the PostgreSQL half: {base} cannot be reached ({e}); set BATON_TEST_PG_URL");
+                        return None;
+                    }
+                };
+                static N: AtomicU32 = AtomicU32::new(0);
+                let name = format!(
+                    "baton_test_{}_{}_{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .subsec_nanos()
+                );
+                admin
+                    .execute_raw(Statement::from_string(
+                        admin.get_database_backend(),
+                        format!("CREATE DATABASE {name}"),
+                    ))
+                    .await
+                    .expect("create test database");
+                let _ = admin.close().await;
+                let url = format!("{base}/{name}");
+                let store = Store::open(&url).await.expect("open postgres");
+                Some(TestDb {
+                    url,
+                    store,
+                    dir,
+                    pg_name: Some((base, name)),
+                })
+            }
+        }
+    }
+
+    /// A second, independent connection pool to the same database.
+    pub async fn other_store(&self) -> Store {
+        Store::connect(&self.url).await.expect("second connection")
+    }
+
+    /// A store whose pool waits as long as a paused-clock test may need.
+    pub async fn paused_store(&self) -> Store {
+        Store::connect_with(&self.url, Duration::from_secs(365 * 24 * 3600))
+            .await
+            .expect("paused-clock connection")
+    }
+}
+
+pub fn pg_base() -> String {
+    std::env::var("BATON_TEST_PG_URL")
+        .unwrap_or_else(|_| PG_URL_DEFAULT.to_string())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((base, name)) = self.pg_name.take() else {
+            return;
+        };
+        // Dropping needs async work; do it on a runtime of its own so that Drop works
+        // from any test, paused clock or not.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(admin) = Database::connect(format!("{base}/postgres")).await {
+                    let _ = admin
+                        .execute_raw(Statement::from_string(
+                            admin.get_database_backend(),
+                            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                        ))
+                        .await;
+                    let _ = admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Runs a test body once on SQLite and once on PostgreSQL, as two `#[tokio::test]`s.
+#[macro_export]
+macro_rules! on_both {
+    ($(#[$attr:meta])* $name:ident, $body:path) => {
+        mod $name {
+            use super::*;
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Sqlite).await {
+                    $body(db).await;
+                }
+            }
+            $(#[$attr])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
+                    $body(db).await;
+                }
+            }
+        }
+    };
+}
+
+/// Like [`on_both`], on tokio's paused clock (a current-thread runtime).
+#[macro_export]
+macro_rules! on_both_paused {
+    ($name:ident, $body:path) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(start_paused = true)]
+            async fn sqlite() {
+                if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Sqlite).await {
+                    $body(db).await;
+                }
+            }
+            #[tokio::test(start_paused = true)]
+            async fn postgres() {
+                if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
+                    $body(db).await;
+                }
+            }
+        }
+    };
+}
