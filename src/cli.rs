@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -68,6 +68,21 @@ pub enum Command {
     Retry { key: String },
     /// Apply the database migrations.
     Migrate,
+    /// The self-contained tour: a temp dir, SQLite, a git repo with a bare remote and a
+    /// 4-stage pipeline of bundled scripted agents (one reviewer rejection included).
+    Demo {
+        /// Keep the demo's folder instead of deleting it at the end.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Starts an agent in its own session and records its exit status (internal).
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -82,8 +97,13 @@ pub enum ConfigCommand {
 }
 
 pub fn init_tracing(cli: &Cli) {
+    // The demo shows its own progress; the service logs what it does.
+    let default = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info,sqlx=warn,sea_orm=warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -235,8 +255,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 job.stage, job.id, job.iteration
             );
         }
-        Command::Serve { .. } => {
-            bail!("`baton serve` is not available in this build yet");
+        Command::Serve { stop_agents } => {
+            let config = load_config(&cli.config)?;
+            tracing::info!(config = %cli.config.display(), database = %crate::config::redact_url(&config.database_url), "starting");
+            crate::service::run(
+                config,
+                crate::service::ServeOptions {
+                    stop_agents,
+                    ..Default::default()
+                },
+                crate::service::shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Demo { keep } => {
+            return crate::demo::run(keep).await;
+        }
+        Command::Shim { log, argv } => {
+            return Ok(ExitCode::from(
+                crate::agent::shim_main(&log, &argv).clamp(0, 255) as u8,
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)

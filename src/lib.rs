@@ -9,12 +9,23 @@
 //! - [`config`]: the `baton.toml` format, defaults and validation.
 //! - [`store`]: all database access, including the fenced claim; no SQL elsewhere.
 //! - [`clock`]: time in the database's unit, controllable by tests.
+//! - [`actors`]: the Supervisor, Dispatcher, Monitor, Reaper and Advancer (ractor).
+//! - [`agent`]: the shim that starts agents in their own session, and their signals.
+//! - [`gate`]: the read-only quality gate of a stage.
+//! - [`workspace`]: one git checkout per task and the auto-commit (git2).
+//! - [`service`]: `baton serve`: one node, started and stopped.
 //! - [`cli`]: the command-line interface; `main.rs` only parses and dispatches.
 
+pub mod actors;
+pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
+pub mod gate;
+pub mod service;
 pub mod store;
+pub mod workspace;
 
 /// This machine's host name, which runs and nodes are recorded with.
 pub fn hostname() -> String {

@@ -224,6 +224,10 @@ pub struct RunningJob {
     /// The heartbeat of the run's node, `None` when the node row is missing.
     pub node_heartbeat_at: Option<i64>,
     pub node_hostname: Option<String>,
+    /// The process id of the run's node, to tell whether that baton still lives.
+    pub node_pid: Option<i32>,
+    /// The node stopped cleanly.
+    pub node_stopped: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -781,6 +785,8 @@ impl Store {
                 job,
                 run,
                 node_heartbeat_at: node.as_ref().map(|n| n.heartbeat_at),
+                node_pid: node.as_ref().map(|n| n.pid),
+                node_stopped: node.as_ref().is_some_and(|n| n.stopped_at.is_some()),
                 node_hostname: node.map(|n| n.hostname),
             });
         }

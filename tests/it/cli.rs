@@ -15,7 +15,11 @@ fn baton(config: &Path, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -41,7 +45,12 @@ fn submit_status_history_cancel_retry_round_trip() {
 
     let o = baton(&config, &["history", "ORCH-65", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let kinds: Vec<&str> = v["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["task_submitted", "job_queued"]);
 
     let o = baton(&config, &["status", "ORCH-65"]);
@@ -60,7 +69,10 @@ fn bad_input_is_a_clear_error() {
     for (args, expect) in [
         (vec!["submit", "../etc/passwd"], "invalid task key"),
         (vec!["submit", "ORCH 65"], "invalid task key"),
-        (vec!["submit", "OK-1", "--pipeline", "nope"], "unknown pipeline \"nope\""),
+        (
+            vec!["submit", "OK-1", "--pipeline", "nope"],
+            "unknown pipeline \"nope\"",
+        ),
         (vec!["status", "MISSING-1"], "no task MISSING-1"),
     ] {
         let o = baton(&config, &args);
@@ -71,7 +83,11 @@ fn bad_input_is_a_clear_error() {
     assert!(!o.status.success());
     assert!(text(&o).contains("absent.toml not found"), "{}", text(&o));
 
-    std::fs::write(&config, "max_concurrent_jobs = 0\n[repo]\nurl = \"x\"\nbogus = 1\n").unwrap();
+    std::fs::write(
+        &config,
+        "max_concurrent_jobs = 0\n[repo]\nurl = \"x\"\nbogus = 1\n",
+    )
+    .unwrap();
     let o = baton(&config, &["config", "check"]);
     assert!(!o.status.success());
     let t = text(&o);

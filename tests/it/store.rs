@@ -32,7 +32,8 @@ push = true
 "#;
 
 pub fn policy() -> ClaimPolicy {
-    let config = Config::from_toml(PIPELINE_TOML, Path::new("/tmp"), &EnvOverrides::default()).unwrap();
+    let config =
+        Config::from_toml(PIPELINE_TOML, Path::new("/tmp"), &EnvOverrides::default()).unwrap();
     ClaimPolicy::from_config(&config)
 }
 
@@ -74,7 +75,10 @@ fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
 async fn submit_writes_task_job_and_events(db: TestDb) {
     let s = submit(&db.store, "ORCH-1").await;
     assert_eq!(s.task.status, "active");
-    assert_eq!((s.job.stage.as_str(), s.job.status.as_str(), s.job.attempt), ("analyst", "queued", 1));
+    assert_eq!(
+        (s.job.stage.as_str(), s.job.status.as_str(), s.job.attempt),
+        ("analyst", "queued", 1)
+    );
     let events = db.store.events(s.task.id).await.unwrap();
     assert_eq!(kinds(&events), ["task_submitted", "job_queued"]);
     let again = db
@@ -95,21 +99,46 @@ async fn submit_writes_task_job_and_events(db: TestDb) {
     assert!(matches!(again, Err(baton::store::StoreError::TaskExists(k)) if k == "ORCH-1"));
     assert_eq!(db.store.list_tasks(None).await.unwrap().len(), 1);
 }
-on_both!(submit_writes_task_job_and_events, submit_writes_task_job_and_events);
+on_both!(
+    submit_writes_task_job_and_events,
+    submit_writes_task_job_and_events
+);
 
 async fn dispatch_takes_due_jobs_once(db: TestDb) {
-    assert!(db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().is_none());
+    assert!(
+        db.store
+            .dispatch("n1", db.dir.path(), NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let a = submit(&db.store, "A-1").await;
     let b = submit(&db.store, "B-1").await;
-    let first = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let first = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.job.id, a.job.id);
     assert_eq!(first.job.status, "running");
     assert_eq!(first.job.current_run_id, Some(first.run.id));
     assert_eq!(first.run.node_id, "n1");
     assert!(first.run.log_path.contains("A-1"));
-    let second = db.store.dispatch("n2", db.dir.path(), NOW).await.unwrap().unwrap();
+    let second = db
+        .store
+        .dispatch("n2", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(second.job.id, b.job.id);
-    assert!(db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().is_none());
+    assert!(
+        db.store
+            .dispatch("n1", db.dir.path(), NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 on_both!(dispatch_takes_due_jobs_once, dispatch_takes_due_jobs_once);
 
@@ -139,35 +168,80 @@ async fn concurrent_dispatchers_take_distinct_jobs(db: TestDb) {
     assert_eq!(before, 6, "every job dispatched exactly once: {all:?}");
     assert_eq!(all.len(), 6);
 }
-on_both!(concurrent_dispatchers_take_distinct_jobs, concurrent_dispatchers_take_distinct_jobs);
+on_both!(
+    concurrent_dispatchers_take_distinct_jobs,
+    concurrent_dispatchers_take_distinct_jobs
+);
 
 async fn not_before_delays_dispatch(db: TestDb) {
     let s = submit(&db.store, "R-1").await;
-    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let d = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     let won = db
         .store
-        .claim(&claim(&d.job, d.run.id, Verdict::Failed { reason: "gate".into() }, Source::Monitor), &policy(), NOW)
+        .claim(
+            &claim(
+                &d.job,
+                d.run.id,
+                Verdict::Failed {
+                    reason: "gate".into(),
+                },
+                Source::Monitor,
+            ),
+            &policy(),
+            NOW,
+        )
         .await
         .unwrap();
-    let ClaimOutcome::Won(w) = won else { panic!("{won:?}") };
+    let ClaimOutcome::Won(w) = won else {
+        panic!("{won:?}")
+    };
     assert_eq!(w.job_status, "queued");
     let job = db.store.job(s.job.id).await.unwrap().unwrap();
-    assert_eq!((job.attempt, job.not_before, job.current_run_id), (2, NOW + 10_000, None));
-    assert!(db.store.dispatch("n1", db.dir.path(), NOW + 9_999).await.unwrap().is_none());
-    let again = db.store.dispatch("n1", db.dir.path(), NOW + 10_000).await.unwrap().unwrap();
+    assert_eq!(
+        (job.attempt, job.not_before, job.current_run_id),
+        (2, NOW + 10_000, None)
+    );
+    assert!(
+        db.store
+            .dispatch("n1", db.dir.path(), NOW + 9_999)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let again = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW + 10_000)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((again.job.id, again.run.attempt), (s.job.id, 2));
     // The second failure exhausts max_attempts = 2: the job and the task fail.
     let lost = db
         .store
-        .claim(&claim(&again.job, again.run.id, Verdict::TimedOut, Source::Reaper), &policy(), NOW + 20_000)
+        .claim(
+            &claim(&again.job, again.run.id, Verdict::TimedOut, Source::Reaper),
+            &policy(),
+            NOW + 20_000,
+        )
         .await
         .unwrap();
     let ClaimOutcome::Won(w) = lost else { panic!() };
-    assert_eq!((w.job_status.as_str(), w.task_status.as_deref()), ("failed", Some("failed")));
+    assert_eq!(
+        (w.job_status.as_str(), w.task_status.as_deref()),
+        ("failed", Some("failed"))
+    );
     assert_eq!(db.store.task(s.task.id).await.unwrap().status, "failed");
     assert_eq!(db.store.advances_of(s.job.id).await.unwrap().len(), 1);
     let k = kinds(&db.store.events(s.task.id).await.unwrap()).join(",");
-    assert!(k.contains("retry_scheduled") && k.ends_with("task_failed"), "{k}");
+    assert!(
+        k.contains("retry_scheduled") && k.ends_with("task_failed"),
+        "{k}"
+    );
 }
 on_both!(not_before_delays_dispatch, not_before_delays_dispatch);
 
@@ -182,36 +256,92 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
         Verdict::Passed,   // reviewer 2 -> done
     ];
     for v in verdicts {
-        let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+        let d = db
+            .store
+            .dispatch("n1", db.dir.path(), NOW)
+            .await
+            .unwrap()
+            .unwrap();
         stages.push(format!("{}#{}", d.job.stage, d.job.iteration));
-        let out = db.store.claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW).await.unwrap();
+        let out = db
+            .store
+            .claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW)
+            .await
+            .unwrap();
         assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
         assert_eq!(db.store.advances_of(d.job.id).await.unwrap().len(), 1);
         let effects = db.store.effects_of_run(d.run.id).await.unwrap();
         assert_eq!(effects.len(), 1, "a push per committed stage");
         assert_eq!(effects[0].kind, "push");
     }
-    assert_eq!(stages, ["analyst#1", "developer#1", "reviewer#1", "developer#2", "reviewer#2"]);
+    assert_eq!(
+        stages,
+        [
+            "analyst#1",
+            "developer#1",
+            "reviewer#1",
+            "developer#2",
+            "reviewer#2"
+        ]
+    );
     assert_eq!(db.store.task(s.task.id).await.unwrap().status, "done");
-    assert!(db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().is_none());
+    assert!(
+        db.store
+            .dispatch("n1", db.dir.path(), NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
-on_both!(passing_claims_walk_the_pipeline_with_one_reject_loop, passing_claims_walk_the_pipeline_with_one_reject_loop);
+on_both!(
+    passing_claims_walk_the_pipeline_with_one_reject_loop,
+    passing_claims_walk_the_pipeline_with_one_reject_loop
+);
 
 async fn reject_loop_is_bounded_by_max_iterations(db: TestDb) {
     let s = submit(&db.store, "L-1").await;
     let mut last = None;
-    for v in [Verdict::Passed, Verdict::Passed, Verdict::Rejected, Verdict::Passed, Verdict::Rejected] {
-        let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
-        last = Some(db.store.claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW).await.unwrap());
+    for v in [
+        Verdict::Passed,
+        Verdict::Passed,
+        Verdict::Rejected,
+        Verdict::Passed,
+        Verdict::Rejected,
+    ] {
+        let d = db
+            .store
+            .dispatch("n1", db.dir.path(), NOW)
+            .await
+            .unwrap()
+            .unwrap();
+        last = Some(
+            db.store
+                .claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW)
+                .await
+                .unwrap(),
+        );
     }
-    let Some(ClaimOutcome::Won(w)) = last else { panic!("{last:?}") };
-    assert_eq!(w.task_status.as_deref(), Some("failed"), "developer would run a 3rd time; max_iterations = 2");
+    let Some(ClaimOutcome::Won(w)) = last else {
+        panic!("{last:?}")
+    };
+    assert_eq!(
+        w.task_status.as_deref(),
+        Some("failed"),
+        "developer would run a 3rd time; max_iterations = 2"
+    );
     assert!(w.next_job.is_none());
     let events = db.store.events(s.task.id).await.unwrap();
     let failed = events.iter().find(|e| e.kind == "task_failed").unwrap();
-    assert!(failed.detail.contains("max_iterations"), "{}", failed.detail);
+    assert!(
+        failed.detail.contains("max_iterations"),
+        "{}",
+        failed.detail
+    );
 }
-on_both!(reject_loop_is_bounded_by_max_iterations, reject_loop_is_bounded_by_max_iterations);
+on_both!(
+    reject_loop_is_bounded_by_max_iterations,
+    reject_loop_is_bounded_by_max_iterations
+);
 
 /// Everything a claimant could have written, to compare before and after a lost claim.
 async fn snapshot(store: &Store, task_id: i64) -> String {
@@ -222,51 +352,105 @@ async fn snapshot(store: &Store, task_id: i64) -> String {
     for j in &detail.jobs {
         advances.extend(store.advances_of(j.id).await.unwrap());
     }
-    format!("{:?}|{:?}|{:?}|{:?}|{:?}", d, detail.jobs, detail.runs, detail.effects, advances)
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}",
+        d, detail.jobs, detail.runs, detail.effects, advances
+    )
 }
 
 async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
     let s = submit(&db.store, "Z-1").await;
-    let first = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let first = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     // The first attempt is finalized as failed; the job is retried with a new run.
     db.store
-        .claim(&claim(&first.job, first.run.id, Verdict::Failed { reason: "x".into() }, Source::Monitor), &policy(), NOW)
+        .claim(
+            &claim(
+                &first.job,
+                first.run.id,
+                Verdict::Failed { reason: "x".into() },
+                Source::Monitor,
+            ),
+            &policy(),
+            NOW,
+        )
         .await
         .unwrap();
-    let second = db.store.dispatch("n1", db.dir.path(), NOW + 60_000).await.unwrap().unwrap();
+    let second = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW + 60_000)
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(first.run.id, second.run.id);
     let before = snapshot(&db.store, s.task.id).await;
     // A zombie of the first attempt claims with its old run id: it must lose.
     let zombie = db
         .store
-        .claim(&claim(&second.job, first.run.id, Verdict::Passed, Source::Monitor), &policy(), NOW + 61_000)
+        .claim(
+            &claim(&second.job, first.run.id, Verdict::Passed, Source::Monitor),
+            &policy(),
+            NOW + 61_000,
+        )
         .await
         .unwrap();
-    assert!(matches!(zombie, ClaimOutcome::AlreadyAdvanced | ClaimOutcome::Lost), "{zombie:?}");
+    assert!(
+        matches!(zombie, ClaimOutcome::AlreadyAdvanced | ClaimOutcome::Lost),
+        "{zombie:?}"
+    );
     // A claim naming a run that never was current loses too.
     let bogus = db
         .store
-        .claim(&claim(&second.job, second.run.id + 1000, Verdict::Passed, Source::Reaper), &policy(), NOW + 61_000)
+        .claim(
+            &claim(
+                &second.job,
+                second.run.id + 1000,
+                Verdict::Passed,
+                Source::Reaper,
+            ),
+            &policy(),
+            NOW + 61_000,
+        )
         .await
         .unwrap();
     assert_eq!(bogus, ClaimOutcome::Lost);
-    assert_eq!(before, snapshot(&db.store, s.task.id).await, "a lost claim wrote something");
+    assert_eq!(
+        before,
+        snapshot(&db.store, s.task.id).await,
+        "a lost claim wrote something"
+    );
     let events = db.store.events(s.task.id).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.kind == "claim_lost").count(), 2);
     assert_eq!(events.last().unwrap().kind, "claim_lost");
     // The current run still wins.
     let ok = db
         .store
-        .claim(&claim(&second.job, second.run.id, Verdict::Passed, Source::Monitor), &policy(), NOW + 62_000)
+        .claim(
+            &claim(&second.job, second.run.id, Verdict::Passed, Source::Monitor),
+            &policy(),
+            NOW + 62_000,
+        )
         .await
         .unwrap();
     assert!(matches!(ok, ClaimOutcome::Won(_)));
 }
-on_both!(stale_run_claim_loses_and_writes_nothing, stale_run_claim_loses_and_writes_nothing);
+on_both!(
+    stale_run_claim_loses_and_writes_nothing,
+    stale_run_claim_loses_and_writes_nothing
+);
 
 async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
     let s = submit(&db.store, "C-8").await;
-    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let d = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     let mut stores = Vec::new();
     for _ in 0..8 {
         stores.push(db.other_store().await);
@@ -274,7 +458,16 @@ async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
     let mut handles = Vec::new();
     for (i, store) in stores.into_iter().enumerate() {
-        let c = claim(&d.job, d.run.id, Verdict::Passed, if i % 2 == 0 { Source::Monitor } else { Source::Reaper });
+        let c = claim(
+            &d.job,
+            d.run.id,
+            Verdict::Passed,
+            if i % 2 == 0 {
+                Source::Monitor
+            } else {
+                Source::Reaper
+            },
+        );
         let barrier = barrier.clone();
         handles.push(tokio::spawn(async move {
             barrier.wait().await;
@@ -296,13 +489,31 @@ async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
     assert_eq!(events.iter().filter(|e| e.kind == "claim_lost").count(), 7);
     assert_eq!(db.store.effects_of_run(d.run.id).await.unwrap().len(), 1);
 }
-on_both!(eight_concurrent_claims_give_one_winner, eight_concurrent_claims_give_one_winner);
+on_both!(
+    eight_concurrent_claims_give_one_winner,
+    eight_concurrent_claims_give_one_winner
+);
 
 async fn record_exit_counts_once(db: TestDb) {
     let s = submit(&db.store, "E-1").await;
-    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
-    assert!(db.store.record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5).await.unwrap());
-    assert!(!db.store.record_exit(s.task.id, &d.run, 1, serde_json::json!({}), NOW + 9).await.unwrap());
+    let d = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        db.store
+            .record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.store
+            .record_exit(s.task.id, &d.run, 1, serde_json::json!({}), NOW + 9)
+            .await
+            .unwrap()
+    );
     let run = db.store.run(d.run.id).await.unwrap().unwrap();
     assert_eq!((run.exit_code, run.exited_at), (Some(0), Some(NOW + 5)));
 }
@@ -310,20 +521,51 @@ on_both!(record_exit_counts_once, record_exit_counts_once);
 
 async fn cancel_and_retry(db: TestDb) {
     let s = submit(&db.store, "X-1").await;
-    let d = db.store.dispatch("n1", db.dir.path(), NOW).await.unwrap().unwrap();
+    let d = db
+        .store
+        .dispatch("n1", db.dir.path(), NOW)
+        .await
+        .unwrap()
+        .unwrap();
     let runs = db.store.cancel("X-1", Source::Cli, NOW).await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].run.id, d.run.id);
     assert_eq!(db.store.task(s.task.id).await.unwrap().status, "cancelled");
-    assert!(!db.store.heartbeat_run(d.job.id, d.run.id, NOW).await.unwrap(), "the monitor learns of the cancel");
+    assert!(
+        !db.store
+            .heartbeat_run(d.job.id, d.run.id, NOW)
+            .await
+            .unwrap(),
+        "the monitor learns of the cancel"
+    );
     // The cancelled run's claim loses.
-    let out = db.store.claim(&claim(&d.job, d.run.id, Verdict::Passed, Source::Monitor), &policy(), NOW).await.unwrap();
+    let out = db
+        .store
+        .claim(
+            &claim(&d.job, d.run.id, Verdict::Passed, Source::Monitor),
+            &policy(),
+            NOW,
+        )
+        .await
+        .unwrap();
     assert_eq!(out, ClaimOutcome::Lost);
-    assert!(db.store.cancel("X-1", Source::Cli, NOW).await.is_err(), "cancelling twice is an error");
+    assert!(
+        db.store.cancel("X-1", Source::Cli, NOW).await.is_err(),
+        "cancelling twice is an error"
+    );
     let job = db.store.retry("X-1", Source::Cli, NOW).await.unwrap();
-    assert_eq!((job.stage.as_str(), job.iteration, job.attempt), ("analyst", 2, 1));
+    assert_eq!(
+        (job.stage.as_str(), job.iteration, job.attempt),
+        ("analyst", 2, 1)
+    );
     assert_eq!(db.store.task(s.task.id).await.unwrap().status, "active");
-    assert!(db.store.retry("X-1", Source::Cli, NOW).await.is_err(), "an active task cannot be retried");
-    assert!(matches!(db.store.cancel("NOPE", Source::Cli, NOW).await, Err(baton::store::StoreError::NoSuchTask(_))));
+    assert!(
+        db.store.retry("X-1", Source::Cli, NOW).await.is_err(),
+        "an active task cannot be retried"
+    );
+    assert!(matches!(
+        db.store.cancel("NOPE", Source::Cli, NOW).await,
+        Err(baton::store::StoreError::NoSuchTask(_))
+    ));
 }
 on_both!(cancel_and_retry, cancel_and_retry);

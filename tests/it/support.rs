@@ -32,7 +32,10 @@ impl TestDb {
         let dir = tempfile::tempdir().expect("temp dir");
         match backend {
             Backend::Sqlite => {
-                let url = format!("sqlite://{}?mode=rwc", dir.path().join("baton.db").display());
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("baton.db").display()
+                );
                 let store = Store::open(&url).await.expect("open sqlite");
                 Some(TestDb {
                     url,
@@ -47,9 +50,13 @@ impl TestDb {
                     Ok(db) => db,
                     Err(e) => {
                         if std::env::var("CI").is_ok_and(|v| v == "true") {
-                            panic!("PostgreSQL is required under CI but {base} cannot be reached: {e}");
+                            panic!(
+                                "PostgreSQL is required under CI but {base} cannot be reached: {e}"
+                            );
                         }
-                        eprintln!("SKIPPED the PostgreSQL half: {base} cannot be reached ({e}); set BATON_TEST_PG_URL");
+                        eprintln!(
+                            "SKIPPED the PostgreSQL half: {base} cannot be reached ({e}); set BATON_TEST_PG_URL"
+                        );
                         return None;
                     }
                 };
@@ -163,13 +170,17 @@ macro_rules! on_both_paused {
             use super::*;
             #[tokio::test(start_paused = true)]
             async fn sqlite() {
-                if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Sqlite).await {
+                if let Some(db) =
+                    $crate::support::TestDb::new($crate::support::Backend::Sqlite).await
+                {
                     $body(db).await;
                 }
             }
             #[tokio::test(start_paused = true)]
             async fn postgres() {
-                if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
+                if let Some(db) =
+                    $crate::support::TestDb::new($crate::support::Backend::Postgres).await
+                {
                     $body(db).await;
                 }
             }

@@ -1,0 +1,104 @@
+//! The actors of a baton node and what they share.
+//!
+//! ```text
+//! Supervisor ─┬─ Dispatcher      claims queued jobs, asks the Supervisor to start a Monitor
+//!             ├─ Monitor (1/job) runs one agent, records its exit FIRST, gates, commits, claims
+//!             ├─ Reaper          periodic; finds runs past their window and claims for them
+//!             └─ Advancer        the single writer of job transitions: one claim at a time
+//! ```
+//!
+//! Every actor takes an optional [`Probe`] (None in production) and reports each message
+//! it handled, in order, so that tests can assert message sequences.
+
+pub mod advancer;
+pub mod dispatcher;
+pub mod monitor;
+pub mod reaper;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::{Claim, ClaimOutcome, ClaimPolicy, Store};
+
+/// A test's window into the actors.
+pub type Probe = tokio::sync::mpsc::UnboundedSender<ProbeEvent>;
+
+/// One message an actor handled, as a probe reports it.
+#[derive(Debug, Clone)]
+pub enum ProbeEvent {
+    Supervisor(String),
+    Dispatcher {
+        msg: &'static str,
+        dispatched: Vec<(i64, i64)>,
+    },
+    Monitor {
+        job_id: i64,
+        run_id: i64,
+        msg: String,
+    },
+    Reaper {
+        msg: &'static str,
+        result: reaper::ReapResult,
+        claims: Vec<(Claim, ClaimOutcome)>,
+    },
+    Advancer {
+        claim: Claim,
+        outcome: Result<ClaimOutcome, String>,
+    },
+}
+
+/// The runs that a live Monitor of this process watches (run id -> job id). The Reaper
+/// leaves them alone: their monitor is the one to finalize them, and the grace window
+/// covers the monitor that dies while finalizing.
+#[derive(Debug, Clone, Default)]
+pub struct Watched(Arc<Mutex<HashMap<i64, i64>>>);
+
+impl Watched {
+    pub fn insert(&self, run_id: i64, job_id: i64) {
+        self.lock().insert(run_id, job_id);
+    }
+    pub fn remove(&self, run_id: i64) {
+        self.lock().remove(&run_id);
+    }
+    pub fn contains(&self, run_id: i64) -> bool {
+        self.lock().contains_key(&run_id)
+    }
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
+        // A panic elsewhere cannot leave the map half-updated: every operation is one call.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What every actor of a node shares.
+#[derive(Clone)]
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub policy: Arc<ClaimPolicy>,
+    pub store: Store,
+    pub clock: Clock,
+    pub node_id: String,
+    pub hostname: String,
+    pub watched: Watched,
+    pub probe: Option<Probe>,
+}
+
+impl Ctx {
+    pub fn report(&self, ev: ProbeEvent) {
+        if let Some(p) = &self.probe {
+            let _ = p.send(ev);
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}

@@ -1,0 +1,127 @@
+//! The Dispatcher: takes due queued jobs while this node has room, and asks the
+//! Supervisor to start a Monitor for each.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::supervisor::SupervisorMsg;
+use super::{Ctx, ProbeEvent};
+
+/// How often the Dispatcher looks for due jobs when nothing kicks it.
+pub const DISPATCHER_INTERVAL_DEFAULT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy)]
+pub enum DispatcherMsg {
+    /// The periodic look.
+    Tick,
+    /// Look now: a claim queued a job, or a submit arrived.
+    Kick,
+}
+
+pub struct DispatcherArgs {
+    pub ctx: Ctx,
+    pub supervisor: ActorRef<SupervisorMsg>,
+    pub interval: Duration,
+}
+
+pub struct DispatcherState {
+    args: DispatcherArgs,
+    _timer: tokio::task::JoinHandle<()>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DispatchResult {
+    /// (job id, run id) of every job taken.
+    pub dispatched: Vec<(i64, i64)>,
+}
+
+pub struct Dispatcher;
+
+impl Actor for Dispatcher {
+    type Msg = DispatcherMsg;
+    type State = DispatcherState;
+    type Arguments = DispatcherArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: DispatcherArgs,
+    ) -> Result<DispatcherState, ActorProcessingErr> {
+        let timer = myself.send_interval(args.interval, || DispatcherMsg::Tick);
+        let _ = myself.send_message(DispatcherMsg::Kick);
+        Ok(DispatcherState {
+            args,
+            _timer: timer,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut DispatcherState,
+    ) -> Result<(), ActorProcessingErr> {
+        state._timer.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: DispatcherMsg,
+        state: &mut DispatcherState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = &state.args.ctx;
+        // A periodic actor never dies of one failed pass.
+        let result = match run_once(ctx, &state.args.supervisor).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatch pass failed; trying again at the next tick");
+                DispatchResult::default()
+            }
+        };
+        if !result.dispatched.is_empty() || matches!(msg, DispatcherMsg::Kick) {
+            ctx.report(ProbeEvent::Dispatcher {
+                msg: match msg {
+                    DispatcherMsg::Tick => "tick",
+                    DispatcherMsg::Kick => "kick",
+                },
+                dispatched: result.dispatched,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One pass: dispatch due jobs until this node runs `max_concurrent_jobs` agents.
+pub async fn run_once(
+    ctx: &Ctx,
+    supervisor: &ActorRef<SupervisorMsg>,
+) -> Result<DispatchResult, crate::store::StoreError> {
+    let mut result = DispatchResult::default();
+    while ctx.watched.len() < ctx.config.max_concurrent_jobs {
+        let Some(d) = ctx
+            .store
+            .dispatch(&ctx.node_id, &ctx.config.log_dir, ctx.now())
+            .await?
+        else {
+            break;
+        };
+        tracing::info!(task = %d.task.key, stage = %d.job.stage, job_id = d.job.id, run_id = d.run.id, attempt = d.job.attempt, "dispatched");
+        // Reserve the slot before the Monitor exists, so the count is right at once.
+        ctx.watched.insert(d.run.id, d.job.id);
+        result.dispatched.push((d.job.id, d.run.id));
+        if supervisor
+            .send_message(SupervisorMsg::StartMonitor(
+                Box::new(d),
+                super::monitor::MonitorMode::Fresh,
+            ))
+            .is_err()
+        {
+            // The supervisor is stopping; the run is left to the Reaper's rules.
+            break;
+        }
+    }
+    Ok(result)
+}

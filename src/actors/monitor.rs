@@ -1,0 +1,453 @@
+//! The Monitor: one per running job. It prepares the workspace, starts the agent through
+//! the shim, heartbeats the run, enforces the stage timeout, and when the agent ends it
+//! records the exit FIRST, then evaluates the gate, auto-commits, and sends the claim to
+//! the Advancer. A Monitor that fails is not restarted: its run is left to the Reaper.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+
+use super::advancer::AdvancerMsg;
+use super::{Ctx, ProbeEvent};
+use crate::agent::{self, AgentSpec, ExitStatus};
+use crate::config::StageSettings;
+use crate::gate::{self, Vars};
+use crate::store::{Claim, ClaimOutcome, Dispatched, Source, Verdict};
+use crate::workspace;
+
+/// How often an adopted agent (not baton's child) is checked for its end.
+pub const MONITOR_ADOPTED_POLL_DEFAULT: Duration = Duration::from_millis(200);
+/// How often a claim is tried when the database does not answer.
+const CLAIM_TRIES: u32 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// A freshly dispatched run: start the agent.
+    Fresh,
+    /// A run of an earlier boot of this host: watch the agent that already runs (or
+    /// already ended); never start it again.
+    Adopt,
+}
+
+#[derive(Debug)]
+pub enum MonitorMsg {
+    /// Prepare and start (or adopt) the agent.
+    Start,
+    /// Heartbeat the run; learn of a cancel.
+    Heartbeat,
+    /// The stage timeout passed.
+    Timeout,
+    /// The agent ended (None: it ended without leaving an exit status).
+    Exited(Option<ExitStatus>),
+    /// The node shuts down: stop watching; with `kill`, terminate the agent first.
+    Stop { kill: bool },
+}
+
+impl MonitorMsg {
+    fn describe(&self) -> String {
+        match self {
+            MonitorMsg::Start => "start".into(),
+            MonitorMsg::Heartbeat => "heartbeat".into(),
+            MonitorMsg::Timeout => "timeout".into(),
+            MonitorMsg::Exited(Some(s)) => format!("exited({})", s.code),
+            MonitorMsg::Exited(None) => "exited(unknown)".into(),
+            MonitorMsg::Stop { kill } => format!("stop(kill={kill})"),
+        }
+    }
+}
+
+pub struct MonitorArgs {
+    pub ctx: Ctx,
+    pub dispatched: Dispatched,
+    pub mode: MonitorMode,
+    pub advancer: ActorRef<AdvancerMsg>,
+}
+
+pub struct MonitorState {
+    args: MonitorArgs,
+    stage: Option<StageSettings>,
+    workspace: Option<PathBuf>,
+    pid: Option<i32>,
+    timed_out: bool,
+    cancelled: bool,
+    stopping: bool,
+    timers: Vec<tokio::task::AbortHandle>,
+}
+
+pub struct Monitor;
+
+impl Actor for Monitor {
+    type Msg = MonitorMsg;
+    type State = MonitorState;
+    type Arguments = MonitorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: MonitorArgs,
+    ) -> Result<MonitorState, ActorProcessingErr> {
+        let stage = args
+            .ctx
+            .config
+            .stages
+            .get(&args.dispatched.job.stage)
+            .cloned();
+        let _ = myself.send_message(MonitorMsg::Start);
+        Ok(MonitorState {
+            args,
+            stage,
+            workspace: None,
+            pid: None,
+            timed_out: false,
+            cancelled: false,
+            stopping: false,
+            timers: Vec::new(),
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in state.timers.drain(..) {
+            t.abort();
+        }
+        state.args.ctx.watched.remove(state.args.dispatched.run.id);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: MonitorMsg,
+        state: &mut MonitorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let d = &state.args.dispatched;
+        state.args.ctx.report(ProbeEvent::Monitor {
+            job_id: d.job.id,
+            run_id: d.run.id,
+            msg: msg.describe(),
+        });
+        match msg {
+            MonitorMsg::Start => start(&myself, state).await,
+            MonitorMsg::Heartbeat => {
+                let ctx = &state.args.ctx;
+                match ctx.store.heartbeat_run(d.job.id, d.run.id, ctx.now()).await {
+                    Ok(true) => {}
+                    Ok(false) if !state.cancelled => {
+                        tracing::info!(task = %d.task.key, run_id = d.run.id, "job no longer runs with this run (cancelled); stopping the agent");
+                        state.cancelled = true;
+                        if let Some(pid) = state.pid {
+                            tokio::spawn(agent::terminate_group(
+                                pid,
+                                agent::AGENT_KILL_GRACE_DEFAULT,
+                            ));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, run_id = d.run.id, "heartbeat failed"),
+                }
+            }
+            MonitorMsg::Timeout => {
+                if let Some(pid) = state.pid {
+                    tracing::warn!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, pid, "stage timeout: stopping the agent");
+                    state.timed_out = true;
+                    tokio::spawn(agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT));
+                }
+            }
+            MonitorMsg::Exited(status) => {
+                if !state.stopping {
+                    finalize(state, status, None).await;
+                }
+                myself.stop(None);
+            }
+            MonitorMsg::Stop { kill } => {
+                state.stopping = !kill;
+                if kill {
+                    if let Some(pid) = state.pid {
+                        let grace = state.args.ctx.config.shutdown.grace;
+                        agent::terminate_group(pid, grace).await;
+                    }
+                    // The waiter sends Exited; finalize then records the stop.
+                    state.cancelled = false;
+                } else {
+                    myself.stop(Some("node shutdown".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn vars(d: &Dispatched, workspace: &std::path::Path) -> Vars {
+    Vars {
+        task: d.task.key.clone(),
+        stage: d.job.stage.clone(),
+        run_id: d.run.id,
+        attempt: d.job.attempt,
+        workspace: workspace.to_string_lossy().into_owned(),
+    }
+}
+
+async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
+    let ctx = state.args.ctx.clone();
+    let d = state.args.dispatched.clone();
+    let Some(stage) = state.stage.clone() else {
+        let reason = format!("stage {} is not in the config", d.job.stage);
+        finalize(state, None, Some(reason)).await;
+        myself.stop(None);
+        return;
+    };
+    let config = ctx.config.clone();
+    let branch = format!("{}{}", config.repo.branch_prefix, d.task.key);
+    let key = d.task.key.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let path = workspace::path_for(&config.workspace_root, &key)?;
+        workspace::prepare(&config.repo.url, &path, &branch, &config.repo.base_branch)
+    })
+    .await;
+    let ws = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            finalize(state, None, Some(format!("workspace: {e}"))).await;
+            myself.stop(None);
+            return;
+        }
+        Err(e) => {
+            finalize(
+                state,
+                None,
+                Some(format!("workspace preparation panicked: {e}")),
+            )
+            .await;
+            myself.stop(None);
+            return;
+        }
+    };
+    state.workspace = Some(ws.clone());
+    let log_path = PathBuf::from(&d.run.log_path);
+
+    match state.args.mode {
+        MonitorMode::Fresh => {
+            let v = vars(&d, &ws);
+            let mut env = BTreeMap::new();
+            env.insert("BATON_TASK".into(), d.task.key.clone());
+            env.insert("BATON_STAGE".into(), d.job.stage.clone());
+            env.insert("BATON_RUN_ID".into(), d.run.id.to_string());
+            env.insert("BATON_ATTEMPT".into(), d.job.attempt.to_string());
+            env.insert("BATON_ITERATION".into(), d.job.iteration.to_string());
+            env.insert("BATON_WORKSPACE".into(), v.workspace.clone());
+            env.insert(
+                "TRACEPARENT".into(),
+                d.task.trace_parent.clone().unwrap_or_default(),
+            );
+            let spec = AgentSpec {
+                argv: stage.command.iter().map(|a| v.expand(a)).collect(),
+                cwd: ws.clone(),
+                log_path: log_path.clone(),
+                env,
+                env_remove: secret_vars(&ctx.config),
+            };
+            let child = match agent::spawn(&spec) {
+                Ok(c) => c,
+                Err(e) => {
+                    finalize(
+                        state,
+                        None,
+                        Some(format!("cannot start the agent shim: {e}")),
+                    )
+                    .await;
+                    myself.stop(None);
+                    return;
+                }
+            };
+            let pid = child.id().map(|p| p as i32).unwrap_or(0);
+            state.pid = Some(pid);
+            if let Err(e) = ctx
+                .store
+                .run_started(&d.run, d.task.id, pid, ctx.now())
+                .await
+            {
+                tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's pid");
+            }
+            tracing::info!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, pid, "agent started");
+            let me = myself.clone();
+            let log = log_path.clone();
+            let waiter = tokio::spawn(async move {
+                let mut child = child;
+                let _ = child.wait().await;
+                let _ = me.send_message(MonitorMsg::Exited(agent::read_exit(&log)));
+            });
+            state.timers.push(waiter.abort_handle());
+        }
+        MonitorMode::Adopt => {
+            let pid = d.run.pid.unwrap_or(0);
+            state.pid = Some(pid);
+            if let Err(e) = ctx
+                .store
+                .adopt_run(d.task.id, &d.run, &ctx.node_id, ctx.now())
+                .await
+            {
+                tracing::warn!(error = %e, run_id = d.run.id, "cannot record the adoption");
+            }
+            tracing::info!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, pid, "run adopted");
+            let me = myself.clone();
+            let log = log_path.clone();
+            let waiter = tokio::spawn(async move {
+                while agent::alive(pid) {
+                    tokio::time::sleep(MONITOR_ADOPTED_POLL_DEFAULT).await;
+                }
+                let _ = me.send_message(MonitorMsg::Exited(agent::read_exit(&log)));
+            });
+            state.timers.push(waiter.abort_handle());
+        }
+    }
+    state.timers.push(
+        myself
+            .send_interval(ctx.config.node.heartbeat_interval, || MonitorMsg::Heartbeat)
+            .abort_handle(),
+    );
+    let elapsed = Duration::from_millis((ctx.now() - d.run.started_at).max(0) as u64);
+    let left = stage.timeout.saturating_sub(elapsed);
+    state.timers.push(
+        myself
+            .send_after(left, || MonitorMsg::Timeout)
+            .abort_handle(),
+    );
+}
+
+/// The environment variables that hold baton's own secrets: never passed to agents.
+pub fn secret_vars(config: &crate::config::Config) -> Vec<String> {
+    let mut v = vec!["BATON_DATABASE_URL".to_string(), "DATABASE_URL".to_string()];
+    if let Some(f) = &config.forge {
+        v.push(f.token_env.clone());
+    }
+    if let Some(p) = &config.plane {
+        v.push(p.api_key_env.clone());
+        v.extend(p.webhook_secret_env.clone());
+    }
+    v.extend(config.http.token_env.clone());
+    v
+}
+
+/// Records the exit FIRST, then gates, commits and claims.
+async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure: Option<String>) {
+    let ctx = state.args.ctx.clone();
+    let d = state.args.dispatched.clone();
+    let code = status.as_ref().map(|s| s.code).unwrap_or(-1);
+    let error = failure
+        .clone()
+        .or_else(|| status.as_ref().and_then(|s| s.error.clone()));
+    let detail = json!({
+        "signal": status.as_ref().and_then(|s| s.signal),
+        "error": error,
+        "timed_out": state.timed_out,
+        "cancelled": state.cancelled,
+    });
+    // 1. The exit, first: from here on the Reaper's grace window protects this monitor.
+    if let Err(e) = ctx
+        .store
+        .record_exit(d.task.id, &d.run, code, detail, ctx.now())
+        .await
+    {
+        tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
+        return;
+    }
+    if state.cancelled {
+        return;
+    }
+    // 2. The gate, read-only.
+    let verdict = if state.timed_out {
+        Verdict::TimedOut
+    } else if let Some(reason) = error {
+        Verdict::Failed { reason }
+    } else if status.is_none() {
+        Verdict::Failed {
+            reason: "the agent ended without an exit status".into(),
+        }
+    } else {
+        match (&state.stage, &state.workspace) {
+            (Some(stage), Some(ws)) => gate::evaluate(stage, ws, &vars(&d, ws), code).await,
+            _ => Verdict::Failed {
+                reason: "no workspace".into(),
+            },
+        }
+    };
+    // 3. The auto-commit.
+    let mut commit_sha = None;
+    let mut verdict = verdict;
+    if let (Some(stage), Some(ws)) = (&state.stage, &state.workspace)
+        && stage.commit
+    {
+        let ws = ws.clone();
+        let message = workspace::commit_message(&d.job.stage, &d.task.key, d.run.id);
+        match tokio::task::spawn_blocking(move || workspace::commit_all(&ws, &message)).await {
+            Ok(Ok(sha)) => commit_sha = sha,
+            Ok(Err(e)) => {
+                verdict = Verdict::Failed {
+                    reason: format!("auto-commit failed: {e}"),
+                }
+            }
+            Err(e) => {
+                verdict = Verdict::Failed {
+                    reason: format!("auto-commit panicked: {e}"),
+                }
+            }
+        }
+    }
+    // 4. The claim.
+    let claim = Claim {
+        job_id: d.job.id,
+        run_id: d.run.id,
+        verdict,
+        decided_by: Source::Monitor,
+        tier: None,
+        commit_sha,
+    };
+    let outcome = send_claim(&state.args.advancer, claim).await;
+    ctx.report(ProbeEvent::Monitor {
+        job_id: d.job.id,
+        run_id: d.run.id,
+        msg: format!(
+            "claimed: {}",
+            match &outcome {
+                Some(ClaimOutcome::Won(_)) => "won",
+                Some(ClaimOutcome::Lost) => "lost",
+                Some(ClaimOutcome::AlreadyAdvanced) => "already_advanced",
+                None => "undecided",
+            }
+        ),
+    });
+}
+
+/// Sends a claim to the Advancer, trying again a few times when the database did not
+/// answer. `None` when it could not be decided: the Reaper finalizes the run later.
+pub async fn send_claim(advancer: &ActorRef<AdvancerMsg>, claim: Claim) -> Option<ClaimOutcome> {
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 1..=CLAIM_TRIES {
+        let c = claim.clone();
+        match advancer
+            .call(|reply| AdvancerMsg::Claim(c, reply), None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(Ok(outcome))) => return Some(outcome),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+                tracing::warn!(error = %e, attempt, run_id = claim.run_id, "claim not decided; trying again");
+            }
+            _ => {
+                tracing::warn!(
+                    run_id = claim.run_id,
+                    "the advancer is gone; the Reaper will finalize the run"
+                );
+                return None;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+    }
+    None
+}

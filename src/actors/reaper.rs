@@ -1,0 +1,291 @@
+//! The Reaper: periodic recovery. It finds running jobs whose run is past its window and
+//! claims for them, through the Advancer, like a Monitor would.
+//!
+//! - Tier 1, lost agent: no exit recorded and the agent is gone (pid dead on this host,
+//!   or the run's node silent for longer than `reaper.heartbeat_timeout`).
+//! - Tier 2, unfinished finalization: exit recorded at least `reaper.finalize_grace` ago
+//!   and the job still runs with that run. The gate is evaluated READ-ONLY.
+//! - Timeout: an unwatched agent of this host past its stage timeout is killed.
+//!
+//! A run watched by a live Monitor of this process is never touched, and a run whose exit
+//! was recorded less than `finalize_grace` ago is never reaped: its monitor may still be
+//! finalizing.
+
+use std::path::PathBuf;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde::Serialize;
+use serde_json::json;
+
+use super::advancer::AdvancerMsg;
+use super::monitor::send_claim;
+use super::{Ctx, ProbeEvent};
+use crate::agent;
+use crate::clock::ms;
+use crate::gate::{self, Vars};
+use crate::store::{Claim, ClaimOutcome, RunningJob, Source, Verdict};
+use crate::workspace;
+
+#[derive(Debug, Clone, Copy)]
+pub enum ReaperMsg {
+    Tick,
+}
+
+pub struct ReaperArgs {
+    pub ctx: Ctx,
+    pub advancer: ActorRef<AdvancerMsg>,
+}
+
+pub struct ReaperState {
+    args: ReaperArgs,
+    timer: tokio::task::JoinHandle<()>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReapResult {
+    pub n_tier1: usize,
+    pub n_tier2: usize,
+    pub n_timeout: usize,
+    /// Exits read from a shim's exit file for runs nobody watched.
+    pub n_exit_recorded: usize,
+    /// Runs left alone because their exit is still inside the grace window.
+    pub n_in_grace: usize,
+    pub n_won: usize,
+}
+
+impl ReapResult {
+    pub fn did_work(&self) -> bool {
+        self.n_tier1 + self.n_tier2 + self.n_timeout + self.n_exit_recorded > 0
+    }
+}
+
+pub struct Reaper;
+
+impl Actor for Reaper {
+    type Msg = ReaperMsg;
+    type State = ReaperState;
+    type Arguments = ReaperArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ReaperArgs,
+    ) -> Result<ReaperState, ActorProcessingErr> {
+        let timer = myself.send_interval(args.ctx.config.reaper.interval, || ReaperMsg::Tick);
+        Ok(ReaperState { args, timer })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut ReaperState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.timer.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        _msg: ReaperMsg,
+        state: &mut ReaperState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = &state.args.ctx;
+        match run_once(ctx, &state.args.advancer).await {
+            Ok((result, claims)) => {
+                if result.did_work() {
+                    tracing::info!(
+                        tier1 = result.n_tier1,
+                        tier2 = result.n_tier2,
+                        timeout = result.n_timeout,
+                        exits = result.n_exit_recorded,
+                        won = result.n_won,
+                        "reaper pass"
+                    );
+                }
+                ctx.report(ProbeEvent::Reaper {
+                    msg: "tick",
+                    result,
+                    claims,
+                });
+            }
+            // A periodic actor never dies of one failed pass.
+            Err(e) => {
+                tracing::warn!(error = %e, "reaper pass failed; trying again at the next tick")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One pass over the running jobs.
+pub async fn run_once(
+    ctx: &Ctx,
+    advancer: &ActorRef<AdvancerMsg>,
+) -> Result<(ReapResult, Vec<(Claim, ClaimOutcome)>), crate::store::StoreError> {
+    let now = ctx.now();
+    let grace = ms(ctx.config.reaper.finalize_grace);
+    let heartbeat_timeout = ms(ctx.config.reaper.heartbeat_timeout);
+    let mut result = ReapResult::default();
+    let mut claims = Vec::new();
+    for rj in ctx.store.running_jobs().await? {
+        let Some(run) = rj.run.clone() else { continue };
+        if ctx.watched.contains(run.id) {
+            continue;
+        }
+        let decision = if let Some(exited_at) = run.exited_at {
+            if now - exited_at < grace {
+                result.n_in_grace += 1;
+                None
+            } else {
+                result.n_tier2 += 1;
+                let (verdict, commit) = read_only_gate(ctx, &rj).await;
+                Some(("2", verdict, commit))
+            }
+        } else {
+            let here = rj.node_hostname.as_deref() == Some(ctx.hostname.as_str());
+            let node_silent = run.node_id != ctx.node_id
+                && rj
+                    .node_heartbeat_at
+                    .is_none_or(|hb| now - hb > heartbeat_timeout);
+            let timeout = ctx
+                .config
+                .stages
+                .get(&rj.job.stage)
+                .map(|s| ms(s.timeout))
+                .unwrap_or(i64::MAX);
+            match (here, run.pid) {
+                (true, Some(pid)) if agent::alive(pid) => {
+                    if now - run.started_at > timeout && (node_silent || run.node_id == ctx.node_id)
+                    {
+                        agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
+                        result.n_timeout += 1;
+                        Some(("timeout", Verdict::TimedOut, None))
+                    } else {
+                        None
+                    }
+                }
+                (true, Some(_)) if node_silent || run.node_id == ctx.node_id => {
+                    // The agent is gone. If its shim left an exit status, record it: the
+                    // run then finalizes as tier 2 once the grace window has passed.
+                    if let Some(status) = agent::read_exit(&PathBuf::from(&run.log_path)) {
+                        ctx.store
+                            .record_exit(
+                                rj.task.id,
+                                &run,
+                                status.code,
+                                json!({"signal": status.signal, "error": status.error, "recorded_by": "reaper"}),
+                                now,
+                            )
+                            .await?;
+                        result.n_exit_recorded += 1;
+                        None
+                    } else {
+                        result.n_tier1 += 1;
+                        Some((
+                            "1",
+                            Verdict::Lost {
+                                reason: format!(
+                                    "agent pid {} is gone without an exit status",
+                                    run.pid.unwrap_or(0)
+                                ),
+                            },
+                            None,
+                        ))
+                    }
+                }
+                (true, None) if run.node_id == ctx.node_id || node_silent => {
+                    result.n_tier1 += 1;
+                    Some((
+                        "1",
+                        Verdict::Lost {
+                            reason: "the agent was never started".into(),
+                        },
+                        None,
+                    ))
+                }
+                (false, _) if node_silent => {
+                    result.n_tier1 += 1;
+                    Some((
+                        "1",
+                        Verdict::Lost {
+                            reason: format!(
+                                "node {} has not sent a heartbeat for {}s",
+                                run.node_id,
+                                rj.node_heartbeat_at
+                                    .map(|hb| (now - hb) / 1000)
+                                    .unwrap_or(-1)
+                            ),
+                        },
+                        None,
+                    ))
+                }
+                _ => None,
+            }
+        };
+        let Some((tier, verdict, commit_sha)) = decision else {
+            continue;
+        };
+        let claim = Claim {
+            job_id: rj.job.id,
+            run_id: run.id,
+            verdict,
+            decided_by: Source::Reaper,
+            tier: Some(tier.to_string()),
+            commit_sha,
+        };
+        tracing::info!(task = %rj.task.key, stage = %rj.job.stage, run_id = run.id, tier, "reaping");
+        if let Some(outcome) = send_claim(advancer, claim.clone()).await {
+            if matches!(outcome, ClaimOutcome::Won(_)) {
+                result.n_won += 1;
+            }
+            claims.push((claim, outcome));
+        }
+    }
+    Ok((result, claims))
+}
+
+/// Tier 2's verdict: the gate evaluated read-only on this host's workspace, and the
+/// commit the run made before its monitor died, if it did.
+async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Verdict, Option<String>) {
+    let Some(run) = &rj.run else {
+        return (
+            Verdict::Failed {
+                reason: "no run".into(),
+            },
+            None,
+        );
+    };
+    let code = run.exit_code.unwrap_or(-1);
+    let Some(stage) = ctx.config.stages.get(&rj.job.stage) else {
+        return (
+            Verdict::Failed {
+                reason: format!("stage {} is not in the config", rj.job.stage),
+            },
+            None,
+        );
+    };
+    let here = rj.node_hostname.as_deref() == Some(ctx.hostname.as_str());
+    let ws = workspace::path_for(&ctx.config.workspace_root, &rj.task.key)
+        .ok()
+        .filter(|p| p.exists());
+    let Some(ws) = ws.filter(|_| here) else {
+        return (
+            Verdict::Failed {
+                reason: "the run's workspace is not on this host; the attempt is retried".into(),
+            },
+            None,
+        );
+    };
+    let vars = Vars {
+        task: rj.task.key.clone(),
+        stage: rj.job.stage.clone(),
+        run_id: run.id,
+        attempt: rj.job.attempt,
+        workspace: ws.to_string_lossy().into_owned(),
+    };
+    let verdict = gate::evaluate(stage, &ws, &vars, code).await;
+    let commit = workspace::head_commit_of_run(&ws, run.id);
+    (verdict, commit)
+}

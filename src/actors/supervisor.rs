@@ -1,0 +1,304 @@
+//! The Supervisor: registers the node, adopts the runs an earlier boot of this host left
+//! behind, spawns the Dispatcher, the Advancer, the Reaper and one Monitor per running
+//! job (all linked), heartbeats the node, and shuts everything down in order.
+//!
+//! It overrides `handle_supervisor_evt`: ractor's default stops a supervisor when any
+//! child ends, but a Monitor ending is the normal course of things, and a Monitor that
+//! fails is not restarted blindly; its run is left to the Reaper's rules.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use serde_json::json;
+
+use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg};
+use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
+use super::monitor::{Monitor, MonitorArgs, MonitorMode, MonitorMsg};
+use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
+use super::{Ctx, ProbeEvent};
+use crate::agent;
+use crate::store::{Claim, Dispatched, Source, Verdict};
+
+pub enum SupervisorMsg {
+    StartMonitor(Box<Dispatched>, MonitorMode),
+    NodeHeartbeat,
+    /// Stop dispatching and reaping, then stop the monitors: with `stop_agents` they
+    /// terminate their agents within `shutdown.grace` first, else the agents are left
+    /// alive for the next start to adopt.
+    Shutdown {
+        stop_agents: bool,
+        reply: RpcReplyPort<()>,
+    },
+}
+
+pub struct SupervisorArgs {
+    pub ctx: Ctx,
+    pub dispatcher_interval: Duration,
+}
+
+impl SupervisorArgs {
+    pub fn new(ctx: Ctx) -> Self {
+        SupervisorArgs {
+            ctx,
+            dispatcher_interval: DISPATCHER_INTERVAL_DEFAULT,
+        }
+    }
+}
+
+pub struct SupervisorState {
+    ctx: Ctx,
+    dispatcher: Option<ActorRef<DispatcherMsg>>,
+    reaper: Option<ActorRef<ReaperMsg>>,
+    advancer: ActorRef<AdvancerMsg>,
+    monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    shutting_down: bool,
+}
+
+pub struct Supervisor;
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let cell = myself.get_cell();
+        let (dispatcher, _) = Actor::spawn_linked(
+            None,
+            Dispatcher,
+            DispatcherArgs {
+                ctx: ctx.clone(),
+                supervisor: myself.clone(),
+                interval: args.dispatcher_interval,
+            },
+            cell.clone(),
+        )
+        .await?;
+        let (advancer, _) = Actor::spawn_linked(
+            None,
+            Advancer,
+            AdvancerArgs {
+                ctx: ctx.clone(),
+                dispatcher: Some(dispatcher.clone()),
+            },
+            cell.clone(),
+        )
+        .await?;
+        let (reaper, _) = Actor::spawn_linked(
+            None,
+            Reaper,
+            ReaperArgs {
+                ctx: ctx.clone(),
+                advancer: advancer.clone(),
+            },
+            cell.clone(),
+        )
+        .await?;
+        let heartbeat = myself.send_interval(ctx.config.node.heartbeat_interval, || {
+            SupervisorMsg::NodeHeartbeat
+        });
+        Ok(SupervisorState {
+            ctx,
+            dispatcher: Some(dispatcher),
+            reaper: Some(reaper),
+            advancer,
+            monitors: HashMap::new(),
+            heartbeat,
+            shutting_down: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        adopt_orphans(&myself, state).await;
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.heartbeat.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::StartMonitor(d, mode) => {
+                state.ctx.report(ProbeEvent::Supervisor(format!(
+                    "start_monitor(job={}, run={}, {mode:?})",
+                    d.job.id, d.run.id
+                )));
+                if state.shutting_down {
+                    // Dispatched just before the shutdown: its run is left to adoption.
+                    state.ctx.watched.remove(d.run.id);
+                    return Ok(());
+                }
+                let run_id = d.run.id;
+                state.ctx.watched.insert(run_id, d.job.id);
+                let spawned = Actor::spawn_linked(
+                    None,
+                    Monitor,
+                    MonitorArgs {
+                        ctx: state.ctx.clone(),
+                        dispatched: *d,
+                        mode,
+                        advancer: state.advancer.clone(),
+                    },
+                    myself.get_cell(),
+                )
+                .await;
+                match spawned {
+                    Ok((m, _)) => {
+                        state.monitors.insert(m.get_id(), (m, run_id));
+                    }
+                    Err(e) => {
+                        state.ctx.watched.remove(run_id);
+                        tracing::error!(error = %e, run_id, "cannot start a monitor; the Reaper will finalize the run");
+                    }
+                }
+            }
+            SupervisorMsg::NodeHeartbeat => {
+                if let Err(e) = state
+                    .ctx
+                    .store
+                    .heartbeat_node(&state.ctx.node_id, state.ctx.now())
+                    .await
+                {
+                    tracing::warn!(error = %e, "node heartbeat failed");
+                }
+            }
+            SupervisorMsg::Shutdown { stop_agents, reply } => {
+                state.ctx.report(ProbeEvent::Supervisor(format!(
+                    "shutdown(stop_agents={stop_agents})"
+                )));
+                state.shutting_down = true;
+                if let Some(d) = state.dispatcher.take() {
+                    d.unlink(myself.get_cell());
+                    let _ = d.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+                }
+                if let Some(r) = state.reaper.take() {
+                    r.unlink(myself.get_cell());
+                    let _ = r.stop_and_wait(None, Some(Duration::from_secs(60))).await;
+                }
+                let monitors: Vec<ActorRef<MonitorMsg>> =
+                    state.monitors.values().map(|(m, _)| m.clone()).collect();
+                let wait = state.ctx.config.shutdown.grace + Duration::from_secs(30);
+                for m in &monitors {
+                    let _ = m.send_message(MonitorMsg::Stop { kill: stop_agents });
+                }
+                for m in monitors {
+                    let _ = m.wait(Some(wait)).await;
+                }
+                let _ = state
+                    .ctx
+                    .store
+                    .stop_node(&state.ctx.node_id, state.ctx.now())
+                    .await;
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some((_, run_id)) = state.monitors.remove(&cell.get_id()) {
+                    state.ctx.watched.remove(run_id);
+                } else if !state.shutting_down {
+                    tracing::error!(actor = ?cell.get_id(), ?reason, "a core actor stopped; stopping the node");
+                    myself.stop(Some("core actor stopped".into()));
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                if let Some((_, run_id)) = state.monitors.remove(&cell.get_id()) {
+                    // Not restarted blindly: the run is left to the Reaper's rules.
+                    state.ctx.watched.remove(run_id);
+                    tracing::error!(run_id, error = %err, "monitor failed; its run is left to the Reaper");
+                    state.ctx.report(ProbeEvent::Supervisor(format!(
+                        "monitor_failed(run={run_id})"
+                    )));
+                } else if !state.shutting_down {
+                    tracing::error!(actor = ?cell.get_id(), error = %err, "a core actor failed; stopping the node");
+                    myself.stop(Some("core actor failed".into()));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Adoption: runs of an earlier boot of this host whose job still runs with them. A live
+/// agent (or one that ended and left its exit status) gets a Monitor that watches it to
+/// the end; it is never started again. An agent gone without an exit status is lost.
+async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
+    let ctx = state.ctx.clone();
+    let orphans = match ctx.store.orphaned_runs(&ctx.hostname, &ctx.node_id).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for runs to adopt; the Reaper will handle them");
+            return;
+        }
+    };
+    for rj in orphans {
+        // Another baton of this host that still runs keeps its own runs.
+        let node_gone = rj.node_stopped || rj.node_pid.is_none_or(|p| !agent::alive(p));
+        if !node_gone {
+            continue;
+        }
+        let Some(run) = rj.run else { continue };
+        if run.exited_at.is_some() {
+            // Its exit is recorded: finalization was under way; tier 2 handles it after grace.
+            continue;
+        }
+        let pid = run.pid.unwrap_or(0);
+        let exit = agent::read_exit(std::path::Path::new(&run.log_path));
+        if pid > 0 && (agent::alive(pid) || exit.is_some()) {
+            let d = Dispatched {
+                task: rj.task,
+                job: rj.job,
+                run,
+            };
+            ctx.watched.insert(d.run.id, d.job.id);
+            let _ =
+                myself.send_message(SupervisorMsg::StartMonitor(Box::new(d), MonitorMode::Adopt));
+        } else {
+            let claim = Claim {
+                job_id: rj.job.id,
+                run_id: run.id,
+                verdict: Verdict::Lost {
+                    reason: "the agent did not survive the restart and left no exit status".into(),
+                },
+                decided_by: Source::Reaper,
+                tier: Some("1".into()),
+                commit_sha: None,
+            };
+            let outcome = super::monitor::send_claim(&state.advancer, claim).await;
+            tracing::info!(run_id = run.id, outcome = ?outcome, detail = %json!({"pid": pid}), "orphaned run was lost");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Agent processes: the shim that starts them, and the signals that stop them.
+//!
+//! baton never starts an agent directly. It starts `baton shim`, which puts itself in a
+//! new session (so the agent has its own process group, which outlives baton and can be
+//! killed as a whole), starts the agent with its log file as stdout and stderr, waits
+//! for it, and writes the exit status to the run's exit file. So the exit code is known
+//! even when baton was down when the agent ended, and a restarted baton can adopt the
+//! run instead of starting the agent again.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// Exit code the shim reports when the agent's program cannot be started.
+pub const EXIT_CANNOT_START: i32 = 127;
+/// How long a TERM-ed agent gets before KILL.
+pub const AGENT_KILL_GRACE_DEFAULT: Duration = Duration::from_secs(5);
+
+/// What the shim writes when the agent ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, or 128 + the signal number when a signal ended it.
+    pub code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Why the agent could not be started, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The exit file of a run: beside its log, with `.exit` in place of `.log`.
+pub fn exit_file(log_path: &Path) -> PathBuf {
+    log_path.with_extension("exit")
+}
+
+/// Reads the exit file the shim wrote, if it did.
+pub fn read_exit(log_path: &Path) -> Option<ExitStatus> {
+    let text = std::fs::read_to_string(exit_file(log_path)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Everything needed to start one agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub argv: Vec<String>,
+    pub cwd: PathBuf,
+    pub log_path: PathBuf,
+    pub env: BTreeMap<String, String>,
+    /// Variables removed from the agent's environment: baton's own secrets.
+    pub env_remove: Vec<String>,
+}
+
+/// Starts the shim for `spec`. The returned child is the shim, the leader of the agent's
+/// process group; its pid is the run's pid.
+pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
+    if let Some(dir) = spec.log_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(exit_file(&spec.log_path));
+    let exe = shim_exe()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("shim")
+        .arg("--log")
+        .arg(&spec.log_path)
+        .arg("--")
+        .args(&spec.argv)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(false);
+    for k in &spec.env_remove {
+        cmd.env_remove(k);
+    }
+    cmd.envs(&spec.env);
+    cmd.spawn()
+}
+
+/// The binary that provides `baton shim`: this executable, or `BATON_SHIM_EXE` (which
+/// test binaries set, since they are not `baton` themselves).
+fn shim_exe() -> std::io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("BATON_SHIM_EXE") {
+        return Ok(PathBuf::from(p));
+    }
+    std::env::current_exe()
+}
+
+/// True when a process with this pid exists on this host.
+pub fn alive(pid: i32) -> bool {
+    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// Sends `signal` to the agent's process group.
+pub fn signal_group(pid: i32, signal: Signal) -> bool {
+    pid > 0 && killpg(Pid::from_raw(pid), signal).is_ok()
+}
+
+/// TERM to the group, then KILL after `grace` if it is still there.
+pub async fn terminate_group(pid: i32, grace: Duration) {
+    if !signal_group(pid, Signal::SIGTERM) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if !group_alive(pid) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal_group(pid, Signal::SIGKILL);
+}
+
+fn group_alive(pgid: i32) -> bool {
+    pgid > 0 && killpg(Pid::from_raw(pgid), None).is_ok()
+}
+
+extern "C" fn ignore_signal(_: nix::libc::c_int) {}
+
+/// The body of `baton shim --log LOG -- ARGV...`: runs synchronously, never returns
+/// before the agent ended, and always tries to write the exit file.
+pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    // Its own session: the agent gets a process group of its own that survives baton.
+    let _ = nix::unistd::setsid();
+    // TERM and INT reach the whole group; the shim outlives them to write the exit
+    // file. A handler (unlike SIG_IGN) is reset to the default in the agent by exec.
+    let action = SigAction::new(
+        SigHandler::Handler(ignore_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler does nothing, which is async-signal-safe.
+        unsafe {
+            let _ = sigaction(sig, &action);
+        }
+    }
+    let status = run_agent(log, argv);
+    let code = status.code;
+    let tmp = exit_file(log).with_extension("exit.tmp");
+    let written = std::fs::write(&tmp, serde_json::to_vec(&status).unwrap_or_default())
+        .and_then(|_| std::fs::rename(&tmp, exit_file(log)));
+    if let Err(e) = written {
+        eprintln!("baton shim: cannot write exit file: {e}");
+    }
+    code
+}
+
+fn run_agent(log: &Path, argv: &[String]) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    let cannot = |error: String| ExitStatus {
+        code: EXIT_CANNOT_START,
+        signal: None,
+        error: Some(error),
+    };
+    let mut file = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        Ok(f) => f,
+        Err(e) => return cannot(format!("cannot open log file {}: {e}", log.display())),
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return cannot("empty command".to_string());
+    };
+    let (out, err) = match (file.try_clone(), file.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return cannot(format!("cannot share log file: {e}")),
+    };
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("cannot start agent command {program:?}: {e}");
+            let _ = writeln!(file, "baton: {msg}");
+            return cannot(msg);
+        }
+    };
+    match child.wait() {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(code), _) => ExitStatus {
+                code,
+                signal: None,
+                error: None,
+            },
+            (None, Some(sig)) => ExitStatus {
+                code: 128 + sig,
+                signal: Some(sig),
+                error: None,
+            },
+            (None, None) => cannot("agent ended without a status".to_string()),
+        },
+        Err(e) => cannot(format!("cannot wait for the agent: {e}")),
+    }
+}

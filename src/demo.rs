@@ -1,0 +1,264 @@
+//! `baton demo`: the self-contained tour. It builds a temp folder with an SQLite
+//! database, a bare git remote with a first commit, four scripted agents and a config;
+//! submits one task and runs a node until the task ends, showing every event as it
+//! happens, then prints a summary of stages, runs, commits and the history.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use git2::{Repository, Signature};
+
+use crate::clock::Clock;
+use crate::config::{Config, EnvOverrides};
+use crate::service::{Node, ServeOptions};
+use crate::store::{NewTask, Source, status};
+
+const DEMO_TASK: &str = "DEMO-1";
+/// The demo gives up after this long.
+const DEMO_DEADLINE: Duration = Duration::from_secs(180);
+
+const AGENT_SCRIPT: &str = r#"#!/bin/sh
+# A scripted stand-in for a coding agent: it writes what its stage produces.
+set -e
+dir="docs/$BATON_TASK"
+mkdir -p "$dir" src
+echo "[$BATON_STAGE] run $BATON_RUN_ID, attempt $BATON_ATTEMPT, iteration $BATON_ITERATION"
+sleep 0.3
+case "$BATON_STAGE" in
+  analyst)   printf '# Analysis of %s\n\nThe ticket asks for a greeting.\n' "$BATON_TASK" > "$dir/analysis.md" ;;
+  architect) printf '# Design of %s\n\nOne function, greet(), in src/greet.sh.\n' "$BATON_TASK" > "$dir/design.md" ;;
+  developer)
+    if [ "$BATON_ITERATION" = "1" ]; then
+      printf '#!/bin/sh\necho hello\n' > src/greet.sh
+    else
+      printf '#!/bin/sh\necho "hello, ${1:-world}"\n' > src/greet.sh
+    fi ;;
+  reviewer)
+    if grep -q 'world' src/greet.sh; then
+      printf 'APPROVED\n' > "$dir/review.md"
+    else
+      printf 'CHANGES_REQUESTED: greet() must take a name\n' > "$dir/review.md"
+    fi ;;
+esac
+echo "[$BATON_STAGE] done"
+"#;
+
+/// Runs the demo; exit code 0 when the demo task is done.
+pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
+    let tmp = tempfile::Builder::new().prefix("baton-demo-").tempdir()?;
+    let root = tmp.path().to_path_buf();
+    println!("baton demo in {}", root.display());
+    let config = setup(&root)?;
+    println!("  database   {}", config.database_url);
+    println!("  remote     {}", config.repo.url);
+    println!(
+        "  pipeline   analyst -> architect -> developer -> reviewer (reviewer rejects once)\n"
+    );
+
+    let clock = Clock::system();
+    let node = Node::start(
+        config.clone(),
+        ServeOptions {
+            dispatcher_interval: Some(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let store = node.store.clone();
+    let submitted = store
+        .submit(
+            NewTask {
+                key: DEMO_TASK.into(),
+                pipeline: "default".into(),
+                title: "Add a greeting".into(),
+                plane_issue_id: None,
+                first_stage: "analyst".into(),
+                trace_parent: None,
+            },
+            Source::Cli,
+            clock.now_ms(),
+        )
+        .await?;
+
+    // Live progress: every event as it is written.
+    let started = tokio::time::Instant::now();
+    let mut shown = 0usize;
+    let final_status = loop {
+        let events = store.events(submitted.task.id).await?;
+        for e in &events[shown..] {
+            println!(
+                "  {:>6.1}s  {:<16} {:<10} {}",
+                started.elapsed().as_secs_f32(),
+                e.kind,
+                e.source,
+                e.detail
+            );
+        }
+        shown = events.len();
+        let task = store.task(submitted.task.id).await?;
+        if task.status != status::ACTIVE {
+            break task.status;
+        }
+        if started.elapsed() > DEMO_DEADLINE {
+            break format!("still {} after {}s", task.status, DEMO_DEADLINE.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    node.shutdown().await;
+
+    // Summary.
+    let detail = store.task_detail(DEMO_TASK).await?;
+    println!("\n== summary\n");
+    print!("{}", crate::cli::render_detail(&detail));
+    println!("\n  commits on baton/{DEMO_TASK}:");
+    let ws = config.workspace_root.join(DEMO_TASK);
+    for line in git_log(&ws).unwrap_or_default() {
+        println!("    {line}");
+    }
+    let count = |k: &str| detail.events.iter().filter(|e| e.kind == k).count();
+    println!(
+        "\n  {} events: {} runs started, {} claims won, {} lost, {} advances, {} rejection loop(s)",
+        detail.events.len(),
+        count("run_started"),
+        count("claim_won"),
+        count("claim_lost"),
+        count("job_advanced"),
+        detail
+            .runs
+            .iter()
+            .filter(|r| r.outcome.as_deref() == Some("rejected"))
+            .count(),
+    );
+    store.close().await;
+    if keep {
+        let kept = tmp.keep();
+        println!("\n  kept {}", kept.display());
+    }
+    if final_status == status::DONE {
+        println!("\ndemo task {DEMO_TASK} is done");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("\ndemo task {DEMO_TASK} did not finish: {final_status}; see the events above");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Writes the demo's repository, agents and config below `root`.
+fn setup(root: &Path) -> anyhow::Result<Config> {
+    let remote = root.join("remote.git");
+    seed_remote(&root.join("seed"), &remote).context("create the demo's git remote")?;
+    let agent = root.join("agents").join("agent.sh");
+    std::fs::create_dir_all(agent.parent().unwrap_or(root))?;
+    std::fs::write(&agent, AGENT_SCRIPT)?;
+    let toml = format!(
+        r#"
+database_url = "sqlite://{db}?mode=rwc"
+workspace_root = "workspaces"
+log_dir = "logs"
+max_concurrent_jobs = 2
+
+[reaper]
+interval = "1s"
+finalize_grace = "30s"
+heartbeat_timeout = "10s"
+
+[node]
+heartbeat_interval = "1s"
+
+[retry]
+max_attempts = 2
+backoff_initial = "1s"
+
+[repo]
+url = "{remote}"
+base_branch = "main"
+branch_prefix = "baton/"
+
+[pipelines.default]
+stages = ["analyst", "architect", "developer", "reviewer"]
+max_iterations = 3
+
+[stages.analyst]
+command = ["sh", "{agent}"]
+timeout = "1m"
+gate.artifacts = ["docs/{{task}}/analysis.md"]
+
+[stages.architect]
+command = ["sh", "{agent}"]
+timeout = "1m"
+gate.artifacts = ["docs/{{task}}/design.md"]
+
+[stages.developer]
+command = ["sh", "{agent}"]
+timeout = "1m"
+gate.command = ["sh", "-n", "src/greet.sh"]
+
+[stages.reviewer]
+command = ["sh", "{agent}"]
+timeout = "1m"
+on_reject = "developer"
+gate.verdict = {{ file = "docs/{{task}}/review.md", approve = "APPROVED", reject = "CHANGES_REQUESTED" }}
+
+[effects]
+push = false
+plane_comment = false
+"#,
+        db = root.join("baton.db").display(),
+        remote = remote.display(),
+        agent = agent.display(),
+    );
+    let path = root.join("baton.toml");
+    std::fs::write(&path, &toml)?;
+    Config::from_toml(&toml, root, &EnvOverrides::default()).map_err(|problems| {
+        anyhow::anyhow!(
+            "the demo's config is invalid: {}",
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
+/// A bare remote whose `main` has one commit with a README.
+pub fn seed_remote(seed: &Path, remote: &Path) -> Result<(), git2::Error> {
+    Repository::init_bare(remote)?;
+    let repo = Repository::init(seed)?;
+    std::fs::write(seed.join("README.md"), "# demo app\n")
+        .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    let mut index = repo.index()?;
+    index.add_path(Path::new("README.md"))?;
+    index.write()?;
+    let tree = repo.find_tree(index.write_tree()?)?;
+    let sig = Signature::now("baton demo", "demo@localhost")?;
+    repo.commit(
+        Some("refs/heads/main"),
+        &sig,
+        &sig,
+        "initial commit",
+        &tree,
+        &[],
+    )?;
+    let mut origin = repo.remote("origin", &remote.to_string_lossy())?;
+    origin.push(&["refs/heads/main:refs/heads/main"], None)?;
+    Ok(())
+}
+
+fn git_log(ws: &Path) -> Option<Vec<String>> {
+    let repo = Repository::open(ws).ok()?;
+    let mut walk = repo.revwalk().ok()?;
+    walk.push_head().ok()?;
+    let mut out = Vec::new();
+    for id in walk.flatten() {
+        let c = repo.find_commit(id).ok()?;
+        out.push(format!(
+            "{} {}",
+            &id.to_string()[..10],
+            c.summary().ok().flatten().unwrap_or("")
+        ));
+    }
+    Some(out)
+}

@@ -1,0 +1,108 @@
+//! The quality gate of a stage, evaluated READ-ONLY by whoever sends the claim (the
+//! Monitor normally, the Reaper in recovery): it reads the workspace and may run the
+//! gate command, but writes nothing to the database.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{GateSettings, StageSettings};
+use crate::store::Verdict;
+
+/// The values of the placeholders `{task}`, `{stage}`, `{run_id}`, `{attempt}`,
+/// `{workspace}`.
+#[derive(Debug, Clone)]
+pub struct Vars {
+    pub task: String,
+    pub stage: String,
+    pub run_id: i64,
+    pub attempt: i32,
+    pub workspace: String,
+}
+
+impl Vars {
+    pub fn expand(&self, s: &str) -> String {
+        s.replace("{task}", &self.task)
+            .replace("{stage}", &self.stage)
+            .replace("{run_id}", &self.run_id.to_string())
+            .replace("{attempt}", &self.attempt.to_string())
+            .replace("{workspace}", &self.workspace)
+    }
+}
+
+/// Evaluates the gate of `stage` for a run that exited with `exit_code`.
+pub async fn evaluate(
+    stage: &StageSettings,
+    workspace: &Path,
+    vars: &Vars,
+    exit_code: i32,
+) -> Verdict {
+    let gate: &GateSettings = &stage.gate;
+    if gate.exit_zero && exit_code != 0 {
+        return Verdict::Failed {
+            reason: format!("agent exited with code {exit_code}"),
+        };
+    }
+    for artifact in &gate.artifacts {
+        let rel = vars.expand(artifact);
+        if !workspace.join(&rel).is_file() {
+            return Verdict::Failed {
+                reason: format!("artifact {rel} is missing"),
+            };
+        }
+    }
+    if let Some(v) = &gate.verdict {
+        let rel = vars.expand(&v.file);
+        let text = match tokio::fs::read_to_string(workspace.join(&rel)).await {
+            Ok(t) => t,
+            Err(e) => {
+                return Verdict::Failed {
+                    reason: format!("verdict file {rel} cannot be read: {e}"),
+                };
+            }
+        };
+        if text.contains(&v.reject) {
+            return Verdict::Rejected;
+        }
+        if !text.contains(&v.approve) {
+            return Verdict::Failed {
+                reason: format!(
+                    "verdict file {rel} says neither {} nor {}",
+                    v.approve, v.reject
+                ),
+            };
+        }
+    }
+    if let Some(cmd) = &gate.command {
+        let argv: Vec<String> = cmd.iter().map(|a| vars.expand(a)).collect();
+        match run_gate_command(&argv, workspace, stage.timeout).await {
+            Ok(0) => {}
+            Ok(code) => {
+                return Verdict::Failed {
+                    reason: format!("gate command {:?} exited with code {code}", argv.join(" ")),
+                };
+            }
+            Err(e) => return Verdict::Failed { reason: e },
+        }
+    }
+    Verdict::Passed
+}
+
+async fn run_gate_command(argv: &[String], cwd: &Path, timeout: Duration) -> Result<i32, String> {
+    let (program, args) = argv.split_first().ok_or("gate command is empty")?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start gate command {program:?}: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => Ok(out.status.code().unwrap_or(-1)),
+        Ok(Err(e)) => Err(format!("gate command {program:?} failed: {e}")),
+        Err(_) => Err(format!(
+            "gate command {program:?} ran past the stage timeout"
+        )),
+    }
+}

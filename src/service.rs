@@ -1,0 +1,142 @@
+//! `baton serve`: one node. Opens the store (applying migrations), registers the node,
+//! starts the actors and runs until the shutdown future resolves.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+
+use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::actors::{Ctx, Probe, Watched};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::{ClaimPolicy, Store};
+
+/// How a node runs; the defaults are production's.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// Terminate agents at shutdown instead of leaving them for adoption.
+    pub stop_agents: bool,
+    pub probe: Option<Probe>,
+    /// Defaults to the system clock.
+    pub clock: Option<Clock>,
+    /// Defaults to [`crate::actors::dispatcher::DISPATCHER_INTERVAL_DEFAULT`].
+    pub dispatcher_interval: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot start the actors: {0}")]
+    Spawn(String),
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    pub node_id: String,
+    pub store: Store,
+    supervisor: ActorRef<SupervisorMsg>,
+    handle: tokio::task::JoinHandle<()>,
+    stop_agents: bool,
+}
+
+impl Node {
+    /// Starts a node: store, node row, actors.
+    pub async fn start(config: Config, opts: ServeOptions) -> Result<Node, ServeError> {
+        for dir in [&config.workspace_root, &config.log_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let clock = opts.clock.clone().unwrap_or_else(Clock::system);
+        let store = Store::open(&config.database_url).await?;
+        let hostname = crate::hostname();
+        let node_id = store
+            .register_node(&hostname, std::process::id() as i32, clock.now_ms())
+            .await?;
+        tracing::info!(node_id, hostname, "node registered");
+        let ctx = Ctx {
+            policy: Arc::new(ClaimPolicy::from_config(&config)),
+            config: Arc::new(config),
+            store: store.clone(),
+            clock,
+            node_id: node_id.clone(),
+            hostname,
+            watched: Watched::default(),
+            probe: opts.probe.clone(),
+        };
+        let mut args = SupervisorArgs::new(ctx);
+        if let Some(i) = opts.dispatcher_interval {
+            args.dispatcher_interval = i;
+        }
+        let (supervisor, handle) = Actor::spawn(None, Supervisor, args)
+            .await
+            .map_err(|e| ServeError::Spawn(e.to_string()))?;
+        Ok(Node {
+            node_id,
+            store,
+            supervisor,
+            handle,
+            stop_agents: opts.stop_agents,
+        })
+    }
+
+    /// Stops the node in order; agents are left alive unless `stop_agents` was set.
+    pub async fn shutdown(self) {
+        let stop_agents = self.stop_agents;
+        let _ = self
+            .supervisor
+            .call(|reply| SupervisorMsg::Shutdown { stop_agents, reply }, None)
+            .await;
+        let _ = self.handle.await;
+    }
+
+    /// True while the supervisor runs.
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+}
+
+/// Runs a node until `shutdown` resolves (or the supervisor stops on its own).
+pub async fn run(
+    config: Config,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut node = Node::start(config, opts).await?;
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            Ok(())
+        }
+        _ = &mut node.handle => {
+            Err(ServeError::Spawn("the supervisor stopped unexpectedly".into()))
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
