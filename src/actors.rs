@@ -89,6 +89,8 @@ pub struct Ctx {
     pub hostname: String,
     pub watched: Watched,
     pub probe: Option<Probe>,
+    /// The binary that provides `baton shim` (this executable in production).
+    pub shim_exe: std::path::PathBuf,
 }
 
 impl Ctx {

@@ -54,6 +54,8 @@ pub struct AgentSpec {
     pub env: BTreeMap<String, String>,
     /// Variables removed from the agent's environment: baton's own secrets.
     pub env_remove: Vec<String>,
+    /// The binary that provides `baton shim`.
+    pub shim_exe: PathBuf,
 }
 
 /// Starts the shim for `spec`. The returned child is the shim, the leader of the agent's
@@ -63,8 +65,7 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
         std::fs::create_dir_all(dir)?;
     }
     let _ = std::fs::remove_file(exit_file(&spec.log_path));
-    let exe = shim_exe()?;
-    let mut cmd = tokio::process::Command::new(exe);
+    let mut cmd = tokio::process::Command::new(&spec.shim_exe);
     cmd.arg("shim")
         .arg("--log")
         .arg(&spec.log_path)
@@ -82,18 +83,20 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
     cmd.spawn()
 }
 
-/// The binary that provides `baton shim`: this executable, or `BATON_SHIM_EXE` (which
-/// test binaries set, since they are not `baton` themselves).
-fn shim_exe() -> std::io::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("BATON_SHIM_EXE") {
-        return Ok(PathBuf::from(p));
-    }
-    std::env::current_exe()
-}
-
-/// True when a process with this pid exists on this host.
+/// True when a process with this pid exists on this host and has not ended (a zombie,
+/// ended but not yet reaped by its parent, counts as ended).
 pub fn alive(pid: i32) -> bool {
-    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
+    if pid <= 0 || kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => true,
+    }
 }
 
 /// Sends `signal` to the agent's process group.

@@ -1,10 +1,13 @@
 //! Time as baton's database sees it: integer milliseconds since the Unix epoch.
 //!
-//! Production uses the system clock. Tests use [`Clock::tokio`], which starts at the
-//! wall-clock time of its creation and then follows tokio's clock, so that
-//! `#[tokio::test(start_paused = true)]` and `tokio::time::advance` move the timestamps
-//! that the grace window and the heartbeats are compared against.
+//! Production uses the system clock. Tests of time windows (the finalization grace, node
+//! heartbeats) use [`Clock::manual`] and move it with [`Clock::advance`]. tokio's paused
+//! clock cannot serve here: while a query is in flight (SQLite answers from a worker
+//! thread, PostgreSQL over a socket) the runtime looks idle, and a paused clock then
+//! jumps to the next timer, so the time a query sees would depend on the pool's timers.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone)]
@@ -15,10 +18,7 @@ pub struct Clock {
 #[derive(Debug, Clone)]
 enum ClockKind {
     System,
-    Tokio {
-        base_ms: i64,
-        start: tokio::time::Instant,
-    },
+    Manual(Arc<AtomicI64>),
 }
 
 fn system_ms() -> i64 {
@@ -35,20 +35,24 @@ impl Clock {
         }
     }
 
-    /// A clock that follows tokio's (possibly paused) clock.
-    pub fn tokio() -> Self {
+    /// A clock that starts at the current wall-clock time and moves only when told.
+    pub fn manual() -> Self {
         Clock {
-            kind: ClockKind::Tokio {
-                base_ms: system_ms(),
-                start: tokio::time::Instant::now(),
-            },
+            kind: ClockKind::Manual(Arc::new(AtomicI64::new(system_ms()))),
+        }
+    }
+
+    /// Moves a manual clock forward (and every clone of it); no-op on the system clock.
+    pub fn advance(&self, d: Duration) {
+        if let ClockKind::Manual(now) = &self.kind {
+            now.fetch_add(ms(d), Ordering::SeqCst);
         }
     }
 
     pub fn now_ms(&self) -> i64 {
         match &self.kind {
             ClockKind::System => system_ms(),
-            ClockKind::Tokio { base_ms, start } => base_ms + start.elapsed().as_millis() as i64,
+            ClockKind::Manual(now) => now.load(Ordering::SeqCst),
         }
     }
 }

@@ -888,9 +888,9 @@ fn git_ref_invalid(name: &str) -> bool {
 
 /// True when `url` names a folder on this machine rather than a remote.
 pub fn is_local_path(url: &str) -> bool {
-    !url.is_empty()
-        && !url.contains("://")
-        && !(url.contains(':') && !url.starts_with('/') && !url.starts_with('.'))
+    // `host:path` (scp-like ssh) is remote; `/abs`, `./rel` and `rel` are local.
+    let scp_like = url.contains(':') && !url.starts_with('/') && !url.starts_with('.');
+    !(url.is_empty() || url.contains("://") || scp_like)
 }
 
 /// Checks a name used for task keys and stage names, which become branch, directory

@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub clock: Option<Clock>,
     /// Defaults to [`crate::actors::dispatcher::DISPATCHER_INTERVAL_DEFAULT`].
     pub dispatcher_interval: Option<Duration>,
+    /// The binary that provides `baton shim`; defaults to this executable.
+    pub shim_exe: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,13 @@ impl Node {
             hostname,
             watched: Watched::default(),
             probe: opts.probe.clone(),
+            shim_exe: match opts.shim_exe.clone() {
+                Some(p) => p,
+                None => std::env::current_exe().map_err(|source| ServeError::Io {
+                    path: "the baton executable".into(),
+                    source,
+                })?,
+            },
         };
         let mut args = SupervisorArgs::new(ctx);
         if let Some(i) = opts.dispatcher_interval {

@@ -73,6 +73,8 @@ pub struct MonitorState {
     pid: Option<i32>,
     timed_out: bool,
     cancelled: bool,
+    /// `serve --stop-agents` terminated the agent at shutdown.
+    shutdown_kill: bool,
     stopping: bool,
     timers: Vec<tokio::task::AbortHandle>,
 }
@@ -103,6 +105,7 @@ impl Actor for Monitor {
             pid: None,
             timed_out: false,
             cancelled: false,
+            shutdown_kill: false,
             stopping: false,
             timers: Vec::new(),
         })
@@ -168,12 +171,12 @@ impl Actor for Monitor {
             MonitorMsg::Stop { kill } => {
                 state.stopping = !kill;
                 if kill {
+                    state.shutdown_kill = true;
                     if let Some(pid) = state.pid {
                         let grace = state.args.ctx.config.shutdown.grace;
                         agent::terminate_group(pid, grace).await;
                     }
                     // The waiter sends Exited; finalize then records the stop.
-                    state.cancelled = false;
                 } else {
                     myself.stop(Some("node shutdown".into()));
                 }
@@ -251,6 +254,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
                 log_path: log_path.clone(),
                 env,
                 env_remove: secret_vars(&ctx.config),
+                shim_exe: ctx.shim_exe.clone(),
             };
             let child = match agent::spawn(&spec) {
                 Ok(c) => c,
@@ -363,6 +367,10 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     // 2. The gate, read-only.
     let verdict = if state.timed_out {
         Verdict::TimedOut
+    } else if state.shutdown_kill {
+        Verdict::Failed {
+            reason: "agent stopped at node shutdown (serve --stop-agents)".into(),
+        }
     } else if let Some(reason) = error {
         Verdict::Failed { reason }
     } else if status.is_none() {

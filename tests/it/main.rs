@@ -3,4 +3,5 @@
 
 mod cli;
 mod store;
+mod supervision;
 mod support;

@@ -36,7 +36,7 @@ impl TestDb {
                     "sqlite://{}?mode=rwc",
                     dir.path().join("baton.db").display()
                 );
-                let store = Store::open(&url).await.expect("open sqlite");
+                let store = open(&url).await;
                 Some(TestDb {
                     url,
                     store,
@@ -79,7 +79,7 @@ impl TestDb {
                     .expect("create test database");
                 let _ = admin.close().await;
                 let url = format!("{base}/{name}");
-                let store = Store::open(&url).await.expect("open postgres");
+                let store = open(&url).await;
                 Some(TestDb {
                     url,
                     store,
@@ -94,13 +94,15 @@ impl TestDb {
     pub async fn other_store(&self) -> Store {
         Store::connect(&self.url).await.expect("second connection")
     }
+}
 
-    /// A store whose pool waits as long as a paused-clock test may need.
-    pub async fn paused_store(&self) -> Store {
-        Store::connect_with(&self.url, Duration::from_secs(365 * 24 * 3600))
-            .await
-            .expect("paused-clock connection")
-    }
+/// Opens and migrates a test database; its pool waits long on a loaded machine.
+async fn open(url: &str) -> Store {
+    let store = Store::connect_with(url, Duration::from_secs(120))
+        .await
+        .expect("open test database");
+    store.migrate().await.expect("migrate test database");
+    store
 }
 
 pub fn pg_base() -> String {
@@ -155,32 +157,6 @@ macro_rules! on_both {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
                 if let Some(db) = $crate::support::TestDb::new($crate::support::Backend::Postgres).await {
-                    $body(db).await;
-                }
-            }
-        }
-    };
-}
-
-/// Like [`on_both`], on tokio's paused clock (a current-thread runtime).
-#[macro_export]
-macro_rules! on_both_paused {
-    ($name:ident, $body:path) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(start_paused = true)]
-            async fn sqlite() {
-                if let Some(db) =
-                    $crate::support::TestDb::new($crate::support::Backend::Sqlite).await
-                {
-                    $body(db).await;
-                }
-            }
-            #[tokio::test(start_paused = true)]
-            async fn postgres() {
-                if let Some(db) =
-                    $crate::support::TestDb::new($crate::support::Backend::Postgres).await
-                {
                     $body(db).await;
                 }
             }
