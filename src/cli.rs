@@ -75,6 +75,17 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Push N tasks through a 4-stage pipeline of `true` agents and print the figures
+    /// (stages/s against this machine's raw spawn rate, advance latency, peak RSS).
+    Bench {
+        #[arg(long, default_value_t = 100)]
+        tasks: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Database to use instead of a temp SQLite file (e.g. a scratch PostgreSQL database).
+        #[arg(long)]
+        database_url: Option<String>,
+    },
     /// Starts an agent in its own session and records its exit status (internal).
     #[command(hide = true)]
     Shim {
@@ -99,7 +110,7 @@ pub enum ConfigCommand {
 pub fn init_tracing(cli: &Cli) {
     // The demo shows its own progress; the service logs what it does.
     let default = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info,sqlx=warn,sea_orm=warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
@@ -270,6 +281,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { keep } => {
             return crate::demo::run(keep).await;
+        }
+        Command::Bench {
+            tasks,
+            concurrency,
+            database_url,
+        } => {
+            crate::bench::run(crate::bench::BenchArgs {
+                tasks,
+                concurrency,
+                database_url,
+            })
+            .await?;
         }
         Command::Shim { log, argv } => {
             return Ok(ExitCode::from(

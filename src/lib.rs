@@ -18,6 +18,7 @@
 
 pub mod actors;
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

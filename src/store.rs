@@ -571,8 +571,9 @@ impl Store {
 
     // ---- dispatch and runs ---------------------------------------------------------
 
-    /// Takes the first due queued job of an active task, marks it running and creates
-    /// its run (which becomes `current_run_id`), all in one transaction.
+    /// Takes the first due queued job, marks it running and creates its run (which
+    /// becomes `current_run_id`), all in one transaction. Jobs of older tasks go first,
+    /// so that a task's next stage starts before new tasks are begun.
     pub async fn dispatch(
         &self,
         node_id: &str,
@@ -585,7 +586,7 @@ impl Store {
             let mut q = jobs::Entity::find()
                 .filter(jobs::Column::Status.eq(status::QUEUED))
                 .filter(jobs::Column::NotBefore.lte(now))
-                .order_by_asc(jobs::Column::NotBefore)
+                .order_by_asc(jobs::Column::TaskId)
                 .order_by_asc(jobs::Column::Id)
                 .limit(1);
             if pg {

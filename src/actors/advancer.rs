@@ -43,11 +43,13 @@ impl Actor for Advancer {
     ) -> Result<(), ActorProcessingErr> {
         let AdvancerMsg::Claim(claim, reply) = msg;
         let outcome = advance_once(&state.ctx, &claim).await;
-        if let Ok(ClaimOutcome::Won(won)) = &outcome
-            && (won.next_job.is_some() || won.job_status == crate::store::status::QUEUED)
-            && let Some(d) = &state.dispatcher
-        {
-            let _ = d.send_message(DispatcherMsg::Kick);
+        if let Ok(ClaimOutcome::Won(_)) = &outcome {
+            // The run is finalized: its slot is free now, not when its Monitor has
+            // stopped, so the next stage can start at once.
+            state.ctx.watched.remove(claim.run_id);
+            if let Some(d) = &state.dispatcher {
+                let _ = d.send_message(DispatcherMsg::Kick);
+            }
         }
         state.ctx.report(ProbeEvent::Advancer {
             claim: claim.clone(),
