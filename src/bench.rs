@@ -37,11 +37,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let root = tmp.path();
     let stages = args.tasks * 4;
 
-    println!("baseline: spawning and reaping `true` {stages} times, {} at a time", args.concurrency);
+    println!(
+        "baseline: spawning and reaping `true` {stages} times, {} at a time",
+        args.concurrency
+    );
     let baseline_per_sec = spawn_baseline(stages, args.concurrency).await?;
     println!("  {baseline_per_sec:.1} processes/s");
 
-    crate::demo::seed_remote(&root.join("seed"), &root.join("remote.git")).context("seed the remote")?;
+    crate::demo::seed_remote(&root.join("seed"), &root.join("remote.git"))
+        .context("seed the remote")?;
     let db = args
         .database_url
         .clone()
@@ -89,7 +93,10 @@ plane_comment = false
             )
             .await?;
     }
-    println!("baton: {} tasks x 4 stages of `true`, max_concurrent_jobs = {}", args.tasks, args.concurrency);
+    println!(
+        "baton: {} tasks x 4 stages of `true`, max_concurrent_jobs = {}",
+        args.tasks, args.concurrency
+    );
     let started = Instant::now();
     let node = Node::start(
         config,
@@ -102,7 +109,10 @@ plane_comment = false
     let mut last_print = Instant::now();
     loop {
         let tasks = store.list_tasks(None).await?;
-        let open = tasks.iter().filter(|t| t.task.status == status::ACTIVE).count();
+        let open = tasks
+            .iter()
+            .filter(|t| t.task.status == status::ACTIVE)
+            .count();
         if open == 0 {
             break;
         }
@@ -117,21 +127,53 @@ plane_comment = false
 
     // Advance latency: an agent's recorded exit to the next stage's agent start.
     let mut latencies = Vec::new();
+    // Where a stage's time goes: agent (started -> exit recorded), finalization (exit ->
+    // claim won), start of the next (claim won -> next agent started).
+    let (mut agent, mut finalize, mut start) = (Vec::new(), Vec::new(), Vec::new());
     for t in store.list_tasks(None).await? {
         let events = store.events(t.task.id).await?;
-        let mut exited: Option<i64> = None;
+        let (mut exited, mut started_at, mut won): (Option<i64>, Option<i64>, Option<i64>) =
+            (None, None, None);
         for e in events {
             match e.kind.as_str() {
-                "run_exited" => exited = Some(e.at),
+                "run_exited" => {
+                    if let Some(s) = started_at.take() {
+                        agent.push(e.at - s);
+                    }
+                    exited = Some(e.at);
+                }
+                "claim_won" => {
+                    if let Some(x) = exited {
+                        finalize.push(e.at - x);
+                    }
+                    won = Some(e.at);
+                }
                 "run_started" => {
+                    started_at = Some(e.at);
                     if let Some(at) = exited.take() {
                         latencies.push(e.at - at);
+                    }
+                    if let Some(w) = won.take() {
+                        start.push(e.at - w);
                     }
                 }
                 _ => {}
             }
         }
     }
+    let mean = |v: &[i64]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<i64>() as f64 / v.len() as f64
+        }
+    };
+    println!(
+        "  mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms",
+        mean(&agent),
+        mean(&finalize),
+        mean(&start)
+    );
     latencies.sort_unstable();
     let pct = |p: f64| -> i64 {
         if latencies.is_empty() {
@@ -152,13 +194,28 @@ plane_comment = false
         peak_rss_kib: peak_rss_kib(),
     };
     store.close().await;
-    println!("\nresults ({})", if db.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" });
+    println!(
+        "\nresults ({})",
+        if db.starts_with("sqlite") {
+            "SQLite"
+        } else {
+            "PostgreSQL"
+        }
+    );
     println!("  stages             {}", report.stages);
     println!("  wall time          {:.2}s", report.elapsed.as_secs_f64());
     println!("  stages/s           {:.1}", report.stages_per_sec);
-    println!("  raw spawn rate     {:.1}/s (baseline, same concurrency)", report.baseline_per_sec);
+    println!(
+        "  raw spawn rate     {:.1}/s (baseline, same concurrency)",
+        report.baseline_per_sec
+    );
     println!("  ratio              {:.3}", report.ratio);
-    println!("  advance latency    p50 {} ms, p99 {} ms ({} samples)", report.advance_p50_ms, report.advance_p99_ms, latencies.len());
+    println!(
+        "  advance latency    p50 {} ms, p99 {} ms ({} samples)",
+        report.advance_p50_ms,
+        report.advance_p99_ms,
+        latencies.len()
+    );
     println!("  peak RSS           {} MiB", report.peak_rss_kib / 1024);
     Ok(report)
 }

@@ -240,11 +240,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for r in runs {
                 match (r.run.pid, r.hostname.as_deref()) {
                     (Some(pid), Some(h)) if h == host => {
-                        let killed = kill_group(pid);
+                        let alive = crate::agent::alive(pid);
+                        crate::agent::terminate_group(pid, crate::agent::AGENT_KILL_GRACE_DEFAULT)
+                            .await;
                         println!(
                             "  run {}: agent pid {pid} {}",
                             r.run.id,
-                            if killed { "terminated" } else { "already gone" }
+                            if alive { "terminated" } else { "already gone" }
                         );
                     }
                     (Some(pid), h) => println!(
@@ -342,13 +344,6 @@ pub async fn submit(
 
 fn check_key(key: &str) -> anyhow::Result<()> {
     validate_name(key).map_err(|msg| anyhow::anyhow!("invalid task key: {msg}"))
-}
-
-/// Sends SIGTERM to the agent's process group. Returns false when it is gone.
-pub fn kill_group(pid: i32) -> bool {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    killpg(Pid::from_raw(pid), Signal::SIGTERM).is_ok()
 }
 
 pub fn fmt_time(ms: i64) -> String {

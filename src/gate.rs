@@ -30,11 +30,15 @@ impl Vars {
 }
 
 /// Evaluates the gate of `stage` for a run that exited with `exit_code`.
+///
+/// `grace` is `reaper.finalize_grace`: the gate command is bounded by half of it (or the
+/// stage timeout, when shorter), so that a finalizing monitor is never reaped.
 pub async fn evaluate(
     stage: &StageSettings,
     workspace: &Path,
     vars: &Vars,
     exit_code: i32,
+    grace: Duration,
 ) -> Verdict {
     let gate: &GateSettings = &stage.gate;
     if gate.exit_zero && exit_code != 0 {
@@ -74,7 +78,7 @@ pub async fn evaluate(
     }
     if let Some(cmd) = &gate.command {
         let argv: Vec<String> = cmd.iter().map(|a| vars.expand(a)).collect();
-        match run_gate_command(&argv, workspace, stage.timeout).await {
+        match run_gate_command(&argv, workspace, gate_timeout(stage, grace)).await {
             Ok(0) => {}
             Ok(code) => {
                 return Verdict::Failed {
@@ -85,6 +89,11 @@ pub async fn evaluate(
         }
     }
     Verdict::Passed
+}
+
+/// How long the gate command may run.
+pub fn gate_timeout(stage: &StageSettings, grace: Duration) -> Duration {
+    stage.timeout.min(grace / 2)
 }
 
 async fn run_gate_command(argv: &[String], cwd: &Path, timeout: Duration) -> Result<i32, String> {
@@ -102,7 +111,8 @@ async fn run_gate_command(argv: &[String], cwd: &Path, timeout: Duration) -> Res
         Ok(Ok(out)) => Ok(out.status.code().unwrap_or(-1)),
         Ok(Err(e)) => Err(format!("gate command {program:?} failed: {e}")),
         Err(_) => Err(format!(
-            "gate command {program:?} ran past the stage timeout"
+            "gate command {program:?} ran longer than {} (half of reaper.finalize_grace, or the stage timeout)",
+            humantime::format_duration(timeout)
         )),
     }
 }

@@ -14,6 +14,7 @@
 //! - [`gate`]: the read-only quality gate of a stage.
 //! - [`workspace`]: one git checkout per task and the auto-commit (git2).
 //! - [`service`]: `baton serve`: one node, started and stopped.
+//! - [`demo`] and [`bench`]: the self-contained tour and the benchmark.
 //! - [`cli`]: the command-line interface; `main.rs` only parses and dispatches.
 
 pub mod actors;

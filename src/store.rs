@@ -12,6 +12,7 @@
 //! events). A loser gets [`ClaimOutcome::Lost`] and writes nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use entity::{advances, agent_runs, effects, events, jobs, nodes, tasks};
@@ -266,7 +267,13 @@ pub struct NewEvent {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// SQLite only: writers of this process take turns here rather than in SQLite's
+    /// busy handler, which sleeps in steps of milliseconds while it waits.
+    write_lock: Option<Arc<tokio::sync::Mutex<()>>>,
 }
+
+/// Held while a write transaction of this process is open (SQLite).
+type WriteGuard = Option<tokio::sync::OwnedMutexGuard<()>>;
 
 impl Store {
     /// Opens the database (SQLite in WAL mode with a busy timeout) without migrating.
@@ -275,8 +282,7 @@ impl Store {
     }
 
     /// Like [`Store::connect`], with the time a caller waits for a pooled connection.
-    /// Tests on tokio's paused clock pass a long one: while a query is in flight the
-    /// runtime looks idle and the paused clock jumps to the next timer.
+    /// Tests on a loaded machine pass a long one.
     pub async fn connect_with(url: &str, acquire_timeout: Duration) -> StoreResult<Store> {
         let mut opts = ConnectOptions::new(url.to_string());
         opts.sqlx_logging(false)
@@ -295,7 +301,10 @@ impl Store {
                 url: redact_url(url),
                 source,
             })?;
-        Ok(Store { db })
+        let write_lock = url
+            .starts_with("sqlite:")
+            .then(|| Arc::new(tokio::sync::Mutex::new(())));
+        Ok(Store { db, write_lock })
     }
 
     /// Opens the database and applies every pending migration.
@@ -328,21 +337,30 @@ impl Store {
         let _ = self.db.close().await;
     }
 
-    async fn write_txn(&self) -> StoreResult<DatabaseTransaction> {
-        Ok(self
+    async fn lock_writes(&self) -> WriteGuard {
+        match &self.write_lock {
+            Some(l) => Some(l.clone().lock_owned().await),
+            None => None,
+        }
+    }
+
+    async fn write_txn(&self) -> StoreResult<(WriteGuard, DatabaseTransaction)> {
+        let guard = self.lock_writes().await;
+        let txn = self
             .db
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
             })
-            .await?)
+            .await?;
+        Ok((guard, txn))
     }
 
     // ---- tasks --------------------------------------------------------------------
 
     /// Writes a task, its first job and their events in one transaction.
     pub async fn submit(&self, new: NewTask, source: Source, now: i64) -> StoreResult<Submitted> {
-        let txn = self.write_txn().await?;
+        let (_write, txn) = self.write_txn().await?;
         let inserted = tasks::Entity::insert(tasks::ActiveModel {
             key: Set(new.key.clone()),
             pipeline: Set(new.pipeline.clone()),
@@ -478,7 +496,7 @@ impl Store {
         source: Source,
         now: i64,
     ) -> StoreResult<Vec<CancelledRun>> {
-        let txn = self.write_txn().await?;
+        let (_write, txn) = self.write_txn().await?;
         let task = tasks::Entity::find()
             .filter(tasks::Column::Key.eq(key))
             .one(&txn)
@@ -536,7 +554,7 @@ impl Store {
     /// Re-queues a failed or cancelled task at the stage where it stopped, as a new job
     /// (next iteration of that stage) with a fresh attempt budget.
     pub async fn retry(&self, key: &str, source: Source, now: i64) -> StoreResult<jobs::Model> {
-        let txn = self.write_txn().await?;
+        let (_write, txn) = self.write_txn().await?;
         let task = tasks::Entity::find()
             .filter(tasks::Column::Key.eq(key))
             .one(&txn)
@@ -582,7 +600,7 @@ impl Store {
     ) -> StoreResult<Option<Dispatched>> {
         let pg = self.backend() == DbBackend::Postgres;
         for _ in 0..8 {
-            let txn = self.write_txn().await?;
+            let (_write, txn) = self.write_txn().await?;
             let mut q = jobs::Entity::find()
                 .filter(jobs::Column::Status.eq(status::QUEUED))
                 .filter(jobs::Column::NotBefore.lte(now))
@@ -657,7 +675,7 @@ impl Store {
         pid: i32,
         now: i64,
     ) -> StoreResult<()> {
-        let txn = self.write_txn().await?;
+        let (_write, txn) = self.write_txn().await?;
         agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::Pid, Expr::value(pid))
             .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
@@ -684,11 +702,13 @@ impl Store {
     /// Heartbeats a run and tells whether its job still runs with it as current run
     /// (false after a cancel or a claim by someone else).
     pub async fn heartbeat_run(&self, job_id: i64, run_id: i64, now: i64) -> StoreResult<bool> {
+        let write = self.lock_writes().await;
         agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
             .filter(agent_runs::Column::Id.eq(run_id))
             .exec(&self.db)
             .await?;
+        drop(write);
         let job = jobs::Entity::find_by_id(job_id).one(&self.db).await?;
         Ok(job.is_some_and(|j| j.status == status::RUNNING && j.current_run_id == Some(run_id)))
     }
@@ -703,7 +723,7 @@ impl Store {
         detail: serde_json::Value,
         now: i64,
     ) -> StoreResult<bool> {
-        let txn = self.write_txn().await?;
+        let (_write, txn) = self.write_txn().await?;
         let n = agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::ExitCode, Expr::value(exit_code))
             .col_expr(agent_runs::Column::ExitedAt, Expr::value(now))
@@ -820,7 +840,7 @@ impl Store {
         policy: &ClaimPolicy,
         now: i64,
     ) -> StoreResult<ClaimOutcome> {
-        let txn = self.write_txn().await?;
+        let (write, txn) = self.write_txn().await?;
         let job = if self.backend() == DbBackend::Postgres {
             jobs::Entity::find_by_id(claim.job_id)
                 .lock(LockType::Update)
@@ -834,6 +854,7 @@ impl Store {
             .is_some_and(|j| j.status == status::RUNNING && j.current_run_id == Some(claim.run_id));
         let Some(job) = job.filter(|_| fenced) else {
             txn.rollback().await?;
+            drop(write);
             return self.record_loss(claim, now).await;
         };
         let task = tasks::Entity::find_by_id(job.task_id)
@@ -934,6 +955,7 @@ impl Store {
             .rows_affected;
         if changed != 1 {
             txn.rollback().await?;
+            drop(write);
             return self.record_loss(claim, now).await;
         }
         agent_runs::Entity::update_many()
@@ -1117,7 +1139,7 @@ impl Store {
             .is_some_and(|o| o != "cancelled");
         let job = jobs::Entity::find_by_id(claim.job_id).one(&self.db).await?;
         if let Some(job) = &job {
-            let txn = self.write_txn().await?;
+            let (_write, txn) = self.write_txn().await?;
             append(
                 &txn,
                 NewEvent {
@@ -1147,11 +1169,13 @@ impl Store {
     // ---- events and nodes ----------------------------------------------------------
 
     pub async fn append_event(&self, ev: NewEvent, now: i64) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
         append(&self.db, ev, now).await
     }
 
     /// Registers a fresh node (one per boot) and returns its id.
     pub async fn register_node(&self, hostname: &str, pid: i32, now: i64) -> StoreResult<String> {
+        let _write = self.lock_writes().await;
         let id = format!("{hostname}-{pid}-{now:x}");
         nodes::ActiveModel {
             id: Set(id.clone()),
@@ -1167,6 +1191,7 @@ impl Store {
     }
 
     pub async fn heartbeat_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
         nodes::Entity::update_many()
             .col_expr(nodes::Column::HeartbeatAt, Expr::value(now))
             .filter(nodes::Column::Id.eq(node_id))
@@ -1176,6 +1201,7 @@ impl Store {
     }
 
     pub async fn stop_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
         nodes::Entity::update_many()
             .col_expr(nodes::Column::StoppedAt, Expr::value(now))
             .filter(nodes::Column::Id.eq(node_id))
@@ -1210,7 +1236,7 @@ impl Store {
         node_id: &str,
         now: i64,
     ) -> StoreResult<()> {
-        let txn = self.write_txn().await?;
+        let (_write, txn) = self.write_txn().await?;
         agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::NodeId, Expr::value(node_id))
             .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))

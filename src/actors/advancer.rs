@@ -63,10 +63,14 @@ impl Actor for Advancer {
 /// One claim: the fenced transaction, and a log line saying how it went.
 #[tracing::instrument(skip_all, fields(job_id = claim.job_id, run_id = claim.run_id, decided_by = claim.decided_by.as_str()))]
 pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, String> {
-    match ctx.store.claim(claim, &ctx.policy, ctx.now()).await {
+    let started = std::time::Instant::now();
+    let result = ctx.store.claim(claim, &ctx.policy, ctx.now()).await;
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    match result {
         Ok(outcome) => {
             match &outcome {
                 ClaimOutcome::Won(w) => tracing::info!(
+                    elapsed_us,
                     verdict = claim.verdict.outcome(),
                     job_status = %w.job_status,
                     next_stage = w.next_job.as_ref().map(|j| j.stage.as_str()),

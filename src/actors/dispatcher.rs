@@ -81,15 +81,13 @@ impl Actor for Dispatcher {
                 DispatchResult::default()
             }
         };
-        if !result.dispatched.is_empty() || matches!(msg, DispatcherMsg::Kick) {
-            ctx.report(ProbeEvent::Dispatcher {
-                msg: match msg {
-                    DispatcherMsg::Tick => "tick",
-                    DispatcherMsg::Kick => "kick",
-                },
-                dispatched: result.dispatched,
-            });
-        }
+        ctx.report(ProbeEvent::Dispatcher {
+            msg: match msg {
+                DispatcherMsg::Tick => "tick",
+                DispatcherMsg::Kick => "kick",
+            },
+            dispatched: result.dispatched,
+        });
         Ok(())
     }
 }

@@ -379,7 +379,16 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         }
     } else {
         match (&state.stage, &state.workspace) {
-            (Some(stage), Some(ws)) => gate::evaluate(stage, ws, &vars(&d, ws), code).await,
+            (Some(stage), Some(ws)) => {
+                gate::evaluate(
+                    stage,
+                    ws,
+                    &vars(&d, ws),
+                    code,
+                    ctx.config.reaper.finalize_grace,
+                )
+                .await
+            }
             _ => Verdict::Failed {
                 reason: "no workspace".into(),
             },

@@ -285,7 +285,7 @@ async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Verdict, Option<String>)
         attempt: rj.job.attempt,
         workspace: ws.to_string_lossy().into_owned(),
     };
-    let verdict = gate::evaluate(stage, &ws, &vars, code).await;
+    let verdict = gate::evaluate(stage, &ws, &vars, code, ctx.config.reaper.finalize_grace).await;
     let commit = workspace::head_commit_of_run(&ws, run.id);
     (verdict, commit)
 }

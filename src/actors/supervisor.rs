@@ -175,6 +175,9 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::NodeHeartbeat => {
+                state
+                    .ctx
+                    .report(ProbeEvent::Supervisor("node_heartbeat".into()));
                 if let Err(e) = state
                     .ctx
                     .store

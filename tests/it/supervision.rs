@@ -621,7 +621,7 @@ on_both!(
     restart_after_the_agent_exited_while_down_finalizes_once
 );
 
-// ---- the claim races, on the paused clock ----------------------------------------
+// ---- the claim races and time windows, on a manual clock ---------------------------
 
 /// An Advancer with a probe over `store`, and a job dispatched with its exit recorded.
 struct ClaimSetup {

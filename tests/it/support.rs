@@ -118,7 +118,7 @@ impl Drop for TestDb {
             return;
         };
         // Dropping needs async work; do it on a runtime of its own so that Drop works
-        // from any test, paused clock or not.
+        // from any test, whatever runtime it runs on.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
