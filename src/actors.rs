@@ -4,7 +4,8 @@
 //! Supervisor ─┬─ Dispatcher      claims queued jobs, asks the Supervisor to start a Monitor
 //!             ├─ Monitor (1/job) runs one agent, records its exit FIRST, gates, commits, claims
 //!             ├─ Reaper          periodic; finds runs past their window and claims for them
-//!             └─ Advancer        the single writer of job transitions: one claim at a time
+//!             ├─ Advancer        the single writer of job transitions: one claim at a time
+//!             └─ EffectWorker    drains the outbox: push, PR, Plane comment and state
 //! ```
 //!
 //! Every actor takes an optional [`Probe`] (None in production) and reports each message
@@ -12,6 +13,7 @@
 
 pub mod advancer;
 pub mod dispatcher;
+pub mod effect_worker;
 pub mod monitor;
 pub mod reaper;
 pub mod supervisor;
@@ -47,6 +49,10 @@ pub enum ProbeEvent {
     Advancer {
         claim: Claim,
         outcome: Result<ClaimOutcome, String>,
+    },
+    EffectWorker {
+        msg: &'static str,
+        result: effect_worker::EffectResult,
     },
 }
 
@@ -89,6 +95,8 @@ pub struct Ctx {
     pub hostname: String,
     pub watched: Watched,
     pub probe: Option<Probe>,
+    /// baton's own secrets, read once at start.
+    pub secrets: crate::config::Secrets,
     /// The binary that provides `baton shim` (this executable in production).
     pub shim_exe: std::path::PathBuf,
 }

@@ -69,6 +69,8 @@ command = ["true"]
 [effects]
 push = false
 plane_comment = false
+[http]
+listen = "127.0.0.1:0"
 "#,
         conc = args.concurrency,
         remote = root.join("remote.git").display(),

@@ -252,6 +252,17 @@ pub struct EffectsSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pull_request_after: Option<String>,
     pub plane_comment: bool,
+    /// Attempts of one effect before it is marked failed.
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Effects performed at once (of different tasks; one task's run in order).
+    pub concurrency: usize,
+    /// How often the outbox is looked at when nothing wakes the worker.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 impl Default for EffectsSettings {
@@ -260,7 +271,22 @@ impl Default for EffectsSettings {
             push: true,
             pull_request_after: None,
             plane_comment: true,
+            max_attempts: 8,
+            backoff_initial: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(600),
+            concurrency: 4,
+            interval: Duration::from_secs(1),
         }
+    }
+}
+
+impl EffectsSettings {
+    /// Backoff after failed attempt `attempt` (1-based): exponential, capped.
+    pub fn backoff(&self, attempt: i32) -> Duration {
+        let exp = (attempt - 1).clamp(0, 30) as u32;
+        self.backoff_initial
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(self.backoff_max)
     }
 }
 
@@ -516,6 +542,9 @@ impl Config {
             ("shutdown.grace", self.shutdown.grace),
             ("retry.backoff_initial", self.retry.backoff_initial),
             ("retry.backoff_max", self.retry.backoff_max),
+            ("effects.backoff_initial", self.effects.backoff_initial),
+            ("effects.backoff_max", self.effects.backoff_max),
+            ("effects.interval", self.effects.interval),
         ];
         for (key, d) in durations {
             if let Some(msg) = check_duration(d) {
@@ -667,6 +696,18 @@ impl Config {
                 }
             }
         }
+        if self.effects.max_attempts == 0 || self.effects.max_attempts > 1000 {
+            problem(
+                "effects.max_attempts",
+                format!("{} is not between 1 and 1000", self.effects.max_attempts),
+            );
+        }
+        if self.effects.concurrency == 0 || self.effects.concurrency > 256 {
+            problem(
+                "effects.concurrency",
+                format!("{} is not between 1 and 256", self.effects.concurrency),
+            );
+        }
         if let Some(stage) = &self.effects.pull_request_after {
             if !self.stages.contains_key(stage) {
                 problem(
@@ -787,6 +828,49 @@ impl Config {
             out.push_str(&format!("# {key}: ${var} is {state}\n"));
         }
         out
+    }
+}
+
+/// baton's own secrets, read once from the environment variables the config names.
+/// They are never written to the config, the database or the logs, and never passed to
+/// agents.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    pub forge_token: Option<String>,
+    pub plane_api_key: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub api_token: Option<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |v: &Option<String>| if v.is_some() { "set" } else { "unset" };
+        f.debug_struct("Secrets")
+            .field("forge_token", &s(&self.forge_token))
+            .field("plane_api_key", &s(&self.plane_api_key))
+            .field("webhook_secret", &s(&self.webhook_secret))
+            .field("api_token", &s(&self.api_token))
+            .finish()
+    }
+}
+
+impl Secrets {
+    pub fn from_env(config: &Config) -> Secrets {
+        let read = |var: Option<&str>| {
+            var.and_then(|v| std::env::var(v).ok())
+                .filter(|v| !v.is_empty())
+        };
+        Secrets {
+            forge_token: read(config.forge.as_ref().map(|f| f.token_env.as_str())),
+            plane_api_key: read(config.plane.as_ref().map(|p| p.api_key_env.as_str())),
+            webhook_secret: read(
+                config
+                    .plane
+                    .as_ref()
+                    .and_then(|p| p.webhook_secret_env.as_deref()),
+            ),
+            api_token: read(config.http.token_env.as_deref()),
+        }
     }
 }
 

@@ -106,6 +106,25 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Let the outbox drain (the pushes of the last stages) before stopping.
+    let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < drain_deadline {
+        let detail = store.task_detail(DEMO_TASK).await?;
+        if !detail.effects.iter().any(|e| e.status == status::PENDING) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = store.events(submitted.task.id).await?;
+    for e in &events[shown.min(events.len())..] {
+        println!(
+            "  {:>6.1}s  {:<16} {:<10} {}",
+            started.elapsed().as_secs_f32(),
+            e.kind,
+            e.source,
+            e.detail
+        );
+    }
     node.shutdown().await;
 
     // Summary.
@@ -202,8 +221,11 @@ on_reject = "developer"
 gate.verdict = {{ file = "docs/{{task}}/review.md", approve = "APPROVED", reject = "CHANGES_REQUESTED" }}
 
 [effects]
-push = false
+push = true
 plane_comment = false
+
+[http]
+listen = "127.0.0.1:0"
 "#,
         db = root.join("baton.db").display(),
         remote = remote.display(),

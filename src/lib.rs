@@ -12,7 +12,9 @@
 //! - [`actors`]: the Supervisor, Dispatcher, Monitor, Reaper and Advancer (ractor).
 //! - [`agent`]: the shim that starts agents in their own session, and their signals.
 //! - [`gate`]: the read-only quality gate of a stage.
+//! - [`effects`]: performing the outbox: push (git2), pull requests, Plane.
 //! - [`workspace`]: one git checkout per task and the auto-commit (git2).
+//! - [`http`]: the node's HTTP listener (axum): health and Plane webhooks.
 //! - [`service`]: `baton serve`: one node, started and stopped.
 //! - [`demo`] and [`bench`]: the self-contained tour and the benchmark.
 //! - [`cli`]: the command-line interface; `main.rs` only parses and dispatches.
@@ -24,7 +26,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod effects;
 pub mod gate;
+pub mod http;
 pub mod service;
 pub mod store;
 pub mod workspace;

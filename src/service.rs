@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub clock: Option<Clock>,
     /// Defaults to [`crate::actors::dispatcher::DISPATCHER_INTERVAL_DEFAULT`].
     pub dispatcher_interval: Option<Duration>,
+    /// Secrets to use instead of reading the environment (tests).
+    pub secrets: Option<crate::config::Secrets>,
     /// The binary that provides `baton shim`; defaults to this executable.
     pub shim_exe: Option<std::path::PathBuf>,
 }
@@ -44,6 +46,10 @@ pub enum ServeError {
 pub struct Node {
     pub node_id: String,
     pub store: Store,
+    /// Where the HTTP listener is bound (`http.listen`; port 0 picks a free one).
+    pub http_addr: std::net::SocketAddr,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http_handle: tokio::task::JoinHandle<()>,
     supervisor: ActorRef<SupervisorMsg>,
     handle: tokio::task::JoinHandle<()>,
     stop_agents: bool,
@@ -65,6 +71,10 @@ impl Node {
             .register_node(&hostname, std::process::id() as i32, clock.now_ms())
             .await?;
         tracing::info!(node_id, hostname, "node registered");
+        let secrets = opts
+            .secrets
+            .clone()
+            .unwrap_or_else(|| crate::config::Secrets::from_env(&config));
         let ctx = Ctx {
             policy: Arc::new(ClaimPolicy::from_config(&config)),
             config: Arc::new(config),
@@ -74,6 +84,7 @@ impl Node {
             hostname,
             watched: Watched::default(),
             probe: opts.probe.clone(),
+            secrets,
             shim_exe: match opts.shim_exe.clone() {
                 Some(p) => p,
                 None => std::env::current_exe().map_err(|source| ServeError::Io {
@@ -82,6 +93,28 @@ impl Node {
                 })?,
             },
         };
+        let (http_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let http_state = crate::http::HttpState {
+            config: ctx.config.clone(),
+            store: store.clone(),
+            clock: ctx.clock.clone(),
+            effector: crate::effects::Effector::new(
+                ctx.config.clone(),
+                store.clone(),
+                ctx.secrets.clone(),
+            ),
+            secrets: ctx.secrets.clone(),
+        };
+        let listen = ctx.config.http.listen.clone();
+        let (http_addr, http_handle) = crate::http::serve(http_state, &listen, async {
+            let _ = stopped.await;
+        })
+        .await
+        .map_err(|source| ServeError::Io {
+            path: format!("the HTTP listener at {listen}"),
+            source,
+        })?;
+        tracing::info!(%http_addr, "HTTP listener bound");
         let mut args = SupervisorArgs::new(ctx);
         if let Some(i) = opts.dispatcher_interval {
             args.dispatcher_interval = i;
@@ -92,6 +125,9 @@ impl Node {
         Ok(Node {
             node_id,
             store,
+            http_addr,
+            http_stop: Some(http_stop),
+            http_handle,
             supervisor,
             handle,
             stop_agents: opts.stop_agents,
@@ -99,7 +135,11 @@ impl Node {
     }
 
     /// Stops the node in order; agents are left alive unless `stop_agents` was set.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.http_stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.http_handle).await;
         let stop_agents = self.stop_agents;
         let _ = self
             .supervisor

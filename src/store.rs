@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use entity::{advances, agent_runs, effects, events, jobs, nodes, tasks};
+use entity::{advances, agent_runs, effects, events, jobs, nodes, tasks, webhook_deliveries};
 use migration::MigratorTrait;
 use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
@@ -244,6 +244,14 @@ pub struct TaskDetail {
     pub runs: Vec<agent_runs::Model>,
     pub effects: Vec<effects::Model>,
     pub events: Vec<events::Model>,
+}
+
+/// How one attempt of an effect ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EffectOutcome {
+    Done { external_ref: Option<String> },
+    Retry { error: String, at: i64 },
+    Failed { error: String },
 }
 
 /// A run stopped by a cancel, so that the caller can kill its agent where it can.
@@ -592,10 +600,14 @@ impl Store {
     /// Takes the first due queued job, marks it running and creates its run (which
     /// becomes `current_run_id`), all in one transaction. Jobs of older tasks go first,
     /// so that a task's next stage starts before new tasks are begun.
+    ///
+    /// `plane_on_start` is the Plane state a task's work item moves to when its first job
+    /// starts; the effect is written in the same transaction.
     pub async fn dispatch(
         &self,
         node_id: &str,
         log_dir: &std::path::Path,
+        plane_on_start: Option<&str>,
         now: i64,
     ) -> StoreResult<Option<Dispatched>> {
         let pg = self.backend() == DbBackend::Postgres;
@@ -661,6 +673,19 @@ impl Store {
                 .one(&txn)
                 .await?
                 .ok_or_else(|| DbErr::RecordNotFound(format!("job {}", job.id)))?;
+            if let (Some(state), Some(issue)) = (plane_on_start, &task.plane_issue_id) {
+                insert_effect(
+                    &txn,
+                    task.id,
+                    run.id,
+                    "plane_state",
+                    format!("plane_state:{}:on_start", task.key),
+                    json!({"issue": issue, "state": state}),
+                    None,
+                    now,
+                )
+                .await?;
+            }
             txn.commit().await?;
             return Ok(Some(Dispatched { task, job, run }));
         }
@@ -1098,24 +1123,9 @@ impl Store {
         }
         let n_effects = outbox.len();
         for (kind, key, payload) in outbox {
-            effects::Entity::insert(effects::ActiveModel {
-                task_id: Set(task.id),
-                run_id: Set(run.id),
-                kind: Set(kind.to_string()),
-                idempotency_key: Set(key),
-                status: Set(status::PENDING.to_string()),
-                attempts: Set(0),
-                next_attempt_at: Set(now),
-                last_error: Set(None),
-                external_ref: Set(None),
-                payload: Set(payload.to_string()),
-                created_at: Set(now),
-                updated_at: Set(now),
-                ..Default::default()
-            })
-            .on_conflict_do_nothing_on([effects::Column::IdempotencyKey])
-            .exec(&txn)
-            .await?;
+            // A push needs the workspace, which is on the node that ran the stage.
+            let node = (kind == "push").then(|| run.node_id.clone());
+            insert_effect(&txn, task.id, run.id, kind, key, payload, node, now).await?;
         }
         txn.commit().await?;
         Ok(ClaimOutcome::Won(ClaimWon {
@@ -1164,6 +1174,158 @@ impl Store {
         } else {
             ClaimOutcome::Lost
         })
+    }
+
+    // ---- the effects outbox ---------------------------------------------------------
+
+    /// The effects this node may perform now: of each task, only its first pending
+    /// effect (effects of one task run in order), when it is due and is either for any
+    /// node or for this one.
+    pub async fn due_effects(
+        &self,
+        node_id: &str,
+        now: i64,
+    ) -> StoreResult<Vec<(effects::Model, tasks::Model)>> {
+        let pending = effects::Entity::find()
+            .filter(effects::Column::Status.eq(status::PENDING))
+            .order_by_asc(effects::Column::TaskId)
+            .order_by_asc(effects::Column::Id)
+            .all(&self.db)
+            .await?;
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for e in pending {
+            if !seen.insert(e.task_id) {
+                continue;
+            }
+            let mine = e.node_id.as_deref().is_none_or(|n| n == node_id);
+            if e.next_attempt_at <= now && mine {
+                let task = self.task(e.task_id).await?;
+                out.push((e, task));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes an effect for `lease_ms`: another worker (this node after a crash, or
+    /// another node) takes it again only after the lease. False when someone else has.
+    pub async fn lease_effect(
+        &self,
+        e: &effects::Model,
+        lease_ms: i64,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let _write = self.lock_writes().await;
+        let n = effects::Entity::update_many()
+            .col_expr(effects::Column::NextAttemptAt, Expr::value(now + lease_ms))
+            .col_expr(effects::Column::Attempts, Expr::value(e.attempts + 1))
+            .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+            .filter(effects::Column::Id.eq(e.id))
+            .filter(effects::Column::Status.eq(status::PENDING))
+            .filter(effects::Column::Attempts.eq(e.attempts))
+            .filter(effects::Column::NextAttemptAt.eq(e.next_attempt_at))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        Ok(n == 1)
+    }
+
+    /// Records the outcome of one attempt of an effect (after [`Store::lease_effect`]):
+    /// done, retried at `retry_at`, or failed for good; with its event.
+    pub async fn finish_effect(
+        &self,
+        e: &effects::Model,
+        outcome: EffectOutcome,
+        source: Source,
+        now: i64,
+    ) -> StoreResult<()> {
+        let (write, txn) = self.write_txn().await?;
+        let mut upd =
+            effects::Entity::update_many().col_expr(effects::Column::UpdatedAt, Expr::value(now));
+        let mut event = None;
+        match &outcome {
+            EffectOutcome::Done { external_ref } => {
+                upd = upd
+                    .col_expr(effects::Column::Status, Expr::value(status::DONE))
+                    .col_expr(
+                        effects::Column::ExternalRef,
+                        Expr::value(external_ref.clone()),
+                    )
+                    .col_expr(
+                        effects::Column::LastError,
+                        Expr::value(Option::<String>::None),
+                    );
+                event = Some((
+                    "effect_done",
+                    json!({"kind": e.kind, "key": e.idempotency_key, "attempt": e.attempts + 1, "external_ref": external_ref}),
+                ));
+            }
+            EffectOutcome::Retry { error, at } => {
+                upd = upd
+                    .col_expr(effects::Column::NextAttemptAt, Expr::value(*at))
+                    .col_expr(effects::Column::LastError, Expr::value(error.clone()));
+            }
+            EffectOutcome::Failed { error } => {
+                upd = upd
+                    .col_expr(effects::Column::Status, Expr::value(status::FAILED))
+                    .col_expr(effects::Column::LastError, Expr::value(error.clone()));
+                event = Some((
+                    "effect_failed",
+                    json!({"kind": e.kind, "key": e.idempotency_key, "attempts": e.attempts + 1, "error": error}),
+                ));
+            }
+        }
+        upd.filter(effects::Column::Id.eq(e.id))
+            .filter(effects::Column::Status.eq(status::PENDING))
+            .exec(&txn)
+            .await?;
+        if let Some((kind, detail)) = event {
+            append(
+                &txn,
+                NewEvent {
+                    task_id: e.task_id,
+                    job_id: None,
+                    run_id: Some(e.run_id),
+                    kind,
+                    source,
+                    detail,
+                },
+                now,
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        drop(write);
+        Ok(())
+    }
+
+    /// The URL of the task's pull request, once its effect is done.
+    pub async fn pull_request_url(&self, task_id: i64) -> StoreResult<Option<String>> {
+        Ok(effects::Entity::find()
+            .filter(effects::Column::TaskId.eq(task_id))
+            .filter(effects::Column::Kind.eq("pull_request"))
+            .filter(effects::Column::Status.eq(status::DONE))
+            .one(&self.db)
+            .await?
+            .and_then(|e| e.external_ref))
+    }
+
+    pub async fn effect(&self, id: i64) -> StoreResult<Option<effects::Model>> {
+        Ok(effects::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// Remembers a webhook delivery; false when it was seen before.
+    pub async fn record_delivery(&self, id: &str, source: Source, now: i64) -> StoreResult<bool> {
+        let _write = self.lock_writes().await;
+        let r = webhook_deliveries::Entity::insert(webhook_deliveries::ActiveModel {
+            id: Set(id.to_string()),
+            source: Set(source.as_str().to_string()),
+            received_at: Set(now),
+        })
+        .on_conflict_do_nothing_on([webhook_deliveries::Column::Id])
+        .exec(&self.db)
+        .await?;
+        Ok(matches!(r, sea_orm::TryInsertResult::Inserted(_)))
     }
 
     // ---- events and nodes ----------------------------------------------------------
@@ -1282,6 +1444,39 @@ impl Store {
             .all(&self.db)
             .await?)
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_effect<C: ConnectionTrait>(
+    db: &C,
+    task_id: i64,
+    run_id: i64,
+    kind: &str,
+    key: String,
+    payload: serde_json::Value,
+    node_id: Option<String>,
+    now: i64,
+) -> StoreResult<()> {
+    effects::Entity::insert(effects::ActiveModel {
+        task_id: Set(task_id),
+        run_id: Set(run_id),
+        kind: Set(kind.to_string()),
+        idempotency_key: Set(key),
+        status: Set(status::PENDING.to_string()),
+        attempts: Set(0),
+        next_attempt_at: Set(now),
+        last_error: Set(None),
+        external_ref: Set(None),
+        payload: Set(payload.to_string()),
+        created_at: Set(now),
+        updated_at: Set(now),
+        node_id: Set(node_id),
+        ..Default::default()
+    })
+    .on_conflict_do_nothing_on([effects::Column::IdempotencyKey])
+    .exec(db)
+    .await?;
+    Ok(())
 }
 
 async fn insert_job<C: ConnectionTrait>(

@@ -24,6 +24,8 @@ pub struct Model {
     pub payload: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The node that must perform it (a push needs that node's workspace); `None`: any.
+    pub node_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -11,3 +11,4 @@ pub mod events;
 pub mod jobs;
 pub mod nodes;
 pub mod tasks;
+pub mod webhook_deliveries;

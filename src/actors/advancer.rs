@@ -18,6 +18,8 @@ pub struct AdvancerArgs {
     pub ctx: Ctx,
     /// Told to look for work after a claim queued a next job.
     pub dispatcher: Option<ActorRef<DispatcherMsg>>,
+    /// Told to look at the outbox after a claim wrote effects.
+    pub effect_worker: Option<ActorRef<super::effect_worker::EffectWorkerMsg>>,
 }
 
 pub struct Advancer;
@@ -43,7 +45,12 @@ impl Actor for Advancer {
     ) -> Result<(), ActorProcessingErr> {
         let AdvancerMsg::Claim(claim, reply) = msg;
         let outcome = advance_once(&state.ctx, &claim).await;
-        if let Ok(ClaimOutcome::Won(_)) = &outcome {
+        if let Ok(ClaimOutcome::Won(won)) = &outcome {
+            if won.effects > 0
+                && let Some(w) = &state.effect_worker
+            {
+                let _ = w.send_message(super::effect_worker::EffectWorkerMsg::Kick);
+            }
             // The run is finalized: its slot is free now, not when its Monitor has
             // stopped, so the next stage can start at once.
             state.ctx.watched.remove(claim.run_id);

@@ -101,7 +101,15 @@ pub async fn run_once(
     while ctx.watched.len() < ctx.config.max_concurrent_jobs {
         let Some(d) = ctx
             .store
-            .dispatch(&ctx.node_id, &ctx.config.log_dir, ctx.now())
+            .dispatch(
+                &ctx.node_id,
+                &ctx.config.log_dir,
+                ctx.config
+                    .plane
+                    .as_ref()
+                    .and_then(|p| p.states.on_start.as_deref()),
+                ctx.now(),
+            )
             .await?
         else {
             break;

@@ -14,10 +14,12 @@ use serde_json::json;
 
 use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg};
 use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
+use super::effect_worker::{EffectWorker, EffectWorkerArgs, EffectWorkerMsg};
 use super::monitor::{Monitor, MonitorArgs, MonitorMode, MonitorMsg};
 use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
 use super::{Ctx, ProbeEvent};
 use crate::agent;
+use crate::effects::Effector;
 use crate::store::{Claim, Dispatched, Source, Verdict};
 
 pub enum SupervisorMsg {
@@ -50,6 +52,7 @@ pub struct SupervisorState {
     ctx: Ctx,
     dispatcher: Option<ActorRef<DispatcherMsg>>,
     reaper: Option<ActorRef<ReaperMsg>>,
+    effect_worker: Option<ActorRef<EffectWorkerMsg>>,
     advancer: ActorRef<AdvancerMsg>,
     monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
     heartbeat: tokio::task::JoinHandle<()>,
@@ -81,12 +84,23 @@ impl Actor for Supervisor {
             cell.clone(),
         )
         .await?;
+        let (effect_worker, _) = Actor::spawn_linked(
+            None,
+            EffectWorker,
+            EffectWorkerArgs {
+                ctx: ctx.clone(),
+                effector: Effector::new(ctx.config.clone(), ctx.store.clone(), ctx.secrets.clone()),
+            },
+            cell.clone(),
+        )
+        .await?;
         let (advancer, _) = Actor::spawn_linked(
             None,
             Advancer,
             AdvancerArgs {
                 ctx: ctx.clone(),
                 dispatcher: Some(dispatcher.clone()),
+                effect_worker: Some(effect_worker.clone()),
             },
             cell.clone(),
         )
@@ -108,6 +122,7 @@ impl Actor for Supervisor {
             ctx,
             dispatcher: Some(dispatcher),
             reaper: Some(reaper),
+            effect_worker: Some(effect_worker),
             advancer,
             monitors: HashMap::new(),
             heartbeat,
@@ -208,6 +223,10 @@ impl Actor for Supervisor {
                 }
                 for m in monitors {
                     let _ = m.wait(Some(wait)).await;
+                }
+                if let Some(w) = state.effect_worker.take() {
+                    w.unlink(myself.get_cell());
+                    let _ = w.stop_and_wait(None, Some(Duration::from_secs(60))).await;
                 }
                 let _ = state
                     .ctx

@@ -107,7 +107,7 @@ on_both!(
 async fn dispatch_takes_due_jobs_once(db: TestDb) {
     assert!(
         db.store
-            .dispatch("n1", db.dir.path(), NOW)
+            .dispatch("n1", db.dir.path(), None, NOW)
             .await
             .unwrap()
             .is_none()
@@ -116,7 +116,7 @@ async fn dispatch_takes_due_jobs_once(db: TestDb) {
     let b = submit(&db.store, "B-1").await;
     let first = db
         .store
-        .dispatch("n1", db.dir.path(), NOW)
+        .dispatch("n1", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();
@@ -127,14 +127,14 @@ async fn dispatch_takes_due_jobs_once(db: TestDb) {
     assert!(first.run.log_path.contains("A-1"));
     let second = db
         .store
-        .dispatch("n2", db.dir.path(), NOW)
+        .dispatch("n2", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(second.job.id, b.job.id);
     assert!(
         db.store
-            .dispatch("n1", db.dir.path(), NOW)
+            .dispatch("n1", db.dir.path(), None, NOW)
             .await
             .unwrap()
             .is_none()
@@ -152,7 +152,11 @@ async fn concurrent_dispatchers_take_distinct_jobs(db: TestDb) {
         let dir = db.dir.path().to_path_buf();
         handles.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            while let Some(d) = store.dispatch(&format!("n{n}"), &dir, NOW).await.unwrap() {
+            while let Some(d) = store
+                .dispatch(&format!("n{n}"), &dir, None, NOW)
+                .await
+                .unwrap()
+            {
                 got.push(d.job.id);
             }
             got
@@ -177,7 +181,7 @@ async fn not_before_delays_dispatch(db: TestDb) {
     let s = submit(&db.store, "R-1").await;
     let d = db
         .store
-        .dispatch("n1", db.dir.path(), NOW)
+        .dispatch("n1", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();
@@ -208,14 +212,14 @@ async fn not_before_delays_dispatch(db: TestDb) {
     );
     assert!(
         db.store
-            .dispatch("n1", db.dir.path(), NOW + 9_999)
+            .dispatch("n1", db.dir.path(), None, NOW + 9_999)
             .await
             .unwrap()
             .is_none()
     );
     let again = db
         .store
-        .dispatch("n1", db.dir.path(), NOW + 10_000)
+        .dispatch("n1", db.dir.path(), None, NOW + 10_000)
         .await
         .unwrap()
         .unwrap();
@@ -258,7 +262,7 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
     for v in verdicts {
         let d = db
             .store
-            .dispatch("n1", db.dir.path(), NOW)
+            .dispatch("n1", db.dir.path(), None, NOW)
             .await
             .unwrap()
             .unwrap();
@@ -287,7 +291,7 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
     assert_eq!(db.store.task(s.task.id).await.unwrap().status, "done");
     assert!(
         db.store
-            .dispatch("n1", db.dir.path(), NOW)
+            .dispatch("n1", db.dir.path(), None, NOW)
             .await
             .unwrap()
             .is_none()
@@ -310,7 +314,7 @@ async fn reject_loop_is_bounded_by_max_iterations(db: TestDb) {
     ] {
         let d = db
             .store
-            .dispatch("n1", db.dir.path(), NOW)
+            .dispatch("n1", db.dir.path(), None, NOW)
             .await
             .unwrap()
             .unwrap();
@@ -362,7 +366,7 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
     let s = submit(&db.store, "Z-1").await;
     let first = db
         .store
-        .dispatch("n1", db.dir.path(), NOW)
+        .dispatch("n1", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();
@@ -382,7 +386,7 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
         .unwrap();
     let second = db
         .store
-        .dispatch("n1", db.dir.path(), NOW + 60_000)
+        .dispatch("n1", db.dir.path(), None, NOW + 60_000)
         .await
         .unwrap()
         .unwrap();
@@ -447,7 +451,7 @@ async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
     let s = submit(&db.store, "C-8").await;
     let d = db
         .store
-        .dispatch("n1", db.dir.path(), NOW)
+        .dispatch("n1", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();
@@ -498,7 +502,7 @@ async fn record_exit_counts_once(db: TestDb) {
     let s = submit(&db.store, "E-1").await;
     let d = db
         .store
-        .dispatch("n1", db.dir.path(), NOW)
+        .dispatch("n1", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();
@@ -523,7 +527,7 @@ async fn cancel_and_retry(db: TestDb) {
     let s = submit(&db.store, "X-1").await;
     let d = db
         .store
-        .dispatch("n1", db.dir.path(), NOW)
+        .dispatch("n1", db.dir.path(), None, NOW)
         .await
         .unwrap()
         .unwrap();

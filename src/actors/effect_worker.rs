@@ -1,0 +1,188 @@
+//! The EffectWorker: drains the outbox. Each pass takes, of every task, its first
+//! pending effect that is due (effects of one task run in order), performs up to
+//! `effects.concurrency` of them at once, and records each outcome: done, retried with
+//! exponential backoff and jitter (or when the remote asked, on 429), or failed after
+//! `effects.max_attempts`. Pending effects survive restarts: they are rows.
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::Rng;
+use serde::Serialize;
+
+use super::{Ctx, ProbeEvent};
+use crate::clock::ms;
+use crate::effects::{EffectError, Effector};
+use crate::store::{EffectOutcome, Source};
+
+/// How long a taken effect is left to its worker before another may take it again.
+pub const EFFECT_LEASE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy)]
+pub enum EffectWorkerMsg {
+    Tick,
+    /// A claim wrote effects: look now.
+    Kick,
+}
+
+pub struct EffectWorkerArgs {
+    pub ctx: Ctx,
+    pub effector: Effector,
+}
+
+pub struct EffectWorkerState {
+    args: EffectWorkerArgs,
+    timer: tokio::task::JoinHandle<()>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EffectResult {
+    pub n_done: usize,
+    pub n_retried: usize,
+    pub n_failed: usize,
+    /// Taken by another worker between the look and the lease.
+    pub n_skipped: usize,
+}
+
+pub struct EffectWorker;
+
+impl Actor for EffectWorker {
+    type Msg = EffectWorkerMsg;
+    type State = EffectWorkerState;
+    type Arguments = EffectWorkerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: EffectWorkerArgs,
+    ) -> Result<EffectWorkerState, ActorProcessingErr> {
+        let timer =
+            myself.send_interval(args.ctx.config.effects.interval, || EffectWorkerMsg::Tick);
+        let _ = myself.send_message(EffectWorkerMsg::Kick);
+        Ok(EffectWorkerState { args, timer })
+    }
+
+    async fn post_stop(
+        &self,
+        _: ActorRef<Self::Msg>,
+        state: &mut EffectWorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.timer.abort();
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: EffectWorkerMsg,
+        state: &mut EffectWorkerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = &state.args.ctx;
+        let result = match run_once(ctx, &state.args.effector).await {
+            Ok(r) => r,
+            // A periodic actor never dies of one failed pass.
+            Err(e) => {
+                tracing::warn!(error = %e, "effect pass failed; trying again at the next tick");
+                EffectResult::default()
+            }
+        };
+        ctx.report(ProbeEvent::EffectWorker {
+            msg: match msg {
+                EffectWorkerMsg::Tick => "tick",
+                EffectWorkerMsg::Kick => "kick",
+            },
+            result,
+        });
+        Ok(())
+    }
+}
+
+/// One pass over the outbox; returns when every effect it took has an outcome.
+pub async fn run_once(
+    ctx: &Ctx,
+    effector: &Effector,
+) -> Result<EffectResult, crate::store::StoreError> {
+    let mut result = EffectResult::default();
+    let due = ctx.store.due_effects(&ctx.node_id, ctx.now()).await?;
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(ctx.config.effects.concurrency));
+    let mut set = tokio::task::JoinSet::new();
+    for (effect, task) in due {
+        if !ctx
+            .store
+            .lease_effect(&effect, ms(EFFECT_LEASE), ctx.now())
+            .await?
+        {
+            result.n_skipped += 1;
+            continue;
+        }
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        let (ctx, effector) = (ctx.clone(), effector.clone());
+        set.spawn(async move {
+            let _permit = permit;
+            let outcome = match effector.perform(&effect, &task).await {
+                Ok(external_ref) => EffectOutcome::Done { external_ref },
+                Err(err) => outcome_of_error(&ctx, &effect, err),
+            };
+            match &outcome {
+                EffectOutcome::Done { external_ref } => {
+                    tracing::info!(task = %task.key, kind = %effect.kind, effect_id = effect.id, external_ref = external_ref.as_deref(), "effect done")
+                }
+                EffectOutcome::Retry { error, at } => {
+                    tracing::warn!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, retry_in_ms = at - ctx.now(), "effect will be retried")
+                }
+                EffectOutcome::Failed { error } => {
+                    tracing::error!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, "effect failed")
+                }
+            }
+            let recorded = ctx.store.finish_effect(&effect, outcome.clone(), Source::Monitor, ctx.now()).await;
+            (outcome, recorded)
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((outcome, Ok(()))) => match outcome {
+                EffectOutcome::Done { .. } => result.n_done += 1,
+                EffectOutcome::Retry { .. } => result.n_retried += 1,
+                EffectOutcome::Failed { .. } => result.n_failed += 1,
+            },
+            // The lease runs out and the effect is taken again; remotes deduplicate.
+            Ok((_, Err(e))) => tracing::warn!(error = %e, "cannot record an effect's outcome"),
+            Err(e) => tracing::error!(error = %e, "an effect task panicked"),
+        }
+    }
+    Ok(result)
+}
+
+/// Retry with backoff and jitter (or when the remote asked), or fail after the last attempt.
+fn outcome_of_error(ctx: &Ctx, effect: &entity::effects::Model, err: EffectError) -> EffectOutcome {
+    let attempt = effect.attempts + 1;
+    match err {
+        EffectError::Permanent(error) => EffectOutcome::Failed { error },
+        EffectError::Transient { message, .. }
+            if attempt as u32 >= ctx.config.effects.max_attempts =>
+        {
+            EffectOutcome::Failed {
+                error: format!("{message} (after {attempt} attempts)"),
+            }
+        }
+        EffectError::Transient {
+            message,
+            retry_after,
+        } => {
+            let backoff = ctx.config.effects.backoff(attempt);
+            // Up to a quarter more, so that many retries do not arrive together.
+            let jitter = rand::rng().random_range(0..=ms(backoff) / 4);
+            let wait = match retry_after {
+                Some(asked) => ms(asked).max(ms(backoff)),
+                None => ms(backoff) + jitter,
+            };
+            EffectOutcome::Retry {
+                error: message,
+                at: ctx.now() + wait,
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Performing the outbox: push, pull request, Plane comment and Plane state, each
+//! idempotent at the remote so that a retry after a crash never duplicates anything.
+//!
+//! The [`EffectWorker`](crate::actors::effect_worker) leases an effect, calls
+//! [`Effector::perform`], and records the outcome. This module only talks to the outside
+//! world; it never writes to the database.
+
+pub mod forge;
+pub mod plane;
+pub mod push;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use entity::{effects, tasks};
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// HTTP requests to the forge and Plane give up after this long.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an attempt did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EffectError {
+    /// Worth another attempt (network, 5xx, 429), after `retry_after` when the remote said.
+    #[error("{message}")]
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Another attempt would fail the same way (bad request, refused credentials, a
+    /// rejected push): the effect fails now, with this message.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl EffectError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        EffectError::Transient {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Performs effects. Cheap to clone; holds the HTTP client and Plane's state cache.
+#[derive(Clone)]
+pub struct Effector {
+    pub config: Arc<Config>,
+    pub store: Store,
+    secrets: crate::config::Secrets,
+    http: reqwest::Client,
+    plane_states: Arc<tokio::sync::Mutex<Option<Vec<plane::PlaneState>>>>,
+}
+
+impl Effector {
+    pub fn new(config: Arc<Config>, store: Store, secrets: crate::config::Secrets) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .user_agent(concat!("baton/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Effector {
+            config,
+            store,
+            secrets,
+            http,
+            plane_states: Arc::default(),
+        }
+    }
+
+    /// Performs one effect; `Ok` carries its external reference (a commit, a URL, an id).
+    pub async fn perform(
+        &self,
+        e: &effects::Model,
+        task: &tasks::Model,
+    ) -> Result<Option<String>, EffectError> {
+        let payload: serde_json::Value = serde_json::from_str(&e.payload)
+            .map_err(|err| EffectError::Permanent(format!("effect payload is not JSON: {err}")))?;
+        let field = |k: &str| -> Result<String, EffectError> {
+            payload[k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| EffectError::Permanent(format!("effect payload has no {k}")))
+        };
+        match e.kind.as_str() {
+            "push" => {
+                let branch = field("branch")?;
+                let ws = crate::workspace::path_for(&self.config.workspace_root, &task.key)
+                    .map_err(|err| EffectError::Permanent(err.to_string()))?;
+                let token = self.secrets.forge_token.clone();
+                let url = self.config.repo.url.clone();
+                tokio::task::spawn_blocking(move || {
+                    push::push_branch(&ws, &url, &branch, token.as_deref())
+                })
+                .await
+                .map_err(|err| EffectError::transient(format!("push panicked: {err}")))?
+                .map(Some)
+            }
+            "pull_request" => {
+                let forge = self
+                    .config
+                    .forge
+                    .as_ref()
+                    .ok_or_else(|| EffectError::Permanent("no [forge] is configured".into()))?;
+                let pr = forge::PullRequest {
+                    branch: field("branch")?,
+                    base: field("base")?,
+                    title: field("title")?,
+                    body: format!(
+                        "Opened by baton for {} after stage {}.",
+                        task.key,
+                        self.config
+                            .effects
+                            .pull_request_after
+                            .as_deref()
+                            .unwrap_or("?")
+                    ),
+                };
+                let token = self.secrets.forge_token.as_deref().ok_or_else(|| {
+                    EffectError::Permanent(format!(
+                        "${} (forge.token_env) is not set",
+                        forge.token_env
+                    ))
+                })?;
+                forge::open_pull_request(&self.http, forge, token, &pr)
+                    .await
+                    .map(Some)
+            }
+            "plane_comment" => {
+                let plane = self.plane()?;
+                let pr = self.store.pull_request_url(task.id).await.ok().flatten();
+                let html = plane::comment_html(&payload, pr.as_deref());
+                plane::post_comment(
+                    &self.http,
+                    plane,
+                    self.plane_key()?,
+                    &field("issue")?,
+                    &html,
+                    &e.idempotency_key,
+                )
+                .await
+                .map(Some)
+            }
+            "plane_state" => {
+                let plane = self.plane()?;
+                let state = field("state")?;
+                let id = self.plane_state_id(&state).await?;
+                plane::set_state(&self.http, plane, self.plane_key()?, &field("issue")?, &id)
+                    .await?;
+                Ok(Some(state))
+            }
+            other => Err(EffectError::Permanent(format!(
+                "unknown effect kind {other:?}"
+            ))),
+        }
+    }
+
+    fn plane_key(&self) -> Result<&str, EffectError> {
+        let var = self
+            .config
+            .plane
+            .as_ref()
+            .map(|p| p.api_key_env.as_str())
+            .unwrap_or("?");
+        self.secrets
+            .plane_api_key
+            .as_deref()
+            .ok_or_else(|| EffectError::Permanent(format!("${var} (plane.api_key_env) is not set")))
+    }
+
+    fn plane(&self) -> Result<&crate::config::PlaneSettings, EffectError> {
+        self.config
+            .plane
+            .as_ref()
+            .ok_or_else(|| EffectError::Permanent("no [plane] is configured".into()))
+    }
+
+    /// A state's id by its name, through the project's state list (fetched once).
+    pub async fn plane_state_id(&self, name: &str) -> Result<String, EffectError> {
+        let plane = self.plane()?;
+        let mut cache = self.plane_states.lock().await;
+        if cache.is_none() {
+            *cache = Some(plane::list_states(&self.http, plane, self.plane_key()?).await?);
+        }
+        let states = cache.as_deref().unwrap_or_default();
+        states
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(name))
+            .map(|s| s.id.clone())
+            .ok_or_else(|| {
+                EffectError::Permanent(format!(
+                    "Plane project has no state named {name:?}; it has: {}",
+                    states
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    /// A state's name by its id (webhooks may name the state by id only).
+    pub async fn plane_state_name(&self, id: &str) -> Result<String, EffectError> {
+        let plane = self.plane()?;
+        let mut cache = self.plane_states.lock().await;
+        if cache.as_ref().is_none_or(|c| !c.iter().any(|s| s.id == id)) {
+            *cache = Some(plane::list_states(&self.http, plane, self.plane_key()?).await?);
+        }
+        cache
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.name.clone())
+            .ok_or_else(|| EffectError::Permanent(format!("Plane has no state with id {id}")))
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+}
+
+/// Turns a non-success HTTP answer into an [`EffectError`]: 429 and 5xx are transient
+/// (honouring `Retry-After` and `X-RateLimit-Reset`), other answers permanent.
+pub async fn http_error(what: &str, resp: reqwest::Response) -> EffectError {
+    let status = resp.status();
+    let retry_after = retry_after(resp.headers());
+    let body = resp.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    let message = format!("{what}: HTTP {status}: {body}");
+    if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+        EffectError::Transient {
+            message,
+            retry_after,
+        }
+    } else {
+        EffectError::Permanent(message)
+    }
+}
+
+/// A network-level failure: always worth another attempt.
+pub fn network_error(what: &str, err: reqwest::Error) -> EffectError {
+    EffectError::transient(format!("{what}: {err}"))
+}
+
+/// When the remote asked to be called again: `Retry-After` (seconds or an HTTP date), or
+/// `X-RateLimit-Reset` (Unix seconds).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(v) = text("retry-after") {
+        if let Ok(secs) = v.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Ok(at) = httpdate::parse_http_date(v) {
+            return Some(at.duration_since(SystemTime::now()).unwrap_or_default());
+        }
+    }
+    if let Some(reset) = text("x-ratelimit-reset").and_then(|v| v.parse::<u64>().ok()) {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(reset);
+        return Some(at.duration_since(SystemTime::now()).unwrap_or_default());
+    }
+    None
+}

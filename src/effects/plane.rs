@@ -1,0 +1,144 @@
+//! Plane's REST API (v1, work items) with the `X-API-Key` header: a comment per stage
+//! outcome, recognised by its `external_id` so that a repeated delivery answers 409, and
+//! state changes by state name.
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{EffectError, http_error, network_error};
+use crate::config::PlaneSettings;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PlaneState {
+    pub id: String,
+    pub name: String,
+}
+
+fn project_url(plane: &PlaneSettings) -> String {
+    format!(
+        "{}/api/v1/workspaces/{}/projects/{}",
+        plane.api_url.trim_end_matches('/'),
+        plane.workspace,
+        plane.project_id
+    )
+}
+
+/// Posts a comment; a 409 (the `external_id` is known) means an earlier attempt posted it.
+pub async fn post_comment(
+    http: &reqwest::Client,
+    plane: &PlaneSettings,
+    key: &str,
+    issue: &str,
+    html: &str,
+    external_id: &str,
+) -> Result<String, EffectError> {
+    let resp = http
+        .post(format!(
+            "{}/work-items/{issue}/comments/",
+            project_url(plane)
+        ))
+        .header("X-API-Key", key)
+        .json(
+            &json!({"comment_html": html, "external_source": "baton", "external_id": external_id}),
+        )
+        .send()
+        .await
+        .map_err(|e| network_error("post the Plane comment", e))?;
+    match resp.status().as_u16() {
+        200 | 201 => {
+            let v: serde_json::Value = resp.json().await.unwrap_or_default();
+            Ok(v["id"].as_str().unwrap_or(external_id).to_string())
+        }
+        409 => Ok(external_id.to_string()),
+        _ => Err(http_error("post the Plane comment", resp).await),
+    }
+}
+
+/// The project's states.
+pub async fn list_states(
+    http: &reqwest::Client,
+    plane: &PlaneSettings,
+    key: &str,
+) -> Result<Vec<PlaneState>, EffectError> {
+    let resp = http
+        .get(format!("{}/states/", project_url(plane)))
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .map_err(|e| network_error("list the Plane states", e))?;
+    if !resp.status().is_success() {
+        return Err(http_error("list the Plane states", resp).await);
+    }
+    let v: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| EffectError::transient(format!("Plane states are not JSON: {e}")))?;
+    // Plane pages its lists as {"results": [...]}; accept a bare list as well.
+    let list = v.get("results").cloned().unwrap_or(v);
+    serde_json::from_value(list)
+        .map_err(|e| EffectError::Permanent(format!("Plane states have an unknown shape: {e}")))
+}
+
+/// Moves a work item to the state `state_id`.
+pub async fn set_state(
+    http: &reqwest::Client,
+    plane: &PlaneSettings,
+    key: &str,
+    issue: &str,
+    state_id: &str,
+) -> Result<(), EffectError> {
+    let resp = http
+        .patch(format!("{}/work-items/{issue}/", project_url(plane)))
+        .header("X-API-Key", key)
+        .json(&json!({"state": state_id}))
+        .send()
+        .await
+        .map_err(|e| network_error("set the Plane state", e))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(http_error("set the Plane state", resp).await)
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The comment of one stage outcome: stage, verdict, run, attempt, commit, PR link.
+pub fn comment_html(payload: &serde_json::Value, pr_url: Option<&str>) -> String {
+    let s = |k: &str| {
+        payload[k]
+            .as_str()
+            .map(escape)
+            .unwrap_or_else(|| "-".into())
+    };
+    let n = |k: &str| {
+        payload[k]
+            .as_i64()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut html = format!(
+        "<p><strong>baton</strong>: stage <code>{}</code> of {} <strong>{}</strong> (run {}, attempt {})</p>",
+        s("stage"),
+        s("task"),
+        s("verdict"),
+        n("run_id"),
+        n("attempt")
+    );
+    if let Some(c) = payload["commit"].as_str() {
+        html.push_str(&format!("<p>commit <code>{}</code></p>", escape(c)));
+    }
+    if let Some(next) = payload["next_stage"].as_str() {
+        html.push_str(&format!("<p>next: <code>{}</code></p>", escape(next)));
+    }
+    if let Some(url) = pr_url {
+        let url = escape(url);
+        html.push_str(&format!("<p>pull request: <a href=\"{url}\">{url}</a></p>"));
+    }
+    html
+}

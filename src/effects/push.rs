@@ -1,0 +1,96 @@
+//! Pushing a task's branch to `repo.url` with git2: local paths and `file://` URLs as
+//! they are, https with the forge token (given once; a refusal is final), ssh through the
+//! ssh agent. A rejected update (a non-fast-forward, a hook) is an error naming the
+//! branch, never a silent success.
+
+use std::cell::{Cell, RefCell};
+use std::path::Path;
+
+use git2::{Cred, CredentialType, PushOptions, RemoteCallbacks, Repository};
+
+use super::EffectError;
+
+/// Pushes `refs/heads/{branch}` of the workspace at `ws` to `url`; returns the pushed
+/// commit.
+pub fn push_branch(
+    ws: &Path,
+    url: &str,
+    branch: &str,
+    token: Option<&str>,
+) -> Result<String, EffectError> {
+    let repo = Repository::open(ws).map_err(|e| {
+        EffectError::Permanent(format!(
+            "cannot open the workspace {} to push {branch}: {e}",
+            ws.display()
+        ))
+    })?;
+    let refname = format!("refs/heads/{branch}");
+    let head = repo
+        .revparse_single(&refname)
+        .and_then(|o| o.peel_to_commit())
+        .map_err(|e| {
+            EffectError::Permanent(format!("branch {branch} is not in the workspace: {e}"))
+        })?
+        .id()
+        .to_string();
+    let mut remote = repo
+        .remote_anonymous(url)
+        .map_err(|e| EffectError::Permanent(format!("cannot use remote {url}: {e}")))?;
+
+    let tried = Cell::new(false);
+    let rejected: RefCell<Option<String>> = RefCell::new(None);
+    let mut callbacks = RemoteCallbacks::new();
+    callbacks.credentials(|_url, username, allowed| {
+        // Every way is offered once: a refused credential is final, never a loop.
+        if tried.replace(true) {
+            return Err(git2::Error::from_str("the remote refused the credentials"));
+        }
+        if allowed.contains(CredentialType::SSH_KEY) {
+            return Cred::ssh_key_from_agent(username.unwrap_or("git"));
+        }
+        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+            let token = token.ok_or_else(|| {
+                git2::Error::from_str(
+                    "the remote wants a token and the variable forge.token_env names is not set",
+                )
+            })?;
+            return Cred::userpass_plaintext("x-access-token", token);
+        }
+        Err(git2::Error::from_str(
+            "the remote asks for credentials baton cannot give",
+        ))
+    });
+    callbacks.push_update_reference(|name, status| {
+        if let Some(msg) = status {
+            *rejected.borrow_mut() = Some(format!("{name}: {msg}"));
+        }
+        Ok(())
+    });
+    let mut opts = PushOptions::new();
+    opts.remote_callbacks(callbacks);
+    let spec = format!("{refname}:{refname}");
+    let pushed = remote.push(&[spec.as_str()], Some(&mut opts));
+    drop(opts);
+    if let Some(why) = rejected.into_inner() {
+        return Err(EffectError::Permanent(format!(
+            "push of {branch} to {url} was rejected: {why}"
+        )));
+    }
+    match pushed {
+        Ok(()) => Ok(head),
+        Err(e) => {
+            let msg = e.message().to_string();
+            let permanent = msg.contains("non-fast-forward")
+                || msg.contains("fastforwardable")
+                || msg.contains("refused the credentials")
+                || msg.contains("is not set")
+                || e.class() == git2::ErrorClass::Reference;
+            let text = format!("push of {branch} to {url} failed: {msg}");
+            Err(if permanent {
+                EffectError::Permanent(text)
+            } else {
+                EffectError::transient(text)
+            })
+        }
+    }
+}
