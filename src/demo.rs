@@ -247,7 +247,8 @@ listen = "127.0.0.1:0"
 
 /// A bare remote whose `main` has one commit with a README.
 pub fn seed_remote(seed: &Path, remote: &Path) -> Result<(), git2::Error> {
-    Repository::init_bare(remote)?;
+    let bare = Repository::init_bare(remote)?;
+    bare.set_head("refs/heads/main")?;
     let repo = Repository::init(seed)?;
     std::fs::write(seed.join("README.md"), "# demo app\n")
         .map_err(|e| git2::Error::from_str(&e.to_string()))?;

@@ -80,12 +80,21 @@ pub fn push_branch(
         Ok(()) => Ok(head),
         Err(e) => {
             let msg = e.message().to_string();
-            let permanent = msg.contains("non-fast-forward")
+            let non_ff = msg.contains("non-fast-forward")
                 || msg.contains("fastforwardable")
+                || msg.contains("not present locally");
+            let permanent = non_ff
                 || msg.contains("refused the credentials")
                 || msg.contains("is not set")
                 || e.class() == git2::ErrorClass::Reference;
-            let text = format!("push of {branch} to {url} failed: {msg}");
+            let text = if non_ff {
+                format!(
+                    "push of {branch} to {url} was rejected as a non-fast-forward: \
+                     the remote branch has commits the workspace does not ({msg})"
+                )
+            } else {
+                format!("push of {branch} to {url} failed: {msg}")
+            };
             Err(if permanent {
                 EffectError::Permanent(text)
             } else {

@@ -2,6 +2,8 @@
 //! the database runs twice, on SQLite and on PostgreSQL (see `support`).
 
 mod cli;
+mod effects;
 mod store;
 mod supervision;
 mod support;
+mod webhooks;
