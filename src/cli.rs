@@ -53,8 +53,11 @@ pub enum Command {
     /// Tasks with their jobs and runs.
     Status {
         key: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// The task's events in order.
     History {
@@ -107,22 +110,14 @@ pub enum ConfigCommand {
     Check,
 }
 
+/// Logging for every command but `serve`, which sets up traces and metrics as well.
 pub fn init_tracing(cli: &Cli) {
     // The demo shows its own progress; the service logs what it does.
     let default = match cli.command {
         Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info,sqlx=warn,sea_orm=warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if cli.log_json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    crate::telemetry::init_logs(default, cli.log_json);
 }
 
 fn load_config(path: &Path) -> anyhow::Result<Config> {
@@ -134,6 +129,9 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_tracing(&cli);
+    }
     let clock = Clock::system();
     match cli.command {
         Command::Config {
@@ -177,7 +175,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 submitted.task.key, submitted.task.pipeline, submitted.job.stage, submitted.job.id
             );
         }
-        Command::Status { key, json } => {
+        Command::Status {
+            key, watch: true, ..
+        } => {
+            let config = load_config(&cli.config)?;
+            if let Some(key) = &key {
+                check_key(key)?;
+            }
+            let store = open_store(&config).await?;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = tick.tick() => {}
+                }
+                let screen = render_watch(&store, key.as_deref(), &clock).await?;
+                // Clear and redraw in place.
+                print!("\x1b[2J\x1b[H{screen}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+        }
+        Command::Status { key, json, .. } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
             if let Some(key) = key {
@@ -269,12 +288,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Serve { stop_agents } => {
-            let config = load_config(&cli.config)?;
+            let config = match load_config(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    init_tracing(&cli);
+                    return Err(e);
+                }
+            };
+            let telemetry = crate::telemetry::init_service(&config.telemetry, cli.log_json)?;
             tracing::info!(config = %cli.config.display(), database = %crate::config::redact_url(&config.database_url), "starting");
             crate::service::run(
                 config,
                 crate::service::ServeOptions {
                     stop_agents,
+                    metrics_registry: Some(telemetry.registry.clone()),
                     ..Default::default()
                 },
                 crate::service::shutdown_signal(),
@@ -359,7 +386,7 @@ fn event_json(e: &entity::events::Model) -> serde_json::Value {
     })
 }
 
-fn detail_json(d: &TaskDetail) -> serde_json::Value {
+pub fn detail_json(d: &TaskDetail) -> serde_json::Value {
     json!({
         "task": d.task, "jobs": d.jobs, "runs": d.runs, "effects": d.effects,
         "events": d.events.iter().map(event_json).collect::<Vec<_>>(),
@@ -369,6 +396,45 @@ fn detail_json(d: &TaskDetail) -> serde_json::Value {
 /// The stage a task is at: its newest job.
 fn current_job(jobs: &[entity::jobs::Model]) -> Option<&entity::jobs::Model> {
     jobs.iter().max_by_key(|j| j.id)
+}
+
+/// One screen of `status --watch`: the tasks (or one task), then the running agents.
+pub async fn render_watch(
+    store: &Store,
+    key: Option<&str>,
+    clock: &Clock,
+) -> anyhow::Result<String> {
+    let now = clock.now_ms();
+    let mut out = format!("baton status -- {} (Ctrl-C to stop)\n\n", fmt_time(now));
+    match key {
+        Some(key) => out.push_str(&render_detail(&store.task_detail(key).await?)),
+        None => out.push_str(&render_tasks(&store.list_tasks(None).await?)),
+    }
+    let running = store.running_jobs().await?;
+    out.push_str(&format!("\nrunning agents: {}\n", running.len()));
+    for r in running
+        .iter()
+        .filter(|r| key.is_none_or(|k| r.task.key == k))
+    {
+        if let Some(run) = &r.run {
+            out.push_str(&format!(
+                "  {:<20} {:<12} run {:<6} pid {:<7} age {}{}\n",
+                r.task.key,
+                r.job.stage,
+                run.id,
+                run.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                humantime::format_duration(Duration::from_secs(
+                    ((now - run.started_at).max(0) / 1000) as u64
+                )),
+                if run.exited_at.is_some() {
+                    " (finalizing)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    Ok(out)
 }
 
 pub fn render_tasks(tasks: &[TaskSummary]) -> String {

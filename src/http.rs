@@ -1,4 +1,22 @@
-//! The HTTP listener of a node (axum): health, and Plane's webhooks.
+//! The HTTP listener of a node (axum): health, the API, metrics, the dashboard and
+//! Plane's webhooks.
+//!
+//! | route | does |
+//! | --- | --- |
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when the database answers and the actors run, else 503 |
+//! | `GET /api/v1/tasks` | tasks with their jobs |
+//! | `GET /api/v1/tasks/{key}` | one task: jobs, runs, events, effects |
+//! | `POST /api/v1/tasks` | submit `{"key", "pipeline"?, "title"?, "plane_issue_id"?}` |
+//! | `POST /api/v1/tasks/{key}/cancel`, `/retry` | as the CLI commands |
+//! | `GET /api/v1/runs/{id}/log` | the tail of a run's log; `?follow=true` streams it |
+//! | `GET /api/v1/overview` | what the dashboard shows |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /` | the dashboard |
+//!
+//! When `http.token_env` names a set variable, everything but `/healthz` and the
+//! webhook (authenticated by its signature) needs `Authorization: Bearer <token>`.
+//! Errors use one JSON envelope: `{"error": {"status": 404, "message": "..."}}`.
 //!
 //! `POST /webhooks/plane` accepts Plane's deliveries: `X-Plane-Signature` must be the hex
 //! HMAC-SHA256 of the raw body under the webhook secret (compared in constant time),
@@ -13,12 +31,15 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Path, Query, Request};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::clock::Clock;
 use crate::config::{Config, Secrets, validate_name};
@@ -35,16 +56,352 @@ pub struct HttpState {
     pub clock: Clock,
     pub effector: Effector,
     pub secrets: Secrets,
+    /// The registry behind `GET /metrics` (none: an empty answer).
+    pub registry: Option<prometheus::Registry>,
+    /// True while the node's actors run.
+    pub ready: Arc<AtomicBool>,
 }
 
+/// How much of a log `GET /api/v1/runs/{id}/log` returns by default.
+pub const LOG_TAIL_DEFAULT: u64 = 64 * 1024;
+/// API request bodies larger than this are refused with 413.
+pub const API_BODY_LIMIT: usize = 64 * 1024;
+
 pub fn router(state: HttpState) -> Router {
+    let api = Router::new()
+        .route("/", get(dashboard))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/overview", get(overview))
+        .route("/api/v1/tasks", get(list_tasks).post(submit_task))
+        .route("/api/v1/tasks/{key}", get(task_detail))
+        .route("/api/v1/tasks/{key}/cancel", post(cancel_task))
+        .route("/api/v1/tasks/{key}/retry", post(retry_task))
+        .route("/api/v1/runs/{id}/log", get(run_log))
+        .layer(DefaultBodyLimit::max(API_BODY_LIMIT))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/webhooks/plane",
             post(plane_webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
         )
+        .merge(api)
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route; see GET /api/v1/tasks",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
         .with_state(state)
+}
+
+/// Bearer-token check for everything but health and the webhook.
+async fn require_token(State(st): State<HttpState>, req: Request, next: Next) -> Response {
+    if let Some(token) = st.secrets.api_token.as_deref() {
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Constant-time: compare MACs of both under a per-process key.
+        let ok = {
+            let mut a = Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("any key length");
+            a.update(b"baton-api");
+            let mut b = Hmac::<Sha256>::new_from_slice(given.as_bytes()).expect("any key length");
+            b.update(b"baton-api");
+            b.verify_slice(&a.finalize().into_bytes()).is_ok()
+        };
+        if !ok {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer ...)",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::NoSuchTask(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        StoreError::TaskExists(_) | StoreError::WrongState { .. } => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        other => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+/// A task key from a path or body: `Some` error answer when it is not a valid key.
+fn bad_key(key: &str) -> Option<Response> {
+    validate_name(key)
+        .err()
+        .map(|m| error(StatusCode::BAD_REQUEST, format!("invalid task key: {m}")))
+}
+
+async fn readyz(State(st): State<HttpState>) -> Response {
+    if !st.ready.load(Ordering::SeqCst) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node's actors are not running",
+        );
+    }
+    match st.store.ping().await {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"status": "ready"}))).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the database does not answer: {e}"),
+        ),
+    }
+}
+
+async fn metrics(State(st): State<HttpState>) -> Response {
+    use prometheus::Encoder;
+    let families = st.registry.as_ref().map(|r| r.gather()).unwrap_or_default();
+    let mut out = Vec::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}"),
+        );
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn dashboard() -> Response {
+    (
+        [("content-type", "text/html; charset=utf-8")],
+        include_str!("http/dashboard.html"),
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+}
+
+async fn list_tasks(State(st): State<HttpState>, Query(q): Query<ListQuery>) -> Response {
+    match st.store.list_tasks(None).await {
+        Ok(tasks) => {
+            let tasks: Vec<_> = tasks
+                .into_iter()
+                .filter(|t| q.status.as_deref().is_none_or(|s| t.task.status == s))
+                .collect();
+            axum::Json(json!({"tasks": tasks})).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn task_detail(State(st): State<HttpState>, Path(key): Path<String>) -> Response {
+    if let Some(r) = bad_key(&key) {
+        return r;
+    }
+    match st.store.task_detail(&key).await {
+        Ok(d) => axum::Json(crate::cli::detail_json(&d)).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    key: String,
+    pipeline: Option<String>,
+    title: Option<String>,
+    plane_issue_id: Option<String>,
+}
+
+async fn submit_task(State(st): State<HttpState>, body: Bytes) -> Response {
+    let body: SubmitBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not a task: {e}"),
+            );
+        }
+    };
+    if let Some(r) = bad_key(&body.key) {
+        return r;
+    }
+    let pipeline = body.pipeline.unwrap_or_else(|| "default".into());
+    let first_stage = match st.config.pipeline(&pipeline) {
+        Ok(p) => p.stages.first().cloned().unwrap_or_default(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let new = NewTask {
+        title: body.title.unwrap_or_else(|| body.key.clone()),
+        key: body.key,
+        pipeline,
+        plane_issue_id: body.plane_issue_id,
+        first_stage,
+        trace_parent: None,
+    };
+    match st.store.submit(new, Source::Api, st.clock.now_ms()).await {
+        Ok(s) => (
+            StatusCode::CREATED,
+            axum::Json(json!({"task": s.task, "job": s.job})),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn cancel_task(State(st): State<HttpState>, Path(key): Path<String>) -> Response {
+    if let Some(r) = bad_key(&key) {
+        return r;
+    }
+    match st.store.cancel(&key, Source::Api, st.clock.now_ms()).await {
+        // Monitors see the cancel at their next heartbeat and stop their agents.
+        Ok(runs) => axum::Json(json!({"task": key, "status": "cancelled", "runs": runs.iter().map(|r| r.run.id).collect::<Vec<_>>()})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn retry_task(State(st): State<HttpState>, Path(key): Path<String>) -> Response {
+    if let Some(r) = bad_key(&key) {
+        return r;
+    }
+    match st.store.retry(&key, Source::Api, st.clock.now_ms()).await {
+        Ok(job) => axum::Json(json!({"task": key, "job": job})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    follow: Option<bool>,
+    bytes: Option<u64>,
+}
+
+async fn run_log(
+    State(st): State<HttpState>,
+    Path(id): Path<i64>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let run = match st.store.run(id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        Err(e) => return store_error(e),
+    };
+    let path = std::path::PathBuf::from(&run.log_path);
+    let tail = q.bytes.unwrap_or(LOG_TAIL_DEFAULT).min(16 * 1024 * 1024);
+    let len = tokio::fs::metadata(&path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let start = len.saturating_sub(tail);
+    let head = read_from(&path, start).await;
+    if !q.follow.unwrap_or(false) {
+        return ([("content-type", "text/plain; charset=utf-8")], head).into_response();
+    }
+    // Follow: the tail, then what the agent appends, until its exit is recorded.
+    let store = st.store.clone();
+    let stream = futures_util::stream::unfold(
+        (Some(head), start, false, path, store, id),
+        |(first, mut offset, done, path, store, id)| async move {
+            if let Some(chunk) = first {
+                offset += chunk.len() as u64;
+                return Some((
+                    Ok::<_, std::io::Error>(chunk),
+                    (None, offset, false, path, store, id),
+                ));
+            }
+            if done {
+                return None;
+            }
+            loop {
+                let chunk = read_from(&path, offset).await;
+                if !chunk.is_empty() {
+                    offset += chunk.len() as u64;
+                    return Some((Ok(chunk), (None, offset, false, path, store, id)));
+                }
+                let exited = store
+                    .run(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none_or(|r| r.exited_at.is_some());
+                if exited {
+                    let rest = read_from(&path, offset).await;
+                    return Some((Ok(rest), (None, offset, true, path, store, id)));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        },
+    );
+    (
+        [("content-type", "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(4 * 1024 * 1024).read_to_end(&mut buf).await;
+    buf
+}
+
+/// Tasks by status with their pipeline's stages and states, running agents with their
+/// age, recent reaps and failed effects: the dashboard's one request.
+async fn overview(State(st): State<HttpState>) -> Response {
+    let now = st.clock.now_ms();
+    let (tasks, running, reaps, failed) = match tokio::try_join!(
+        st.store.list_tasks(None),
+        st.store.running_jobs(),
+        st.store.recent_events(&["reaped"], 20),
+        st.store.failed_effects(20),
+    ) {
+        Ok(v) => v,
+        Err(e) => return store_error(e),
+    };
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .take(200)
+        .map(|t| {
+            let stages = st.config.pipelines.get(&t.task.pipeline).map(|p| p.stages.clone()).unwrap_or_default();
+            let stage_states: Vec<Value> = stages
+                .iter()
+                .map(|s| {
+                    let last = t.jobs.iter().filter(|j| &j.stage == s).max_by_key(|j| j.id);
+                    json!({"stage": s, "state": last.map(|j| j.status.as_str()).unwrap_or("pending"), "iteration": last.map(|j| j.iteration)})
+                })
+                .collect();
+            json!({"key": t.task.key, "title": t.task.title, "status": t.task.status, "pipeline": t.task.pipeline, "stages": stage_states, "updated_at": t.task.updated_at})
+        })
+        .collect();
+    let running: Vec<Value> = running
+        .iter()
+        .filter_map(|r| {
+            let run = r.run.as_ref()?;
+            Some(json!({"task": r.task.key, "stage": r.job.stage, "run_id": run.id, "pid": run.pid, "node": run.node_id, "age_ms": now - run.started_at, "exited": run.exited_at.is_some()}))
+        })
+        .collect();
+    axum::Json(json!({
+        "now": now,
+        "tasks": tasks,
+        "running": running,
+        "reaps": reaps.iter().map(|e| json!({"at": e.at, "task_id": e.task_id, "run_id": e.run_id, "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(Value::Null)})).collect::<Vec<_>>(),
+        "failed_effects": failed.iter().map(|e| json!({"id": e.id, "task_id": e.task_id, "kind": e.kind, "attempts": e.attempts, "last_error": e.last_error})).collect::<Vec<_>>(),
+    }))
+    .into_response()
 }
 
 /// Binds `listen` and serves until `shutdown` resolves; returns the bound address.

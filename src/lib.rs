@@ -17,6 +17,7 @@
 //! - [`http`]: the node's HTTP listener (axum): health and Plane webhooks.
 //! - [`service`]: `baton serve`: one node, started and stopped.
 //! - [`demo`] and [`bench`]: the self-contained tour and the benchmark.
+//! - [`telemetry`]: logs, one OpenTelemetry trace per task, metrics.
 //! - [`cli`]: the command-line interface; `main.rs` only parses and dispatches.
 
 pub mod actors;
@@ -31,6 +32,7 @@ pub mod gate;
 pub mod http;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod workspace;
 
 /// This machine's host name, which runs and nodes are recorded with.

@@ -7,7 +7,6 @@ fn main() -> std::process::ExitCode {
         let code = baton::agent::shim_main(log, argv);
         return std::process::ExitCode::from(code.clamp(0, 255) as u8);
     }
-    baton::cli::init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub clock: Option<Clock>,
     /// Defaults to [`crate::actors::dispatcher::DISPATCHER_INTERVAL_DEFAULT`].
     pub dispatcher_interval: Option<Duration>,
+    /// The Prometheus registry served at `GET /metrics`.
+    pub metrics_registry: Option<prometheus::Registry>,
     /// Secrets to use instead of reading the environment (tests).
     pub secrets: Option<crate::config::Secrets>,
     /// The binary that provides `baton shim`; defaults to this executable.
@@ -50,6 +52,7 @@ pub struct Node {
     pub http_addr: std::net::SocketAddr,
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_handle: tokio::task::JoinHandle<()>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     supervisor: ActorRef<SupervisorMsg>,
     handle: tokio::task::JoinHandle<()>,
     stop_agents: bool,
@@ -94,6 +97,7 @@ impl Node {
             },
         };
         let (http_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let http_state = crate::http::HttpState {
             config: ctx.config.clone(),
             store: store.clone(),
@@ -104,6 +108,8 @@ impl Node {
                 ctx.secrets.clone(),
             ),
             secrets: ctx.secrets.clone(),
+            registry: opts.metrics_registry.clone(),
+            ready: ready.clone(),
         };
         let listen = ctx.config.http.listen.clone();
         let (http_addr, http_handle) = crate::http::serve(http_state, &listen, async {
@@ -115,6 +121,13 @@ impl Node {
             source,
         })?;
         tracing::info!(%http_addr, "HTTP listener bound");
+        if !http_addr.ip().is_loopback() && ctx.secrets.api_token.is_none() {
+            tracing::warn!(
+                %http_addr,
+                "THE HTTP API IS REACHABLE FROM OTHER MACHINES WITHOUT A TOKEN: anyone who can reach \
+                 it can submit and cancel tasks; set http.token_env or listen on 127.0.0.1"
+            );
+        }
         let mut args = SupervisorArgs::new(ctx);
         if let Some(i) = opts.dispatcher_interval {
             args.dispatcher_interval = i;
@@ -122,7 +135,9 @@ impl Node {
         let (supervisor, handle) = Actor::spawn(None, Supervisor, args)
             .await
             .map_err(|e| ServeError::Spawn(e.to_string()))?;
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(Node {
+            ready,
             node_id,
             store,
             http_addr,
@@ -136,6 +151,7 @@ impl Node {
 
     /// Stops the node in order; agents are left alive unless `stop_agents` was set.
     pub async fn shutdown(mut self) {
+        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(stop) = self.http_stop.take() {
             let _ = stop.send(());
         }

@@ -375,7 +375,12 @@ impl Store {
             title: Set(new.title.clone()),
             plane_issue_id: Set(new.plane_issue_id.clone()),
             status: Set(status::ACTIVE.to_string()),
-            trace_parent: Set(new.trace_parent.clone()),
+            // Every task gets its own trace; all spans of its work join it.
+            trace_parent: Set(Some(
+                new.trace_parent
+                    .clone()
+                    .unwrap_or_else(crate::telemetry::new_trace_parent),
+            )),
             created_at: Set(now),
             updated_at: Set(now),
             ..Default::default()
@@ -1122,10 +1127,18 @@ impl Store {
             }
         }
         let n_effects = outbox.len();
+        let run_host = nodes::Entity::find_by_id(run.node_id.clone())
+            .one(&txn)
+            .await?
+            .map(|n| n.hostname);
         for (kind, key, payload) in outbox {
-            // A push needs the workspace, which is on the node that ran the stage.
-            let node = (kind == "push").then(|| run.node_id.clone());
-            insert_effect(&txn, task.id, run.id, kind, key, payload, node, now).await?;
+            // A push needs the workspace, which is on the host that ran the stage.
+            let host = if kind == "push" {
+                run_host.clone()
+            } else {
+                None
+            };
+            insert_effect(&txn, task.id, run.id, kind, key, payload, host, now).await?;
         }
         txn.commit().await?;
         Ok(ClaimOutcome::Won(ClaimWon {
@@ -1183,7 +1196,7 @@ impl Store {
     /// node or for this one.
     pub async fn due_effects(
         &self,
-        node_id: &str,
+        hostname: &str,
         now: i64,
     ) -> StoreResult<Vec<(effects::Model, tasks::Model)>> {
         let pending = effects::Entity::find()
@@ -1198,7 +1211,7 @@ impl Store {
             if !seen.insert(e.task_id) {
                 continue;
             }
-            let mine = e.node_id.as_deref().is_none_or(|n| n == node_id);
+            let mine = e.host.as_deref().is_none_or(|h| h == hostname);
             if e.next_attempt_at <= now && mine {
                 let task = self.task(e.task_id).await?;
                 out.push((e, task));
@@ -1275,11 +1288,14 @@ impl Store {
                 ));
             }
         }
-        upd.filter(effects::Column::Id.eq(e.id))
+        let changed = upd
+            .filter(effects::Column::Id.eq(e.id))
             .filter(effects::Column::Status.eq(status::PENDING))
             .exec(&txn)
-            .await?;
-        if let Some((kind, detail)) = event {
+            .await?
+            .rows_affected;
+        // Another worker that took the effect after our lease ran out recorded it.
+        if let Some((kind, detail)) = event.filter(|_| changed == 1) {
             append(
                 &txn,
                 NewEvent {
@@ -1314,6 +1330,15 @@ impl Store {
         Ok(effects::Entity::find_by_id(id).one(&self.db).await?)
     }
 
+    /// Forgets a delivery whose handling failed, so that the sender's redelivery counts.
+    pub async fn forget_delivery(&self, id: &str) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
+        webhook_deliveries::Entity::delete_by_id(id.to_string())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
     /// Remembers a webhook delivery; false when it was seen before.
     pub async fn record_delivery(&self, id: &str, source: Source, now: i64) -> StoreResult<bool> {
         let _write = self.lock_writes().await;
@@ -1326,6 +1351,30 @@ impl Store {
         .exec(&self.db)
         .await?;
         Ok(matches!(r, sea_orm::TryInsertResult::Inserted(_)))
+    }
+
+    /// The newest events of these kinds, across tasks, newest first.
+    pub async fn recent_events(
+        &self,
+        kinds: &[&str],
+        limit: u64,
+    ) -> StoreResult<Vec<events::Model>> {
+        Ok(events::Entity::find()
+            .filter(events::Column::Kind.is_in(kinds.iter().copied()))
+            .order_by_desc(events::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Effects that failed for good, newest first.
+    pub async fn failed_effects(&self, limit: u64) -> StoreResult<Vec<effects::Model>> {
+        Ok(effects::Entity::find()
+            .filter(effects::Column::Status.eq(status::FAILED))
+            .order_by_desc(effects::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
     }
 
     // ---- events and nodes ----------------------------------------------------------
@@ -1454,7 +1503,7 @@ async fn insert_effect<C: ConnectionTrait>(
     kind: &str,
     key: String,
     payload: serde_json::Value,
-    node_id: Option<String>,
+    host: Option<String>,
     now: i64,
 ) -> StoreResult<()> {
     effects::Entity::insert(effects::ActiveModel {
@@ -1470,7 +1519,7 @@ async fn insert_effect<C: ConnectionTrait>(
         payload: Set(payload.to_string()),
         created_at: Set(now),
         updated_at: Set(now),
-        node_id: Set(node_id),
+        host: Set(host),
         ..Default::default()
     })
     .on_conflict_do_nothing_on([effects::Column::IdempotencyKey])

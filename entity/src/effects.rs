@@ -24,8 +24,9 @@ pub struct Model {
     pub payload: String,
     pub created_at: i64,
     pub updated_at: i64,
-    /// The node that must perform it (a push needs that node's workspace); `None`: any.
-    pub node_id: Option<String>,
+    /// The host that must perform it (a push needs the workspace, which is on the host
+    /// that ran the stage; any later boot of baton there can); `None`: any host.
+    pub host: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

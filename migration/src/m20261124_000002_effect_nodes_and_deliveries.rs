@@ -1,5 +1,5 @@
-//! Effects that only one node can perform (a push needs the node's workspace) name that
-//! node; webhook deliveries are remembered so that a replayed delivery is ignored.
+//! Effects that only one host can perform (a push needs the workspace, which lives on
+//! the host that ran the stage) name that host; webhook deliveries are remembered so that a replayed delivery is ignored.
 
 use sea_orm_migration::prelude::*;
 
@@ -13,7 +13,7 @@ impl MigrationTrait for Migration {
             .alter_table(
                 Table::alter()
                     .table(Alias::new("effects"))
-                    .add_column(ColumnDef::new(Alias::new("node_id")).text().null())
+                    .add_column(ColumnDef::new(Alias::new("host")).text().null())
                     .to_owned(),
             )
             .await?;
@@ -50,7 +50,7 @@ impl MigrationTrait for Migration {
             .alter_table(
                 Table::alter()
                     .table(Alias::new("effects"))
-                    .drop_column(Alias::new("node_id"))
+                    .drop_column(Alias::new("host"))
                     .to_owned(),
             )
             .await

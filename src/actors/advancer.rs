@@ -68,13 +68,34 @@ impl Actor for Advancer {
 }
 
 /// One claim: the fenced transaction, and a log line saying how it went.
-#[tracing::instrument(skip_all, fields(job_id = claim.job_id, run_id = claim.run_id, decided_by = claim.decided_by.as_str()))]
+#[tracing::instrument(
+    name = "claim",
+    skip_all,
+    fields(job_id = claim.job_id, run_id = claim.run_id, decided_by = claim.decided_by.as_str(), outcome = tracing::field::Empty)
+)]
 pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, String> {
     let started = std::time::Instant::now();
     let result = ctx.store.claim(claim, &ctx.policy, ctx.now()).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
         Ok(outcome) => {
+            let m = crate::telemetry::metrics();
+            let by = crate::telemetry::kv("decided_by", claim.decided_by.as_str());
+            let label = match &outcome {
+                ClaimOutcome::Won(_) => "won",
+                ClaimOutcome::Lost => "lost",
+                ClaimOutcome::AlreadyAdvanced => "already_advanced",
+            };
+            m.claims
+                .add(1, &[by.clone(), crate::telemetry::kv("outcome", label)]);
+            tracing::Span::current().record("outcome", label);
+            if let ClaimOutcome::Won(w) = &outcome {
+                if w.job_status == crate::store::status::QUEUED {
+                    m.retries.add(1, &[]);
+                } else {
+                    m.advances.add(1, &[by]);
+                }
+            }
             match &outcome {
                 ClaimOutcome::Won(w) => tracing::info!(
                     elapsed_us,

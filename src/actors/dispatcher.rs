@@ -114,7 +114,8 @@ pub async fn run_once(
         else {
             break;
         };
-        tracing::info!(task = %d.task.key, stage = %d.job.stage, job_id = d.job.id, run_id = d.run.id, attempt = d.job.attempt, "dispatched");
+        crate::task_span!("dispatch", d.task, d.job, d.run.id)
+            .in_scope(|| tracing::info!("dispatched"));
         // Reserve the slot before the Monitor exists, so the count is right at once.
         ctx.watched.insert(d.run.id, d.job.id);
         result.dispatched.push((d.job.id, d.run.id));
@@ -128,6 +129,11 @@ pub async fn run_once(
             // The supervisor is stopping; the run is left to the Reaper's rules.
             break;
         }
+    }
+    if let Ok((queued, running)) = ctx.store.queue_depth().await {
+        let m = crate::telemetry::metrics();
+        m.queue_depth.record(queued, &[]);
+        m.running_jobs.record(running, &[]);
     }
     Ok(result)
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::Rng;
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::{Ctx, ProbeEvent};
 use crate::clock::ms;
@@ -104,10 +105,14 @@ pub async fn run_once(
     effector: &Effector,
 ) -> Result<EffectResult, crate::store::StoreError> {
     let mut result = EffectResult::default();
-    let due = ctx.store.due_effects(&ctx.node_id, ctx.now()).await?;
+    let due = ctx.store.due_effects(&ctx.hostname, ctx.now()).await?;
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(ctx.config.effects.concurrency));
     let mut set = tokio::task::JoinSet::new();
     for (effect, task) in due {
+        // The slot first, then the lease: a lease never runs out while waiting for a slot.
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
         if !ctx
             .store
             .lease_effect(&effect, ms(EFFECT_LEASE), ctx.now())
@@ -116,10 +121,16 @@ pub async fn run_once(
             result.n_skipped += 1;
             continue;
         }
-        let Ok(permit) = sem.clone().acquire_owned().await else {
-            break;
-        };
         let (ctx, effector) = (ctx.clone(), effector.clone());
+        let span = tracing::info_span!(
+            "effect",
+            task = %task.key,
+            kind = %effect.kind,
+            effect_id = effect.id,
+            run_id = effect.run_id,
+            attempt = effect.attempts + 1,
+        );
+        crate::telemetry::join_task_trace(&span, task.trace_parent.as_deref());
         set.spawn(async move {
             let _permit = permit;
             let outcome = match effector.perform(&effect, &task).await {
@@ -137,9 +148,21 @@ pub async fn run_once(
                     tracing::error!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, "effect failed")
                 }
             }
+            let label = match &outcome {
+                EffectOutcome::Done { .. } => "done",
+                EffectOutcome::Retry { .. } => "retry",
+                EffectOutcome::Failed { .. } => "failed",
+            };
+            crate::telemetry::metrics().effects.add(
+                1,
+                &[
+                    crate::telemetry::kv("kind", effect.kind.clone()),
+                    crate::telemetry::kv("outcome", label),
+                ],
+            );
             let recorded = ctx.store.finish_effect(&effect, outcome.clone(), Source::Monitor, ctx.now()).await;
             (outcome, recorded)
-        });
+        }.instrument(span));
     }
     while let Some(joined) = set.join_next().await {
         match joined {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
+use tracing::Instrument;
 
 use super::advancer::AdvancerMsg;
 use super::{Ctx, ProbeEvent};
@@ -77,6 +78,8 @@ pub struct MonitorState {
     shutdown_kill: bool,
     stopping: bool,
     timers: Vec<tokio::task::AbortHandle>,
+    /// The span of the agent's run, in the task's trace; finalization runs inside it.
+    span: tracing::Span,
 }
 
 pub struct Monitor;
@@ -97,6 +100,8 @@ impl Actor for Monitor {
             .stages
             .get(&args.dispatched.job.stage)
             .cloned();
+        let d = &args.dispatched;
+        let span = crate::task_span!("agent.run", d.task, d.job, d.run.id);
         let _ = myself.send_message(MonitorMsg::Start);
         Ok(MonitorState {
             args,
@@ -108,6 +113,7 @@ impl Actor for Monitor {
             shutdown_kill: false,
             stopping: false,
             timers: Vec::new(),
+            span,
         })
     }
 
@@ -136,7 +142,10 @@ impl Actor for Monitor {
             msg: msg.describe(),
         });
         match msg {
-            MonitorMsg::Start => start(&myself, state).await,
+            MonitorMsg::Start => {
+                let span = state.span.clone();
+                start(&myself, state).instrument(span).await
+            }
             MonitorMsg::Heartbeat => {
                 let ctx = &state.args.ctx;
                 match ctx.store.heartbeat_run(d.job.id, d.run.id, ctx.now()).await {
@@ -164,7 +173,8 @@ impl Actor for Monitor {
             }
             MonitorMsg::Exited(status) => {
                 if !state.stopping {
-                    finalize(state, status, None).await;
+                    let span = state.span.clone();
+                    finalize(state, status, None).instrument(span).await;
                 }
                 myself.stop(None);
             }
@@ -244,9 +254,10 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             env.insert("BATON_ATTEMPT".into(), d.job.attempt.to_string());
             env.insert("BATON_ITERATION".into(), d.job.iteration.to_string());
             env.insert("BATON_WORKSPACE".into(), v.workspace.clone());
+            // The agent's spans join the run's span, in the task's trace.
             env.insert(
                 "TRACEPARENT".into(),
-                d.task.trace_parent.clone().unwrap_or_default(),
+                crate::telemetry::trace_parent_of(&state.span, d.task.trace_parent.as_deref()),
             );
             let spec = AgentSpec {
                 argv: stage.command.iter().map(|a| v.expand(a)).collect(),
@@ -353,9 +364,15 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         "cancelled": state.cancelled,
     });
     // 1. The exit, first: from here on the Reaper's grace window protects this monitor.
+    let exit_recorded = std::time::Instant::now();
+    let exit_at = ctx.now();
+    crate::telemetry::metrics().run_duration.record(
+        (exit_at - d.run.started_at).max(0) as f64 / 1000.0,
+        &[crate::telemetry::kv("stage", d.job.stage.clone())],
+    );
     if let Err(e) = ctx
         .store
-        .record_exit(d.task.id, &d.run, code, detail, ctx.now())
+        .record_exit(d.task.id, &d.run, code, detail, exit_at)
         .await
     {
         tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
@@ -387,6 +404,7 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
                     code,
                     ctx.config.reaper.finalize_grace,
                 )
+                .instrument(tracing::info_span!("gate"))
                 .await
             }
             _ => Verdict::Failed {
@@ -402,7 +420,10 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     {
         let ws = ws.clone();
         let message = workspace::commit_message(&d.job.stage, &d.task.key, d.run.id);
-        match tokio::task::spawn_blocking(move || workspace::commit_all(&ws, &message)).await {
+        match tokio::task::spawn_blocking(move || workspace::commit_all(&ws, &message))
+            .instrument(tracing::info_span!("commit"))
+            .await
+        {
             Ok(Ok(sha)) => commit_sha = sha,
             Ok(Err(e)) => {
                 verdict = Verdict::Failed {
@@ -426,6 +447,19 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         commit_sha,
     };
     let outcome = send_claim(&state.args.advancer, claim).await;
+    if let Some(ClaimOutcome::Won(_)) = &outcome {
+        crate::telemetry::metrics()
+            .advance_latency
+            .record(exit_recorded.elapsed().as_secs_f64(), &[]);
+    }
+    state.span.record(
+        "outcome",
+        match &outcome {
+            Some(ClaimOutcome::Won(_)) => "won",
+            Some(_) => "lost",
+            None => "undecided",
+        },
+    );
     ctx.report(ProbeEvent::Monitor {
         job_id: d.job.id,
         run_id: d.run.id,

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Serialize;
 use serde_json::json;
+use tracing::Instrument;
 
 use super::advancer::AdvancerMsg;
 use super::monitor::send_claim;
@@ -235,10 +236,15 @@ pub async fn run_once(
             tier: Some(tier.to_string()),
             commit_sha,
         };
-        tracing::info!(task = %rj.task.key, stage = %rj.job.stage, run_id = run.id, tier, "reaping");
-        if let Some(outcome) = send_claim(advancer, claim.clone()).await {
+        // The claim is sent from within the task's trace; the Advancer's span follows it.
+        let span = crate::task_span!("reap", rj.task, rj.job, run.id);
+        span.in_scope(|| tracing::info!(tier, "reaping"));
+        if let Some(outcome) = send_claim(advancer, claim.clone()).instrument(span).await {
             if matches!(outcome, ClaimOutcome::Won(_)) {
                 result.n_won += 1;
+                crate::telemetry::metrics()
+                    .reaps
+                    .add(1, &[crate::telemetry::kv("tier", tier)]);
             }
             claims.push((claim, outcome));
         }

@@ -50,6 +50,8 @@ trigger_state = "Ready for agents"
         store: db.store.clone(),
         clock: Clock::system(),
         secrets,
+        registry: None,
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, _) = baton::http::serve(state, "127.0.0.1:0", async {
