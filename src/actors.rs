@@ -95,6 +95,8 @@ pub struct Ctx {
     pub hostname: String,
     pub watched: Watched,
     pub probe: Option<Probe>,
+    /// The metrics instruments.
+    pub metrics: Arc<crate::telemetry::Metrics>,
     /// baton's own secrets, read once at start.
     pub secrets: crate::config::Secrets,
     /// The binary that provides `baton shim` (this executable in production).

@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub clock: Option<Clock>,
     /// Defaults to [`crate::actors::dispatcher::DISPATCHER_INTERVAL_DEFAULT`].
     pub dispatcher_interval: Option<Duration>,
+    /// The metrics instruments; defaults to the global meter provider's.
+    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// The Prometheus registry served at `GET /metrics`.
     pub metrics_registry: Option<prometheus::Registry>,
     /// Secrets to use instead of reading the environment (tests).
@@ -88,6 +90,10 @@ impl Node {
             watched: Watched::default(),
             probe: opts.probe.clone(),
             secrets,
+            metrics: opts
+                .metrics
+                .clone()
+                .unwrap_or_else(|| Arc::new(crate::telemetry::Metrics::global())),
             shim_exe: match opts.shim_exe.clone() {
                 Some(p) => p,
                 None => std::env::current_exe().map_err(|source| ServeError::Io {

@@ -10,7 +10,6 @@
 //! - Metrics: OpenTelemetry instruments ([`metrics`]), exported over OTLP when an
 //!   endpoint is set and always served at `GET /metrics` in the Prometheus text format.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -242,12 +241,10 @@ pub struct Metrics {
     pub run_duration: opentelemetry::metrics::Histogram<f64>,
 }
 
-/// The instruments, made on first use from the global meter provider (set by
-/// [`init_service`]; a no-op provider elsewhere).
-pub fn metrics() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(|| {
-        let m = global::meter("baton");
+impl Metrics {
+    /// The instruments of `meter`: in production the global meter provider's (set by
+    /// [`init_service`]), in tests one of their own.
+    pub fn new(m: &opentelemetry::metrics::Meter) -> Metrics {
         Metrics {
             claims: m
                 .u64_counter("baton.claims")
@@ -288,7 +285,12 @@ pub fn metrics() -> &'static Metrics {
                 .with_description("Agent run time, start to exit")
                 .build(),
         }
-    })
+    }
+
+    /// The instruments of the global meter provider.
+    pub fn global() -> Metrics {
+        Metrics::new(&global::meter("baton"))
+    }
 }
 
 pub fn kv(k: &'static str, v: impl Into<opentelemetry::Value>) -> KeyValue {

@@ -49,13 +49,15 @@ impl Actor for Advancer {
             if won.effects > 0
                 && let Some(w) = &state.effect_worker
             {
-                let _ = w.send_message(super::effect_worker::EffectWorkerMsg::Kick);
+                // A kick carries no span: the woken actor's work is not this claim's.
+                let _ = tracing::Span::none()
+                    .in_scope(|| w.send_message(super::effect_worker::EffectWorkerMsg::Kick));
             }
             // The run is finalized: its slot is free now, not when its Monitor has
             // stopped, so the next stage can start at once.
             state.ctx.watched.remove(claim.run_id);
             if let Some(d) = &state.dispatcher {
-                let _ = d.send_message(DispatcherMsg::Kick);
+                let _ = tracing::Span::none().in_scope(|| d.send_message(DispatcherMsg::Kick));
             }
         }
         state.ctx.report(ProbeEvent::Advancer {
@@ -79,7 +81,7 @@ pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, Stri
     let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
         Ok(outcome) => {
-            let m = crate::telemetry::metrics();
+            let m = &ctx.metrics;
             let by = crate::telemetry::kv("decided_by", claim.decided_by.as_str());
             let label = match &outcome {
                 ClaimOutcome::Won(_) => "won",

@@ -131,7 +131,7 @@ pub async fn run_once(
         }
     }
     if let Ok((queued, running)) = ctx.store.queue_depth().await {
-        let m = crate::telemetry::metrics();
+        let m = &ctx.metrics;
         m.queue_depth.record(queued, &[]);
         m.running_jobs.record(running, &[]);
     }

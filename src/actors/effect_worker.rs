@@ -153,7 +153,7 @@ pub async fn run_once(
                 EffectOutcome::Retry { .. } => "retry",
                 EffectOutcome::Failed { .. } => "failed",
             };
-            crate::telemetry::metrics().effects.add(
+            ctx.metrics.effects.add(
                 1,
                 &[
                     crate::telemetry::kv("kind", effect.kind.clone()),

@@ -366,7 +366,7 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     // 1. The exit, first: from here on the Reaper's grace window protects this monitor.
     let exit_recorded = std::time::Instant::now();
     let exit_at = ctx.now();
-    crate::telemetry::metrics().run_duration.record(
+    ctx.metrics.run_duration.record(
         (exit_at - d.run.started_at).max(0) as f64 / 1000.0,
         &[crate::telemetry::kv("stage", d.job.stage.clone())],
     );
@@ -421,7 +421,7 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         let ws = ws.clone();
         let message = workspace::commit_message(&d.job.stage, &d.task.key, d.run.id);
         match tokio::task::spawn_blocking(move || workspace::commit_all(&ws, &message))
-            .instrument(tracing::info_span!("commit"))
+            .instrument(tracing::info_span!("auto_commit"))
             .await
         {
             Ok(Ok(sha)) => commit_sha = sha,
@@ -448,7 +448,7 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     };
     let outcome = send_claim(&state.args.advancer, claim).await;
     if let Some(ClaimOutcome::Won(_)) = &outcome {
-        crate::telemetry::metrics()
+        ctx.metrics
             .advance_latency
             .record(exit_recorded.elapsed().as_secs_f64(), &[]);
     }

@@ -242,7 +242,7 @@ pub async fn run_once(
         if let Some(outcome) = send_claim(advancer, claim.clone()).instrument(span).await {
             if matches!(outcome, ClaimOutcome::Won(_)) {
                 result.n_won += 1;
-                crate::telemetry::metrics()
+                ctx.metrics
                     .reaps
                     .add(1, &[crate::telemetry::kv("tier", tier)]);
             }

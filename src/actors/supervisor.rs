@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde_json::json;
+use tracing::Instrument;
 
 use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg};
 use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
@@ -178,6 +179,9 @@ impl Actor for Supervisor {
                     },
                     myself.get_cell(),
                 )
+                // A Monitor's lifetime is its own: it does not belong to the span of whoever
+                // asked for it (ractor parents an actor's span to the current one).
+                .instrument(tracing::Span::none())
                 .await;
                 match spawned {
                     Ok((m, _)) => {

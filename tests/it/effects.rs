@@ -151,6 +151,7 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
         hostname: baton::hostname(),
         watched: Watched::default(),
         probe: None,
+        metrics: Arc::new(baton::telemetry::Metrics::global()),
         secrets: secrets(),
         shim_exe: PathBuf::from(env!("CARGO_BIN_EXE_baton")),
     };

@@ -1,9 +1,11 @@
 //! baton's integration tests: one binary, one module per area. Every test that touches
 //! the database runs twice, on SQLite and on PostgreSQL (see `support`).
 
+mod api;
 mod cli;
 mod effects;
 mod store;
 mod supervision;
 mod support;
+mod traces;
 mod webhooks;

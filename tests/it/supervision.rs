@@ -21,13 +21,14 @@ use crate::support::TestDb;
 /// How long a test waits for a probe event before it fails (a safety net, not a sleep).
 const PROBE_WAIT: Duration = Duration::from_secs(90);
 
+/// A test node's world: a database, a seeded bare remote, agents and a config.
 pub struct Harness {
     pub db: TestDb,
     pub root: PathBuf,
 }
 
 impl Harness {
-    fn new(db: TestDb) -> Harness {
+    pub fn new(db: TestDb) -> Harness {
         let root = db.dir.path().to_path_buf();
         baton::demo::seed_remote(&root.join("seed"), &root.join("remote.git"))
             .expect("seed remote");
@@ -35,14 +36,14 @@ impl Harness {
     }
 
     /// Writes an agent script and returns its path.
-    fn agent(&self, name: &str, body: &str) -> String {
+    pub fn agent(&self, name: &str, body: &str) -> String {
         let path = self.root.join(format!("{name}.sh"));
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         path.display().to_string()
     }
 
     /// A config around `pipeline_and_stages` (TOML), with fast timers.
-    fn config(&self, pipeline_and_stages: &str) -> Config {
+    pub fn config(&self, pipeline_and_stages: &str) -> Config {
         let toml = self.config_toml(pipeline_and_stages);
         std::fs::write(self.root.join("baton.toml"), &toml).unwrap();
         Config::from_toml(&toml, &self.root, &EnvOverrides::default())
@@ -78,7 +79,16 @@ url = "{remote}"
         )
     }
 
-    async fn start(&self, config: Config) -> (Node, UnboundedReceiver<ProbeEvent>) {
+    pub async fn start(&self, config: Config) -> (Node, UnboundedReceiver<ProbeEvent>) {
+        self.start_with(config, ServeOptions::default()).await
+    }
+
+    /// Starts a node with `opts`, adding a probe, a fast dispatcher and the shim.
+    pub async fn start_with(
+        &self,
+        config: Config,
+        opts: ServeOptions,
+    ) -> (Node, UnboundedReceiver<ProbeEvent>) {
         let (tx, rx) = unbounded_channel();
         let node = Node::start(
             config,
@@ -86,7 +96,7 @@ url = "{remote}"
                 probe: Some(tx),
                 dispatcher_interval: Some(Duration::from_millis(100)),
                 shim_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_baton"))),
-                ..Default::default()
+                ..opts
             },
         )
         .await
@@ -94,7 +104,7 @@ url = "{remote}"
         (node, rx)
     }
 
-    async fn submit(&self, key: &str, first_stage: &str) -> baton::store::Submitted {
+    pub async fn submit(&self, key: &str, first_stage: &str) -> baton::store::Submitted {
         self.db
             .store
             .submit(
@@ -132,7 +142,7 @@ pub async fn wait_for<T>(
 }
 
 /// Waits until the Advancer ended the task; returns its final status.
-async fn wait_task_end(rx: &mut UnboundedReceiver<ProbeEvent>) -> String {
+pub async fn wait_task_end(rx: &mut UnboundedReceiver<ProbeEvent>) -> String {
     wait_for(rx, |ev| match ev {
         ProbeEvent::Advancer {
             outcome: Ok(ClaimOutcome::Won(w)),
@@ -544,7 +554,7 @@ on_both!(cancel_stops_a_running_agent, cancel_stops_a_running_agent);
 
 // ---- restarts: a real `baton serve` process killed, then a new node ------------------
 
-const WAITING_AGENT: &str = r#"
+pub const WAITING_AGENT: &str = r#"
 echo started >> "$BATON_WORKSPACE/../../starts.txt"
 while [ ! -f "$BATON_WORKSPACE/../../go" ]; do sleep 0.05; done
 echo done > result.txt
@@ -696,6 +706,7 @@ async fn claim_setup(db: &TestDb, store: Store) -> ClaimSetup {
         hostname: baton::hostname(),
         watched: Watched::default(),
         probe: Some(tx),
+        metrics: Arc::new(baton::telemetry::Metrics::global()),
         secrets: Default::default(),
         shim_exe: PathBuf::from(env!("CARGO_BIN_EXE_baton")),
     };

@@ -1,0 +1,315 @@
+//! The HTTP API of a running node: answers, errors, auth, the run log, metrics.
+
+use std::sync::Arc;
+
+use baton::actors::ProbeEvent;
+use baton::config::Secrets;
+use baton::service::ServeOptions;
+use opentelemetry::metrics::MeterProvider;
+use serde_json::{Value, json};
+
+use crate::on_both;
+use crate::supervision::{Harness, wait_for, wait_task_end};
+use crate::support::TestDb;
+
+const TOKEN: &str = "api-token-1";
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, Some(TOKEN), None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(
+            "POST",
+            path,
+            Some(TOKEN),
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .await
+    }
+}
+
+fn assert_error(answer: &(u16, Value), status: u16, needle: &str) {
+    assert_eq!(answer.0, status, "{:?}", answer.1);
+    assert_eq!(answer.1["error"]["status"], status, "{:?}", answer.1);
+    let message = answer.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{message:?} should mention {needle:?}"
+    );
+}
+
+async fn the_api_answers_and_refuses_as_documented(db: TestDb) {
+    let h = Harness::new(db);
+    let agent = h.agent(
+        "agent",
+        r#"echo "agent of $BATON_TASK started"
+while [ ! -f "$BATON_WORKSPACE/../../go" ]; do sleep 0.05; done
+echo "agent of $BATON_TASK finished""#,
+    );
+    let config = h.config(&format!(
+        "[pipelines.default]\nstages = [\"developer\"]\n[stages.developer]\ncommand = [\"sh\", \"{agent}\"]\n"
+    ));
+    let registry = prometheus::Registry::new();
+    let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        .with_reader(
+            opentelemetry_prometheus::exporter()
+                .with_registry(registry.clone())
+                .build()
+                .unwrap(),
+        )
+        .build();
+    let (node, mut rx) = h
+        .start_with(
+            config,
+            ServeOptions {
+                secrets: Some(Secrets {
+                    api_token: Some(TOKEN.into()),
+                    ..Default::default()
+                }),
+                metrics: Some(Arc::new(baton::telemetry::Metrics::new(
+                    &provider.meter("baton"),
+                ))),
+                metrics_registry: Some(registry),
+                // Agents still waiting at the end are stopped with the node.
+                stop_agents: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let api = Api {
+        base: format!("http://{}", node.http_addr),
+        http: reqwest::Client::new(),
+    };
+
+    // Health needs no token; everything else does.
+    let health = api
+        .http
+        .get(format!("{}/healthz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    assert_error(
+        &api.call("GET", "/api/v1/tasks", None, None).await,
+        401,
+        "bearer",
+    );
+    assert_error(
+        &api.call("GET", "/api/v1/tasks", Some("wrong"), None).await,
+        401,
+        "bearer",
+    );
+    assert_error(&api.call("GET", "/", None, None).await, 401, "bearer");
+    assert_eq!(api.get("/readyz").await.0, 200);
+
+    // Submitting.
+    let (s, v) = api
+        .post(
+            "/api/v1/tasks",
+            json!({"key": "API-1", "title": "Via the API"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["task"]["key"], "API-1");
+    assert_error(
+        &api.post("/api/v1/tasks", json!({"key": "API-1"})).await,
+        409,
+        "already exists",
+    );
+    assert_error(
+        &api.post("/api/v1/tasks", json!({"key": "../etc"})).await,
+        400,
+        "invalid task key",
+    );
+    assert_error(
+        &api.post("/api/v1/tasks", json!({"key": "A-2", "pipeline": "nope"}))
+            .await,
+        400,
+        "unknown pipeline",
+    );
+    assert_error(
+        &api.post("/api/v1/tasks", json!({"key": "A-3", "colour": "red"}))
+            .await,
+        400,
+        "unknown field",
+    );
+    let junk = api
+        .call(
+            "POST",
+            "/api/v1/tasks",
+            Some(TOKEN),
+            Some(b"{nope".to_vec()),
+        )
+        .await;
+    assert_error(&junk, 400, "not a task");
+
+    // Reading.
+    let (s, v) = api.get("/api/v1/tasks").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["tasks"][0]["task"]["key"], "API-1");
+    let (s, v) = api.get("/api/v1/tasks?status=done").await;
+    assert_eq!((s, v["tasks"].as_array().unwrap().len()), (200, 0));
+    let (s, v) = api.get("/api/v1/tasks/API-1").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["events"][0]["kind"], "task_submitted");
+    assert_eq!(v["events"][0]["source"], "api");
+    assert_error(
+        &api.get("/api/v1/tasks/NOPE-1").await,
+        404,
+        "no task NOPE-1",
+    );
+    assert_error(
+        &api.call("DELETE", "/api/v1/tasks", Some(TOKEN), None).await,
+        405,
+        "not allowed",
+    );
+    assert_error(&api.get("/api/v1/nothing").await, 404, "no such route");
+
+    // The run's log: the tail, then followed to the end.
+    let run_id = wait_for(&mut rx, |ev| match ev {
+        ProbeEvent::Monitor { msg, run_id, .. } if msg == "start" => Some(*run_id),
+        _ => None,
+    })
+    .await;
+    let log_path = loop {
+        let run = node.store.run(run_id).await.unwrap().unwrap();
+        if run.pid.is_some()
+            && std::fs::read_to_string(&run.log_path)
+                .unwrap_or_default()
+                .contains("started")
+        {
+            break run.log_path;
+        }
+        wait_for(&mut rx, |ev| {
+            matches!(
+                ev,
+                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
+            )
+            .then_some(())
+        })
+        .await;
+    };
+    let (s, tail) = api.get(&format!("/api/v1/runs/{run_id}/log")).await;
+    assert_eq!(s, 200);
+    assert!(
+        tail.as_str().unwrap().contains("agent of API-1 started"),
+        "{tail}"
+    );
+    let follow = api
+        .http
+        .get(format!("{}/api/v1/runs/{run_id}/log?follow=true", api.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    std::fs::write(h.root.join("go"), "").unwrap();
+    let followed = follow.text().await.unwrap();
+    assert!(
+        followed.contains("started") && followed.contains("agent of API-1 finished"),
+        "{followed}"
+    );
+    assert!(std::path::Path::new(&log_path).exists());
+    assert_error(
+        &api.get("/api/v1/runs/999999/log").await,
+        404,
+        "no run 999999",
+    );
+    assert_eq!(wait_task_end(&mut rx).await, "done");
+
+    // Cancel and retry answer 409 where the task's state does not allow them.
+    assert_error(
+        &api.post("/api/v1/tasks/API-1/cancel", json!({})).await,
+        409,
+        "only an active task",
+    );
+    assert_error(
+        &api.post("/api/v1/tasks/API-1/retry", json!({})).await,
+        409,
+        "only a failed or cancelled",
+    );
+    assert_error(
+        &api.post("/api/v1/tasks/NOPE-2/cancel", json!({})).await,
+        404,
+        "no task",
+    );
+    // A task whose agent waits: cancel, then retry it.
+    std::fs::remove_file(h.root.join("go")).unwrap();
+    let (s, _) = api.post("/api/v1/tasks", json!({"key": "API-2"})).await;
+    assert_eq!(s, 201);
+    let (s, v) = api.post("/api/v1/tasks/API-2/cancel", json!({})).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("cancelled")), "{v}");
+    let (s, v) = api.post("/api/v1/tasks/API-2/retry", json!({})).await;
+    assert_eq!(
+        (s, v["job"]["stage"].as_str()),
+        (200, Some("developer")),
+        "{v}"
+    );
+
+    // Metrics in the Prometheus text format.
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status().as_u16(), 200);
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("baton_claims_total") && text.contains("outcome=\"won\""),
+        "{text}"
+    );
+    assert!(text.contains("baton_run_duration"), "{text}");
+
+    // The dashboard is served with the token.
+    let (s, page) = api.get("/").await;
+    assert_eq!(s, 200);
+    assert!(page.as_str().unwrap().contains("/api/v1/overview"));
+    let (s, o) = api.get("/api/v1/overview").await;
+    assert_eq!(s, 200);
+    assert!(
+        o["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["key"] == "API-1" && t["status"] == "done"),
+        "{o}"
+    );
+    node.shutdown().await;
+}
+on_both!(
+    the_api_answers_and_refuses_as_documented,
+    the_api_answers_and_refuses_as_documented
+);

@@ -1,0 +1,141 @@
+//! One OpenTelemetry trace per task: across actors, across a restart, and into the agent.
+
+use std::collections::HashSet;
+
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::supervision::{Harness, wait_effects_settled, wait_for};
+use crate::support::{Backend, TestDb};
+use baton::actors::ProbeEvent;
+use baton::store::ClaimOutcome;
+
+/// Spans are collected on this thread (a current-thread runtime runs every actor here).
+async fn one_trace_per_task_across_actors_and_a_restart(db: TestDb) {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::INFO)
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let h = Harness::new(db);
+    // The reviewer waits for a file: it is still running when the first node stops, and
+    // the second node adopts it.
+    let agent = h.agent(
+        "agent",
+        r#"echo "$TRACEPARENT" > "$BATON_WORKSPACE/../../traceparent-$BATON_STAGE"
+echo "$BATON_STAGE" > "$BATON_STAGE.txt"
+if [ "$BATON_STAGE" = reviewer ]; then
+  while [ ! -f "$BATON_WORKSPACE/../../go" ]; do sleep 0.05; done
+fi"#,
+    );
+    let config = h.config(&format!(
+        "[pipelines.default]\nstages = [\"developer\", \"reviewer\"]\n[stages.developer]\ncommand = [\"sh\", \"{agent}\"]\n[stages.reviewer]\ncommand = [\"sh\", \"{agent}\"]\n[effects]\npush = true\n"
+    ));
+    let submitted = h.submit("TR-1", "developer").await;
+    let trace_parent = submitted
+        .task
+        .trace_parent
+        .clone()
+        .expect("a task gets a trace context at submit");
+    let trace_id = baton::telemetry::trace_id_of(&trace_parent)
+        .unwrap()
+        .to_string();
+
+    // First boot: the developer stage passes and the reviewer starts; the node stops.
+    let (node, mut rx) = h.start(config.clone()).await;
+    wait_for(&mut rx, |ev| match ev {
+        ProbeEvent::Advancer {
+            outcome: Ok(ClaimOutcome::Won(_)),
+            ..
+        } => Some(()),
+        _ => None,
+    })
+    .await;
+    wait_effects_settled(&mut rx, &h.db.store, "TR-1").await;
+    let traceparent_file = h.root.join("traceparent-reviewer");
+    while !traceparent_file.exists() {
+        wait_for(&mut rx, |ev| {
+            matches!(
+                ev,
+                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
+            )
+            .then_some(())
+        })
+        .await;
+    }
+    node.shutdown().await;
+    // Second boot: the reviewer is adopted and finishes here.
+    let (node, mut rx) = h.start(config).await;
+    std::fs::write(h.root.join("go"), "").unwrap();
+    assert_eq!(crate::supervision::wait_task_end(&mut rx).await, "done");
+    wait_effects_settled(&mut rx, &h.db.store, "TR-1").await;
+    node.shutdown().await;
+    let _ = provider.force_flush();
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let of_task: Vec<_> = spans
+        .iter()
+        .filter(|s| {
+            s.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "task" && kv.value.as_str() == "TR-1")
+        })
+        .collect();
+    let names: HashSet<&str> = of_task.iter().map(|s| s.name.as_ref()).collect();
+    for name in ["dispatch", "effect"] {
+        assert!(names.contains(name), "no {name} span among {names:?}");
+    }
+    for s in &of_task {
+        assert_eq!(
+            s.span_context.trace_id().to_string(),
+            trace_id,
+            "span {} left the task's trace",
+            s.name
+        );
+    }
+    // The reviewer's claim was made by the second node (its agent finished only after
+    // the restart): claims of both boots are in the trace.
+    assert!(spans.iter().filter(|s| s.name == "claim").count() >= 2);
+    // Spans without the task field (gate, auto-commit, the Advancer's claim) are in it too,
+    // through their parents and through ractor's message span propagation.
+    for name in ["gate", "auto_commit", "claim"] {
+        let found: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
+        assert!(!found.is_empty(), "no {name} span");
+        for s in found {
+            assert_eq!(
+                s.span_context.trace_id().to_string(),
+                trace_id,
+                "{name} span left the task's trace"
+            );
+        }
+    }
+    // Each agent got TRACEPARENT of its run span.
+    for stage in ["developer", "reviewer"] {
+        let tp = std::fs::read_to_string(h.root.join(format!("traceparent-{stage}"))).unwrap();
+        let tp = tp.trim();
+        assert_eq!(
+            baton::telemetry::trace_id_of(tp),
+            Some(trace_id.as_str()),
+            "{stage}: {tp}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_trace_per_task_sqlite() {
+    if let Some(db) = TestDb::new(Backend::Sqlite).await {
+        one_trace_per_task_across_actors_and_a_restart(db).await;
+    }
+}
+
+#[tokio::test]
+async fn one_trace_per_task_postgres() {
+    if let Some(db) = TestDb::new(Backend::Postgres).await {
+        one_trace_per_task_across_actors_and_a_restart(db).await;
+    }
+}
