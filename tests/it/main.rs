@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod dashboard;
 mod effects;
 mod store;
 mod supervision;
