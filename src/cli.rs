@@ -140,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli.config)?;
             println!("# {} is valid; effective settings:\n", cli.config.display());
             print!("{}", config.render_effective());
+            check_plane_states(&config).await?;
         }
         Command::Migrate => {
             let config = load_config(&cli.config)?;
@@ -330,6 +331,61 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// With Plane configured and reachable, every state name the config uses must exist in
+/// the project; when Plane cannot be asked, says so and goes on.
+async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
+    let Some(plane) = &config.plane else {
+        return Ok(());
+    };
+    let secrets = crate::config::Secrets::from_env(config);
+    let Some(key) = secrets.plane_api_key.as_deref() else {
+        println!(
+            "# ${} is not set: Plane state names were not checked",
+            plane.api_key_env
+        );
+        return Ok(());
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    let states = match crate::effects::plane::list_states(&http, plane, key).await {
+        Ok(states) => states,
+        Err(e) => {
+            println!(
+                "# Plane at {} could not be asked ({e}): state names were not checked",
+                plane.api_url
+            );
+            return Ok(());
+        }
+    };
+    let names: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();
+    let wanted = [
+        ("plane.trigger_state", plane.trigger_state.as_deref()),
+        ("plane.states.on_start", plane.states.on_start.as_deref()),
+        ("plane.states.on_done", plane.states.on_done.as_deref()),
+        ("plane.states.on_failed", plane.states.on_failed.as_deref()),
+    ];
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .filter(|(_, v)| !names.iter().any(|n| n.eq_ignore_ascii_case(v)))
+        .map(|(k, v)| format!("  - {k}: Plane has no state named {v:?}"))
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "# Plane state names checked against the project: all {} exist",
+            names.len()
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "unknown Plane state names (the project has: {}):\n{}",
+        names.join(", "),
+        missing.join("\n")
+    )
 }
 
 /// Validates and submits a task: the key, the pipeline and its first stage are checked

@@ -227,10 +227,21 @@ impl Effector {
 pub async fn http_error(what: &str, resp: reqwest::Response) -> EffectError {
     let status = resp.status();
     let retry_after = retry_after(resp.headers());
+    let resp_remaining_zero = resp
+        .headers()
+        .get("x-ratelimit-remaining")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() == "0");
     let body = resp.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
     let message = format!("{what}: HTTP {status}: {body}");
-    if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+    // GitHub answers an exhausted rate limit with 403 and X-RateLimit-Remaining: 0.
+    let rate_limited_403 = status.as_u16() == 403 && resp_remaining_zero;
+    if status.as_u16() == 429
+        || status.is_server_error()
+        || status.as_u16() == 408
+        || rate_limited_403
+    {
         EffectError::Transient {
             message,
             retry_after,

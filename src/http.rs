@@ -544,6 +544,11 @@ async fn handle_plane_event(
         return ignored("not a work item update");
     }
     let data = &payload["data"];
+    if let Some(project) = data["project"].as_str()
+        && project != plane.project_id
+    {
+        return ignored("the work item belongs to another project than plane.project_id");
+    }
     let state = match state_name(st, data).await {
         Some(s) => s,
         None => return ignored("the work item's state is not in the delivery"),

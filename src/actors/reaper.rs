@@ -95,15 +95,18 @@ impl Actor for Reaper {
         let ctx = &state.args.ctx;
         match run_once(ctx, &state.args.advancer).await {
             Ok((result, claims)) => {
+                // A pass that did work is a span of its own; each claim it sent is a
+                // `reap` span in its task's trace.
                 if result.did_work() {
-                    tracing::info!(
+                    tracing::info_span!(
+                        "reaper.pass",
                         tier1 = result.n_tier1,
                         tier2 = result.n_tier2,
                         timeout = result.n_timeout,
                         exits = result.n_exit_recorded,
                         won = result.n_won,
-                        "reaper pass"
-                    );
+                    )
+                    .in_scope(|| tracing::info!("reaper pass did work"));
                 }
                 ctx.report(ProbeEvent::Reaper {
                     msg: "tick",

@@ -667,3 +667,58 @@ on_both!(
     a_non_fast_forward_push_is_an_error_naming_the_branch,
     a_non_fast_forward_push_is_an_error_naming_the_branch
 );
+
+/// `baton config check` asks Plane for its states and names every unknown one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_names_unknown_plane_states() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/workspaces/team/projects/proj-uuid/states/"))
+        .and(header("x-api-key", "plane-key"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"results": [
+            {"id": "1", "name": "Ready for agents"}, {"id": "2", "name": "Done"}
+        ]})))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.toml");
+    std::fs::write(&path, config_toml(dir.path(), &server.uri(), "github")).unwrap();
+    let run = |key: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_baton"));
+        cmd.args(["--config", path.to_str().unwrap(), "config", "check"])
+            .env_remove("BATON_DATABASE_URL")
+            .env_remove("DATABASE_URL")
+            .env_remove("BATON_TEST_PLANE_KEY");
+        if let Some(k) = key {
+            cmd.env("BATON_TEST_PLANE_KEY", k);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = run(Some("plane-key"));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("plane.states.on_failed: Plane has no state named \"Blocked\""),
+        "{text}"
+    );
+    assert!(!text.contains("on_done:"), "{text}");
+    // Without the key, the check is skipped with a clear word, and passes.
+    let (ok, text) = run(None);
+    assert!(ok, "{text}");
+    assert!(text.contains("$BATON_TEST_PLANE_KEY is not set"), "{text}");
+    // Fixing the name makes it pass.
+    let fixed = config_toml(dir.path(), &server.uri(), "github")
+        .replace("on_failed = \"Blocked\"", "on_failed = \"Done\"");
+    std::fs::write(&path, fixed).unwrap();
+    let (ok, text) = run(Some("plane-key"));
+    assert!(ok, "{text}");
+    assert!(text.contains("all 2 exist"), "{text}");
+}

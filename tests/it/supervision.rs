@@ -912,3 +912,68 @@ async fn lost_agent_is_reaped_as_tier1(db: TestDb) {
     s.advancer.stop(None);
 }
 on_both!(lost_agent_is_reaped_as_tier1, lost_agent_is_reaped_as_tier1);
+
+async fn stop_agents_terminates_them_at_shutdown_and_records_it(db: TestDb) {
+    let h = Harness::new(db);
+    let config = h.config(
+        r#"
+[pipelines.default]
+stages = ["developer"]
+[stages.developer]
+command = ["sh", "-c", "echo $$ > agent.pid; sleep 120"]
+"#,
+    );
+    let ws = config.workspace_root.join("STOP-1");
+    let s = h.submit("STOP-1", "developer").await;
+    let (node, mut rx) = h
+        .start_with(
+            config,
+            ServeOptions {
+                stop_agents: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(ws.join("agent.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        wait_for(&mut rx, |ev| {
+            matches!(
+                ev,
+                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
+            )
+            .then_some(())
+        })
+        .await;
+    };
+    node.shutdown().await;
+    assert!(
+        !baton::agent::alive(pid),
+        "the agent outlived a --stop-agents shutdown"
+    );
+    let detail = h.db.store.task_detail("STOP-1").await.unwrap();
+    assert_eq!(detail.runs[0].outcome.as_deref(), Some("failed"));
+    assert_eq!(
+        detail.jobs[0].status, "queued",
+        "the interrupted attempt is retried"
+    );
+    let won = detail
+        .events
+        .iter()
+        .find(|e| e.kind == "claim_won")
+        .unwrap();
+    assert!(
+        won.detail.contains("stopped at node shutdown"),
+        "{}",
+        won.detail
+    );
+    assert_eq!(s.task.key, "STOP-1");
+}
+on_both!(
+    stop_agents_terminates_them_at_shutdown_and_records_it,
+    stop_agents_terminates_them_at_shutdown_and_records_it
+);
