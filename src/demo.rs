@@ -87,15 +87,7 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     let mut shown = 0usize;
     let final_status = loop {
         let events = store.events(submitted.task.id).await?;
-        for e in &events[shown..] {
-            println!(
-                "  {:>6.1}s  {:<16} {:<10} {}",
-                started.elapsed().as_secs_f32(),
-                e.kind,
-                e.source,
-                e.detail
-            );
-        }
+        print_events(&events[shown..], started);
         shown = events.len();
         let task = store.task(submitted.task.id).await?;
         if task.status != status::ACTIVE {
@@ -116,15 +108,7 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let events = store.events(submitted.task.id).await?;
-    for e in &events[shown.min(events.len())..] {
-        println!(
-            "  {:>6.1}s  {:<16} {:<10} {}",
-            started.elapsed().as_secs_f32(),
-            e.kind,
-            e.source,
-            e.detail
-        );
-    }
+    print_events(&events[shown.min(events.len())..], started);
     node.shutdown().await;
 
     // Summary.
@@ -161,6 +145,19 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("\ndemo task {DEMO_TASK} did not finish: {final_status}; see the events above");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Live progress: one line an event, with the time since the start.
+fn print_events(events: &[entity::events::Model], started: tokio::time::Instant) {
+    for e in events {
+        println!(
+            "  {:>6.1}s  {:<16} {:<10} {}",
+            started.elapsed().as_secs_f32(),
+            e.kind,
+            e.source,
+            e.detail
+        );
     }
 }
 

@@ -705,9 +705,31 @@ impl Store {
         pid: i32,
         now: i64,
     ) -> StoreResult<()> {
+        let detail = json!({"pid": pid, "attempt": run.attempt, "log": run.log_path});
+        self.update_run(
+            task_id,
+            run,
+            (agent_runs::Column::Pid, pid.into()),
+            "run_started",
+            detail,
+            now,
+        )
+        .await
+    }
+
+    /// Sets one column of a run and its heartbeat, with an event, in one transaction.
+    async fn update_run(
+        &self,
+        task_id: i64,
+        run: &agent_runs::Model,
+        (column, value): (agent_runs::Column, sea_orm::Value),
+        kind: &'static str,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<()> {
         let (_write, txn) = self.write_txn().await?;
         agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::Pid, Expr::value(pid))
+            .col_expr(column, Expr::value(value))
             .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
             .filter(agent_runs::Column::Id.eq(run.id))
             .exec(&txn)
@@ -718,9 +740,9 @@ impl Store {
                 task_id,
                 job_id: Some(run.job_id),
                 run_id: Some(run.id),
-                kind: "run_started",
+                kind,
                 source: Source::Monitor,
-                detail: json!({"pid": pid, "attempt": run.attempt, "log": run.log_path}),
+                detail,
             },
             now,
         )
@@ -1447,28 +1469,16 @@ impl Store {
         node_id: &str,
         now: i64,
     ) -> StoreResult<()> {
-        let (_write, txn) = self.write_txn().await?;
-        agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::NodeId, Expr::value(node_id))
-            .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
-            .filter(agent_runs::Column::Id.eq(run.id))
-            .exec(&txn)
-            .await?;
-        append(
-            &txn,
-            NewEvent {
-                task_id,
-                job_id: Some(run.job_id),
-                run_id: Some(run.id),
-                kind: "run_adopted",
-                source: Source::Monitor,
-                detail: json!({"pid": run.pid, "from_node": run.node_id, "to_node": node_id}),
-            },
+        let detail = json!({"pid": run.pid, "from_node": run.node_id, "to_node": node_id});
+        self.update_run(
+            task_id,
+            run,
+            (agent_runs::Column::NodeId, node_id.into()),
+            "run_adopted",
+            detail,
             now,
         )
-        .await?;
-        txn.commit().await?;
-        Ok(())
+        .await
     }
 
     /// Raw counts used by the invariant tests and `status`.

@@ -68,6 +68,15 @@ fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Source) -> Claim 
     }
 }
 
+/// Dispatches the next due job on node `n1`; there must be one.
+async fn take(db: &TestDb, now: i64) -> baton::store::Dispatched {
+    db.store
+        .dispatch("n1", db.dir.path(), None, now)
+        .await
+        .unwrap()
+        .expect("a due job")
+}
+
 fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
     events.iter().map(|e| e.kind.as_str()).collect()
 }
@@ -114,12 +123,7 @@ async fn dispatch_takes_due_jobs_once(db: TestDb) {
     );
     let a = submit(&db.store, "A-1").await;
     let b = submit(&db.store, "B-1").await;
-    let first = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let first = take(&db, NOW).await;
     assert_eq!(first.job.id, a.job.id);
     assert_eq!(first.job.status, "running");
     assert_eq!(first.job.current_run_id, Some(first.run.id));
@@ -179,12 +183,7 @@ on_both!(
 
 async fn not_before_delays_dispatch(db: TestDb) {
     let s = submit(&db.store, "R-1").await;
-    let d = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let d = take(&db, NOW).await;
     let won = db
         .store
         .claim(
@@ -217,12 +216,7 @@ async fn not_before_delays_dispatch(db: TestDb) {
             .unwrap()
             .is_none()
     );
-    let again = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW + 10_000)
-        .await
-        .unwrap()
-        .unwrap();
+    let again = take(&db, NOW + 10_000).await;
     assert_eq!((again.job.id, again.run.attempt), (s.job.id, 2));
     // The second failure exhausts max_attempts = 2: the job and the task fail.
     let lost = db
@@ -260,12 +254,7 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
         Verdict::Passed,   // reviewer 2 -> done
     ];
     for v in verdicts {
-        let d = db
-            .store
-            .dispatch("n1", db.dir.path(), None, NOW)
-            .await
-            .unwrap()
-            .unwrap();
+        let d = take(&db, NOW).await;
         stages.push(format!("{}#{}", d.job.stage, d.job.iteration));
         let out = db
             .store
@@ -312,12 +301,7 @@ async fn reject_loop_is_bounded_by_max_iterations(db: TestDb) {
         Verdict::Passed,
         Verdict::Rejected,
     ] {
-        let d = db
-            .store
-            .dispatch("n1", db.dir.path(), None, NOW)
-            .await
-            .unwrap()
-            .unwrap();
+        let d = take(&db, NOW).await;
         last = Some(
             db.store
                 .claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW)
@@ -364,12 +348,7 @@ async fn snapshot(store: &Store, task_id: i64) -> String {
 
 async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
     let s = submit(&db.store, "Z-1").await;
-    let first = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let first = take(&db, NOW).await;
     // The first attempt is finalized as failed; the job is retried with a new run.
     db.store
         .claim(
@@ -384,12 +363,7 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
         )
         .await
         .unwrap();
-    let second = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW + 60_000)
-        .await
-        .unwrap()
-        .unwrap();
+    let second = take(&db, NOW + 60_000).await;
     assert_ne!(first.run.id, second.run.id);
     let before = snapshot(&db.store, s.task.id).await;
     // A zombie of the first attempt claims with its old run id: it must lose.
@@ -449,12 +423,7 @@ on_both!(
 
 async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
     let s = submit(&db.store, "C-8").await;
-    let d = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let d = take(&db, NOW).await;
     let mut stores = Vec::new();
     for _ in 0..8 {
         stores.push(db.other_store().await);
@@ -500,12 +469,7 @@ on_both!(
 
 async fn record_exit_counts_once(db: TestDb) {
     let s = submit(&db.store, "E-1").await;
-    let d = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let d = take(&db, NOW).await;
     assert!(
         db.store
             .record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5)
@@ -525,12 +489,7 @@ on_both!(record_exit_counts_once, record_exit_counts_once);
 
 async fn cancel_and_retry(db: TestDb) {
     let s = submit(&db.store, "X-1").await;
-    let d = db
-        .store
-        .dispatch("n1", db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let d = take(&db, NOW).await;
     let runs = db.store.cancel("X-1", Source::Cli, NOW).await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].run.id, d.run.id);
