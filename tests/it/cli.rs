@@ -118,3 +118,44 @@ fn config_check_redacts_secrets() {
     assert!(t.contains("postgres://baton:***@db.example/baton"), "{t}");
     assert!(t.contains("$BATON_TEST_TOKEN_XYZ is set"), "{t}");
 }
+
+#[test]
+fn status_watch_redraws_in_place() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    assert!(baton(&config, &["submit", "W-1"]).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["--config", config.to_str().unwrap(), "status", "--watch"])
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // Read until the screen was drawn twice: the clear sequence, the table, again.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen)
+        .matches("\x1b[2J\x1b[H")
+        .count()
+        < 2
+    {
+        let n = out.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "status --watch ended: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&seen);
+    let last = text.rsplit("\x1b[2J\x1b[H").next().unwrap();
+    assert!(
+        last.contains("W-1") && last.contains("analyst") && last.contains("running agents: 0"),
+        "{last}"
+    );
+}
