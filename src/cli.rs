@@ -467,11 +467,12 @@ pub async fn render_watch(
         None => out.push_str(&render_tasks(&store.list_tasks(None).await?)),
     }
     let running = store.running_jobs().await?;
-    out.push_str(&format!("\nrunning agents: {}\n", running.len()));
-    for r in running
-        .iter()
+    let running: Vec<_> = running
+        .into_iter()
         .filter(|r| key.is_none_or(|k| r.task.key == k))
-    {
+        .collect();
+    out.push_str(&format!("\nrunning agents: {}\n", running.len()));
+    for r in &running {
         if let Some(run) = &r.run {
             out.push_str(&format!(
                 "  {:<20} {:<12} run {:<6} pid {:<7} age {}{}\n",

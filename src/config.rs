@@ -426,10 +426,15 @@ impl Config {
                 });
             }
         };
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        // Relative paths in the file are taken from its folder, made absolute: agents run
+        // in their workspaces, where a relative log path would point elsewhere.
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let base = std::path::absolute(if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        })
+        .unwrap_or_else(|_| parent.to_path_buf());
         Config::from_toml(&text, &base, &EnvOverrides::from_process()).map_err(|problems| {
             ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -773,6 +778,15 @@ impl Config {
         }
         if let Some(msg) = self.http.token_env.as_deref().and_then(check_env_name) {
             problem("http.token_env", msg);
+        }
+        if let Some(ep) = &self.telemetry.otlp_endpoint
+            && !ep.starts_with("http://")
+            && !ep.starts_with("https://")
+        {
+            problem(
+                "telemetry.otlp_endpoint",
+                format!("{ep:?} is not an http(s) URL such as http://127.0.0.1:4318"),
+            );
         }
         if self.telemetry.protocol != "http" && self.telemetry.protocol != "grpc" {
             problem(

@@ -14,7 +14,8 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /` | the dashboard |
 //!
-//! When `http.token_env` names a set variable, everything but `/healthz` and the
+//! When `http.token_env` names a set variable, everything but `/healthz`, the static
+//! dashboard page (whose own requests carry the token, given as `#token=...`) and the
 //! webhook (authenticated by its signature) needs `Authorization: Bearer <token>`.
 //! Errors use one JSON envelope: `{"error": {"status": 404, "message": "..."}}`.
 //!
@@ -69,7 +70,6 @@ pub const API_BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router(state: HttpState) -> Router {
     let api = Router::new()
-        .route("/", get(dashboard))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/overview", get(overview))
@@ -82,6 +82,8 @@ pub fn router(state: HttpState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        // The page is static; its requests carry the token (given as #token=...).
+        .route("/", get(dashboard))
         .route(
             "/webhooks/plane",
             post(plane_webhook).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
@@ -188,7 +190,21 @@ struct ListQuery {
     status: Option<String>,
 }
 
-async fn list_tasks(State(st): State<HttpState>, Query(q): Query<ListQuery>) -> Response {
+/// A rejected extractor (bad path, query or body) as the JSON envelope.
+fn rejected(r: impl IntoResponse + std::fmt::Display) -> Response {
+    let message = r.to_string();
+    let status = r.into_response().status();
+    error(status, message)
+}
+
+async fn list_tasks(
+    State(st): State<HttpState>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(r) => return rejected(r),
+    };
     match st.store.list_tasks(None).await {
         Ok(tasks) => {
             let tasks: Vec<_> = tasks
@@ -220,7 +236,14 @@ struct SubmitBody {
     plane_issue_id: Option<String>,
 }
 
-async fn submit_task(State(st): State<HttpState>, body: Bytes) -> Response {
+async fn submit_task(
+    State(st): State<HttpState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return rejected(r),
+    };
     let body: SubmitBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -261,8 +284,22 @@ async fn cancel_task(State(st): State<HttpState>, Path(key): Path<String>) -> Re
         return r;
     }
     match st.store.cancel(&key, Source::Api, st.clock.now_ms()).await {
-        // Monitors see the cancel at their next heartbeat and stop their agents.
-        Ok(runs) => axum::Json(json!({"task": key, "status": "cancelled", "runs": runs.iter().map(|r| r.run.id).collect::<Vec<_>>()})).into_response(),
+        Ok(runs) => {
+            // Agents of this host are stopped now; others by their Monitor's next heartbeat.
+            let host = crate::hostname();
+            for r in &runs {
+                if let (Some(pid), Some(h)) = (r.run.pid, r.hostname.as_deref())
+                    && h == host
+                {
+                    tokio::spawn(crate::agent::terminate_group(
+                        pid,
+                        crate::agent::AGENT_KILL_GRACE_DEFAULT,
+                    ));
+                }
+            }
+            axum::Json(json!({"task": key, "status": "cancelled", "runs": runs.iter().map(|r| r.run.id).collect::<Vec<_>>()}))
+                .into_response()
+        }
         Err(e) => store_error(e),
     }
 }
@@ -285,9 +322,14 @@ struct LogQuery {
 
 async fn run_log(
     State(st): State<HttpState>,
-    Path(id): Path<i64>,
-    Query(q): Query<LogQuery>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let (Path(id), Query(q)) = match (id, q) {
+        (Ok(id), Ok(q)) => (id, q),
+        (Err(r), _) => return rejected(r),
+        (_, Err(r)) => return rejected(r),
+    };
     let run = match st.store.run(id).await {
         Ok(Some(r)) => r,
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {id}")),
@@ -519,7 +561,13 @@ async fn plane_webhook(State(st): State<HttpState>, headers: HeaderMap, body: By
     let outcome = handle_plane_event(&st, &payload, now).await;
     match outcome {
         Ok(detail) => accepted(detail),
-        Err((status, message)) => error(status, message),
+        Err((status, message)) => {
+            // Not handled: Plane's redelivery must not be taken for a duplicate.
+            if status.is_server_error() {
+                let _ = st.store.forget_delivery(&delivery).await;
+            }
+            error(status, message)
+        }
     }
 }
 

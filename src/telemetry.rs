@@ -15,7 +15,7 @@ use std::time::Duration;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry::{KeyValue, global};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -89,55 +89,9 @@ pub fn init_service(settings: &TelemetrySettings, json: bool) -> Result<Telemetr
         .with_reader(prom);
     let mut tracer_provider = None;
     if let Some(endpoint) = settings.otlp_endpoint.as_deref() {
-        let grpc = settings.protocol == "grpc";
-        let err = |what: &'static str| {
-            move |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter {
-                what,
-                endpoint: endpoint.to_string(),
-                message: e.to_string(),
-            }
-        };
-        let (spans, metrics) = if grpc {
-            (
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint)
-                    .build()
-                    .map_err(err("span"))?,
-                opentelemetry_otlp::MetricExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint)
-                    .build()
-                    .map_err(err("metric"))?,
-            )
-        } else {
-            let base = endpoint.trim_end_matches('/');
-            (
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_http_client(reqwest::Client::new())
-                    .with_endpoint(format!("{base}/v1/traces"))
-                    .build()
-                    .map_err(err("span"))?,
-                opentelemetry_otlp::MetricExporter::builder()
-                    .with_http()
-                    .with_http_client(reqwest::Client::new())
-                    .with_endpoint(format!("{base}/v1/metrics"))
-                    .build()
-                    .map_err(err("metric"))?,
-            )
-        };
-        tracer_provider = Some(
-            SdkTracerProvider::builder()
-                .with_resource(resource.clone())
-                .with_batch_exporter(spans)
-                .build(),
-        );
-        meters = meters.with_reader(
-            opentelemetry_sdk::metrics::PeriodicReader::builder(metrics)
-                .with_interval(METRICS_EXPORT_INTERVAL)
-                .build(),
-        );
+        let (provider, reader) = otlp_exporters(settings, endpoint, resource.clone())?;
+        tracer_provider = Some(provider);
+        meters = meters.with_otlp_reader(reader);
     }
     let meter_provider = meters.build();
     global::set_meter_provider(meter_provider.clone());
@@ -160,6 +114,95 @@ pub fn init_service(settings: &TelemetrySettings, json: bool) -> Result<Telemetr
         meter_provider: Some(meter_provider),
         registry,
     })
+}
+
+/// A metric reader that pushes over OTLP.
+pub enum OtlpReader {
+    /// http/protobuf: the SDK's own thread with a blocking HTTP client.
+    Http(opentelemetry_sdk::metrics::PeriodicReader<opentelemetry_otlp::MetricExporter>),
+    /// grpc: tonic needs tokio, so the reader runs on the tokio runtime.
+    Grpc(
+        opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader<
+            opentelemetry_otlp::MetricExporter,
+        >,
+    ),
+}
+
+/// The OTLP span pipeline and metric reader for `endpoint`: http/protobuf posts to
+/// `{endpoint}/v1/traces` and `{endpoint}/v1/metrics`; grpc uses the endpoint as is.
+pub fn otlp_exporters(
+    settings: &TelemetrySettings,
+    endpoint: &str,
+    resource: opentelemetry_sdk::Resource,
+) -> Result<(SdkTracerProvider, OtlpReaderBox), TelemetryError> {
+    let err = |what: &'static str| {
+        move |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter {
+            what,
+            endpoint: endpoint.to_string(),
+            message: e.to_string(),
+        }
+    };
+    if settings.protocol == "grpc" {
+        use opentelemetry_sdk::runtime::Tokio;
+        let spans = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(err("span"))?;
+        let metrics = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(err("metric"))?;
+        let processor =
+            opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(spans, Tokio)
+                .build();
+        let provider = SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_span_processor(processor)
+            .build();
+        let reader = opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+            metrics, Tokio,
+        )
+        .with_interval(METRICS_EXPORT_INTERVAL)
+        .build();
+        return Ok((provider, OtlpReaderBox(OtlpReader::Grpc(reader))));
+    }
+    let base = endpoint.trim_end_matches('/');
+    let spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{base}/v1/traces"))
+        .build()
+        .map_err(err("span"))?;
+    let metrics = opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{base}/v1/metrics"))
+        .build()
+        .map_err(err("metric"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_batch_exporter(spans)
+        .build();
+    let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(metrics)
+        .with_interval(METRICS_EXPORT_INTERVAL)
+        .build();
+    Ok((provider, OtlpReaderBox(OtlpReader::Http(reader))))
+}
+
+/// An [`OtlpReader`] that a meter provider builder takes.
+pub struct OtlpReaderBox(pub OtlpReader);
+
+trait WithOtlpReader {
+    fn with_otlp_reader(self, reader: OtlpReaderBox) -> Self;
+}
+
+impl WithOtlpReader for opentelemetry_sdk::metrics::MeterProviderBuilder {
+    fn with_otlp_reader(self, reader: OtlpReaderBox) -> Self {
+        match reader.0 {
+            OtlpReader::Http(r) => self.with_reader(r),
+            OtlpReader::Grpc(r) => self.with_reader(r),
+        }
+    }
 }
 
 /// A fresh W3C trace context (`00-<trace id>-<span id>-01`) for a new task.
@@ -278,11 +321,17 @@ impl Metrics {
                 .f64_histogram("baton.advance.latency")
                 .with_unit("s")
                 .with_description("An agent's recorded exit to its won claim")
+                .with_boundaries(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
                 .build(),
             run_duration: m
                 .f64_histogram("baton.run.duration")
                 .with_unit("s")
                 .with_description("Agent run time, start to exit")
+                .with_boundaries(vec![
+                    1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+                ])
                 .build(),
         }
     }

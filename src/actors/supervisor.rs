@@ -323,8 +323,19 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
                 tier: Some("1".into()),
                 commit_sha: None,
             };
-            let outcome = super::monitor::send_claim(&state.advancer, claim).await;
-            tracing::info!(run_id = run.id, outcome = ?outcome, detail = %json!({"pid": pid}), "orphaned run was lost");
+            // Reaped like tier 1 by the Reaper: in the task's trace, and counted.
+            let span = crate::task_span!("reap", rj.task, rj.job, run.id);
+            let outcome = super::monitor::send_claim(&state.advancer, claim)
+                .instrument(span.clone())
+                .await;
+            if matches!(outcome, Some(crate::store::ClaimOutcome::Won(_))) {
+                ctx.metrics
+                    .reaps
+                    .add(1, &[crate::telemetry::kv("tier", "1")]);
+            }
+            span.in_scope(|| {
+                tracing::info!(outcome = ?outcome, detail = %json!({"pid": pid}), "orphaned run was lost")
+            });
         }
     }
 }

@@ -131,7 +131,23 @@ echo "agent of $BATON_TASK finished""#,
         401,
         "bearer",
     );
-    assert_error(&api.call("GET", "/", None, None).await, 401, "bearer");
+    assert_error(
+        &api.call("GET", "/api/v1/overview", None, None).await,
+        401,
+        "bearer",
+    );
+    // Bad paths and queries get the envelope too.
+    assert_error(&api.get("/api/v1/runs/abc/log").await, 400, "");
+    assert_error(&api.get("/api/v1/runs/1/log?bytes=lots").await, 400, "");
+    let big = api
+        .call(
+            "POST",
+            "/api/v1/tasks",
+            Some(TOKEN),
+            Some(vec![b' '; 100 * 1024]),
+        )
+        .await;
+    assert_error(&big, 413, "");
     assert_eq!(api.get("/readyz").await.0, 200);
 
     // Submitting.
@@ -293,8 +309,8 @@ echo "agent of $BATON_TASK finished""#,
     );
     assert!(text.contains("baton_run_duration"), "{text}");
 
-    // The dashboard is served with the token.
-    let (s, page) = api.get("/").await;
+    // The dashboard page is static and public; its data needs the token.
+    let (s, page) = api.call("GET", "/", None, None).await;
     assert_eq!(s, 200);
     assert!(page.as_str().unwrap().contains("/api/v1/overview"));
     let (s, o) = api.get("/api/v1/overview").await;

@@ -159,3 +159,27 @@ fn status_watch_redraws_in_place() {
         "{last}"
     );
 }
+
+#[test]
+fn a_relative_config_path_gives_absolute_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("baton.toml"), crate::store::PIPELINE_TOML).unwrap();
+    // Agents run inside their workspaces: a relative log folder would point elsewhere.
+    let o = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["config", "check"])
+        .current_dir(dir.path())
+        .env_remove("BATON_CONFIG")
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let root = std::path::absolute(dir.path()).unwrap();
+    let root = root.display();
+    assert!(t.contains(&format!("log_dir = \"{root}/logs\"")), "{t}");
+    assert!(
+        t.contains(&format!("workspace_root = \"{root}/workspaces\"")),
+        "{t}"
+    );
+}

@@ -139,3 +139,49 @@ async fn one_trace_per_task_postgres() {
         one_trace_per_task_across_actors_and_a_restart(db).await;
     }
 }
+
+/// With `protocol = "http"`, spans go to `{endpoint}/v1/traces` as OTLP protobuf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_http() {
+    use opentelemetry::trace::Tracer;
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/traces"))
+        .and(header("content-type", "application/x-protobuf"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let settings = baton::config::TelemetrySettings {
+        otlp_endpoint: Some(server.uri()),
+        protocol: "http".into(),
+        service_name: "baton-test".into(),
+    };
+    let (provider, _reader) = baton::telemetry::otlp_exporters(
+        &settings,
+        &server.uri(),
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name("baton-test")
+            .build(),
+    )
+    .unwrap();
+    drop(provider.tracer("test").start("exported-span"));
+    // The batch exporter's thread posts with a blocking client; flush waits for it.
+    tokio::task::spawn_blocking(move || provider.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+    let requests = server.received_requests().await.unwrap();
+    let posted = requests
+        .iter()
+        .find(|r| r.url.path() == "/v1/traces")
+        .expect("no OTLP export");
+    assert!(
+        posted
+            .body
+            .windows(b"exported-span".len())
+            .any(|w| w == b"exported-span"),
+        "the span is not in the export"
+    );
+}
