@@ -14,7 +14,8 @@
 //! - [`gate`]: the read-only quality gate of a stage.
 //! - [`effects`]: performing the outbox: push (git2), pull requests, Plane.
 //! - [`workspace`]: one git checkout per task and the auto-commit (git2).
-//! - [`http`]: the node's HTTP listener (axum): health and Plane webhooks.
+//! - [`http`]: the node's HTTP listener (axum): health, the API, metrics, the
+//!   dashboard and Plane webhooks.
 //! - [`service`]: `baton serve`: one node, started and stopped.
 //! - [`demo`] and [`bench`]: the self-contained tour and the benchmark.
 //! - [`telemetry`]: logs, one OpenTelemetry trace per task, metrics.
