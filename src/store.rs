@@ -960,28 +960,21 @@ impl Store {
                     }
                 }
             }
-            Verdict::Failed { reason } | Verdict::Lost { reason } => {
+            Verdict::Failed { .. } | Verdict::Lost { .. } | Verdict::TimedOut => {
                 if (job.attempt as u32) < policy.retry.max_attempts {
                     job_status = status::QUEUED;
                     retry_at = Some(now + ms(policy.retry.backoff(job.attempt + 1)));
                 } else {
                     job_status = status::FAILED;
                     task_end = Some(status::FAILED);
+                    let why = match &claim.verdict {
+                        Verdict::Failed { reason } | Verdict::Lost { reason } => {
+                            format!("failed: {reason}")
+                        }
+                        _ => "timed out".to_string(),
+                    };
                     end_reason = format!(
-                        "attempt {} of {} failed: {reason}",
-                        job.attempt, policy.retry.max_attempts
-                    );
-                }
-            }
-            Verdict::TimedOut => {
-                if (job.attempt as u32) < policy.retry.max_attempts {
-                    job_status = status::QUEUED;
-                    retry_at = Some(now + ms(policy.retry.backoff(job.attempt + 1)));
-                } else {
-                    job_status = status::FAILED;
-                    task_end = Some(status::FAILED);
-                    end_reason = format!(
-                        "attempt {} of {} timed out",
+                        "attempt {} of {} {why}",
                         job.attempt, policy.retry.max_attempts
                     );
                 }

@@ -9,7 +9,7 @@ use opentelemetry::metrics::MeterProvider;
 use serde_json::{Value, json};
 
 use crate::on_both;
-use crate::supervision::{Harness, wait_for, wait_task_end};
+use crate::supervision::{Harness, wait_for, wait_for_activity, wait_task_end};
 use crate::support::TestDb;
 
 const TOKEN: &str = "api-token-1";
@@ -228,14 +228,7 @@ echo "agent of $BATON_TASK finished""#,
         {
             break run.log_path;
         }
-        wait_for(&mut rx, |ev| {
-            matches!(
-                ev,
-                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
-            )
-            .then_some(())
-        })
-        .await;
+        wait_for_activity(&mut rx).await;
     };
     let (s, tail) = api.get(&format!("/api/v1/runs/{run_id}/log")).await;
     assert_eq!(s, 200);

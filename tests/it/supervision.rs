@@ -141,6 +141,19 @@ pub async fn wait_for<T>(
     .expect("timed out waiting for a probe event")
 }
 
+/// Waits for the next message a Monitor or the Dispatcher handled: something to look
+/// again after, when the state waited for is outside baton (a file, a pid).
+pub async fn wait_for_activity(rx: &mut UnboundedReceiver<ProbeEvent>) {
+    wait_for(rx, |ev| {
+        matches!(
+            ev,
+            ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
+        )
+        .then_some(())
+    })
+    .await
+}
+
 /// Waits until the Advancer ended the task; returns its final status.
 pub async fn wait_task_end(rx: &mut UnboundedReceiver<ProbeEvent>) -> String {
     wait_for(rx, |ev| match ev {
@@ -522,14 +535,7 @@ command = ["sh", "-c", "sleep 120"]
         if let Some(pid) = h.db.store.run(run_id).await.unwrap().and_then(|r| r.pid) {
             break pid;
         }
-        wait_for(&mut rx, |ev| {
-            matches!(
-                ev,
-                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
-            )
-            .then_some(())
-        })
-        .await;
+        wait_for_activity(&mut rx).await;
     };
     h.db.store
         .cancel("CANCEL-1", Source::Cli, Clock::system().now_ms())
@@ -941,14 +947,7 @@ command = ["sh", "-c", "echo $$ > agent.pid; sleep 120"]
         {
             break pid;
         }
-        wait_for(&mut rx, |ev| {
-            matches!(
-                ev,
-                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
-            )
-            .then_some(())
-        })
-        .await;
+        wait_for_activity(&mut rx).await;
     };
     node.shutdown().await;
     assert!(

@@ -6,7 +6,7 @@ use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::supervision::{Harness, wait_effects_settled, wait_for};
+use crate::supervision::{Harness, wait_effects_settled, wait_for, wait_for_activity};
 use crate::support::{Backend, TestDb};
 use baton::actors::ProbeEvent;
 use baton::store::ClaimOutcome;
@@ -59,14 +59,7 @@ fi"#,
     wait_effects_settled(&mut rx, &h.db.store, "TR-1").await;
     let traceparent_file = h.root.join("traceparent-reviewer");
     while !traceparent_file.exists() {
-        wait_for(&mut rx, |ev| {
-            matches!(
-                ev,
-                ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
-            )
-            .then_some(())
-        })
-        .await;
+        wait_for_activity(&mut rx).await;
     }
     node.shutdown().await;
     // Second boot: the reviewer is adopted and finishes here.
