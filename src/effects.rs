@@ -177,14 +177,25 @@ impl Effector {
             .ok_or_else(|| EffectError::Permanent("no [plane] is configured".into()))
     }
 
-    /// A state's id by its name, through the project's state list (fetched once).
-    pub async fn plane_state_id(&self, name: &str) -> Result<String, EffectError> {
+    /// The project's states, fetched once and again when `wanted` is not among them
+    /// (a state added or renamed since).
+    async fn plane_states(
+        &self,
+        wanted: impl Fn(&plane::PlaneState) -> bool,
+    ) -> Result<Vec<plane::PlaneState>, EffectError> {
         let plane = self.plane()?;
         let mut cache = self.plane_states.lock().await;
-        if cache.is_none() {
+        if cache.as_ref().is_none_or(|c| !c.iter().any(&wanted)) {
             *cache = Some(plane::list_states(&self.http, plane, self.plane_key()?).await?);
         }
-        let states = cache.as_deref().unwrap_or_default();
+        Ok(cache.clone().unwrap_or_default())
+    }
+
+    /// A state's id by its name.
+    pub async fn plane_state_id(&self, name: &str) -> Result<String, EffectError> {
+        let states = self
+            .plane_states(|s| s.name.eq_ignore_ascii_case(name))
+            .await?;
         states
             .iter()
             .find(|s| s.name.eq_ignore_ascii_case(name))
@@ -203,17 +214,11 @@ impl Effector {
 
     /// A state's name by its id (webhooks may name the state by id only).
     pub async fn plane_state_name(&self, id: &str) -> Result<String, EffectError> {
-        let plane = self.plane()?;
-        let mut cache = self.plane_states.lock().await;
-        if cache.as_ref().is_none_or(|c| !c.iter().any(|s| s.id == id)) {
-            *cache = Some(plane::list_states(&self.http, plane, self.plane_key()?).await?);
-        }
-        cache
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
+        self.plane_states(|s| s.id == id)
+            .await?
+            .into_iter()
             .find(|s| s.id == id)
-            .map(|s| s.name.clone())
+            .map(|s| s.name)
             .ok_or_else(|| EffectError::Permanent(format!("Plane has no state with id {id}")))
     }
 

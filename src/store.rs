@@ -838,32 +838,55 @@ impl Store {
             .order_by_asc(jobs::Column::Id)
             .all(&self.db)
             .await?;
+        // Three queries whatever the number of running jobs, not three per job.
+        let tasks = self.tasks_by_id(jobs.iter().map(|j| j.task_id)).await?;
+        let runs: HashMap<i64, agent_runs::Model> = agent_runs::Entity::find()
+            .filter(agent_runs::Column::Id.is_in(jobs.iter().filter_map(|j| j.current_run_id)))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        let nodes: HashMap<String, nodes::Model> = nodes::Entity::find()
+            .filter(nodes::Column::Id.is_in(runs.values().map(|r| r.node_id.clone())))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|n| (n.id.clone(), n))
+            .collect();
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
-            let task = self.task(job.task_id).await?;
-            let run = match job.current_run_id {
-                Some(id) => agent_runs::Entity::find_by_id(id).one(&self.db).await?,
-                None => None,
+            let Some(task) = tasks.get(&job.task_id).cloned() else {
+                continue;
             };
-            let node = match &run {
-                Some(r) => {
-                    nodes::Entity::find_by_id(r.node_id.clone())
-                        .one(&self.db)
-                        .await?
-                }
-                None => None,
-            };
+            let run = job.current_run_id.and_then(|id| runs.get(&id).cloned());
+            let node = run.as_ref().and_then(|r| nodes.get(&r.node_id));
             out.push(RunningJob {
                 task,
                 job,
+                node_heartbeat_at: node.map(|n| n.heartbeat_at),
+                node_pid: node.map(|n| n.pid),
+                node_stopped: node.is_some_and(|n| n.stopped_at.is_some()),
+                node_hostname: node.map(|n| n.hostname.clone()),
                 run,
-                node_heartbeat_at: node.as_ref().map(|n| n.heartbeat_at),
-                node_pid: node.as_ref().map(|n| n.pid),
-                node_stopped: node.as_ref().is_some_and(|n| n.stopped_at.is_some()),
-                node_hostname: node.map(|n| n.hostname),
             });
         }
         Ok(out)
+    }
+
+    /// Tasks by id, in one query.
+    async fn tasks_by_id(
+        &self,
+        ids: impl IntoIterator<Item = i64>,
+    ) -> StoreResult<HashMap<i64, tasks::Model>> {
+        let ids: Vec<i64> = ids.into_iter().collect();
+        Ok(tasks::Entity::find()
+            .filter(tasks::Column::Id.is_in(ids))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect())
     }
 
     /// Counts of queued and running jobs.
@@ -1220,19 +1243,17 @@ impl Store {
             .order_by_asc(effects::Column::Id)
             .all(&self.db)
             .await?;
-        let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for e in pending {
-            if !seen.insert(e.task_id) {
-                continue;
-            }
-            let mine = e.host.as_deref().is_none_or(|h| h == hostname);
-            if e.next_attempt_at <= now && mine {
-                let task = self.task(e.task_id).await?;
-                out.push((e, task));
-            }
-        }
-        Ok(out)
+        let due: Vec<effects::Model> = pending
+            .into_iter()
+            .filter(|e| seen.insert(e.task_id))
+            .filter(|e| e.next_attempt_at <= now && e.host.as_deref().is_none_or(|h| h == hostname))
+            .collect();
+        let tasks = self.tasks_by_id(due.iter().map(|e| e.task_id)).await?;
+        Ok(due
+            .into_iter()
+            .filter_map(|e| tasks.get(&e.task_id).cloned().map(|t| (e, t)))
+            .collect())
     }
 
     /// Takes an effect for `lease_ms`: another worker (this node after a crash, or

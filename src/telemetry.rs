@@ -91,7 +91,7 @@ pub fn init_service(settings: &TelemetrySettings, json: bool) -> Result<Telemetr
     if let Some(endpoint) = settings.otlp_endpoint.as_deref() {
         let (provider, reader) = otlp_exporters(settings, endpoint, resource.clone())?;
         tracer_provider = Some(provider);
-        meters = meters.with_otlp_reader(reader);
+        meters = reader.add_to(meters);
     }
     let meter_provider = meters.build();
     global::set_meter_provider(meter_provider.clone());
@@ -134,7 +134,7 @@ pub fn otlp_exporters(
     settings: &TelemetrySettings,
     endpoint: &str,
     resource: opentelemetry_sdk::Resource,
-) -> Result<(SdkTracerProvider, OtlpReaderBox), TelemetryError> {
+) -> Result<(SdkTracerProvider, OtlpReader), TelemetryError> {
     let err = |what: &'static str| {
         move |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter {
             what,
@@ -166,7 +166,7 @@ pub fn otlp_exporters(
         )
         .with_interval(METRICS_EXPORT_INTERVAL)
         .build();
-        return Ok((provider, OtlpReaderBox(OtlpReader::Grpc(reader))));
+        return Ok((provider, OtlpReader::Grpc(reader)));
     }
     let base = endpoint.trim_end_matches('/');
     let spans = opentelemetry_otlp::SpanExporter::builder()
@@ -186,21 +186,18 @@ pub fn otlp_exporters(
     let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(metrics)
         .with_interval(METRICS_EXPORT_INTERVAL)
         .build();
-    Ok((provider, OtlpReaderBox(OtlpReader::Http(reader))))
+    Ok((provider, OtlpReader::Http(reader)))
 }
 
-/// An [`OtlpReader`] that a meter provider builder takes.
-pub struct OtlpReaderBox(pub OtlpReader);
-
-trait WithOtlpReader {
-    fn with_otlp_reader(self, reader: OtlpReaderBox) -> Self;
-}
-
-impl WithOtlpReader for opentelemetry_sdk::metrics::MeterProviderBuilder {
-    fn with_otlp_reader(self, reader: OtlpReaderBox) -> Self {
-        match reader.0 {
-            OtlpReader::Http(r) => self.with_reader(r),
-            OtlpReader::Grpc(r) => self.with_reader(r),
+impl OtlpReader {
+    /// Adds the reader to a meter provider.
+    fn add_to(
+        self,
+        b: opentelemetry_sdk::metrics::MeterProviderBuilder,
+    ) -> opentelemetry_sdk::metrics::MeterProviderBuilder {
+        match self {
+            OtlpReader::Http(r) => b.with_reader(r),
+            OtlpReader::Grpc(r) => b.with_reader(r),
         }
     }
 }

@@ -81,6 +81,9 @@ impl Actor for Dispatcher {
                 DispatchResult::default()
             }
         };
+        if matches!(msg, DispatcherMsg::Tick) {
+            record_gauges(ctx).await;
+        }
         ctx.report(ProbeEvent::Dispatcher {
             msg: match msg {
                 DispatcherMsg::Tick => "tick",
@@ -130,10 +133,14 @@ pub async fn run_once(
             break;
         }
     }
-    if let Ok((queued, running)) = ctx.store.queue_depth().await {
-        let m = &ctx.metrics;
-        m.queue_depth.record(queued, &[]);
-        m.running_jobs.record(running, &[]);
-    }
     Ok(result)
+}
+
+/// The queue gauges: two counts, taken on the periodic tick only (a kick follows every
+/// won claim, and must stay cheap).
+async fn record_gauges(ctx: &Ctx) {
+    if let Ok((queued, running)) = ctx.store.queue_depth().await {
+        ctx.metrics.queue_depth.record(queued, &[]);
+        ctx.metrics.running_jobs.record(running, &[]);
+    }
 }
