@@ -301,6 +301,10 @@ echo "agent of $BATON_TASK finished""#,
         "{text}"
     );
     assert!(text.contains("baton_run_duration"), "{text}");
+    assert!(
+        text.contains("baton_queue_depth") && text.contains("baton_jobs_running"),
+        "{text}"
+    );
 
     // The dashboard page is static and public; its data needs the token.
     let (s, page) = api.call("GET", "/", None, None).await;
