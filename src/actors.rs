@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Every actor takes an optional [`Probe`] (None in production) and reports each message
-//! it handled, in order, so that tests can assert message sequences.
+//! it handled, in order, as a typed [`ProbeEvent`], so that tests can assert message
+//! sequences.
 
 pub mod advancer;
 pub mod dispatcher;
@@ -20,10 +21,16 @@ pub mod supervisor;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::ActorRef;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::store::{Claim, ClaimOutcome, ClaimPolicy, Store};
+use crate::effects::Effector;
+use crate::model::{Claim, ClaimOutcome};
+use crate::policy::Policy;
+use crate::store::Store;
 
 /// A test's window into the actors.
 pub type Probe = tokio::sync::mpsc::UnboundedSender<ProbeEvent>;
@@ -31,18 +38,17 @@ pub type Probe = tokio::sync::mpsc::UnboundedSender<ProbeEvent>;
 /// One message an actor handled, as a probe reports it.
 #[derive(Debug, Clone)]
 pub enum ProbeEvent {
-    Supervisor(String),
+    Supervisor(supervisor::SupervisorEvent),
     Dispatcher {
-        msg: &'static str,
+        msg: dispatcher::DispatcherMsg,
         dispatched: Vec<(i64, i64)>,
     },
     Monitor {
         job_id: i64,
         run_id: i64,
-        msg: String,
+        event: monitor::MonitorEvent,
     },
     Reaper {
-        msg: &'static str,
         result: reaper::ReapResult,
         claims: Vec<(Claim, ClaimOutcome)>,
     },
@@ -51,7 +57,7 @@ pub enum ProbeEvent {
         outcome: Result<ClaimOutcome, String>,
     },
     EffectWorker {
-        msg: &'static str,
+        msg: effect_worker::EffectWorkerMsg,
         result: effect_worker::EffectResult,
     },
 }
@@ -88,7 +94,7 @@ impl Watched {
 #[derive(Clone)]
 pub struct Ctx {
     pub config: Arc<Config>,
-    pub policy: Arc<ClaimPolicy>,
+    pub policy: Arc<Policy>,
     pub store: Store,
     pub clock: Clock,
     pub node_id: String,
@@ -99,6 +105,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// baton's own secrets, read once at start.
     pub secrets: crate::config::Secrets,
+    /// The node's one effector (HTTP client and Plane state cache), shared with the API.
+    pub effector: Effector,
     /// The binary that provides `baton shim` (this executable in production).
     pub shim_exe: std::path::PathBuf,
 }
@@ -113,4 +121,33 @@ impl Ctx {
     pub fn now(&self) -> i64 {
         self.clock.now_ms()
     }
+}
+
+/// The timer of a periodic actor: sends `msg` every `interval` until dropped, so the
+/// actor's state owns it and no `post_stop` is needed to end it.
+pub struct Ticker(tokio::task::JoinHandle<()>);
+
+impl Ticker {
+    pub fn start<M: ractor::Message>(
+        actor: &ActorRef<M>,
+        interval: Duration,
+        msg: impl Fn() -> M + Send + 'static,
+    ) -> Ticker {
+        Ticker(actor.send_interval(interval, msg))
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The result of one pass of a periodic actor, which never dies of a failed pass: the
+/// failure is logged with the actor's name and the pass counts as having done nothing.
+pub fn pass_or_default<T: Default, E: std::fmt::Display>(actor: &str, r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| {
+        tracing::warn!(actor, error = %e, "pass failed; trying again at the next tick");
+        T::default()
+    })
 }

@@ -9,8 +9,9 @@ use anyhow::Context;
 
 use crate::clock::Clock;
 use crate::config::{Config, EnvOverrides};
+use crate::model::{Origin, TaskKey, TaskStatus};
 use crate::service::{Node, ServeOptions};
-use crate::store::{NewTask, Source, status};
+use crate::tasks::{self, SubmitRequest};
 
 pub struct BenchArgs {
     pub tasks: usize,
@@ -44,7 +45,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let baseline_per_sec = spawn_baseline(stages, args.concurrency).await?;
     println!("  {baseline_per_sec:.1} processes/s");
 
-    crate::demo::seed_remote(&root.join("seed"), &root.join("remote.git"))
+    crate::workspace::seed_remote(&root.join("seed"), &root.join("remote.git"))
         .context("seed the remote")?;
     let db = args
         .database_url
@@ -80,20 +81,9 @@ listen = "127.0.0.1:0"
     let store = crate::store::Store::open(&config.database_url).await?;
     let clock = Clock::system();
     for i in 0..args.tasks {
-        store
-            .submit(
-                NewTask {
-                    key: format!("BENCH-{i}"),
-                    pipeline: "default".into(),
-                    title: "bench".into(),
-                    plane_issue_id: None,
-                    first_stage: "s1".into(),
-                    trace_parent: None,
-                },
-                Source::Cli,
-                clock.now_ms(),
-            )
-            .await?;
+        let key = TaskKey::parse(format!("BENCH-{i}")).map_err(anyhow::Error::msg)?;
+        let request = SubmitRequest::new(key);
+        tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
     }
     println!(
         "baton: {} tasks x 4 stages of `true`, max_concurrent_jobs = {}",
@@ -113,7 +103,7 @@ listen = "127.0.0.1:0"
         let tasks = store.list_tasks(None).await?;
         let open = tasks
             .iter()
-            .filter(|t| t.task.status == status::ACTIVE)
+            .filter(|t| t.task.status == TaskStatus::Active)
             .count();
         if open == 0 {
             break;

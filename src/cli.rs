@@ -3,15 +3,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use crate::clock::Clock;
-use crate::config::{CONFIG_PATH_DEFAULT, Config, validate_name};
-use crate::store::{NewTask, Source, Store, TaskDetail, TaskSummary};
+use crate::config::{CONFIG_PATH_DEFAULT, Config};
+use crate::model::{Origin, TaskKey};
+use crate::present;
+use crate::store::Store;
+use crate::tasks::{self, AgentStop, SubmitRequest};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,17 +44,22 @@ pub enum Command {
     /// Enqueue a task (works whether or not `serve` is running).
     Submit {
         /// The task's key, e.g. ORCH-65: ASCII letters, digits, '-', '_' and '.'.
-        key: String,
-        #[arg(long, default_value = "default")]
-        pipeline: String,
+        key: TaskKey,
+        /// The pipeline to run (default: `default`).
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// The task's title (default: its key).
         #[arg(long)]
         title: Option<String>,
+        /// The Plane work item (its UUID) that the task reports to.
         #[arg(long)]
         plane_issue: Option<String>,
     },
     /// Tasks with their jobs and runs.
     Status {
-        key: Option<String>,
+        /// One task's jobs, runs and effects instead of the table of tasks.
+        key: Option<TaskKey>,
+        /// Print JSON instead of text.
         #[arg(long, conflicts_with = "watch")]
         json: bool,
         /// Redraw every second until interrupted.
@@ -61,14 +68,15 @@ pub enum Command {
     },
     /// The task's events in order.
     History {
-        key: String,
+        key: TaskKey,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Cancel a task and kill its agent.
-    Cancel { key: String },
+    Cancel { key: TaskKey },
     /// Re-queue a failed or cancelled task at the stage where it stopped.
-    Retry { key: String },
+    Retry { key: TaskKey },
     /// Apply the database migrations.
     Migrate,
     /// The self-contained tour: a temp dir, SQLite, a git repo with a bare remote and a
@@ -81,8 +89,10 @@ pub enum Command {
     /// Push N tasks through a 4-stage pipeline of `true` agents and print the figures
     /// (stages/s against this machine's raw spawn rate, advance latency, peak RSS).
     Bench {
+        /// How many tasks to push through.
         #[arg(long, default_value_t = 100)]
         tasks: usize,
+        /// Agents run at once (max_concurrent_jobs).
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
         /// Database to use instead of a temp SQLite file (e.g. a scratch PostgreSQL database).
@@ -161,16 +171,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plane_issue,
         } => {
             let config = load_config(&cli.config)?;
-            let submitted = submit(
-                &config,
+            let store = open_store(&config).await?;
+            let request = SubmitRequest {
                 key,
                 pipeline,
                 title,
-                plane_issue,
-                Source::Cli,
-                &clock,
-            )
-            .await?;
+                plane_issue_id: plane_issue,
+            };
+            let submitted =
+                tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
             println!(
                 "submitted {} (pipeline {}, first stage {}, job {})",
                 submitted.task.key, submitted.task.pipeline, submitted.job.stage, submitted.job.id
@@ -180,9 +189,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             key, watch: true, ..
         } => {
             let config = load_config(&cli.config)?;
-            if let Some(key) = &key {
-                check_key(key)?;
-            }
             let store = open_store(&config).await?;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -190,8 +196,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ = tokio::signal::ctrl_c() => break,
                     _ = tick.tick() => {}
                 }
-                let screen = render_watch(&store, key.as_deref(), &clock).await?;
-                // Clear and redraw in place.
+                let screen = render_watch(&store, key.as_ref(), &clock).await?;
                 print!("\x1b[2J\x1b[H{screen}");
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
@@ -201,88 +206,61 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
             if let Some(key) = key {
-                check_key(&key)?;
                 let detail = store.task_detail(&key).await?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&detail_json(&detail))?);
+                    let doc = present::detail_json(&detail);
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
-                    print!("{}", render_detail(&detail));
+                    print!("{}", present::render_detail(&detail));
                 }
             } else {
                 let tasks = store.list_tasks(None).await?;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&json!({ "tasks": tasks }))?
-                    );
+                    let doc = json!({ "tasks": tasks });
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
-                    print!("{}", render_tasks(&tasks));
+                    print!("{}", present::render_tasks(&tasks));
                 }
             }
         }
         Command::History { key, json } => {
             let config = load_config(&cli.config)?;
-            check_key(&key)?;
             let store = open_store(&config).await?;
             let task = store.task_by_key(&key).await?;
             let events = store.events(task.id).await?;
             if json {
-                let events: Vec<_> = events.iter().map(event_json).collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"task": key, "events": events}))?
-                );
+                let doc = present::history_json(key.as_str(), &events);
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                for e in &events {
-                    println!(
-                        "{}  {:<16} {:<10} job={:<5} run={:<5} {}",
-                        fmt_time(e.at),
-                        e.kind,
-                        e.source,
-                        e.job_id
-                            .map(|j| j.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        e.run_id
-                            .map(|j| j.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        e.detail
-                    );
-                }
+                print!("{}", present::render_history(&events));
             }
         }
         Command::Cancel { key } => {
             let config = load_config(&cli.config)?;
-            check_key(&key)?;
             let store = open_store(&config).await?;
-            let runs = store.cancel(&key, Source::Cli, clock.now_ms()).await?;
-            println!("cancelled {key}");
             let host = crate::hostname();
-            for r in runs {
-                match (r.run.pid, r.hostname.as_deref()) {
-                    (Some(pid), Some(h)) if h == host => {
-                        let alive = crate::agent::alive(pid);
-                        crate::agent::terminate_group(pid, crate::agent::AGENT_KILL_GRACE_DEFAULT)
-                            .await;
-                        println!(
-                            "  run {}: agent pid {pid} {}",
-                            r.run.id,
-                            if alive { "terminated" } else { "already gone" }
-                        );
+            let cancelled = tasks::cancel(&store, &key, Origin::Cli, clock.now_ms(), &host).await?;
+            println!("cancelled {key}");
+            for (run_id, stop) in cancelled.runs {
+                match stop {
+                    AgentStop::Terminated { pid } => {
+                        println!("  run {run_id}: agent pid {pid} terminated")
                     }
-                    (Some(pid), h) => println!(
-                        "  run {}: agent pid {pid} runs on {}; its monitor stops it at its next heartbeat",
-                        r.run.id,
-                        h.unwrap_or("an unknown host")
+                    AgentStop::AlreadyGone { pid } => {
+                        println!("  run {run_id}: agent pid {pid} already gone")
+                    }
+                    AgentStop::OtherHost { pid, host } => println!(
+                        "  run {run_id}: agent pid {pid} runs on {}; its monitor stops it at its next heartbeat",
+                        host.as_deref().unwrap_or("an unknown host")
                     ),
-                    (None, _) => println!("  run {}: no agent started yet", r.run.id),
+                    AgentStop::NotStarted => println!("  run {run_id}: no agent started yet"),
                 }
             }
         }
         Command::Retry { key } => {
             let config = load_config(&cli.config)?;
-            check_key(&key)?;
             let store = open_store(&config).await?;
-            let job = store.retry(&key, Source::Cli, clock.now_ms()).await?;
+            let job = tasks::retry(&store, &key, Origin::Cli, clock.now_ms()).await?;
             println!(
                 "re-queued {key} at stage {} (job {}, iteration {})",
                 job.stage, job.id, job.iteration
@@ -297,7 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let telemetry = crate::telemetry::init_service(&config.telemetry, cli.log_json)?;
-            tracing::info!(config = %cli.config.display(), database = %crate::config::redact_url(&config.database_url), "starting");
+            tracing::info!(config = %cli.config.display(), database = %crate::store::redact_url(&config.database_url), "starting");
             crate::service::run(
                 config,
                 crate::service::ServeOptions {
@@ -390,187 +368,27 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
 
 /// Validates and submits a task: the key, the pipeline and its first stage are checked
 /// against the config before anything is written.
-pub async fn submit(
-    config: &Config,
-    key: String,
-    pipeline: String,
-    title: Option<String>,
-    plane_issue: Option<String>,
-    source: Source,
-    clock: &Clock,
-) -> anyhow::Result<crate::store::Submitted> {
-    check_key(&key)?;
-    let first_stage = config
-        .pipeline(&pipeline)
-        .map_err(anyhow::Error::msg)?
-        .stages
-        .first()
-        .cloned()
-        .with_context(|| format!("pipeline {pipeline} has no stages"))?;
-    let store = open_store(config).await?;
-    let submitted = store
-        .submit(
-            NewTask {
-                title: title.unwrap_or_else(|| key.clone()),
-                key,
-                pipeline,
-                plane_issue_id: plane_issue,
-                first_stage,
-                trace_parent: None,
-            },
-            source,
-            clock.now_ms(),
-        )
-        .await?;
-    Ok(submitted)
-}
-
-fn check_key(key: &str) -> anyhow::Result<()> {
-    validate_name(key).map_err(|msg| anyhow::anyhow!("invalid task key: {msg}"))
-}
-
-pub fn fmt_time(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-fn event_json(e: &entity::events::Model) -> serde_json::Value {
-    json!({
-        "id": e.id, "at": e.at, "kind": e.kind, "source": e.source,
-        "job_id": e.job_id, "run_id": e.run_id,
-        "detail": serde_json::from_str::<serde_json::Value>(&e.detail).unwrap_or(json!(e.detail)),
-    })
-}
-
-pub fn detail_json(d: &TaskDetail) -> serde_json::Value {
-    json!({
-        "task": d.task, "jobs": d.jobs, "runs": d.runs, "effects": d.effects,
-        "events": d.events.iter().map(event_json).collect::<Vec<_>>(),
-    })
-}
-
-/// The stage a task is at: its newest job.
-fn current_job(jobs: &[entity::jobs::Model]) -> Option<&entity::jobs::Model> {
-    jobs.iter().max_by_key(|j| j.id)
-}
-
-/// One screen of `status --watch`: the tasks (or one task), then the running agents.
+/// One screen of `baton status --watch`.
 pub async fn render_watch(
     store: &Store,
-    key: Option<&str>,
+    key: Option<&TaskKey>,
     clock: &Clock,
 ) -> anyhow::Result<String> {
     let now = clock.now_ms();
-    let mut out = format!("baton status -- {} (Ctrl-C to stop)\n\n", fmt_time(now));
+    let mut out = format!(
+        "baton status -- {} (Ctrl-C to stop)\n\n",
+        present::fmt_time(now)
+    );
     match key {
-        Some(key) => out.push_str(&render_detail(&store.task_detail(key).await?)),
-        None => out.push_str(&render_tasks(&store.list_tasks(None).await?)),
+        Some(key) => out.push_str(&present::render_detail(&store.task_detail(key).await?)),
+        None => out.push_str(&present::render_tasks(&store.list_tasks(None).await?)),
     }
-    let running = store.running_jobs().await?;
-    let running: Vec<_> = running
+    let running: Vec<_> = store
+        .running_jobs()
+        .await?
         .into_iter()
-        .filter(|r| key.is_none_or(|k| r.task.key == k))
+        .filter(|r| key.is_none_or(|k| r.task.key == k.as_str()))
         .collect();
-    out.push_str(&format!("\nrunning agents: {}\n", running.len()));
-    for r in &running {
-        if let Some(run) = &r.run {
-            out.push_str(&format!(
-                "  {:<20} {:<12} run {:<6} pid {:<7} age {}{}\n",
-                r.task.key,
-                r.job.stage,
-                run.id,
-                run.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                humantime::format_duration(Duration::from_secs(
-                    ((now - run.started_at).max(0) / 1000) as u64
-                )),
-                if run.exited_at.is_some() {
-                    " (finalizing)"
-                } else {
-                    ""
-                }
-            ));
-        }
-    }
+    out.push_str(&present::render_running(&running, now));
     Ok(out)
-}
-
-pub fn render_tasks(tasks: &[TaskSummary]) -> String {
-    if tasks.is_empty() {
-        return "no tasks; submit one with `baton submit KEY`\n".to_string();
-    }
-    let mut out = format!(
-        "{:<20} {:<10} {:<10} {:<24} {}\n",
-        "TASK", "PIPELINE", "STATUS", "STAGE", "UPDATED"
-    );
-    for t in tasks {
-        let stage = current_job(&t.jobs)
-            .map(|j| {
-                format!(
-                    "{}#{} {} (attempt {})",
-                    j.stage, j.iteration, j.status, j.attempt
-                )
-            })
-            .unwrap_or_default();
-        out.push_str(&format!(
-            "{:<20} {:<10} {:<10} {:<24} {}\n",
-            t.task.key,
-            t.task.pipeline,
-            t.task.status,
-            stage,
-            fmt_time(t.task.updated_at)
-        ));
-    }
-    out
-}
-
-pub fn render_detail(d: &TaskDetail) -> String {
-    let t = &d.task;
-    let mut out = format!(
-        "{} ({}) pipeline={} status={} created={}\n",
-        t.key,
-        t.title,
-        t.pipeline,
-        t.status,
-        fmt_time(t.created_at)
-    );
-    if let Some(p) = &t.plane_issue_id {
-        out.push_str(&format!("  plane issue: {p}\n"));
-    }
-    out.push_str("  jobs:\n");
-    for j in &d.jobs {
-        out.push_str(&format!(
-            "    #{:<5} {:<12} iter {:<2} {:<10} attempt {}\n",
-            j.id, j.stage, j.iteration, j.status, j.attempt
-        ));
-        for r in d.runs.iter().filter(|r| r.job_id == j.id) {
-            out.push_str(&format!(
-                "           run {:<5} attempt {} pid {:<7} exit {:<4} outcome {:<9} commit {} log {}\n",
-                r.id,
-                r.attempt,
-                r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                r.exit_code.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                r.outcome.as_deref().unwrap_or("-"),
-                r.commit_sha.as_deref().map(|s| &s[..s.len().min(10)]).unwrap_or("-"),
-                r.log_path
-            ));
-        }
-    }
-    if !d.effects.is_empty() {
-        out.push_str("  effects:\n");
-        for e in &d.effects {
-            out.push_str(&format!(
-                "    #{:<5} {:<14} {:<8} attempts {} {}{}\n",
-                e.id,
-                e.kind,
-                e.status,
-                e.attempts,
-                e.external_ref.as_deref().unwrap_or(""),
-                e.last_error
-                    .as_deref()
-                    .map(|s| format!(" last error: {s}"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
-    out
 }

@@ -8,12 +8,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use git2::{Repository, Signature};
+use git2::Repository;
 
 use crate::clock::Clock;
 use crate::config::{Config, EnvOverrides};
+use crate::model::{EffectStatus, EventKind, Origin, RunOutcome, TaskKey, TaskStatus};
 use crate::service::{Node, ServeOptions};
-use crate::store::{NewTask, Source, status};
+use crate::tasks::{self, SubmitRequest};
+use crate::workspace::seed_remote;
 
 const DEMO_TASK: &str = "DEMO-1";
 /// The demo gives up after this long.
@@ -67,20 +69,12 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     )
     .await?;
     let store = node.store.clone();
-    let submitted = store
-        .submit(
-            NewTask {
-                key: DEMO_TASK.into(),
-                pipeline: "default".into(),
-                title: "Add a greeting".into(),
-                plane_issue_id: None,
-                first_stage: "analyst".into(),
-                trace_parent: None,
-            },
-            Source::Cli,
-            clock.now_ms(),
-        )
-        .await?;
+    let key = TaskKey::parse(DEMO_TASK).map_err(anyhow::Error::msg)?;
+    let request = SubmitRequest {
+        title: Some("Add a greeting".into()),
+        ..SubmitRequest::new(key.clone())
+    };
+    let submitted = tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
 
     // Live progress: every event as it is written.
     let started = tokio::time::Instant::now();
@@ -90,8 +84,8 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
         print_events(&events[shown..], started);
         shown = events.len();
         let task = store.task(submitted.task.id).await?;
-        if task.status != status::ACTIVE {
-            break task.status;
+        if task.status != TaskStatus::Active {
+            break task.status.to_string();
         }
         if started.elapsed() > DEMO_DEADLINE {
             break format!("still {} after {}s", task.status, DEMO_DEADLINE.as_secs());
@@ -101,8 +95,12 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     // Let the outbox drain (the pushes of the last stages) before stopping.
     let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < drain_deadline {
-        let detail = store.task_detail(DEMO_TASK).await?;
-        if !detail.effects.iter().any(|e| e.status == status::PENDING) {
+        let detail = store.task_detail(&key).await?;
+        if !detail
+            .effects
+            .iter()
+            .any(|e| e.status == EffectStatus::Pending)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -112,26 +110,26 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     node.shutdown().await;
 
     // Summary.
-    let detail = store.task_detail(DEMO_TASK).await?;
+    let detail = store.task_detail(&key).await?;
     println!("\n== summary\n");
-    print!("{}", crate::cli::render_detail(&detail));
+    print!("{}", crate::present::render_detail(&detail));
     println!("\n  commits on baton/{DEMO_TASK}:");
     let ws = config.workspace_root.join(DEMO_TASK);
     for line in git_log(&ws).unwrap_or_default() {
         println!("    {line}");
     }
-    let count = |k: &str| detail.events.iter().filter(|e| e.kind == k).count();
+    let count = |k: EventKind| detail.events.iter().filter(|e| e.kind == k).count();
     println!(
         "\n  {} events: {} runs started, {} claims won, {} lost, {} advances, {} rejection loop(s)",
         detail.events.len(),
-        count("run_started"),
-        count("claim_won"),
-        count("claim_lost"),
-        count("job_advanced"),
+        count(EventKind::RunStarted),
+        count(EventKind::ClaimWon),
+        count(EventKind::ClaimLost),
+        count(EventKind::JobAdvanced),
         detail
             .runs
             .iter()
-            .filter(|r| r.outcome.as_deref() == Some("rejected"))
+            .filter(|r| r.outcome == Some(RunOutcome::Rejected))
             .count(),
     );
     store.close().await;
@@ -139,7 +137,7 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
         let kept = tmp.keep();
         println!("\n  kept {}", kept.display());
     }
-    if final_status == status::DONE {
+    if final_status == TaskStatus::Done.as_str() {
         println!("\ndemo task {DEMO_TASK} is done");
         Ok(ExitCode::SUCCESS)
     } else {
@@ -240,31 +238,6 @@ listen = "127.0.0.1:0"
                 .join("; ")
         )
     })
-}
-
-/// A bare remote whose `main` has one commit with a README.
-pub fn seed_remote(seed: &Path, remote: &Path) -> Result<(), git2::Error> {
-    let bare = Repository::init_bare(remote)?;
-    bare.set_head("refs/heads/main")?;
-    let repo = Repository::init(seed)?;
-    std::fs::write(seed.join("README.md"), "# demo app\n")
-        .map_err(|e| git2::Error::from_str(&e.to_string()))?;
-    let mut index = repo.index()?;
-    index.add_path(Path::new("README.md"))?;
-    index.write()?;
-    let tree = repo.find_tree(index.write_tree()?)?;
-    let sig = Signature::now("baton demo", "demo@localhost")?;
-    repo.commit(
-        Some("refs/heads/main"),
-        &sig,
-        &sig,
-        "initial commit",
-        &tree,
-        &[],
-    )?;
-    let mut origin = repo.remote("origin", &remote.to_string_lossy())?;
-    origin.push(&["refs/heads/main:refs/heads/main"], None)?;
-    Ok(())
 }
 
 fn git_log(ws: &Path) -> Option<Vec<String>> {

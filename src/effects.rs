@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use entity::{effects, tasks};
 
 use crate::config::Config;
+use crate::model::EffectPayload;
 use crate::store::Store;
 
 /// HTTP requests to the forge and Plane give up after this long.
@@ -76,38 +77,31 @@ impl Effector {
         e: &effects::Model,
         task: &tasks::Model,
     ) -> Result<Option<String>, EffectError> {
-        let payload: serde_json::Value = serde_json::from_str(&e.payload)
-            .map_err(|err| EffectError::Permanent(format!("effect payload is not JSON: {err}")))?;
-        let field = |k: &str| -> Result<String, EffectError> {
-            payload[k]
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| EffectError::Permanent(format!("effect payload has no {k}")))
-        };
-        match e.kind.as_str() {
-            "push" => {
-                let branch = field("branch")?;
+        let payload = EffectPayload::from_row(e.kind, &e.payload)
+            .map_err(|err| EffectError::Permanent(format!("effect payload is malformed: {err}")))?;
+        match payload {
+            EffectPayload::Push(p) => {
                 let ws = crate::workspace::path_for(&self.config.workspace_root, &task.key)
                     .map_err(|err| EffectError::Permanent(err.to_string()))?;
                 let token = self.secrets.forge_token.clone();
                 let url = self.config.repo.url.clone();
                 tokio::task::spawn_blocking(move || {
-                    push::push_branch(&ws, &url, &branch, token.as_deref())
+                    push::push_branch(&ws, &url, &p.branch, token.as_deref())
                 })
                 .await
                 .map_err(|err| EffectError::transient(format!("push panicked: {err}")))?
                 .map(Some)
             }
-            "pull_request" => {
+            EffectPayload::PullRequest(p) => {
                 let forge = self
                     .config
                     .forge
                     .as_ref()
                     .ok_or_else(|| EffectError::Permanent("no [forge] is configured".into()))?;
                 let pr = forge::PullRequest {
-                    branch: field("branch")?,
-                    base: field("base")?,
-                    title: field("title")?,
+                    branch: p.branch,
+                    base: p.base,
+                    title: p.title,
                     body: format!(
                         "Opened by baton for {} after stage {}.",
                         task.key,
@@ -128,32 +122,27 @@ impl Effector {
                     .await
                     .map(Some)
             }
-            "plane_comment" => {
+            EffectPayload::PlaneComment(p) => {
                 let plane = self.plane()?;
                 let pr = self.store.pull_request_url(task.id).await.ok().flatten();
-                let html = plane::comment_html(&payload, pr.as_deref());
+                let html = plane::comment_html(&p, pr.as_deref());
                 plane::post_comment(
                     &self.http,
                     plane,
                     self.plane_key()?,
-                    &field("issue")?,
+                    &p.issue,
                     &html,
                     &e.idempotency_key,
                 )
                 .await
                 .map(Some)
             }
-            "plane_state" => {
+            EffectPayload::PlaneState(p) => {
                 let plane = self.plane()?;
-                let state = field("state")?;
-                let id = self.plane_state_id(&state).await?;
-                plane::set_state(&self.http, plane, self.plane_key()?, &field("issue")?, &id)
-                    .await?;
-                Ok(Some(state))
+                let id = self.plane_state_id(&p.state).await?;
+                plane::set_state(&self.http, plane, self.plane_key()?, &p.issue, &id).await?;
+                Ok(Some(p.state))
             }
-            other => Err(EffectError::Permanent(format!(
-                "unknown effect kind {other:?}"
-            ))),
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{GateSettings, StageSettings};
-use crate::store::Verdict;
+use crate::model::Verdict;
 
 /// The values of the placeholders `{task}`, `{stage}`, `{run_id}`, `{attempt}`,
 /// `{workspace}`.

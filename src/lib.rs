@@ -6,19 +6,26 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the `baton.toml` format, defaults and validation.
-//! - [`store`]: all database access, including the fenced claim; no SQL elsewhere.
+//! From the bottom up; a module uses only those above it in this list (and `entity`).
+//!
+//! - [`model`]: the domain vocabulary: task keys, statuses, verdicts, claims, deciders,
+//!   effect payloads, backoff. No I/O.
 //! - [`clock`]: time in the database's unit, controllable by tests.
-//! - [`actors`]: the Supervisor, Dispatcher, Monitor, Reaper and Advancer (ractor).
-//! - [`agent`]: the shim that starts agents in their own session, and their signals.
-//! - [`gate`]: the read-only quality gate of a stage.
+//! - [`policy`]: the pure transition policy: which transition a claim makes and which
+//!   effects it writes.
+//! - [`store`]: all database access, split by topic; the fenced claim applies the
+//!   policy's decision. No SQL elsewhere; knows no config, telemetry or actors.
+//! - [`config`]: the `baton.toml` format, defaults, validation and secrets.
+//! - [`telemetry`]: logs, one OpenTelemetry trace per task, metrics.
+//! - [`agent`], [`workspace`], [`gate`]: the shim that starts agents, one git checkout
+//!   per task, the read-only quality gate.
 //! - [`effects`]: performing the outbox: push (git2), pull requests, Plane.
-//! - [`workspace`]: one git checkout per task and the auto-commit (git2).
-//! - [`http`]: the node's HTTP listener (axum): health, the API, metrics, the
-//!   dashboard and Plane webhooks.
+//! - [`tasks`]: the application layer: submit, cancel, retry, for every entry point.
+//! - [`present`]: the JSON documents and terminal renderings of tasks.
+//! - [`actors`]: the Supervisor, Dispatcher, Monitor, Reaper, Advancer and EffectWorker.
+//! - [`http`]: the node's HTTP listener: the API, metrics, the dashboard, Plane webhooks.
 //! - [`service`]: `baton serve`: one node, started and stopped.
 //! - [`demo`] and [`bench`]: the self-contained tour and the benchmark.
-//! - [`telemetry`]: logs, one OpenTelemetry trace per task, metrics.
 //! - [`cli`]: the command-line interface; `main.rs` only parses and dispatches.
 
 pub mod actors;
@@ -31,8 +38,12 @@ pub mod demo;
 pub mod effects;
 pub mod gate;
 pub mod http;
+pub mod model;
+pub mod policy;
+pub mod present;
 pub mod service;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod workspace;
 

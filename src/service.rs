@@ -11,7 +11,8 @@ use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::actors::{Ctx, Probe, Watched};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::store::{ClaimPolicy, Store};
+use crate::effects::Effector;
+use crate::store::Store;
 
 /// How a node runs; the defaults are production's.
 #[derive(Clone, Default)]
@@ -80,9 +81,11 @@ impl Node {
             .secrets
             .clone()
             .unwrap_or_else(|| crate::config::Secrets::from_env(&config));
+        let config = Arc::new(config);
         let ctx = Ctx {
-            policy: Arc::new(ClaimPolicy::from_config(&config)),
-            config: Arc::new(config),
+            policy: Arc::new(config.policy()),
+            effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
+            config,
             store: store.clone(),
             clock,
             node_id: node_id.clone(),
@@ -108,12 +111,9 @@ impl Node {
             config: ctx.config.clone(),
             store: store.clone(),
             clock: ctx.clock.clone(),
-            effector: crate::effects::Effector::new(
-                ctx.config.clone(),
-                store.clone(),
-                ctx.secrets.clone(),
-            ),
+            effector: ctx.effector.clone(),
             secrets: ctx.secrets.clone(),
+            hostname: ctx.hostname.clone(),
             registry: opts.metrics_registry.clone(),
             ready: ready.clone(),
         };

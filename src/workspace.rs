@@ -136,3 +136,28 @@ pub fn head_commit_of_run(path: &Path, run_id: i64) -> Option<String> {
         .ends_with(&format!("run_id={run_id}"))
         .then(|| head.id().to_string())
 }
+
+/// A bare remote whose `main` has one commit with a README.
+pub fn seed_remote(seed: &Path, remote: &Path) -> Result<(), git2::Error> {
+    let bare = Repository::init_bare(remote)?;
+    bare.set_head("refs/heads/main")?;
+    let repo = Repository::init(seed)?;
+    std::fs::write(seed.join("README.md"), "# demo app\n")
+        .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    let mut index = repo.index()?;
+    index.add_path(Path::new("README.md"))?;
+    index.write()?;
+    let tree = repo.find_tree(index.write_tree()?)?;
+    let sig = Signature::now("baton", "baton@localhost")?;
+    repo.commit(
+        Some("refs/heads/main"),
+        &sig,
+        &sig,
+        "initial commit",
+        &tree,
+        &[],
+    )?;
+    let mut origin = repo.remote("origin", &remote.to_string_lossy())?;
+    origin.push(&["refs/heads/main:refs/heads/main"], None)?;
+    Ok(())
+}

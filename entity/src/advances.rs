@@ -11,8 +11,7 @@ pub struct Model {
     /// The next job; `None` when the pipeline ended (task done or failed).
     pub to_job_id: Option<i64>,
     pub run_id: i64,
-    /// `monitor` or `reaper`.
-    pub decided_by: String,
+    pub decided_by: crate::AdvanceDecider,
     pub created_at: i64,
 }
 

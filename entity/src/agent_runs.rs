@@ -17,8 +17,8 @@ pub struct Model {
     pub exit_code: Option<i32>,
     /// When the exit was recorded; the finalization grace window starts here.
     pub exited_at: Option<i64>,
-    /// `passed`, `failed`, `rejected`, `lost`, `timeout` or `cancelled`, set by the claim.
-    pub outcome: Option<String>,
+    /// Set by the winning claim, or by a cancel.
+    pub outcome: Option<crate::RunOutcome>,
     pub log_path: String,
     pub commit_sha: Option<String>,
 }

@@ -9,18 +9,17 @@ pub struct Model {
     pub id: i64,
     pub task_id: i64,
     pub run_id: i64,
-    /// `push`, `pull_request`, `plane_comment` or `plane_state`.
-    pub kind: String,
+    pub kind: crate::EffectKind,
     /// Unique; also sent to the remote so that a repeated delivery is recognised there.
     #[sea_orm(unique)]
     pub idempotency_key: String,
-    /// `pending`, `done` or `failed`.
-    pub status: String,
+    pub status: crate::EffectStatus,
     pub attempts: i32,
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
     pub external_ref: Option<String>,
-    /// What to do, as JSON text (branch, commit, message, state name, ...).
+    /// What to do, as JSON text: the fields of the kind's payload (see baton's
+    /// `model::EffectPayload`).
     pub payload: String,
     pub created_at: i64,
     pub updated_at: i64,

@@ -10,9 +10,8 @@ pub struct Model {
     pub task_id: i64,
     pub job_id: Option<i64>,
     pub run_id: Option<i64>,
-    pub kind: String,
-    /// `monitor`, `reaper`, `dispatcher`, `cli`, `api` or `webhook`.
-    pub source: String,
+    pub kind: crate::EventKind,
+    pub source: crate::EventSource,
     /// JSON text.
     pub detail: String,
     pub at: i64,

@@ -11,8 +11,7 @@ pub struct Model {
     pub stage: String,
     /// How many times this stage has been entered for the task (1 for the first).
     pub iteration: i32,
-    /// `queued`, `running`, `done`, `failed` or `cancelled`.
-    pub status: String,
+    pub status: crate::JobStatus,
     pub attempt: i32,
     /// The fence: only a claim naming this run can finalize the job.
     pub current_run_id: Option<i64>,

@@ -11,4 +11,10 @@ pub mod events;
 pub mod jobs;
 pub mod nodes;
 pub mod tasks;
+pub mod types;
 pub mod webhook_deliveries;
+
+pub use types::{
+    AdvanceDecider, EffectKind, EffectStatus, EventKind, EventSource, JobStatus, RunOutcome,
+    TaskStatus,
+};

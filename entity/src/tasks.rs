@@ -12,8 +12,7 @@ pub struct Model {
     pub pipeline: String,
     pub title: String,
     pub plane_issue_id: Option<String>,
-    /// `active`, `done`, `failed` or `cancelled`.
-    pub status: String,
+    pub status: crate::TaskStatus,
     /// W3C trace context of the task's root span; every span of the task joins it.
     pub trace_parent: Option<String>,
     pub created_at: i64,

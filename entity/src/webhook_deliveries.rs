@@ -8,7 +8,7 @@ pub struct Model {
     /// The delivery id the sender gave (`X-Plane-Delivery`).
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
-    pub source: String,
+    pub source: crate::EventSource,
     pub received_at: i64,
 }
 

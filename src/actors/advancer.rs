@@ -1,12 +1,21 @@
 //! The Advancer: THE single writer of job transitions after dispatch. It handles claims
 //! strictly one at a time and runs only the fenced transaction; slow work (gates, git,
 //! HTTP) happens in the sender before the claim is sent.
+//!
+//! Senders (the Monitor, the Reaper, adoption) go through [`send_claim`].
+
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::dispatcher::DispatcherMsg;
 use super::{Ctx, ProbeEvent};
-use crate::store::{Claim, ClaimOutcome};
+use crate::model::{Claim, ClaimOutcome, JobStatus};
+
+/// How often a claim is tried when the database does not answer.
+const ADVANCER_CLAIM_TRIES: u32 = 5;
+/// The wait before the second try; it doubles with each try.
+const ADVANCER_CLAIM_BACKOFF: Duration = Duration::from_millis(200);
 
 pub enum AdvancerMsg {
     /// Finalize a run; the reply is `Won`, `Lost` or `AlreadyAdvanced`, or the database
@@ -83,30 +92,26 @@ pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, Stri
         Ok(outcome) => {
             let m = &ctx.metrics;
             let by = crate::telemetry::kv("decided_by", claim.decided_by.as_str());
-            let label = match &outcome {
-                ClaimOutcome::Won(_) => "won",
-                ClaimOutcome::Lost => "lost",
-                ClaimOutcome::AlreadyAdvanced => "already_advanced",
-            };
+            let label = outcome.label();
             m.claims
                 .add(1, &[by.clone(), crate::telemetry::kv("outcome", label)]);
             tracing::Span::current().record("outcome", label);
-            if let ClaimOutcome::Won(w) = &outcome {
-                if w.job_status == crate::store::status::QUEUED {
-                    m.retries.add(1, &[]);
-                } else {
-                    m.advances.add(1, &[by]);
-                }
-            }
             match &outcome {
-                ClaimOutcome::Won(w) => tracing::info!(
-                    elapsed_us,
-                    verdict = claim.verdict.outcome(),
-                    job_status = %w.job_status,
-                    next_stage = w.next_job.as_ref().map(|j| j.stage.as_str()),
-                    task_status = w.task_status.as_deref(),
-                    "claim won"
-                ),
+                ClaimOutcome::Won(w) => {
+                    if w.job_status == JobStatus::Queued {
+                        m.retries.add(1, &[]);
+                    } else {
+                        m.advances.add(1, &[by]);
+                    }
+                    tracing::info!(
+                        elapsed_us,
+                        verdict = %claim.verdict.outcome(),
+                        job_status = %w.job_status,
+                        next_stage = w.next_job.as_ref().map(|j| j.stage.as_str()),
+                        task_status = w.task_status.map(|s| s.as_str()),
+                        "claim won"
+                    )
+                }
                 other => tracing::info!(outcome = ?other, "claim lost"),
             }
             Ok(outcome)
@@ -116,4 +121,32 @@ pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, Stri
             Err(e.to_string())
         }
     }
+}
+
+/// Sends a claim to the Advancer, trying again a few times when the database did not
+/// answer. `None` when it could not be decided: the Reaper finalizes the run later.
+pub async fn send_claim(advancer: &ActorRef<AdvancerMsg>, claim: Claim) -> Option<ClaimOutcome> {
+    let mut backoff = ADVANCER_CLAIM_BACKOFF;
+    for attempt in 1..=ADVANCER_CLAIM_TRIES {
+        let c = claim.clone();
+        match advancer
+            .call(|reply| AdvancerMsg::Claim(c, reply), None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(Ok(outcome))) => return Some(outcome),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+                tracing::warn!(error = %e, attempt, run_id = claim.run_id, "claim not decided; trying again");
+            }
+            _ => {
+                tracing::warn!(
+                    run_id = claim.run_id,
+                    "the advancer is gone; the Reaper will finalize the run"
+                );
+                return None;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+    }
+    None
 }

@@ -6,12 +6,12 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::supervisor::SupervisorMsg;
-use super::{Ctx, ProbeEvent};
+use super::{Ctx, ProbeEvent, Ticker, pass_or_default};
 
 /// How often the Dispatcher looks for due jobs when nothing kicks it.
 pub const DISPATCHER_INTERVAL_DEFAULT: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DispatcherMsg {
     /// The periodic look.
     Tick,
@@ -27,7 +27,7 @@ pub struct DispatcherArgs {
 
 pub struct DispatcherState {
     args: DispatcherArgs,
-    _timer: tokio::task::JoinHandle<()>,
+    _ticker: Ticker,
 }
 
 /// What one pass did.
@@ -49,21 +49,12 @@ impl Actor for Dispatcher {
         myself: ActorRef<Self::Msg>,
         args: DispatcherArgs,
     ) -> Result<DispatcherState, ActorProcessingErr> {
-        let timer = myself.send_interval(args.interval, || DispatcherMsg::Tick);
+        let ticker = Ticker::start(&myself, args.interval, || DispatcherMsg::Tick);
         let _ = myself.send_message(DispatcherMsg::Kick);
         Ok(DispatcherState {
             args,
-            _timer: timer,
+            _ticker: ticker,
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _: ActorRef<Self::Msg>,
-        state: &mut DispatcherState,
-    ) -> Result<(), ActorProcessingErr> {
-        state._timer.abort();
-        Ok(())
     }
 
     async fn handle(
@@ -73,22 +64,12 @@ impl Actor for Dispatcher {
         state: &mut DispatcherState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &state.args.ctx;
-        // A periodic actor never dies of one failed pass.
-        let result = match run_once(ctx, &state.args.supervisor).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "dispatch pass failed; trying again at the next tick");
-                DispatchResult::default()
-            }
-        };
-        if matches!(msg, DispatcherMsg::Tick) {
+        let result = pass_or_default("dispatcher", run_once(ctx, &state.args.supervisor).await);
+        if msg == DispatcherMsg::Tick {
             record_gauges(ctx).await;
         }
         ctx.report(ProbeEvent::Dispatcher {
-            msg: match msg {
-                DispatcherMsg::Tick => "tick",
-                DispatcherMsg::Kick => "kick",
-            },
+            msg,
             dispatched: result.dispatched,
         });
         Ok(())
@@ -107,10 +88,7 @@ pub async fn run_once(
             .dispatch(
                 &ctx.node_id,
                 &ctx.config.log_dir,
-                ctx.config
-                    .plane
-                    .as_ref()
-                    .and_then(|p| p.states.on_start.as_deref()),
+                Some(&ctx.policy),
                 ctx.now(),
             )
             .await?

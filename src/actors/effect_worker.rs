@@ -11,15 +11,16 @@ use rand::Rng;
 use serde::Serialize;
 use tracing::Instrument;
 
-use super::{Ctx, ProbeEvent};
+use super::{Ctx, ProbeEvent, Ticker, pass_or_default};
 use crate::clock::ms;
-use crate::effects::{EffectError, Effector};
-use crate::store::{EffectOutcome, Source};
+use crate::effects::EffectError;
+use crate::model::EventSource;
+use crate::store::EffectOutcome;
 
 /// How long a taken effect is left to its worker before another may take it again.
 pub const EFFECT_LEASE: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EffectWorkerMsg {
     Tick,
     /// A claim wrote effects: look now.
@@ -28,12 +29,11 @@ pub enum EffectWorkerMsg {
 
 pub struct EffectWorkerArgs {
     pub ctx: Ctx,
-    pub effector: Effector,
 }
 
 pub struct EffectWorkerState {
     args: EffectWorkerArgs,
-    timer: tokio::task::JoinHandle<()>,
+    _ticker: Ticker,
 }
 
 /// What one pass did.
@@ -58,19 +58,13 @@ impl Actor for EffectWorker {
         myself: ActorRef<Self::Msg>,
         args: EffectWorkerArgs,
     ) -> Result<EffectWorkerState, ActorProcessingErr> {
-        let timer =
-            myself.send_interval(args.ctx.config.effects.interval, || EffectWorkerMsg::Tick);
+        let interval = args.ctx.config.effects.interval;
+        let ticker = Ticker::start(&myself, interval, || EffectWorkerMsg::Tick);
         let _ = myself.send_message(EffectWorkerMsg::Kick);
-        Ok(EffectWorkerState { args, timer })
-    }
-
-    async fn post_stop(
-        &self,
-        _: ActorRef<Self::Msg>,
-        state: &mut EffectWorkerState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.timer.abort();
-        Ok(())
+        Ok(EffectWorkerState {
+            args,
+            _ticker: ticker,
+        })
     }
 
     async fn handle(
@@ -80,30 +74,14 @@ impl Actor for EffectWorker {
         state: &mut EffectWorkerState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &state.args.ctx;
-        let result = match run_once(ctx, &state.args.effector).await {
-            Ok(r) => r,
-            // A periodic actor never dies of one failed pass.
-            Err(e) => {
-                tracing::warn!(error = %e, "effect pass failed; trying again at the next tick");
-                EffectResult::default()
-            }
-        };
-        ctx.report(ProbeEvent::EffectWorker {
-            msg: match msg {
-                EffectWorkerMsg::Tick => "tick",
-                EffectWorkerMsg::Kick => "kick",
-            },
-            result,
-        });
+        let result = pass_or_default("effect_worker", run_once(ctx).await);
+        ctx.report(ProbeEvent::EffectWorker { msg, result });
         Ok(())
     }
 }
 
 /// One pass over the outbox; returns when every effect it took has an outcome.
-pub async fn run_once(
-    ctx: &Ctx,
-    effector: &Effector,
-) -> Result<EffectResult, crate::store::StoreError> {
+pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreError> {
     let mut result = EffectResult::default();
     let due = ctx.store.due_effects(&ctx.hostname, ctx.now()).await?;
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(ctx.config.effects.concurrency));
@@ -121,7 +99,7 @@ pub async fn run_once(
             result.n_skipped += 1;
             continue;
         }
-        let (ctx, effector) = (ctx.clone(), effector.clone());
+        let ctx = ctx.clone();
         let span = tracing::info_span!(
             "effect",
             task = %task.key,
@@ -133,7 +111,7 @@ pub async fn run_once(
         crate::telemetry::join_task_trace(&span, task.trace_parent.as_deref());
         set.spawn(async move {
             let _permit = permit;
-            let outcome = match effector.perform(&effect, &task).await {
+            let outcome = match ctx.effector.perform(&effect, &task).await {
                 Ok(external_ref) => EffectOutcome::Done { external_ref },
                 Err(err) => outcome_of_error(&ctx, &effect, err),
             };
@@ -148,19 +126,14 @@ pub async fn run_once(
                     tracing::error!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, "effect failed")
                 }
             }
-            let label = match &outcome {
-                EffectOutcome::Done { .. } => "done",
-                EffectOutcome::Retry { .. } => "retry",
-                EffectOutcome::Failed { .. } => "failed",
-            };
             ctx.metrics.effects.add(
                 1,
                 &[
-                    crate::telemetry::kv("kind", effect.kind.clone()),
-                    crate::telemetry::kv("outcome", label),
+                    crate::telemetry::kv("kind", effect.kind.as_str()),
+                    crate::telemetry::kv("outcome", outcome.label()),
                 ],
             );
-            let recorded = ctx.store.finish_effect(&effect, outcome.clone(), Source::Monitor, ctx.now()).await;
+            let recorded = ctx.store.finish_effect(&effect, outcome.clone(), EventSource::Monitor, ctx.now()).await;
             (outcome, recorded)
         }.instrument(span));
     }
@@ -195,7 +168,7 @@ fn outcome_of_error(ctx: &Ctx, effect: &entity::effects::Model, err: EffectError
             message,
             retry_after,
         } => {
-            let backoff = ctx.config.effects.backoff(attempt);
+            let backoff = ctx.config.effects.backoff().after_attempt(attempt as u32);
             // Up to a quarter more, so that many retries do not arrive together.
             let jitter = rand::rng().random_range(0..=ms(backoff) / 4);
             let wait = match retry_after {

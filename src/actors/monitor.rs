@@ -11,18 +11,17 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::Instrument;
 
-use super::advancer::AdvancerMsg;
+use super::advancer::{AdvancerMsg, send_claim};
 use super::{Ctx, ProbeEvent};
 use crate::agent::{self, AgentSpec, ExitStatus};
 use crate::config::StageSettings;
 use crate::gate::{self, Vars};
-use crate::store::{Claim, ClaimOutcome, Dispatched, Source, Verdict};
+use crate::model::{Claim, ClaimOutcome, Decider, Verdict};
+use crate::store::Dispatched;
 use crate::workspace;
 
 /// How often an adopted agent (not baton's child) is checked for its end.
 pub const MONITOR_ADOPTED_POLL_DEFAULT: Duration = Duration::from_millis(200);
-/// How often a claim is tried when the database does not answer.
-const CLAIM_TRIES: u32 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MonitorMode {
@@ -47,17 +46,46 @@ pub enum MonitorMsg {
     Stop { kill: bool },
 }
 
+/// What a Monitor reports to a probe: each message it handled, and its claim's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorEvent {
+    Start,
+    Heartbeat,
+    Timeout,
+    /// The agent ended, with its exit code when it left one.
+    Exited(Option<i32>),
+    Stop {
+        kill: bool,
+    },
+    /// The claim was sent; `None` when it could not be decided.
+    Claimed(Option<ClaimOutcome>),
+}
+
 impl MonitorMsg {
-    fn describe(&self) -> String {
+    fn event(&self) -> MonitorEvent {
         match self {
-            MonitorMsg::Start => "start".into(),
-            MonitorMsg::Heartbeat => "heartbeat".into(),
-            MonitorMsg::Timeout => "timeout".into(),
-            MonitorMsg::Exited(Some(s)) => format!("exited({})", s.code),
-            MonitorMsg::Exited(None) => "exited(unknown)".into(),
-            MonitorMsg::Stop { kill } => format!("stop(kill={kill})"),
+            MonitorMsg::Start => MonitorEvent::Start,
+            MonitorMsg::Heartbeat => MonitorEvent::Heartbeat,
+            MonitorMsg::Timeout => MonitorEvent::Timeout,
+            MonitorMsg::Exited(s) => MonitorEvent::Exited(s.as_ref().map(|s| s.code)),
+            MonitorMsg::Stop { kill } => MonitorEvent::Stop { kill: *kill },
         }
     }
+}
+
+/// Why a run is ending, when something other than the agent itself ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndCause {
+    /// Nothing so far: the agent's own exit decides.
+    Running,
+    /// The stage timeout passed and the agent was stopped.
+    TimedOut,
+    /// The job no longer runs with this run (a cancel, or a claim by another).
+    Cancelled,
+    /// `serve --stop-agents` stopped the agent at shutdown.
+    StoppedAtShutdown,
+    /// The node shuts down and leaves the agent running for adoption.
+    Detached,
 }
 
 pub struct MonitorArgs {
@@ -72,11 +100,7 @@ pub struct MonitorState {
     stage: Option<StageSettings>,
     workspace: Option<PathBuf>,
     pid: Option<i32>,
-    timed_out: bool,
-    cancelled: bool,
-    /// `serve --stop-agents` terminated the agent at shutdown.
-    shutdown_kill: bool,
-    stopping: bool,
+    cause: EndCause,
     timers: Vec<tokio::task::AbortHandle>,
     /// The span of the agent's run, in the task's trace; finalization runs inside it.
     span: tracing::Span,
@@ -108,10 +132,7 @@ impl Actor for Monitor {
             stage,
             workspace: None,
             pid: None,
-            timed_out: false,
-            cancelled: false,
-            shutdown_kill: false,
-            stopping: false,
+            cause: EndCause::Running,
             timers: Vec::new(),
             span,
         })
@@ -139,7 +160,7 @@ impl Actor for Monitor {
         state.args.ctx.report(ProbeEvent::Monitor {
             job_id: d.job.id,
             run_id: d.run.id,
-            msg: msg.describe(),
+            event: msg.event(),
         });
         match msg {
             MonitorMsg::Start => {
@@ -150,9 +171,9 @@ impl Actor for Monitor {
                 let ctx = &state.args.ctx;
                 match ctx.store.heartbeat_run(d.job.id, d.run.id, ctx.now()).await {
                     Ok(true) => {}
-                    Ok(false) if !state.cancelled => {
+                    Ok(false) if state.cause != EndCause::Cancelled => {
                         tracing::info!(task = %d.task.key, run_id = d.run.id, "job no longer runs with this run (cancelled); stopping the agent");
-                        state.cancelled = true;
+                        state.cause = EndCause::Cancelled;
                         if let Some(pid) = state.pid {
                             tokio::spawn(agent::terminate_group(
                                 pid,
@@ -167,27 +188,27 @@ impl Actor for Monitor {
             MonitorMsg::Timeout => {
                 if let Some(pid) = state.pid {
                     tracing::warn!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, pid, "stage timeout: stopping the agent");
-                    state.timed_out = true;
+                    state.cause = EndCause::TimedOut;
                     tokio::spawn(agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT));
                 }
             }
             MonitorMsg::Exited(status) => {
-                if !state.stopping {
+                if state.cause != EndCause::Detached {
                     let span = state.span.clone();
                     finalize(state, status, None).instrument(span).await;
                 }
                 myself.stop(None);
             }
             MonitorMsg::Stop { kill } => {
-                state.stopping = !kill;
                 if kill {
-                    state.shutdown_kill = true;
+                    state.cause = EndCause::StoppedAtShutdown;
                     if let Some(pid) = state.pid {
                         let grace = state.args.ctx.config.shutdown.grace;
                         agent::terminate_group(pid, grace).await;
                     }
                     // The waiter sends Exited; finalize then records the stop.
                 } else {
+                    state.cause = EndCause::Detached;
                     myself.stop(Some("node shutdown".into()));
                 }
             }
@@ -264,7 +285,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
                 cwd: ws.clone(),
                 log_path: log_path.clone(),
                 env,
-                env_remove: secret_vars(&ctx.config),
+                env_remove: ctx.config.hidden_vars(),
                 shim_exe: ctx.shim_exe.clone(),
             };
             let child = match agent::spawn(&spec) {
@@ -335,20 +356,6 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
     );
 }
 
-/// The environment variables that hold baton's own secrets: never passed to agents.
-pub fn secret_vars(config: &crate::config::Config) -> Vec<String> {
-    let mut v = vec!["BATON_DATABASE_URL".to_string(), "DATABASE_URL".to_string()];
-    if let Some(f) = &config.forge {
-        v.push(f.token_env.clone());
-    }
-    if let Some(p) = &config.plane {
-        v.push(p.api_key_env.clone());
-        v.extend(p.webhook_secret_env.clone());
-    }
-    v.extend(config.http.token_env.clone());
-    v
-}
-
 /// Records the exit FIRST, then gates, commits and claims.
 async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure: Option<String>) {
     let ctx = state.args.ctx.clone();
@@ -360,8 +367,8 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     let detail = json!({
         "signal": status.as_ref().and_then(|s| s.signal),
         "error": error,
-        "timed_out": state.timed_out,
-        "cancelled": state.cancelled,
+        "timed_out": state.cause == EndCause::TimedOut,
+        "cancelled": state.cause == EndCause::Cancelled,
     });
     // 1. The exit, first: from here on the Reaper's grace window protects this monitor.
     let exit_recorded = std::time::Instant::now();
@@ -378,13 +385,13 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
         return;
     }
-    if state.cancelled {
+    if state.cause == EndCause::Cancelled {
         return;
     }
     // 2. The gate, read-only.
-    let verdict = if state.timed_out {
+    let verdict = if state.cause == EndCause::TimedOut {
         Verdict::TimedOut
-    } else if state.shutdown_kill {
+    } else if state.cause == EndCause::StoppedAtShutdown {
         Verdict::Failed {
             reason: "agent stopped at node shutdown (serve --stop-agents)".into(),
         }
@@ -442,8 +449,7 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         job_id: d.job.id,
         run_id: d.run.id,
         verdict,
-        decided_by: Source::Monitor,
-        tier: None,
+        decided_by: Decider::Monitor,
         commit_sha,
     };
     let outcome = send_claim(&state.args.advancer, claim).await;
@@ -463,42 +469,6 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     ctx.report(ProbeEvent::Monitor {
         job_id: d.job.id,
         run_id: d.run.id,
-        msg: format!(
-            "claimed: {}",
-            match &outcome {
-                Some(ClaimOutcome::Won(_)) => "won",
-                Some(ClaimOutcome::Lost) => "lost",
-                Some(ClaimOutcome::AlreadyAdvanced) => "already_advanced",
-                None => "undecided",
-            }
-        ),
+        event: MonitorEvent::Claimed(outcome),
     });
-}
-
-/// Sends a claim to the Advancer, trying again a few times when the database did not
-/// answer. `None` when it could not be decided: the Reaper finalizes the run later.
-pub async fn send_claim(advancer: &ActorRef<AdvancerMsg>, claim: Claim) -> Option<ClaimOutcome> {
-    let mut backoff = Duration::from_millis(200);
-    for attempt in 1..=CLAIM_TRIES {
-        let c = claim.clone();
-        match advancer
-            .call(|reply| AdvancerMsg::Claim(c, reply), None)
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(Ok(outcome))) => return Some(outcome),
-            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
-                tracing::warn!(error = %e, attempt, run_id = claim.run_id, "claim not decided; trying again");
-            }
-            _ => {
-                tracing::warn!(
-                    run_id = claim.run_id,
-                    "the advancer is gone; the Reaper will finalize the run"
-                );
-                return None;
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
-    }
-    None
 }

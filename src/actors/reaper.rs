@@ -18,13 +18,13 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::Instrument;
 
-use super::advancer::AdvancerMsg;
-use super::monitor::send_claim;
-use super::{Ctx, ProbeEvent};
+use super::advancer::{AdvancerMsg, send_claim};
+use super::{Ctx, ProbeEvent, Ticker};
 use crate::agent;
 use crate::clock::ms;
 use crate::gate::{self, Vars};
-use crate::store::{Claim, ClaimOutcome, RunningJob, Source, Verdict};
+use crate::model::{Claim, ClaimOutcome, Decider, ReapTier, Verdict};
+use crate::store::RunningJob;
 use crate::workspace;
 
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +39,7 @@ pub struct ReaperArgs {
 
 pub struct ReaperState {
     args: ReaperArgs,
-    timer: tokio::task::JoinHandle<()>,
+    _ticker: Ticker,
 }
 
 /// What one pass did.
@@ -73,17 +73,11 @@ impl Actor for Reaper {
         myself: ActorRef<Self::Msg>,
         args: ReaperArgs,
     ) -> Result<ReaperState, ActorProcessingErr> {
-        let timer = myself.send_interval(args.ctx.config.reaper.interval, || ReaperMsg::Tick);
-        Ok(ReaperState { args, timer })
-    }
-
-    async fn post_stop(
-        &self,
-        _: ActorRef<Self::Msg>,
-        state: &mut ReaperState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.timer.abort();
-        Ok(())
+        let ticker = Ticker::start(&myself, args.ctx.config.reaper.interval, || ReaperMsg::Tick);
+        Ok(ReaperState {
+            args,
+            _ticker: ticker,
+        })
     }
 
     async fn handle(
@@ -108,15 +102,11 @@ impl Actor for Reaper {
                     )
                     .in_scope(|| tracing::info!("reaper pass did work"));
                 }
-                ctx.report(ProbeEvent::Reaper {
-                    msg: "tick",
-                    result,
-                    claims,
-                });
+                ctx.report(ProbeEvent::Reaper { result, claims });
             }
             // A periodic actor never dies of one failed pass.
             Err(e) => {
-                tracing::warn!(error = %e, "reaper pass failed; trying again at the next tick")
+                tracing::warn!(actor = "reaper", error = %e, "pass failed; trying again at the next tick")
             }
         }
         Ok(())
@@ -145,7 +135,7 @@ pub async fn run_once(
             } else {
                 result.n_tier2 += 1;
                 let (verdict, commit) = read_only_gate(ctx, &rj).await;
-                Some(("2", verdict, commit))
+                Some((ReapTier::Unfinished, verdict, commit))
             }
         } else {
             let here = rj.node_hostname.as_deref() == Some(ctx.hostname.as_str());
@@ -165,7 +155,7 @@ pub async fn run_once(
                     {
                         agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
                         result.n_timeout += 1;
-                        Some(("timeout", Verdict::TimedOut, None))
+                        Some((ReapTier::Timeout, Verdict::TimedOut, None))
                     } else {
                         None
                     }
@@ -188,7 +178,7 @@ pub async fn run_once(
                     } else {
                         result.n_tier1 += 1;
                         Some((
-                            "1",
+                            ReapTier::LostAgent,
                             Verdict::Lost {
                                 reason: format!(
                                     "agent pid {} is gone without an exit status",
@@ -202,7 +192,7 @@ pub async fn run_once(
                 (true, None) if run.node_id == ctx.node_id || node_silent => {
                     result.n_tier1 += 1;
                     Some((
-                        "1",
+                        ReapTier::LostAgent,
                         Verdict::Lost {
                             reason: "the agent was never started".into(),
                         },
@@ -212,7 +202,7 @@ pub async fn run_once(
                 (false, _) if node_silent => {
                     result.n_tier1 += 1;
                     Some((
-                        "1",
+                        ReapTier::LostAgent,
                         Verdict::Lost {
                             reason: format!(
                                 "node {} has not sent a heartbeat for {}s",
@@ -235,19 +225,18 @@ pub async fn run_once(
             job_id: rj.job.id,
             run_id: run.id,
             verdict,
-            decided_by: Source::Reaper,
-            tier: Some(tier.to_string()),
+            decided_by: Decider::Reaper(tier),
             commit_sha,
         };
         // The claim is sent from within the task's trace; the Advancer's span follows it.
         let span = crate::task_span!("reap", rj.task, rj.job, run.id);
-        span.in_scope(|| tracing::info!(tier, "reaping"));
+        span.in_scope(|| tracing::info!(tier = tier.as_str(), "reaping"));
         if let Some(outcome) = send_claim(advancer, claim.clone()).instrument(span).await {
             if matches!(outcome, ClaimOutcome::Won(_)) {
                 result.n_won += 1;
                 ctx.metrics
                     .reaps
-                    .add(1, &[crate::telemetry::kv("tier", tier)]);
+                    .add(1, &[crate::telemetry::kv("tier", tier.as_str())]);
             }
             claims.push((claim, outcome));
         }

@@ -1,5 +1,4 @@
-//! The Supervisor: registers the node, adopts the runs an earlier boot of this host left
-//! behind, spawns the Dispatcher, the Advancer, the Reaper and one Monitor per running
+//! The Supervisor: adopts the runs an earlier boot of this host left behind, spawns the Dispatcher, the Advancer, the Reaper and one Monitor per running
 //! job (all linked), heartbeats the node, and shuts everything down in order.
 //!
 //! It overrides `handle_supervisor_evt`: ractor's default stops a supervisor when any
@@ -13,15 +12,35 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use serde_json::json;
 use tracing::Instrument;
 
-use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg};
+use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg, send_claim};
 use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
 use super::effect_worker::{EffectWorker, EffectWorkerArgs, EffectWorkerMsg};
 use super::monitor::{Monitor, MonitorArgs, MonitorMode, MonitorMsg};
 use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
-use super::{Ctx, ProbeEvent};
+use super::{Ctx, ProbeEvent, Ticker};
 use crate::agent;
-use crate::effects::Effector;
-use crate::store::{Claim, Dispatched, Source, Verdict};
+use crate::model::{Claim, ClaimOutcome, Decider, ReapTier, Verdict};
+use crate::store::Dispatched;
+
+/// How long each core actor gets to stop at shutdown.
+const SUPERVISOR_STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// What a Supervisor reports to a probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SupervisorEvent {
+    StartMonitor {
+        job_id: i64,
+        run_id: i64,
+        mode: MonitorMode,
+    },
+    NodeHeartbeat,
+    Shutdown {
+        stop_agents: bool,
+    },
+    MonitorFailed {
+        run_id: i64,
+    },
+}
 
 pub enum SupervisorMsg {
     StartMonitor(Box<Dispatched>, MonitorMode),
@@ -56,7 +75,7 @@ pub struct SupervisorState {
     effect_worker: Option<ActorRef<EffectWorkerMsg>>,
     advancer: ActorRef<AdvancerMsg>,
     monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
-    heartbeat: tokio::task::JoinHandle<()>,
+    _heartbeat: Ticker,
     shutting_down: bool,
 }
 
@@ -88,10 +107,7 @@ impl Actor for Supervisor {
         let (effect_worker, _) = Actor::spawn_linked(
             None,
             EffectWorker,
-            EffectWorkerArgs {
-                ctx: ctx.clone(),
-                effector: Effector::new(ctx.config.clone(), ctx.store.clone(), ctx.secrets.clone()),
-            },
+            EffectWorkerArgs { ctx: ctx.clone() },
             cell.clone(),
         )
         .await?;
@@ -116,7 +132,7 @@ impl Actor for Supervisor {
             cell.clone(),
         )
         .await?;
-        let heartbeat = myself.send_interval(ctx.config.node.heartbeat_interval, || {
+        let heartbeat = Ticker::start(&myself, ctx.config.node.heartbeat_interval, || {
             SupervisorMsg::NodeHeartbeat
         });
         Ok(SupervisorState {
@@ -126,7 +142,7 @@ impl Actor for Supervisor {
             effect_worker: Some(effect_worker),
             advancer,
             monitors: HashMap::new(),
-            heartbeat,
+            _heartbeat: heartbeat,
             shutting_down: false,
         })
     }
@@ -140,15 +156,6 @@ impl Actor for Supervisor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _: ActorRef<Self::Msg>,
-        state: &mut SupervisorState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.heartbeat.abort();
-        Ok(())
-    }
-
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -157,10 +164,13 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::StartMonitor(d, mode) => {
-                state.ctx.report(ProbeEvent::Supervisor(format!(
-                    "start_monitor(job={}, run={}, {mode:?})",
-                    d.job.id, d.run.id
-                )));
+                state
+                    .ctx
+                    .report(ProbeEvent::Supervisor(SupervisorEvent::StartMonitor {
+                        job_id: d.job.id,
+                        run_id: d.run.id,
+                        mode,
+                    }));
                 if state.shutting_down {
                     // Dispatched just before the shutdown: its run is left to adoption.
                     state.ctx.watched.remove(d.run.id);
@@ -196,7 +206,7 @@ impl Actor for Supervisor {
             SupervisorMsg::NodeHeartbeat => {
                 state
                     .ctx
-                    .report(ProbeEvent::Supervisor("node_heartbeat".into()));
+                    .report(ProbeEvent::Supervisor(SupervisorEvent::NodeHeartbeat));
                 if let Err(e) = state
                     .ctx
                     .store
@@ -207,17 +217,19 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::Shutdown { stop_agents, reply } => {
-                state.ctx.report(ProbeEvent::Supervisor(format!(
-                    "shutdown(stop_agents={stop_agents})"
-                )));
+                state
+                    .ctx
+                    .report(ProbeEvent::Supervisor(SupervisorEvent::Shutdown {
+                        stop_agents,
+                    }));
                 state.shutting_down = true;
                 if let Some(d) = state.dispatcher.take() {
                     d.unlink(myself.get_cell());
-                    let _ = d.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+                    let _ = d.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
                 if let Some(r) = state.reaper.take() {
                     r.unlink(myself.get_cell());
-                    let _ = r.stop_and_wait(None, Some(Duration::from_secs(60))).await;
+                    let _ = r.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
                 let monitors: Vec<ActorRef<MonitorMsg>> =
                     state.monitors.values().map(|(m, _)| m.clone()).collect();
@@ -230,7 +242,7 @@ impl Actor for Supervisor {
                 }
                 if let Some(w) = state.effect_worker.take() {
                     w.unlink(myself.get_cell());
-                    let _ = w.stop_and_wait(None, Some(Duration::from_secs(60))).await;
+                    let _ = w.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
                 let _ = state
                     .ctx
@@ -264,9 +276,11 @@ impl Actor for Supervisor {
                     // Not restarted blindly: the run is left to the Reaper's rules.
                     state.ctx.watched.remove(run_id);
                     tracing::error!(run_id, error = %err, "monitor failed; its run is left to the Reaper");
-                    state.ctx.report(ProbeEvent::Supervisor(format!(
-                        "monitor_failed(run={run_id})"
-                    )));
+                    state
+                        .ctx
+                        .report(ProbeEvent::Supervisor(SupervisorEvent::MonitorFailed {
+                            run_id,
+                        }));
                 } else if !state.shutting_down {
                     tracing::error!(actor = ?cell.get_id(), error = %err, "a core actor failed; stopping the node");
                     myself.stop(Some("core actor failed".into()));
@@ -319,19 +333,19 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
                 verdict: Verdict::Lost {
                     reason: "the agent did not survive the restart and left no exit status".into(),
                 },
-                decided_by: Source::Reaper,
-                tier: Some("1".into()),
+                decided_by: Decider::Reaper(ReapTier::LostAgent),
                 commit_sha: None,
             };
             // Reaped like tier 1 by the Reaper: in the task's trace, and counted.
             let span = crate::task_span!("reap", rj.task, rj.job, run.id);
-            let outcome = super::monitor::send_claim(&state.advancer, claim)
+            let outcome = send_claim(&state.advancer, claim)
                 .instrument(span.clone())
                 .await;
-            if matches!(outcome, Some(crate::store::ClaimOutcome::Won(_))) {
+            if matches!(outcome, Some(ClaimOutcome::Won(_))) {
+                let tier = ReapTier::LostAgent.as_str();
                 ctx.metrics
                     .reaps
-                    .add(1, &[crate::telemetry::kv("tier", "1")]);
+                    .add(1, &[crate::telemetry::kv("tier", tier)]);
             }
             span.in_scope(|| {
                 tracing::info!(outcome = ?outcome, detail = %json!({"pid": pid}), "orphaned run was lost")

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::{EffectError, http_error, network_error};
 use crate::config::PlaneSettings;
+use crate::model::PlaneCommentPayload;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct PlaneState {
@@ -109,31 +110,19 @@ fn escape(s: &str) -> String {
 }
 
 /// The comment of one stage outcome: stage, verdict, run, attempt, commit, PR link.
-pub fn comment_html(payload: &serde_json::Value, pr_url: Option<&str>) -> String {
-    let s = |k: &str| {
-        payload[k]
-            .as_str()
-            .map(escape)
-            .unwrap_or_else(|| "-".into())
-    };
-    let n = |k: &str| {
-        payload[k]
-            .as_i64()
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "-".into())
-    };
+pub fn comment_html(c: &PlaneCommentPayload, pr_url: Option<&str>) -> String {
     let mut html = format!(
         "<p><strong>baton</strong>: stage <code>{}</code> of {} <strong>{}</strong> (run {}, attempt {})</p>",
-        s("stage"),
-        s("task"),
-        s("verdict"),
-        n("run_id"),
-        n("attempt")
+        escape(&c.stage),
+        escape(&c.task),
+        c.verdict,
+        c.run_id,
+        c.attempt
     );
-    if let Some(c) = payload["commit"].as_str() {
-        html.push_str(&format!("<p>commit <code>{}</code></p>", escape(c)));
+    if let Some(commit) = &c.commit {
+        html.push_str(&format!("<p>commit <code>{}</code></p>", escape(commit)));
     }
-    if let Some(next) = payload["next_stage"].as_str() {
+    if let Some(next) = &c.next_stage {
         html.push_str(&format!("<p>next: <code>{}</code></p>", escape(next)));
     }
     if let Some(url) = pr_url {

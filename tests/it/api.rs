@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use baton::actors::ProbeEvent;
+use baton::actors::monitor::MonitorEvent;
 use baton::config::Secrets;
 use baton::service::ServeOptions;
 use opentelemetry::metrics::MeterProvider;
 use serde_json::{Value, json};
 
 use crate::on_both;
-use crate::supervision::{Harness, wait_for, wait_for_activity, wait_task_end};
 use crate::support::TestDb;
+use crate::support::harness::{Harness, wait_for, wait_for_activity, wait_task_end};
 
 const TOKEN: &str = "api-token-1";
 
@@ -215,7 +216,11 @@ echo "agent of $BATON_TASK finished""#,
 
     // The run's log: the tail, then followed to the end.
     let run_id = wait_for(&mut rx, |ev| match ev {
-        ProbeEvent::Monitor { msg, run_id, .. } if msg == "start" => Some(*run_id),
+        ProbeEvent::Monitor {
+            event: MonitorEvent::Start,
+            run_id,
+            ..
+        } => Some(*run_id),
         _ => None,
     })
     .await;
@@ -255,7 +260,7 @@ echo "agent of $BATON_TASK finished""#,
         404,
         "no run 999999",
     );
-    assert_eq!(wait_task_end(&mut rx).await, "done");
+    assert_eq!(wait_task_end(&mut rx).await, baton::model::TaskStatus::Done);
 
     // Cancel and retry answer 409 where the task's state does not allow them.
     assert_error(

@@ -13,7 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::supervision::Harness;
+use crate::support::harness::Harness;
 use crate::support::{Backend, TestDb};
 
 /// How long the test waits for the page or the service to reach a state.
@@ -151,10 +151,16 @@ echo done"#,
     h.submit("DASH-2", "developer").await;
     let status = |key: &'static str| {
         let store = h.db.store.clone();
-        async move { store.task_by_key(key).await.unwrap().status }
+        async move {
+            store
+                .task_by_key(&crate::support::key(key))
+                .await
+                .unwrap()
+                .status
+        }
     };
     let deadline = Instant::now() + WAIT;
-    while status("DASH-1").await != "done" {
+    while status("DASH-1").await != baton::model::TaskStatus::Done {
         assert!(Instant::now() < deadline, "DASH-1 never finished");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -233,5 +239,5 @@ echo done"#,
     );
     let refreshes = page.eval("window.batonRefreshes").await.as_u64().unwrap();
     assert!(refreshes >= 2, "{refreshes} refreshes");
-    assert_eq!(status("DASH-2").await, "done");
+    assert_eq!(status("DASH-2").await, baton::model::TaskStatus::Done);
 }

@@ -11,7 +11,11 @@ use baton::actors::{Ctx, Watched};
 use baton::clock::Clock;
 use baton::config::{Config, EnvOverrides, Secrets};
 use baton::effects::Effector;
-use baton::store::{Claim, ClaimOutcome, ClaimPolicy, NewTask, Source, Verdict};
+use baton::model::{
+    Claim, ClaimOutcome, Decider, EffectKind, EffectStatus, EventKind, EventSource, TaskStatus,
+    Verdict,
+};
+use baton::store::NewTask;
 use serde_json::json;
 use wiremock::matchers::{body_partial_json, header, header_exists, method, path, query_param};
 use wiremock::{Mock, MockBuilder, MockServer, Request, ResponseTemplate};
@@ -40,12 +44,12 @@ impl Fx {
 
     /// Runs passes of the EffectWorker until the task has no pending effect, moving the
     /// clock past every backoff in between.
-    async fn drain(&self, effector: &Effector) {
+    async fn drain(&self) {
         for _ in 0..40 {
             if self.pending().await == 0 {
                 return;
             }
-            effect_worker::run_once(&self.ctx, effector).await.unwrap();
+            effect_worker::run_once(&self.ctx).await.unwrap();
             self.ctx
                 .clock
                 .advance(self.ctx.config.effects.backoff_max + Duration::from_secs(1));
@@ -57,16 +61,21 @@ impl Fx {
         self.effects()
             .await
             .iter()
-            .filter(|e| e.status == "pending")
+            .filter(|e| e.status == EffectStatus::Pending)
             .count()
     }
 
     async fn effects(&self) -> Vec<entity::effects::Model> {
         let key = self.ctx.store.task(self.task_id).await.unwrap().key;
-        self.ctx.store.task_detail(&key).await.unwrap().effects
+        self.ctx
+            .store
+            .task_detail(&crate::support::key(&key))
+            .await
+            .unwrap()
+            .effects
     }
 
-    async fn effect(&self, kind: &str) -> entity::effects::Model {
+    async fn effect(&self, kind: EffectKind) -> entity::effects::Model {
         self.effects()
             .await
             .into_iter()
@@ -129,7 +138,7 @@ listen = "127.0.0.1:0"
 async fn setup(db: TestDb, forge_kind: &str) -> Fx {
     let server = MockServer::start().await;
     let root = db.dir.path().to_path_buf();
-    baton::demo::seed_remote(&root.join("seed"), &root.join("remote.git")).unwrap();
+    baton::workspace::seed_remote(&root.join("seed"), &root.join("remote.git")).unwrap();
     let config = Config::from_toml(
         &config_toml(&root, &server.uri(), forge_kind),
         &root,
@@ -143,7 +152,8 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
         .await
         .unwrap();
     let ctx = Ctx {
-        policy: Arc::new(ClaimPolicy::from_config(&config)),
+        policy: Arc::new(config.policy()),
+        effector: Effector::new(Arc::new(config.clone()), store.clone(), secrets()),
         config: Arc::new(config),
         store: store.clone(),
         clock: clock.clone(),
@@ -158,14 +168,14 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
     let s = store
         .submit(
             NewTask {
-                key: "T-1".into(),
+                key: crate::support::key("T-1"),
                 pipeline: "default".into(),
                 title: "A thing".into(),
                 plane_issue_id: Some(ISSUE.into()),
                 first_stage: "developer".into(),
-                trace_parent: None,
+                trace_parent: baton::telemetry::new_trace_parent(),
             },
-            Source::Cli,
+            EventSource::Cli,
             clock.now_ms(),
         )
         .await
@@ -187,8 +197,7 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
                 job_id: d.job.id,
                 run_id: d.run.id,
                 verdict: Verdict::Passed,
-                decided_by: Source::Monitor,
-                tier: None,
+                decided_by: Decider::Monitor,
                 commit_sha: Some(sha.clone()),
             },
             &ctx.policy,
@@ -269,7 +278,7 @@ async fn github_effects_run_in_order_and_once(db: TestDb) {
         .expect(1)
         .mount(&fx.server)
         .await;
-    fx.drain(&fx.effector()).await;
+    fx.drain().await;
 
     let effects = fx.effects().await;
     let done: Vec<(&str, &str, Option<&str>)> = effects
@@ -304,7 +313,7 @@ async fn github_effects_run_in_order_and_once(db: TestDb) {
     let events = fx.ctx.store.events(fx.task_id).await.unwrap();
     let kinds: Vec<String> = events
         .iter()
-        .filter(|e| e.kind == "effect_done")
+        .filter(|e| e.kind == EventKind::EffectDone)
         .map(|e| {
             serde_json::from_str::<serde_json::Value>(&e.detail).unwrap()["kind"]
                 .as_str()
@@ -345,8 +354,8 @@ async fn github_422_already_exists_counts_as_done(db: TestDb) {
         .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": "c"})))
         .mount(&fx.server)
         .await;
-    fx.drain(&fx.effector()).await;
-    let pr = fx.effect("pull_request").await;
+    fx.drain().await;
+    let pr = fx.effect(EffectKind::PullRequest).await;
     assert_eq!(
         (pr.status.as_str(), pr.external_ref.as_deref()),
         ("done", Some(PR_URL))
@@ -392,9 +401,12 @@ async fn gitea_409_counts_as_done(db: TestDb) {
         .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": "c"})))
         .mount(&fx.server)
         .await;
-    fx.drain(&fx.effector()).await;
+    fx.drain().await;
     assert_eq!(
-        fx.effect("pull_request").await.external_ref.as_deref(),
+        fx.effect(EffectKind::PullRequest)
+            .await
+            .external_ref
+            .as_deref(),
         Some(url)
     );
 }
@@ -432,14 +444,14 @@ async fn plane_500s_are_retried_then_delivered(db: TestDb) {
         .expect(1)
         .mount(&fx.server)
         .await;
-    fx.drain(&fx.effector()).await;
-    let c = fx.effect("plane_comment").await;
+    fx.drain().await;
+    let c = fx.effect(EffectKind::PlaneComment).await;
     assert_eq!(
         (c.status.as_str(), c.attempts, c.last_error.as_deref()),
         ("done", 3, None)
     );
     let events = fx.ctx.store.events(fx.task_id).await.unwrap();
-    assert!(!events.iter().any(|e| e.kind == "effect_failed"));
+    assert!(!events.iter().any(|e| e.kind == EventKind::EffectFailed));
 }
 on_both!(
     plane_500s_are_retried_then_delivered,
@@ -460,13 +472,12 @@ async fn a_429_waits_as_long_as_retry_after_says(db: TestDb) {
         .expect(1)
         .mount(&fx.server)
         .await;
-    let effector = fx.effector();
     // push, then the PR, then the comment meets the 429.
     for _ in 0..3 {
-        effect_worker::run_once(&fx.ctx, &effector).await.unwrap();
+        effect_worker::run_once(&fx.ctx).await.unwrap();
     }
-    let c = fx.effect("plane_comment").await;
-    assert_eq!(c.status, "pending");
+    let c = fx.effect(EffectKind::PlaneComment).await;
+    assert_eq!(c.status, EffectStatus::Pending);
     assert!(
         c.last_error.as_deref().unwrap_or_default().contains("429"),
         "{c:?}"
@@ -476,10 +487,10 @@ async fn a_429_waits_as_long_as_retry_after_says(db: TestDb) {
         "Retry-After was not honoured"
     );
     fx.ctx.clock.advance(Duration::from_secs(60));
-    let r = effect_worker::run_once(&fx.ctx, &effector).await.unwrap();
+    let r = effect_worker::run_once(&fx.ctx).await.unwrap();
     assert_eq!(r.n_done + r.n_retried, 0, "retried before Retry-After");
     fx.ctx.clock.advance(Duration::from_secs(61));
-    let r = effect_worker::run_once(&fx.ctx, &effector).await.unwrap();
+    let r = effect_worker::run_once(&fx.ctx).await.unwrap();
     assert_eq!(r.n_done, 1);
 }
 on_both!(
@@ -495,15 +506,24 @@ async fn an_effect_fails_after_max_attempts(db: TestDb) {
         .expect(4)
         .mount(&fx.server)
         .await;
-    fx.drain(&fx.effector()).await;
-    let c = fx.effect("plane_comment").await;
+    fx.drain().await;
+    let c = fx.effect(EffectKind::PlaneComment).await;
     assert_eq!((c.status.as_str(), c.attempts), ("failed", 4));
     assert!(c.last_error.as_deref().unwrap().contains("503"), "{c:?}");
     let events = fx.ctx.store.events(fx.task_id).await.unwrap();
-    let failed = events.iter().find(|e| e.kind == "effect_failed").unwrap();
+    let failed = events
+        .iter()
+        .find(|e| e.kind == EventKind::EffectFailed)
+        .unwrap();
     assert!(failed.detail.contains("plane_comment"), "{}", failed.detail);
     // `baton status` shows it.
-    let shown = baton::cli::render_detail(&fx.ctx.store.task_detail("T-1").await.unwrap());
+    let shown = baton::present::render_detail(
+        &fx.ctx
+            .store
+            .task_detail(&crate::support::key("T-1"))
+            .await
+            .unwrap(),
+    );
     assert!(
         shown.contains("plane_comment") && shown.contains("failed") && shown.contains("503"),
         "{shown}"
@@ -531,12 +551,12 @@ async fn crash_between_push_and_comment_duplicates_nothing(db: TestDb) {
         .await;
     // First life: the push is performed, then baton dies.
     let first = fx.effector();
-    effect_worker::run_once(&fx.ctx, &first).await.unwrap();
-    assert_eq!(fx.effect("push").await.status, "done");
+    effect_worker::run_once(&fx.ctx).await.unwrap();
+    assert_eq!(fx.effect(EffectKind::Push).await.status, EffectStatus::Done);
     drop(first);
     // Second life: it opens the PR at GitHub but dies before recording it.
     let second = fx.effector();
-    let pr = fx.effect("pull_request").await;
+    let pr = fx.effect(EffectKind::PullRequest).await;
     assert!(
         fx.ctx
             .store
@@ -550,11 +570,17 @@ async fn crash_between_push_and_comment_duplicates_nothing(db: TestDb) {
     // Third life, after the lease ran out: the PR is found, not opened again; the
     // comment is posted once.
     fx.ctx.clock.advance(EFFECT_LEASE + Duration::from_secs(1));
-    fx.drain(&fx.effector()).await;
+    fx.drain().await;
     let effects = fx.effects().await;
-    assert!(effects.iter().all(|e| e.status == "done"), "{effects:?}");
+    assert!(
+        effects.iter().all(|e| e.status == EffectStatus::Done),
+        "{effects:?}"
+    );
     assert_eq!(
-        fx.effect("pull_request").await.external_ref.as_deref(),
+        fx.effect(EffectKind::PullRequest)
+            .await
+            .external_ref
+            .as_deref(),
         Some(PR_URL)
     );
 }
@@ -606,8 +632,7 @@ async fn plane_state_is_set_by_name_when_the_task_ends(db: TestDb) {
                 job_id: d.job.id,
                 run_id: d.run.id,
                 verdict: Verdict::Passed,
-                decided_by: Source::Monitor,
-                tier: None,
+                decided_by: Decider::Monitor,
                 commit_sha: None,
             },
             &fx.ctx.policy,
@@ -615,9 +640,9 @@ async fn plane_state_is_set_by_name_when_the_task_ends(db: TestDb) {
         )
         .await
         .unwrap();
-    assert!(matches!(out, ClaimOutcome::Won(ref w) if w.task_status.as_deref() == Some("done")));
-    fx.drain(&fx.effector()).await;
-    let state = fx.effect("plane_state").await;
+    assert!(matches!(out, ClaimOutcome::Won(ref w) if w.task_status == Some(TaskStatus::Done)));
+    fx.drain().await;
+    let state = fx.effect(EffectKind::PlaneState).await;
     assert_eq!(
         (state.status.as_str(), state.external_ref.as_deref()),
         ("done", Some("Done"))
@@ -642,11 +667,9 @@ async fn a_non_fast_forward_push_is_an_error_naming_the_branch(db: TestDb) {
     origin
         .push(&["refs/heads/theirs:refs/heads/baton/T-1"], None)
         .unwrap();
-    effect_worker::run_once(&fx.ctx, &fx.effector())
-        .await
-        .unwrap();
-    let push = fx.effect("push").await;
-    assert_eq!(push.status, "failed");
+    effect_worker::run_once(&fx.ctx).await.unwrap();
+    let push = fx.effect(EffectKind::Push).await;
+    assert_eq!(push.status, EffectStatus::Failed);
     let err = push.last_error.unwrap();
     assert!(
         err.contains("baton/T-1") && (err.contains("fast-forward") || err.contains("fastforward")),

@@ -3,7 +3,11 @@
 use std::path::Path;
 
 use baton::config::{Config, EnvOverrides};
-use baton::store::{Claim, ClaimOutcome, ClaimPolicy, NewTask, Source, Store, Verdict};
+use baton::model::{
+    Claim, ClaimOutcome, Decider, EventKind, EventSource, JobStatus, ReapTier, TaskStatus, Verdict,
+};
+use baton::policy::Policy;
+use baton::store::{NewTask, Store};
 use entity::jobs;
 
 use crate::on_both;
@@ -31,39 +35,24 @@ gate.verdict = { file = "review.md", approve = "APPROVED", reject = "CHANGES_REQ
 push = true
 "#;
 
-pub fn policy() -> ClaimPolicy {
+pub fn policy() -> Policy {
     let config =
         Config::from_toml(PIPELINE_TOML, Path::new("/tmp"), &EnvOverrides::default()).unwrap();
-    ClaimPolicy::from_config(&config)
+    config.policy()
 }
 
 const NOW: i64 = 1_800_000_000_000;
 
 async fn submit(store: &Store, key: &str) -> baton::store::Submitted {
-    store
-        .submit(
-            NewTask {
-                key: key.into(),
-                pipeline: "default".into(),
-                title: format!("title of {key}"),
-                plane_issue_id: None,
-                first_stage: "analyst".into(),
-                trace_parent: None,
-            },
-            Source::Cli,
-            NOW,
-        )
-        .await
-        .unwrap()
+    crate::support::submit(&store, key, "analyst", NOW).await
 }
 
-fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Source) -> Claim {
+fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> Claim {
     Claim {
         job_id: job.id,
         run_id,
         verdict,
         decided_by: by,
-        tier: None,
         commit_sha: Some("abc123".into()),
     }
 }
@@ -83,7 +72,7 @@ fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
 
 async fn submit_writes_task_job_and_events(db: TestDb) {
     let s = submit(&db.store, "ORCH-1").await;
-    assert_eq!(s.task.status, "active");
+    assert_eq!(s.task.status, TaskStatus::Active);
     assert_eq!(
         (s.job.stage.as_str(), s.job.status.as_str(), s.job.attempt),
         ("analyst", "queued", 1)
@@ -94,14 +83,14 @@ async fn submit_writes_task_job_and_events(db: TestDb) {
         .store
         .submit(
             NewTask {
-                key: "ORCH-1".into(),
+                key: crate::support::key("ORCH-1"),
                 pipeline: "default".into(),
                 title: String::new(),
                 plane_issue_id: None,
                 first_stage: "analyst".into(),
-                trace_parent: None,
+                trace_parent: baton::telemetry::new_trace_parent(),
             },
-            Source::Cli,
+            EventSource::Cli,
             NOW,
         )
         .await;
@@ -125,7 +114,7 @@ async fn dispatch_takes_due_jobs_once(db: TestDb) {
     let b = submit(&db.store, "B-1").await;
     let first = take(&db, NOW).await;
     assert_eq!(first.job.id, a.job.id);
-    assert_eq!(first.job.status, "running");
+    assert_eq!(first.job.status, JobStatus::Running);
     assert_eq!(first.job.current_run_id, Some(first.run.id));
     assert_eq!(first.run.node_id, "n1");
     assert!(first.run.log_path.contains("A-1"));
@@ -193,7 +182,7 @@ async fn not_before_delays_dispatch(db: TestDb) {
                 Verdict::Failed {
                     reason: "gate".into(),
                 },
-                Source::Monitor,
+                Decider::Monitor,
             ),
             &policy(),
             NOW,
@@ -203,7 +192,7 @@ async fn not_before_delays_dispatch(db: TestDb) {
     let ClaimOutcome::Won(w) = won else {
         panic!("{won:?}")
     };
-    assert_eq!(w.job_status, "queued");
+    assert_eq!(w.job_status, JobStatus::Queued);
     let job = db.store.job(s.job.id).await.unwrap().unwrap();
     assert_eq!(
         (job.attempt, job.not_before, job.current_run_id),
@@ -222,7 +211,12 @@ async fn not_before_delays_dispatch(db: TestDb) {
     let lost = db
         .store
         .claim(
-            &claim(&again.job, again.run.id, Verdict::TimedOut, Source::Reaper),
+            &claim(
+                &again.job,
+                again.run.id,
+                Verdict::TimedOut,
+                Decider::Reaper(ReapTier::Unfinished),
+            ),
             &policy(),
             NOW + 20_000,
         )
@@ -230,10 +224,13 @@ async fn not_before_delays_dispatch(db: TestDb) {
         .unwrap();
     let ClaimOutcome::Won(w) = lost else { panic!() };
     assert_eq!(
-        (w.job_status.as_str(), w.task_status.as_deref()),
-        ("failed", Some("failed"))
+        (w.job_status, w.task_status),
+        (JobStatus::Failed, Some(TaskStatus::Failed))
     );
-    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "failed");
+    assert_eq!(
+        db.store.task(s.task.id).await.unwrap().status,
+        TaskStatus::Failed
+    );
     assert_eq!(db.store.advances_of(s.job.id).await.unwrap().len(), 1);
     let k = kinds(&db.store.events(s.task.id).await.unwrap()).join(",");
     assert!(
@@ -258,14 +255,18 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
         stages.push(format!("{}#{}", d.job.stage, d.job.iteration));
         let out = db
             .store
-            .claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW)
+            .claim(
+                &claim(&d.job, d.run.id, v, Decider::Monitor),
+                &policy(),
+                NOW,
+            )
             .await
             .unwrap();
         assert!(matches!(out, ClaimOutcome::Won(_)), "{out:?}");
         assert_eq!(db.store.advances_of(d.job.id).await.unwrap().len(), 1);
         let effects = db.store.effects_of_run(d.run.id).await.unwrap();
         assert_eq!(effects.len(), 1, "a push per committed stage");
-        assert_eq!(effects[0].kind, "push");
+        assert_eq!(effects[0].kind, baton::model::EffectKind::Push);
     }
     assert_eq!(
         stages,
@@ -277,7 +278,10 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
             "reviewer#2"
         ]
     );
-    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "done");
+    assert_eq!(
+        db.store.task(s.task.id).await.unwrap().status,
+        TaskStatus::Done
+    );
     assert!(
         db.store
             .dispatch("n1", db.dir.path(), None, NOW)
@@ -304,7 +308,11 @@ async fn reject_loop_is_bounded_by_max_iterations(db: TestDb) {
         let d = take(&db, NOW).await;
         last = Some(
             db.store
-                .claim(&claim(&d.job, d.run.id, v, Source::Monitor), &policy(), NOW)
+                .claim(
+                    &claim(&d.job, d.run.id, v, Decider::Monitor),
+                    &policy(),
+                    NOW,
+                )
                 .await
                 .unwrap(),
         );
@@ -313,13 +321,16 @@ async fn reject_loop_is_bounded_by_max_iterations(db: TestDb) {
         panic!("{last:?}")
     };
     assert_eq!(
-        w.task_status.as_deref(),
-        Some("failed"),
+        w.task_status,
+        Some(TaskStatus::Failed),
         "developer would run a 3rd time; max_iterations = 2"
     );
     assert!(w.next_job.is_none());
     let events = db.store.events(s.task.id).await.unwrap();
-    let failed = events.iter().find(|e| e.kind == "task_failed").unwrap();
+    let failed = events
+        .iter()
+        .find(|e| e.kind == EventKind::TaskFailed)
+        .unwrap();
     assert!(
         failed.detail.contains("max_iterations"),
         "{}",
@@ -335,7 +346,10 @@ on_both!(
 async fn snapshot(store: &Store, task_id: i64) -> String {
     let d = store.list_tasks(None).await.unwrap();
     let t = store.task(task_id).await.unwrap();
-    let detail = store.task_detail(&t.key).await.unwrap();
+    let detail = store
+        .task_detail(&crate::support::key(&t.key))
+        .await
+        .unwrap();
     let mut advances = Vec::new();
     for j in &detail.jobs {
         advances.extend(store.advances_of(j.id).await.unwrap());
@@ -356,7 +370,7 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
                 &first.job,
                 first.run.id,
                 Verdict::Failed { reason: "x".into() },
-                Source::Monitor,
+                Decider::Monitor,
             ),
             &policy(),
             NOW,
@@ -370,7 +384,7 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
     let zombie = db
         .store
         .claim(
-            &claim(&second.job, first.run.id, Verdict::Passed, Source::Monitor),
+            &claim(&second.job, first.run.id, Verdict::Passed, Decider::Monitor),
             &policy(),
             NOW + 61_000,
         )
@@ -388,7 +402,7 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
                 &second.job,
                 second.run.id + 1000,
                 Verdict::Passed,
-                Source::Reaper,
+                Decider::Reaper(ReapTier::Unfinished),
             ),
             &policy(),
             NOW + 61_000,
@@ -402,13 +416,24 @@ async fn stale_run_claim_loses_and_writes_nothing(db: TestDb) {
         "a lost claim wrote something"
     );
     let events = db.store.events(s.task.id).await.unwrap();
-    assert_eq!(events.iter().filter(|e| e.kind == "claim_lost").count(), 2);
-    assert_eq!(events.last().unwrap().kind, "claim_lost");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::ClaimLost)
+            .count(),
+        2
+    );
+    assert_eq!(events.last().unwrap().kind, EventKind::ClaimLost);
     // The current run still wins.
     let ok = db
         .store
         .claim(
-            &claim(&second.job, second.run.id, Verdict::Passed, Source::Monitor),
+            &claim(
+                &second.job,
+                second.run.id,
+                Verdict::Passed,
+                Decider::Monitor,
+            ),
             &policy(),
             NOW + 62_000,
         )
@@ -436,9 +461,9 @@ async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
             d.run.id,
             Verdict::Passed,
             if i % 2 == 0 {
-                Source::Monitor
+                Decider::Monitor
             } else {
-                Source::Reaper
+                Decider::Reaper(ReapTier::Unfinished)
             },
         );
         let barrier = barrier.clone();
@@ -458,8 +483,20 @@ async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
     let jobs = db.store.jobs_of(s.task.id).await.unwrap();
     assert_eq!(jobs.len(), 2, "exactly one next job: {jobs:?}");
     let events = db.store.events(s.task.id).await.unwrap();
-    assert_eq!(events.iter().filter(|e| e.kind == "claim_won").count(), 1);
-    assert_eq!(events.iter().filter(|e| e.kind == "claim_lost").count(), 7);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::ClaimWon)
+            .count(),
+        1
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::ClaimLost)
+            .count(),
+        7
+    );
     assert_eq!(db.store.effects_of_run(d.run.id).await.unwrap().len(), 1);
 }
 on_both!(
@@ -490,10 +527,17 @@ on_both!(record_exit_counts_once, record_exit_counts_once);
 async fn cancel_and_retry(db: TestDb) {
     let s = submit(&db.store, "X-1").await;
     let d = take(&db, NOW).await;
-    let runs = db.store.cancel("X-1", Source::Cli, NOW).await.unwrap();
+    let runs = db
+        .store
+        .cancel(&crate::support::key("X-1"), EventSource::Cli, NOW)
+        .await
+        .unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].run.id, d.run.id);
-    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "cancelled");
+    assert_eq!(
+        db.store.task(s.task.id).await.unwrap().status,
+        TaskStatus::Cancelled
+    );
     assert!(
         !db.store
             .heartbeat_run(d.job.id, d.run.id, NOW)
@@ -505,7 +549,7 @@ async fn cancel_and_retry(db: TestDb) {
     let out = db
         .store
         .claim(
-            &claim(&d.job, d.run.id, Verdict::Passed, Source::Monitor),
+            &claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor),
             &policy(),
             NOW,
         )
@@ -513,21 +557,36 @@ async fn cancel_and_retry(db: TestDb) {
         .unwrap();
     assert_eq!(out, ClaimOutcome::Lost);
     assert!(
-        db.store.cancel("X-1", Source::Cli, NOW).await.is_err(),
+        db.store
+            .cancel(&crate::support::key("X-1"), EventSource::Cli, NOW)
+            .await
+            .is_err(),
         "cancelling twice is an error"
     );
-    let job = db.store.retry("X-1", Source::Cli, NOW).await.unwrap();
+    let job = db
+        .store
+        .retry(&crate::support::key("X-1"), EventSource::Cli, NOW)
+        .await
+        .unwrap();
     assert_eq!(
         (job.stage.as_str(), job.iteration, job.attempt),
         ("analyst", 2, 1)
     );
-    assert_eq!(db.store.task(s.task.id).await.unwrap().status, "active");
+    assert_eq!(
+        db.store.task(s.task.id).await.unwrap().status,
+        TaskStatus::Active
+    );
     assert!(
-        db.store.retry("X-1", Source::Cli, NOW).await.is_err(),
+        db.store
+            .retry(&crate::support::key("X-1"), EventSource::Cli, NOW)
+            .await
+            .is_err(),
         "an active task cannot be retried"
     );
     assert!(matches!(
-        db.store.cancel("NOPE", Source::Cli, NOW).await,
+        db.store
+            .cancel(&crate::support::key("NOPE"), EventSource::Cli, NOW)
+            .await,
         Err(baton::store::StoreError::NoSuchTask(_))
     ));
 }

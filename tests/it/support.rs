@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use baton::store::Store;
+
+pub mod harness;
 use sea_orm::{ConnectionTrait, Database, Statement};
 
 pub const PG_URL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432";
@@ -162,4 +164,31 @@ macro_rules! on_both {
             }
         }
     };
+}
+
+/// A task key, checked as every edge checks it.
+pub fn key(s: &str) -> baton::model::TaskKey {
+    baton::model::TaskKey::parse(s).expect("a valid task key")
+}
+
+/// Writes a task of the `default` pipeline (its first stage `first_stage`), titled by its
+/// key, as the CLI would.
+pub async fn submit(
+    store: &Store,
+    key: &str,
+    first_stage: &str,
+    now: i64,
+) -> baton::store::Submitted {
+    let new = baton::store::NewTask {
+        key: self::key(key),
+        pipeline: "default".into(),
+        title: key.into(),
+        plane_issue_id: None,
+        first_stage: first_stage.into(),
+        trace_parent: baton::telemetry::new_trace_parent(),
+    };
+    store
+        .submit(new, baton::model::EventSource::Cli, now)
+        .await
+        .expect("submit")
 }

@@ -6,10 +6,10 @@ use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use tracing_subscriber::layer::SubscriberExt;
 
-use crate::supervision::{Harness, wait_effects_settled, wait_for, wait_for_activity};
+use crate::support::harness::{Harness, wait_effects_settled, wait_for, wait_for_activity};
 use crate::support::{Backend, TestDb};
 use baton::actors::ProbeEvent;
-use baton::store::ClaimOutcome;
+use baton::model::ClaimOutcome;
 
 /// Spans are collected on this thread (a current-thread runtime runs every actor here).
 async fn one_trace_per_task_across_actors_and_a_restart(db: TestDb) {
@@ -65,7 +65,10 @@ fi"#,
     // Second boot: the reviewer is adopted and finishes here.
     let (node, mut rx) = h.start(config).await;
     std::fs::write(h.root.join("go"), "").unwrap();
-    assert_eq!(crate::supervision::wait_task_end(&mut rx).await, "done");
+    assert_eq!(
+        crate::support::harness::wait_task_end(&mut rx).await,
+        baton::model::TaskStatus::Done
+    );
     wait_effects_settled(&mut rx, &h.db.store, "TR-1").await;
     node.shutdown().await;
     let _ = provider.force_flush();

@@ -50,6 +50,7 @@ trigger_state = "Ready for agents"
         store: db.store.clone(),
         clock: Clock::system(),
         secrets,
+        hostname: baton::hostname(),
         registry: None,
         ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
@@ -146,7 +147,7 @@ async fn a_replayed_delivery_submits_one_task(db: TestDb) {
     );
     assert_eq!(tasks[0].jobs[0].stage, "analyst");
     let events = hook.db.store.events(t.id).await.unwrap();
-    assert_eq!(events[0].source, "webhook");
+    assert_eq!(events[0].source, baton::model::EventSource::Webhook);
 }
 on_both!(
     a_replayed_delivery_submits_one_task,

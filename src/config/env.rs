@@ -1,0 +1,129 @@
+//! What baton reads from its environment: its own secrets, from the variables the config
+//! names, and the overrides of the file.
+
+use super::{Config, DATABASE_URL_VARS};
+
+impl Config {
+    /// Every environment variable that holds one of baton's own secrets: the one list
+    /// that reading, redacting and keeping them from agents all use.
+    pub fn secret_vars(&self) -> Vec<SecretVar> {
+        let mut v = Vec::new();
+        if let Some(f) = &self.forge {
+            v.push(SecretVar::new(
+                "forge.token_env",
+                &f.token_env,
+                Secret::ForgeToken,
+            ));
+        }
+        if let Some(p) = &self.plane {
+            v.push(SecretVar::new(
+                "plane.api_key_env",
+                &p.api_key_env,
+                Secret::PlaneApiKey,
+            ));
+            if let Some(w) = &p.webhook_secret_env {
+                v.push(SecretVar::new(
+                    "plane.webhook_secret_env",
+                    w,
+                    Secret::WebhookSecret,
+                ));
+            }
+        }
+        if let Some(t) = &self.http.token_env {
+            v.push(SecretVar::new("http.token_env", t, Secret::ApiToken));
+        }
+        v
+    }
+
+    /// The variables an agent (or anything else baton starts) must not inherit: the
+    /// secrets, and the database URL overrides, which may carry a password.
+    pub fn hidden_vars(&self) -> Vec<String> {
+        let mut v: Vec<String> = DATABASE_URL_VARS.iter().map(|s| s.to_string()).collect();
+        v.extend(self.secret_vars().into_iter().map(|s| s.var));
+        v
+    }
+}
+
+/// baton's own secrets, read once from the environment variables the config names.
+/// They are never written to the config, the database or the logs, and never passed to
+/// agents.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    pub forge_token: Option<String>,
+    pub plane_api_key: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub api_token: Option<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |v: &Option<String>| if v.is_some() { "set" } else { "unset" };
+        f.debug_struct("Secrets")
+            .field("forge_token", &s(&self.forge_token))
+            .field("plane_api_key", &s(&self.plane_api_key))
+            .field("webhook_secret", &s(&self.webhook_secret))
+            .field("api_token", &s(&self.api_token))
+            .finish()
+    }
+}
+
+impl Secrets {
+    pub fn from_env(config: &Config) -> Secrets {
+        let mut secrets = Secrets::default();
+        for s in config.secret_vars() {
+            let value = std::env::var(&s.var).ok().filter(|v| !v.is_empty());
+            let slot = match s.secret {
+                Secret::ForgeToken => &mut secrets.forge_token,
+                Secret::PlaneApiKey => &mut secrets.plane_api_key,
+                Secret::WebhookSecret => &mut secrets.webhook_secret,
+                Secret::ApiToken => &mut secrets.api_token,
+            };
+            *slot = value;
+        }
+        secrets
+    }
+}
+
+/// Which of baton's secrets a variable holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secret {
+    ForgeToken,
+    PlaneApiKey,
+    WebhookSecret,
+    ApiToken,
+}
+
+/// A config key that names an environment variable holding a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretVar {
+    /// The config key, e.g. `forge.token_env`.
+    pub key: &'static str,
+    /// The variable's name.
+    pub var: String,
+    pub secret: Secret,
+}
+
+impl SecretVar {
+    fn new(key: &'static str, var: &str, secret: Secret) -> Self {
+        SecretVar {
+            key,
+            var: var.to_string(),
+            secret,
+        }
+    }
+}
+
+/// The environment variables that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct EnvOverrides {
+    pub database_url: Option<String>,
+}
+
+impl EnvOverrides {
+    pub fn from_process() -> Self {
+        let database_url = DATABASE_URL_VARS
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+        EnvOverrides { database_url }
+    }
+}

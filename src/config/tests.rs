@@ -1,0 +1,108 @@
+//! Loading and validating config files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const GOOD: &str = r#"
+database_url = "sqlite://baton.db?mode=rwc"
+[repo]
+url = "/srv/app.git"
+[pipelines.default]
+stages = ["developer", "reviewer"]
+[stages.developer]
+command = ["sh", "-c", "echo {task}"]
+timeout = "45m"
+[stages.reviewer]
+command = ["review"]
+on_reject = "developer"
+gate.verdict = { file = "docs/{task}/review.md", approve = "APPROVED", reject = "CHANGES_REQUESTED" }
+"#;
+
+fn load(text: &str) -> Result<Config, Vec<Problem>> {
+    Config::from_toml(text, Path::new("/etc/baton"), &EnvOverrides::default())
+}
+
+#[test]
+fn good_config_loads_with_defaults_and_resolved_paths() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.stages["developer"].timeout, Duration::from_secs(45 * 60));
+    assert_eq!(c.reaper.finalize_grace, Duration::from_secs(300));
+    assert_eq!(c.workspace_root, PathBuf::from("/etc/baton/workspaces"));
+    assert_eq!(c.database_url, "sqlite:///etc/baton/baton.db?mode=rwc");
+    assert!(c.stages["developer"].gate.exit_zero);
+}
+
+#[test]
+fn env_overrides_database_url() {
+    let env = EnvOverrides {
+        database_url: Some("postgres://u:pw@db/baton".into()),
+    };
+    let c = Config::from_toml(GOOD, Path::new("."), &env).unwrap();
+    assert_eq!(c.database_url, "postgres://u:pw@db/baton");
+    assert!(c.render_effective().contains("postgres://u:***@db/baton"));
+    assert!(!c.render_effective().contains("pw@"));
+}
+
+#[test]
+fn every_problem_is_collected_with_key_and_line() {
+    let text = GOOD.replace("timeout = \"45m\"", "timeout = \"0s\"\ncomand = [\"x\"]")
+        + "[pipelines.other]\nstages = [\"ghost\"]\n[reaper]\nfinalize_grace = \"900d\"\n";
+    let problems = load(&text).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"stages.developer.comand"), "{problems:?}");
+    assert!(keys.contains(&"stages.developer.timeout"), "{problems:?}");
+    assert!(keys.contains(&"pipelines.other.stages"), "{problems:?}");
+    assert!(keys.contains(&"reaper.finalize_grace"), "{problems:?}");
+    assert_eq!(problems.len(), 4, "{problems:?}");
+    let timeout = problems
+        .iter()
+        .find(|p| p.key == "stages.developer.timeout")
+        .unwrap();
+    assert_eq!(timeout.line, Some(9));
+    let unknown = problems
+        .iter()
+        .find(|p| p.key == "stages.developer.comand")
+        .unwrap();
+    assert_eq!(unknown.line, Some(10));
+}
+
+#[test]
+fn on_reject_outside_the_pipeline_is_named() {
+    let text = GOOD.replace("on_reject = \"developer\"", "on_reject = \"analyst\"");
+    let problems = load(&text).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "stages.reviewer.on_reject");
+    assert!(problems[0].message.contains("not in pipeline \"default\""));
+    assert_eq!(problems[0].line, Some(12));
+}
+
+#[test]
+fn syntax_and_type_errors_carry_a_line() {
+    let problems = load("max_concurrent_jobs = \"many\"\n").unwrap_err();
+    assert_eq!(problems[0].line, Some(1));
+    assert_eq!(problems[0].key, "max_concurrent_jobs");
+    let problems = load("[repo\nurl = 1\n").unwrap_err();
+    assert_eq!(problems[0].line, Some(1));
+    let problems = load(&GOOD.replace("\"45m\"", "\"45 parsecs\"")).unwrap_err();
+    assert_eq!(problems[0].line, Some(9), "{problems:?}");
+}
+
+#[test]
+fn empty_command_and_unknown_placeholder_are_problems() {
+    let text = GOOD
+        .replace("[\"review\"]", "[]")
+        .replace("echo {task}", "echo {tsak}");
+    let problems = load(&text).unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.key == "stages.reviewer.command" && p.message.contains("empty"))
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.key == "stages.developer.command" && p.message.contains("{tsak}"))
+    );
+}

@@ -1,0 +1,286 @@
+//! `POST /webhooks/plane`: Plane's deliveries. `X-Plane-Signature` must be the hex
+//! HMAC-SHA256 of the raw body under the webhook secret (compared in constant time),
+//! deliveries are de-duplicated on `X-Plane-Delivery`, and a work item whose state
+//! became `plane.trigger_state` is submitted as a task keyed by its identifier
+//! (`PROJ-65`), once, through the application layer. Bodies over [`WEBHOOK_BODY_LIMIT`]
+//! get 413; malformed JSON 400; anything else 202.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use super::{ApiError, HttpState};
+use crate::model::{EventSource, Origin, TaskKey};
+use crate::store::StoreError;
+use crate::tasks::{self, SubmitRequest, TaskError};
+
+/// Webhook bodies larger than this are refused with 413.
+pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
+/// Delivery ids longer than this are refused.
+const DELIVERY_ID_LEN_MAX: usize = 200;
+
+/// A delivery, with the fields baton reads.
+#[derive(Debug, Deserialize)]
+struct Delivery {
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    data: Option<WorkItem>,
+}
+
+/// The work item of a delivery.
+#[derive(Debug, Default, Deserialize)]
+struct WorkItem {
+    id: Option<String>,
+    name: Option<String>,
+    /// The project's id.
+    project: Option<String>,
+    sequence_id: Option<i64>,
+    state: Option<StateRef>,
+    state_detail: Option<NamedState>,
+    project_detail: Option<ProjectDetail>,
+    project_identifier: Option<String>,
+    /// A ready identifier such as `PROJ-65`.
+    identifier: Option<String>,
+}
+
+/// A state given by id or inline.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StateRef {
+    Id(String),
+    Inline(NamedState),
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedState {
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProjectDetail {
+    identifier: Option<String>,
+}
+
+impl WorkItem {
+    /// `PROJ-65`: the project's identifier and the item's sequence id, or a ready one.
+    fn identifier(&self) -> Option<String> {
+        let project = self
+            .project_detail
+            .as_ref()
+            .and_then(|p| p.identifier.as_deref())
+            .or(self.project_identifier.as_deref());
+        if let (Some(p), Some(n)) = (project, self.sequence_id) {
+            return Some(format!("{p}-{n}"));
+        }
+        self.identifier.clone()
+    }
+
+    /// The state's name when the delivery carries it inline; otherwise its id.
+    fn state(&self) -> (Option<&str>, Option<&str>) {
+        let inline = match &self.state {
+            Some(StateRef::Inline(s)) => s.name.as_deref(),
+            _ => None,
+        }
+        .or(self.state_detail.as_ref().and_then(|s| s.name.as_deref()));
+        let id = match &self.state {
+            Some(StateRef::Id(id)) => Some(id.as_str()),
+            _ => None,
+        };
+        (inline, id)
+    }
+}
+
+/// Checks `signature` (hex) against the HMAC-SHA256 of `body` under `secret`, in
+/// constant time.
+pub fn signature_valid(secret: &[u8], body: &[u8], signature: &str) -> bool {
+    let Ok(expected) = hex::decode(signature.trim()) else {
+        return false;
+    };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&expected).is_ok()
+}
+
+fn accepted(detail: Value) -> Response {
+    (StatusCode::ACCEPTED, axum::Json(detail)).into_response()
+}
+
+pub(super) async fn plane(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let not_configured = |why: &str| ApiError::new(StatusCode::NOT_FOUND, why);
+    if st.config.plane.is_none() {
+        return Err(not_configured(
+            "Plane webhooks are not configured ([plane])",
+        ));
+    }
+    let Some(secret) = st.secrets.webhook_secret.clone() else {
+        return Err(not_configured(
+            "Plane webhooks are not configured: plane.webhook_secret_env names no set variable",
+        ));
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let signature = header("x-plane-signature")
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing X-Plane-Signature"))?;
+    if !signature_valid(secret.as_bytes(), &body, signature) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "X-Plane-Signature does not match the body",
+        ));
+    }
+    let delivery: Delivery = match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => serde_json::from_value(v)
+            .map_err(|e| ApiError::bad_request(format!("the body is not a Plane delivery: {e}")))?,
+        Ok(_) => return Err(ApiError::bad_request("the body is JSON but not an object")),
+        Err(e) => return Err(ApiError::bad_request(format!("the body is not JSON: {e}"))),
+    };
+    let id = header("x-plane-delivery")
+        .filter(|d| !d.is_empty() && d.len() <= DELIVERY_ID_LEN_MAX)
+        .ok_or_else(|| ApiError::bad_request("missing or oversized X-Plane-Delivery"))?
+        .to_string();
+    let now = st.clock.now_ms();
+    let fresh = st
+        .store
+        .record_delivery(&id, EventSource::Webhook, now)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot record the delivery: {e}"),
+            )
+        })?;
+    if !fresh {
+        return Ok(accepted(json!({"status": "duplicate", "delivery": id})));
+    }
+    match handle(&st, &delivery, now).await {
+        Ok(detail) => Ok(accepted(detail)),
+        Err(e) => {
+            // Not handled: Plane's redelivery must not be taken for a duplicate.
+            if e.status.is_server_error() {
+                let _ = st.store.forget_delivery(&id).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What a delivery means; `Ok` is always answered 202.
+async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, ApiError> {
+    let ignored = |why: &str| Ok(json!({"status": "ignored", "reason": why}));
+    let Some(plane) = st.config.plane.as_ref() else {
+        return ignored("no [plane]");
+    };
+    let Some(trigger) = plane.trigger_state.as_deref() else {
+        return ignored("plane.trigger_state is not set");
+    };
+    if !matches!(delivery.event.as_str(), "issue" | "work_item")
+        || !matches!(
+            delivery.action.as_str(),
+            "updated" | "update" | "created" | "create"
+        )
+    {
+        return ignored("not a work item update");
+    }
+    let Some(item) = &delivery.data else {
+        return ignored("the delivery carries no work item");
+    };
+    if item
+        .project
+        .as_deref()
+        .is_some_and(|p| p != plane.project_id)
+    {
+        return ignored("the work item belongs to another project than plane.project_id");
+    }
+    let state = match item.state() {
+        (Some(name), _) => name.to_string(),
+        (None, Some(id)) => match st.effector.plane_state_name(id).await {
+            Ok(name) => name,
+            Err(_) => return ignored("the work item's state is not in the delivery"),
+        },
+        (None, None) => return ignored("the work item's state is not in the delivery"),
+    };
+    if !state.eq_ignore_ascii_case(trigger) {
+        return ignored("the work item is not in plane.trigger_state");
+    }
+    let Some(identifier) = item.identifier() else {
+        return ignored("the work item has no identifier (project identifier and sequence id)");
+    };
+    let key = TaskKey::parse(identifier)
+        .map_err(|msg| ApiError::bad_request(format!("work item identifier: {msg}")))?;
+    let Some(issue_id) = item.id.clone().filter(|s| !s.is_empty()) else {
+        return ignored("the work item has no id");
+    };
+    let request = SubmitRequest {
+        title: item.name.clone(),
+        plane_issue_id: Some(issue_id.clone()),
+        ..SubmitRequest::new(key.clone())
+    };
+    match tasks::submit(&st.store, &st.config, request, Origin::Webhook, now).await {
+        Ok(s) => {
+            tracing::info!(task = %key, plane_issue = issue_id, "task submitted by a Plane webhook");
+            Ok(json!({"status": "submitted", "task": s.task.key}))
+        }
+        Err(TaskError::Store(StoreError::TaskExists(_))) => {
+            Ok(json!({"status": "exists", "task": key}))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot submit {key}: {e}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_checked() {
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret").unwrap();
+        mac.update(b"{}");
+        let good = hex::encode(mac.finalize().into_bytes());
+        assert!(signature_valid(b"s3cret", b"{}", &good));
+        assert!(!signature_valid(b"other", b"{}", &good));
+        assert!(!signature_valid(b"s3cret", b"{ }", &good));
+        assert!(!signature_valid(b"s3cret", b"{}", "not hex"));
+        assert!(!signature_valid(b"s3cret", b"{}", ""));
+    }
+
+    #[test]
+    fn identifiers_are_built_from_project_and_sequence() {
+        let item: WorkItem = serde_json::from_value(
+            json!({"project_detail": {"identifier": "PROJ"}, "sequence_id": 65}),
+        )
+        .unwrap();
+        assert_eq!(item.identifier().as_deref(), Some("PROJ-65"));
+        let item: WorkItem = serde_json::from_value(json!({"identifier": "APP-3"})).unwrap();
+        assert_eq!(item.identifier().as_deref(), Some("APP-3"));
+        let item: WorkItem = serde_json::from_value(json!({"sequence_id": 3})).unwrap();
+        assert_eq!(item.identifier(), None);
+    }
+
+    #[test]
+    fn states_are_read_inline_or_by_id() {
+        let item: WorkItem =
+            serde_json::from_value(json!({"state": {"id": "s1", "name": "Ready"}})).unwrap();
+        assert_eq!(item.state(), (Some("Ready"), None));
+        let item: WorkItem = serde_json::from_value(json!({"state": "s1"})).unwrap();
+        assert_eq!(item.state(), (None, Some("s1")));
+        let item: WorkItem =
+            serde_json::from_value(json!({"state": "s1", "state_detail": {"name": "Backlog"}}))
+                .unwrap();
+        assert_eq!(item.state(), (Some("Backlog"), Some("s1")));
+    }
+}

@@ -1,0 +1,167 @@
+//! Presentation: the JSON documents and terminal renderings of tasks, shared by the CLI,
+//! the HTTP API and the demo. Pure functions of what the store returned.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use entity::{events, jobs};
+use serde_json::{Value, json};
+
+use crate::store::{RunningJob, TaskDetail, TaskSummary};
+
+/// A timestamp (ms since the epoch) as RFC 3339, to the second.
+pub fn fmt_time(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// An event with its detail as JSON rather than JSON text.
+pub fn event_json(e: &events::Model) -> Value {
+    json!({
+        "id": e.id, "at": e.at, "kind": e.kind, "source": e.source,
+        "job_id": e.job_id, "run_id": e.run_id,
+        "detail": serde_json::from_str::<Value>(&e.detail).unwrap_or(json!(e.detail)),
+    })
+}
+
+/// The document of one task: `baton status KEY --json` and `GET /api/v1/tasks/{key}`.
+pub fn detail_json(d: &TaskDetail) -> Value {
+    json!({
+        "task": d.task, "jobs": d.jobs, "runs": d.runs, "effects": d.effects,
+        "events": d.events.iter().map(event_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The document of a task's history: `baton history KEY --json`.
+pub fn history_json(key: &str, events: &[events::Model]) -> Value {
+    json!({"task": key, "events": events.iter().map(event_json).collect::<Vec<_>>()})
+}
+
+/// A task's history, one event a line.
+pub fn render_history(events: &[events::Model]) -> String {
+    let id = |v: Option<i64>| v.map(|j| j.to_string()).unwrap_or_else(|| "-".into());
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}  {:<16} {:<10} job={:<5} run={:<5} {}\n",
+                fmt_time(e.at),
+                e.kind,
+                e.source,
+                id(e.job_id),
+                id(e.run_id),
+                e.detail
+            )
+        })
+        .collect()
+}
+
+fn current_job(jobs: &[jobs::Model]) -> Option<&jobs::Model> {
+    jobs.iter().max_by_key(|j| j.id)
+}
+
+/// The task table of `baton status`.
+pub fn render_tasks(tasks: &[TaskSummary]) -> String {
+    if tasks.is_empty() {
+        return "no tasks; submit one with `baton submit KEY`\n".to_string();
+    }
+    let mut out = format!(
+        "{:<20} {:<10} {:<10} {:<24} {}\n",
+        "TASK", "PIPELINE", "STATUS", "STAGE", "UPDATED"
+    );
+    for t in tasks {
+        let stage = current_job(&t.jobs)
+            .map(|j| {
+                format!(
+                    "{}#{} {} (attempt {})",
+                    j.stage, j.iteration, j.status, j.attempt
+                )
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<20} {:<10} {:<10} {:<24} {}\n",
+            t.task.key,
+            t.task.pipeline,
+            t.task.status,
+            stage,
+            fmt_time(t.task.updated_at)
+        ));
+    }
+    out
+}
+
+/// One task with its jobs, runs and effects: `baton status KEY` and the demo's summary.
+pub fn render_detail(d: &TaskDetail) -> String {
+    let t = &d.task;
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "{} ({}) pipeline={} status={} created={}\n",
+        t.key,
+        t.title,
+        t.pipeline,
+        t.status,
+        fmt_time(t.created_at)
+    );
+    if let Some(p) = &t.plane_issue_id {
+        out.push_str(&format!("  plane issue: {p}\n"));
+    }
+    out.push_str("  jobs:\n");
+    for j in &d.jobs {
+        out.push_str(&format!(
+            "    #{:<5} {:<12} iter {:<2} {:<10} attempt {}\n",
+            j.id, j.stage, j.iteration, j.status, j.attempt
+        ));
+        for r in d.runs.iter().filter(|r| r.job_id == j.id) {
+            out.push_str(&format!(
+                "           run {:<5} attempt {} pid {:<7} exit {:<4} outcome {:<9} commit {} log {}\n",
+                r.id,
+                r.attempt,
+                dash(r.pid.map(|p| p.to_string())),
+                dash(r.exit_code.map(|p| p.to_string())),
+                dash(r.outcome.map(|o| o.to_string())),
+                dash(r.commit_sha.as_deref().map(|s| s.chars().take(10).collect())),
+                r.log_path
+            ));
+        }
+    }
+    if !d.effects.is_empty() {
+        out.push_str("  effects:\n");
+        for e in &d.effects {
+            out.push_str(&format!(
+                "    #{:<5} {:<14} {:<8} attempts {} {}{}\n",
+                e.id,
+                e.kind,
+                e.status,
+                e.attempts,
+                e.external_ref.as_deref().unwrap_or(""),
+                e.last_error
+                    .as_deref()
+                    .map(|s| format!(" last error: {s}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
+
+/// The running agents of `baton status --watch`, with their age at `now`.
+pub fn render_running(running: &[RunningJob], now: i64) -> String {
+    let mut out = format!("\nrunning agents: {}\n", running.len());
+    for r in running {
+        let Some(run) = &r.run else { continue };
+        let age = Duration::from_secs(((now - run.started_at).max(0) / 1000) as u64);
+        out.push_str(&format!(
+            "  {:<20} {:<12} run {:<6} pid {:<7} age {}{}\n",
+            r.task.key,
+            r.job.stage,
+            run.id,
+            run.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            humantime::format_duration(age),
+            if run.exited_at.is_some() {
+                " (finalizing)"
+            } else {
+                ""
+            }
+        ));
+    }
+    out
+}

@@ -1,0 +1,246 @@
+//! The fenced claim: the job's row changes only if it is `running` with the claim's run
+//! as its current run, and the winner writes everything the policy's decision implies
+//! in the same transaction (the job's terminal or retry state, the next job or the
+//! task's end, the `advances` row, the outbox, the events). A loser writes nothing of
+//! its own; only the arbiter's `claim_lost` event records that it lost.
+
+use entity::{advances, agent_runs, jobs, nodes, tasks};
+use sea_orm::sea_query::{Expr, LockType};
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, Set};
+use serde_json::json;
+
+use super::outbox::insert_effect;
+use super::tasks::{insert_job, iterations, set_task_status};
+use super::{NewEvent, Store, StoreResult, append, must};
+use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
+use crate::policy::{ClaimInput, JobChange, Policy, Transition};
+
+impl Store {
+    /// The fenced claim; see the module's documentation.
+    pub async fn claim(
+        &self,
+        claim: &Claim,
+        policy: &Policy,
+        now: i64,
+    ) -> StoreResult<ClaimOutcome> {
+        let (write, txn) = self.write_txn().await?;
+        let mut find = jobs::Entity::find_by_id(claim.job_id);
+        if self.is_postgres() {
+            find = find.lock(LockType::Update);
+        }
+        let job = find.one(&txn).await?;
+        let fenced = job.as_ref().is_some_and(|j| {
+            j.status == JobStatus::Running && j.current_run_id == Some(claim.run_id)
+        });
+        let Some(job) = job.filter(|_| fenced) else {
+            txn.rollback().await?;
+            drop(write);
+            return self.record_loss(claim, now).await;
+        };
+        let task = must(
+            tasks::Entity::find_by_id(job.task_id).one(&txn).await?,
+            || format!("task {}", job.task_id),
+        )?;
+        let run = must(
+            agent_runs::Entity::find_by_id(claim.run_id)
+                .one(&txn)
+                .await?,
+            || format!("run {}", claim.run_id),
+        )?;
+        let iterations = iterations(&txn, task.id).await?;
+        let decision = policy.decide(ClaimInput {
+            task: &task,
+            job: &job,
+            run_id: run.id,
+            verdict: &claim.verdict,
+            commit_sha: claim.commit_sha.as_deref(),
+            iterations: &iterations,
+            now,
+        });
+        if !fence(&txn, &job, claim.run_id, decision.job, now).await? {
+            txn.rollback().await?;
+            drop(write);
+            return self.record_loss(claim, now).await;
+        }
+        let won = apply(&txn, claim, &task, &job, &run, decision, now).await?;
+        txn.commit().await?;
+        Ok(ClaimOutcome::Won(won))
+    }
+
+    /// Records a lost claim (the arbiter's own event) and tells the claimant which kind.
+    async fn record_loss(&self, claim: &Claim, now: i64) -> StoreResult<ClaimOutcome> {
+        let run = agent_runs::Entity::find_by_id(claim.run_id)
+            .one(&self.db)
+            .await?;
+        // The outcome is written only by the winning claim (or by a cancel), so a set
+        // outcome means this run's claim was applied already.
+        let already = run
+            .as_ref()
+            .and_then(|r| r.outcome)
+            .is_some_and(|o| o != RunOutcome::Cancelled);
+        let job = jobs::Entity::find_by_id(claim.job_id).one(&self.db).await?;
+        if let Some(job) = &job {
+            let (_write, txn) = self.write_txn().await?;
+            let detail = json!({
+                "verdict": claim.verdict, "decided_by": claim.decided_by,
+                "tier": claim.decided_by.tier(),
+                "job_status": job.status, "current_run_id": job.current_run_id,
+                "already_advanced": already,
+            });
+            let ev = NewEvent::of(
+                job.task_id,
+                Some(job),
+                EventKind::ClaimLost,
+                claim.decided_by.source(),
+            );
+            append(&txn, ev.run(claim.run_id).detail(detail), now).await?;
+            txn.commit().await?;
+        }
+        Ok(if already {
+            ClaimOutcome::AlreadyAdvanced
+        } else {
+            ClaimOutcome::Lost
+        })
+    }
+}
+
+/// The fenced write: it must change exactly the row read before. False when it did not.
+async fn fence(
+    txn: &DatabaseTransaction,
+    job: &jobs::Model,
+    run_id: i64,
+    change: JobChange,
+    now: i64,
+) -> StoreResult<bool> {
+    let mut upd = jobs::Entity::update_many()
+        .col_expr(jobs::Column::Status, Expr::value(change.status()))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now));
+    if let JobChange::Retry {
+        attempt,
+        not_before,
+    } = change
+    {
+        upd = upd
+            .col_expr(jobs::Column::Attempt, Expr::value(attempt))
+            .col_expr(jobs::Column::NotBefore, Expr::value(not_before))
+            .col_expr(jobs::Column::CurrentRunId, Expr::value(Option::<i64>::None));
+    }
+    let changed = upd
+        .filter(jobs::Column::Id.eq(job.id))
+        .filter(jobs::Column::Status.eq(JobStatus::Running))
+        .filter(jobs::Column::CurrentRunId.eq(run_id))
+        .exec(txn)
+        .await?
+        .rows_affected;
+    Ok(changed == 1)
+}
+
+/// The winner's writes after the fence: the run's outcome, the events, the next job or
+/// the task's end, the `advances` row and the outbox.
+async fn apply(
+    txn: &DatabaseTransaction,
+    claim: &Claim,
+    task: &tasks::Model,
+    job: &jobs::Model,
+    run: &agent_runs::Model,
+    decision: Transition,
+    now: i64,
+) -> StoreResult<ClaimWon> {
+    agent_runs::Entity::update_many()
+        .col_expr(
+            agent_runs::Column::Outcome,
+            Expr::value(claim.verdict.outcome()),
+        )
+        .col_expr(
+            agent_runs::Column::CommitSha,
+            Expr::value(claim.commit_sha.clone()),
+        )
+        .filter(agent_runs::Column::Id.eq(run.id))
+        .exec(txn)
+        .await?;
+    let source = claim.decided_by.source();
+    let tier = claim.decided_by.tier();
+    let ev = |kind| NewEvent::of(task.id, Some(job), kind, source).run(claim.run_id);
+    let detail = json!({
+        "verdict": claim.verdict, "decided_by": claim.decided_by,
+        "attempt": job.attempt, "commit": claim.commit_sha, "tier": tier,
+    });
+    append(txn, ev(EventKind::ClaimWon).detail(detail), now).await?;
+    if tier.is_some() {
+        append(
+            txn,
+            ev(EventKind::Reaped).detail(json!({"tier": tier})),
+            now,
+        )
+        .await?;
+    }
+
+    let mut next_job = None;
+    if let Some(next) = &decision.next {
+        let nj = insert_job(txn, task.id, &next.stage, next.iteration, now).await?;
+        let detail = json!({"stage": next.stage, "iteration": next.iteration, "after": job.stage});
+        let queued = NewEvent::of(task.id, Some(&nj), EventKind::JobQueued, source);
+        append(txn, queued.detail(detail), now).await?;
+        next_job = Some(nj);
+    }
+    let job_status = decision.job.status();
+    match decision.job {
+        JobChange::Retry {
+            attempt,
+            not_before,
+        } => {
+            let detail = json!({
+                "next_attempt": attempt, "not_before": not_before,
+                "backoff_ms": not_before - now,
+            });
+            append(txn, ev(EventKind::RetryScheduled).detail(detail), now).await?;
+        }
+        JobChange::Done | JobChange::Failed => {
+            advances::Entity::insert(advances::ActiveModel {
+                from_job_id: Set(job.id),
+                to_job_id: Set(next_job.as_ref().map(|j| j.id)),
+                run_id: Set(claim.run_id),
+                decided_by: Set(claim.decided_by.advance_decider()),
+                created_at: Set(now),
+            })
+            .exec_without_returning(txn)
+            .await?;
+            let detail = json!({
+                "from_stage": job.stage, "job_status": job_status,
+                "to_job": next_job.as_ref().map(|j| j.id),
+                "to_stage": next_job.as_ref().map(|j| j.stage.clone()),
+            });
+            append(txn, ev(EventKind::JobAdvanced).detail(detail), now).await?;
+        }
+    }
+    if let Some(end) = &decision.task_end {
+        set_task_status(txn, task.id, end.status, now).await?;
+        let kind = match end.status {
+            TaskStatus::Done => EventKind::TaskDone,
+            _ => EventKind::TaskFailed,
+        };
+        let detail = json!({"stage": job.stage, "reason": end.reason});
+        append(txn, ev(kind).detail(detail), now).await?;
+    }
+
+    // The outbox: every external effect of this decision, in the same transaction.
+    let n_effects = decision.effects.len();
+    let run_host = if decision.effects.iter().any(|e| e.on_run_host) {
+        nodes::Entity::find_by_id(run.node_id.clone())
+            .one(txn)
+            .await?
+            .map(|n| n.hostname)
+    } else {
+        None
+    };
+    for effect in decision.effects {
+        let host = effect.on_run_host.then(|| run_host.clone()).flatten();
+        insert_effect(txn, task.id, run.id, effect, host, now).await?;
+    }
+    Ok(ClaimWon {
+        job_status,
+        next_job,
+        task_status: decision.task_end.map(|e| e.status),
+        effects: n_effects,
+    })
+}

@@ -1,0 +1,268 @@
+//! The effects outbox (written by the claim, drained by the EffectWorker), webhook
+//! deliveries, and the cross-task reads of the dashboard.
+
+use std::collections::HashSet;
+
+use entity::{advances, effects, events, tasks, webhook_deliveries};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
+use serde_json::json;
+
+use super::{NewEvent, Store, StoreResult, append};
+use crate::model::{EffectKind, EffectStatus, EventKind, EventSource};
+use crate::policy::PlannedEffect;
+
+/// How one attempt of an effect ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EffectOutcome {
+    Done { external_ref: Option<String> },
+    Retry { error: String, at: i64 },
+    Failed { error: String },
+}
+
+impl EffectOutcome {
+    /// `done`, `retry` or `failed`, for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EffectOutcome::Done { .. } => "done",
+            EffectOutcome::Retry { .. } => "retry",
+            EffectOutcome::Failed { .. } => "failed",
+        }
+    }
+}
+
+impl Store {
+    /// The effects this node may perform now: of each task, only its first pending
+    /// effect (effects of one task run in order), when it is due and is either for any
+    /// host or for this one.
+    pub async fn due_effects(
+        &self,
+        hostname: &str,
+        now: i64,
+    ) -> StoreResult<Vec<(effects::Model, tasks::Model)>> {
+        let pending = effects::Entity::find()
+            .filter(effects::Column::Status.eq(EffectStatus::Pending))
+            .order_by_asc(effects::Column::TaskId)
+            .order_by_asc(effects::Column::Id)
+            .all(&self.db)
+            .await?;
+        let mut seen = HashSet::new();
+        let due: Vec<effects::Model> = pending
+            .into_iter()
+            .filter(|e| seen.insert(e.task_id))
+            .filter(|e| e.next_attempt_at <= now && e.host.as_deref().is_none_or(|h| h == hostname))
+            .collect();
+        let tasks = self.tasks_by_id(due.iter().map(|e| e.task_id)).await?;
+        Ok(due
+            .into_iter()
+            .filter_map(|e| tasks.get(&e.task_id).cloned().map(|t| (e, t)))
+            .collect())
+    }
+
+    /// Takes an effect for `lease_ms`: another worker (this node after a crash, or
+    /// another node) takes it again only after the lease. False when someone else has.
+    pub async fn lease_effect(
+        &self,
+        e: &effects::Model,
+        lease_ms: i64,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let _write = self.lock_writes().await;
+        let n = effects::Entity::update_many()
+            .col_expr(effects::Column::NextAttemptAt, Expr::value(now + lease_ms))
+            .col_expr(effects::Column::Attempts, Expr::value(e.attempts + 1))
+            .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+            .filter(effects::Column::Id.eq(e.id))
+            .filter(effects::Column::Status.eq(EffectStatus::Pending))
+            .filter(effects::Column::Attempts.eq(e.attempts))
+            .filter(effects::Column::NextAttemptAt.eq(e.next_attempt_at))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        Ok(n == 1)
+    }
+
+    /// Records the outcome of one attempt of an effect (after [`Store::lease_effect`]):
+    /// done, retried at `retry_at`, or failed for good; with its event.
+    pub async fn finish_effect(
+        &self,
+        e: &effects::Model,
+        outcome: EffectOutcome,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<()> {
+        let (write, txn) = self.write_txn().await?;
+        let mut upd =
+            effects::Entity::update_many().col_expr(effects::Column::UpdatedAt, Expr::value(now));
+        let mut event = None;
+        match &outcome {
+            EffectOutcome::Done { external_ref } => {
+                upd = upd
+                    .col_expr(effects::Column::Status, Expr::value(EffectStatus::Done))
+                    .col_expr(
+                        effects::Column::ExternalRef,
+                        Expr::value(external_ref.clone()),
+                    )
+                    .col_expr(
+                        effects::Column::LastError,
+                        Expr::value(Option::<String>::None),
+                    );
+                event = Some((
+                    EventKind::EffectDone,
+                    json!({"kind": e.kind, "key": e.idempotency_key, "attempt": e.attempts + 1, "external_ref": external_ref}),
+                ));
+            }
+            EffectOutcome::Retry { error, at } => {
+                upd = upd
+                    .col_expr(effects::Column::NextAttemptAt, Expr::value(*at))
+                    .col_expr(effects::Column::LastError, Expr::value(error.clone()));
+            }
+            EffectOutcome::Failed { error } => {
+                upd = upd
+                    .col_expr(effects::Column::Status, Expr::value(EffectStatus::Failed))
+                    .col_expr(effects::Column::LastError, Expr::value(error.clone()));
+                event = Some((
+                    EventKind::EffectFailed,
+                    json!({"kind": e.kind, "key": e.idempotency_key, "attempts": e.attempts + 1, "error": error}),
+                ));
+            }
+        }
+        let changed = upd
+            .filter(effects::Column::Id.eq(e.id))
+            .filter(effects::Column::Status.eq(EffectStatus::Pending))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        // Another worker that took the effect after our lease ran out recorded it.
+        if let Some((kind, detail)) = event.filter(|_| changed == 1) {
+            let ev = NewEvent {
+                task_id: e.task_id,
+                job_id: None,
+                run_id: Some(e.run_id),
+                kind,
+                source,
+                detail,
+            };
+            append(&txn, ev, now).await?;
+        }
+        txn.commit().await?;
+        drop(write);
+        Ok(())
+    }
+
+    /// The URL of the task's pull request, once its effect is done.
+    pub async fn pull_request_url(&self, task_id: i64) -> StoreResult<Option<String>> {
+        Ok(effects::Entity::find()
+            .filter(effects::Column::TaskId.eq(task_id))
+            .filter(effects::Column::Kind.eq(EffectKind::PullRequest))
+            .filter(effects::Column::Status.eq(EffectStatus::Done))
+            .one(&self.db)
+            .await?
+            .and_then(|e| e.external_ref))
+    }
+
+    pub async fn effect(&self, id: i64) -> StoreResult<Option<effects::Model>> {
+        Ok(effects::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    pub async fn effects_of_run(&self, run_id: i64) -> StoreResult<Vec<effects::Model>> {
+        Ok(effects::Entity::find()
+            .filter(effects::Column::RunId.eq(run_id))
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Effects that failed for good, newest first.
+    pub async fn failed_effects(&self, limit: u64) -> StoreResult<Vec<effects::Model>> {
+        Ok(effects::Entity::find()
+            .filter(effects::Column::Status.eq(EffectStatus::Failed))
+            .order_by_desc(effects::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The `advances` rows of a job (at most one, by the table's key).
+    pub async fn advances_of(&self, job_id: i64) -> StoreResult<Vec<advances::Model>> {
+        Ok(advances::Entity::find()
+            .filter(advances::Column::FromJobId.eq(job_id))
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The newest events of these kinds, across tasks, newest first.
+    pub async fn recent_events(
+        &self,
+        kinds: &[EventKind],
+        limit: u64,
+    ) -> StoreResult<Vec<events::Model>> {
+        Ok(events::Entity::find()
+            .filter(events::Column::Kind.is_in(kinds.iter().copied()))
+            .order_by_desc(events::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Remembers a webhook delivery; false when it was seen before.
+    pub async fn record_delivery(
+        &self,
+        id: &str,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let _write = self.lock_writes().await;
+        let r = webhook_deliveries::Entity::insert(webhook_deliveries::ActiveModel {
+            id: Set(id.to_string()),
+            source: Set(source),
+            received_at: Set(now),
+        })
+        .on_conflict_do_nothing_on([webhook_deliveries::Column::Id])
+        .exec(&self.db)
+        .await?;
+        Ok(matches!(r, sea_orm::TryInsertResult::Inserted(_)))
+    }
+
+    /// Forgets a delivery whose handling failed, so that the sender's redelivery counts.
+    pub async fn forget_delivery(&self, id: &str) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
+        webhook_deliveries::Entity::delete_by_id(id.to_string())
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Writes one effect to the outbox within the caller's transaction; a second write of the
+/// same idempotency key is a no-op.
+pub(super) async fn insert_effect<C: ConnectionTrait>(
+    db: &C,
+    task_id: i64,
+    run_id: i64,
+    effect: PlannedEffect,
+    host: Option<String>,
+    now: i64,
+) -> StoreResult<()> {
+    effects::Entity::insert(effects::ActiveModel {
+        task_id: Set(task_id),
+        run_id: Set(run_id),
+        kind: Set(effect.payload.kind()),
+        idempotency_key: Set(effect.idempotency_key),
+        status: Set(EffectStatus::Pending),
+        attempts: Set(0),
+        next_attempt_at: Set(now),
+        last_error: Set(None),
+        external_ref: Set(None),
+        payload: Set(effect.payload.to_json()),
+        created_at: Set(now),
+        updated_at: Set(now),
+        host: Set(host),
+        ..Default::default()
+    })
+    .on_conflict_do_nothing_on([effects::Column::IdempotencyKey])
+    .exec(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! Dispatch and the life of a run: taken, started, heartbeaten, exited, adopted; and the
+//! Reaper's view of the running jobs.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use entity::{agent_runs, jobs, nodes, tasks};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
+use serde_json::json;
+
+use super::outbox::insert_effect;
+use super::{NewEvent, Store, StoreResult, append, must};
+use crate::model::{EventKind, EventSource, JobStatus};
+use crate::policy::Policy;
+
+/// A job taken by a dispatcher, with the run created for it in the same transaction.
+#[derive(Debug, Clone)]
+pub struct Dispatched {
+    pub task: tasks::Model,
+    pub job: jobs::Model,
+    pub run: agent_runs::Model,
+}
+
+/// A running job as the Reaper sees it.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub task: tasks::Model,
+    pub job: jobs::Model,
+    pub run: Option<agent_runs::Model>,
+    /// The heartbeat of the run's node, `None` when the node row is missing.
+    pub node_heartbeat_at: Option<i64>,
+    pub node_hostname: Option<String>,
+    /// The process id of the run's node, to tell whether that baton still lives.
+    pub node_pid: Option<i32>,
+    /// The node stopped cleanly.
+    pub node_stopped: bool,
+}
+
+impl Store {
+    /// Takes the first due queued job, marks it running and creates its run (which
+    /// becomes `current_run_id`), all in one transaction. Jobs of older tasks go first,
+    /// so that a task's next stage starts before new tasks are begun.
+    ///
+    /// The policy's start effect (the work item moving to Plane's `on_start` state) is
+    /// written in the same transaction; without a policy there is none.
+    pub async fn dispatch(
+        &self,
+        node_id: &str,
+        log_dir: &Path,
+        policy: Option<&Policy>,
+        now: i64,
+    ) -> StoreResult<Option<Dispatched>> {
+        for _ in 0..8 {
+            let (_write, txn) = self.write_txn().await?;
+            let mut q = jobs::Entity::find()
+                .filter(jobs::Column::Status.eq(JobStatus::Queued))
+                .filter(jobs::Column::NotBefore.lte(now))
+                .order_by_asc(jobs::Column::TaskId)
+                .order_by_asc(jobs::Column::Id)
+                .limit(1);
+            if self.is_postgres() {
+                q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+            }
+            let Some(job) = q.one(&txn).await? else {
+                return Ok(None);
+            };
+            let taken = jobs::Entity::update_many()
+                .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
+                .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+                .filter(jobs::Column::Id.eq(job.id))
+                .filter(jobs::Column::Status.eq(JobStatus::Queued))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            if taken == 0 {
+                continue;
+            }
+            let task = must(
+                tasks::Entity::find_by_id(job.task_id).one(&txn).await?,
+                || format!("task {}", job.task_id),
+            )?;
+            let run = agent_runs::ActiveModel {
+                job_id: Set(job.id),
+                attempt: Set(job.attempt),
+                node_id: Set(node_id.to_string()),
+                pid: Set(None),
+                started_at: Set(now),
+                heartbeat_at: Set(now),
+                log_path: Set(String::new()),
+                ..Default::default()
+            }
+            .insert(&txn)
+            .await?;
+            let log_path = log_dir
+                .join(&task.key)
+                .join(format!("{}-{}-{}.log", run.id, job.stage, job.attempt))
+                .to_string_lossy()
+                .into_owned();
+            let run = agent_runs::ActiveModel {
+                id: Set(run.id),
+                log_path: Set(log_path),
+                ..Default::default()
+            }
+            .update(&txn)
+            .await?;
+            jobs::Entity::update_many()
+                .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
+                .filter(jobs::Column::Id.eq(job.id))
+                .exec(&txn)
+                .await?;
+            let job = must(jobs::Entity::find_by_id(job.id).one(&txn).await?, || {
+                format!("job {}", job.id)
+            })?;
+            if let Some(effect) = policy.and_then(|p| p.start_effect(&task)) {
+                insert_effect(&txn, task.id, run.id, effect, None, now).await?;
+            }
+            txn.commit().await?;
+            return Ok(Some(Dispatched { task, job, run }));
+        }
+        Ok(None)
+    }
+
+    /// Records the agent's pid once it is started, with the `run_started` event.
+    pub async fn run_started(
+        &self,
+        run: &agent_runs::Model,
+        task_id: i64,
+        pid: i32,
+        now: i64,
+    ) -> StoreResult<()> {
+        let detail = json!({"pid": pid, "attempt": run.attempt, "log": run.log_path});
+        self.update_run(
+            task_id,
+            run,
+            (agent_runs::Column::Pid, pid.into()),
+            EventKind::RunStarted,
+            detail,
+            now,
+        )
+        .await
+    }
+
+    /// Moves a run to this node after adoption, so that its heartbeat is ours.
+    pub async fn adopt_run(
+        &self,
+        task_id: i64,
+        run: &agent_runs::Model,
+        node_id: &str,
+        now: i64,
+    ) -> StoreResult<()> {
+        let detail = json!({"pid": run.pid, "from_node": run.node_id, "to_node": node_id});
+        self.update_run(
+            task_id,
+            run,
+            (agent_runs::Column::NodeId, node_id.into()),
+            EventKind::RunAdopted,
+            detail,
+            now,
+        )
+        .await
+    }
+
+    /// Sets one column of a run and its heartbeat, with an event, in one transaction.
+    async fn update_run(
+        &self,
+        task_id: i64,
+        run: &agent_runs::Model,
+        (column, value): (agent_runs::Column, sea_orm::Value),
+        kind: EventKind,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<()> {
+        let (_write, txn) = self.write_txn().await?;
+        agent_runs::Entity::update_many()
+            .col_expr(column, Expr::value(value))
+            .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
+            .filter(agent_runs::Column::Id.eq(run.id))
+            .exec(&txn)
+            .await?;
+        append(&txn, run_event(task_id, run, kind).detail(detail), now).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Heartbeats a run and tells whether its job still runs with it as current run
+    /// (false after a cancel or a claim by someone else).
+    pub async fn heartbeat_run(&self, job_id: i64, run_id: i64, now: i64) -> StoreResult<bool> {
+        let write = self.lock_writes().await;
+        agent_runs::Entity::update_many()
+            .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
+            .filter(agent_runs::Column::Id.eq(run_id))
+            .exec(&self.db)
+            .await?;
+        drop(write);
+        let job = jobs::Entity::find_by_id(job_id).one(&self.db).await?;
+        Ok(job.is_some_and(|j| j.status == JobStatus::Running && j.current_run_id == Some(run_id)))
+    }
+
+    /// Records the agent's exit, FIRST, before any finalization. Only the first record
+    /// counts; returns whether this call recorded it.
+    pub async fn record_exit(
+        &self,
+        task_id: i64,
+        run: &agent_runs::Model,
+        exit_code: i32,
+        mut detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (_write, txn) = self.write_txn().await?;
+        let n = agent_runs::Entity::update_many()
+            .col_expr(agent_runs::Column::ExitCode, Expr::value(exit_code))
+            .col_expr(agent_runs::Column::ExitedAt, Expr::value(now))
+            .filter(agent_runs::Column::Id.eq(run.id))
+            .filter(agent_runs::Column::ExitedAt.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if n == 1 {
+            detail["exit_code"] = json!(exit_code);
+            append(
+                &txn,
+                run_event(task_id, run, EventKind::RunExited).detail(detail),
+                now,
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(n == 1)
+    }
+
+    pub async fn run(&self, run_id: i64) -> StoreResult<Option<agent_runs::Model>> {
+        Ok(agent_runs::Entity::find_by_id(run_id).one(&self.db).await?)
+    }
+
+    pub async fn job(&self, job_id: i64) -> StoreResult<Option<jobs::Model>> {
+        Ok(jobs::Entity::find_by_id(job_id).one(&self.db).await?)
+    }
+
+    /// The commit of the latest run of a task that made one, which the next stage builds on.
+    pub async fn last_commit(&self, task_id: i64) -> StoreResult<Option<String>> {
+        let job_ids: Vec<i64> = self.jobs_of(task_id).await?.iter().map(|j| j.id).collect();
+        Ok(agent_runs::Entity::find()
+            .filter(agent_runs::Column::JobId.is_in(job_ids))
+            .filter(agent_runs::Column::CommitSha.is_not_null())
+            .order_by_desc(agent_runs::Column::Id)
+            .one(&self.db)
+            .await?
+            .and_then(|r| r.commit_sha))
+    }
+
+    /// Every running job with its current run and the run's node, for the Reaper.
+    pub async fn running_jobs(&self) -> StoreResult<Vec<RunningJob>> {
+        let jobs = jobs::Entity::find()
+            .filter(jobs::Column::Status.eq(JobStatus::Running))
+            .order_by_asc(jobs::Column::Id)
+            .all(&self.db)
+            .await?;
+        // Three queries whatever the number of running jobs, not three per job.
+        let tasks = self.tasks_by_id(jobs.iter().map(|j| j.task_id)).await?;
+        let runs: HashMap<i64, agent_runs::Model> = agent_runs::Entity::find()
+            .filter(agent_runs::Column::Id.is_in(jobs.iter().filter_map(|j| j.current_run_id)))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        let nodes: HashMap<String, nodes::Model> = nodes::Entity::find()
+            .filter(nodes::Column::Id.is_in(runs.values().map(|r| r.node_id.clone())))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|n| (n.id.clone(), n))
+            .collect();
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let Some(task) = tasks.get(&job.task_id).cloned() else {
+                continue;
+            };
+            let run = job.current_run_id.and_then(|id| runs.get(&id).cloned());
+            let node = run.as_ref().and_then(|r| nodes.get(&r.node_id));
+            out.push(RunningJob {
+                task,
+                job,
+                node_heartbeat_at: node.map(|n| n.heartbeat_at),
+                node_pid: node.map(|n| n.pid),
+                node_stopped: node.is_some_and(|n| n.stopped_at.is_some()),
+                node_hostname: node.map(|n| n.hostname.clone()),
+                run,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The runs of earlier boots of `hostname` whose job still runs with them: the
+    /// candidates for adoption after a restart.
+    pub async fn orphaned_runs(
+        &self,
+        hostname: &str,
+        own_node: &str,
+    ) -> StoreResult<Vec<RunningJob>> {
+        Ok(self
+            .running_jobs()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.node_hostname.as_deref() == Some(hostname)
+                    && r.run.as_ref().is_some_and(|run| run.node_id != own_node)
+            })
+            .collect())
+    }
+
+    /// Counts of queued and running jobs.
+    pub async fn queue_depth(&self) -> StoreResult<(u64, u64)> {
+        let count = |status: JobStatus| {
+            jobs::Entity::find()
+                .filter(jobs::Column::Status.eq(status))
+                .count(&self.db)
+        };
+        Ok((
+            count(JobStatus::Queued).await?,
+            count(JobStatus::Running).await?,
+        ))
+    }
+}
+
+/// An event of a run, written by its Monitor.
+fn run_event(task_id: i64, run: &agent_runs::Model, kind: EventKind) -> NewEvent {
+    NewEvent {
+        task_id,
+        job_id: Some(run.job_id),
+        run_id: Some(run.id),
+        kind,
+        source: EventSource::Monitor,
+        detail: json!({}),
+    }
+}

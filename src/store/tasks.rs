@@ -1,0 +1,381 @@
+//! Tasks: submit, cancel, retry, and the reads of a task with its jobs, runs, effects and
+//! events.
+
+use std::collections::{BTreeMap, HashMap};
+
+use entity::{agent_runs, effects, events, jobs, nodes, tasks};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{NewEvent, Store, StoreError, StoreResult, append, must};
+use crate::model::{EventKind, EventSource, JobStatus, RunOutcome, TaskKey, TaskStatus};
+
+/// A task to write, with everything already checked by the application layer.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub key: TaskKey,
+    pub pipeline: String,
+    pub title: String,
+    pub plane_issue_id: Option<String>,
+    pub first_stage: String,
+    /// W3C trace context of the task's root span; every span of its work joins it.
+    pub trace_parent: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Submitted {
+    pub task: tasks::Model,
+    pub job: jobs::Model,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskSummary {
+    pub task: tasks::Model,
+    pub jobs: Vec<jobs::Model>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskDetail {
+    pub task: tasks::Model,
+    pub jobs: Vec<jobs::Model>,
+    pub runs: Vec<agent_runs::Model>,
+    pub effects: Vec<effects::Model>,
+    pub events: Vec<events::Model>,
+}
+
+/// A run stopped by a cancel, so that the caller can kill its agent where it can.
+#[derive(Debug, Clone)]
+pub struct CancelledRun {
+    pub run: agent_runs::Model,
+    pub hostname: Option<String>,
+}
+
+const LIVE: [JobStatus; 2] = [JobStatus::Queued, JobStatus::Running];
+
+impl Store {
+    /// Writes a task, its first job and their events in one transaction.
+    pub async fn submit(
+        &self,
+        new: NewTask,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<Submitted> {
+        let (_write, txn) = self.write_txn().await?;
+        let inserted = tasks::Entity::insert(tasks::ActiveModel {
+            key: Set(new.key.to_string()),
+            pipeline: Set(new.pipeline.clone()),
+            title: Set(new.title.clone()),
+            plane_issue_id: Set(new.plane_issue_id.clone()),
+            status: Set(TaskStatus::Active),
+            trace_parent: Set(Some(new.trace_parent.clone())),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        })
+        .on_conflict_do_nothing_on([tasks::Column::Key])
+        .exec(&txn)
+        .await?;
+        let task_id = match inserted {
+            sea_orm::TryInsertResult::Inserted(r) => r.last_insert_id,
+            _ => return Err(StoreError::TaskExists(new.key.to_string())),
+        };
+        let task = must(tasks::Entity::find_by_id(task_id).one(&txn).await?, || {
+            format!("task {task_id}")
+        })?;
+        let job = insert_job(&txn, task_id, &new.first_stage, 1, now).await?;
+        append(
+            &txn,
+            NewEvent::of(task.id, None, EventKind::TaskSubmitted, source).detail(
+                json!({"pipeline": new.pipeline, "title": new.title, "plane_issue_id": new.plane_issue_id}),
+            ),
+            now,
+        )
+        .await?;
+        append(
+            &txn,
+            NewEvent::of(task.id, Some(&job), EventKind::JobQueued, source)
+                .detail(json!({"stage": job.stage, "iteration": 1})),
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(Submitted { task, job })
+    }
+
+    pub async fn task_by_key(&self, key: &TaskKey) -> StoreResult<tasks::Model> {
+        find_task(&self.db, key).await
+    }
+
+    pub async fn task(&self, id: i64) -> StoreResult<tasks::Model> {
+        must(tasks::Entity::find_by_id(id).one(&self.db).await?, || {
+            format!("task {id}")
+        })
+    }
+
+    /// Every task with its jobs, newest first; `key` narrows to one.
+    pub async fn list_tasks(&self, key: Option<&TaskKey>) -> StoreResult<Vec<TaskSummary>> {
+        let mut q = tasks::Entity::find().order_by_desc(tasks::Column::Id);
+        if let Some(key) = key {
+            q = q.filter(tasks::Column::Key.eq(key.as_str()));
+        }
+        let tasks = q.all(&self.db).await?;
+        if let Some(key) = key
+            && tasks.is_empty()
+        {
+            return Err(StoreError::NoSuchTask(key.to_string()));
+        }
+        let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
+        let mut by_task: BTreeMap<i64, Vec<jobs::Model>> = BTreeMap::new();
+        for chunk in ids.chunks(500) {
+            for job in jobs::Entity::find()
+                .filter(jobs::Column::TaskId.is_in(chunk.to_vec()))
+                .order_by_asc(jobs::Column::Id)
+                .all(&self.db)
+                .await?
+            {
+                by_task.entry(job.task_id).or_default().push(job);
+            }
+        }
+        Ok(tasks
+            .into_iter()
+            .map(|task| TaskSummary {
+                jobs: by_task.remove(&task.id).unwrap_or_default(),
+                task,
+            })
+            .collect())
+    }
+
+    /// A task with everything that belongs to it, in order.
+    pub async fn task_detail(&self, key: &TaskKey) -> StoreResult<TaskDetail> {
+        let task = self.task_by_key(key).await?;
+        let jobs = self.jobs_of(task.id).await?;
+        let job_ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        let runs = agent_runs::Entity::find()
+            .filter(agent_runs::Column::JobId.is_in(job_ids))
+            .order_by_asc(agent_runs::Column::Id)
+            .all(&self.db)
+            .await?;
+        let effects = effects::Entity::find()
+            .filter(effects::Column::TaskId.eq(task.id))
+            .order_by_asc(effects::Column::Id)
+            .all(&self.db)
+            .await?;
+        let events = self.events(task.id).await?;
+        Ok(TaskDetail {
+            task,
+            jobs,
+            runs,
+            effects,
+            events,
+        })
+    }
+
+    pub async fn events(&self, task_id: i64) -> StoreResult<Vec<events::Model>> {
+        Ok(events::Entity::find()
+            .filter(events::Column::TaskId.eq(task_id))
+            .order_by_asc(events::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    pub async fn jobs_of(&self, task_id: i64) -> StoreResult<Vec<jobs::Model>> {
+        Ok(jobs::Entity::find()
+            .filter(jobs::Column::TaskId.eq(task_id))
+            .order_by_asc(jobs::Column::Id)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Tasks by id, in one query.
+    pub(super) async fn tasks_by_id(
+        &self,
+        ids: impl IntoIterator<Item = i64>,
+    ) -> StoreResult<HashMap<i64, tasks::Model>> {
+        let ids: Vec<i64> = ids.into_iter().collect();
+        Ok(tasks::Entity::find()
+            .filter(tasks::Column::Id.is_in(ids))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect())
+    }
+
+    /// Cancels an active task: its queued and running jobs become `cancelled`, its live
+    /// runs get the outcome `cancelled`. Returns those runs so that their agents can be
+    /// killed; a Monitor also sees the cancel at its next heartbeat.
+    pub async fn cancel(
+        &self,
+        key: &TaskKey,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<Vec<CancelledRun>> {
+        let (_write, txn) = self.write_txn().await?;
+        let task = find_task(&txn, key).await?;
+        if task.status != TaskStatus::Active {
+            return Err(StoreError::WrongState {
+                key: key.to_string(),
+                status: task.status.to_string(),
+                what: "only an active task can be cancelled".to_string(),
+            });
+        }
+        let live = jobs::Entity::find()
+            .filter(jobs::Column::TaskId.eq(task.id))
+            .filter(jobs::Column::Status.is_in(LIVE))
+            .all(&txn)
+            .await?;
+        let run_ids: Vec<i64> = live.iter().filter_map(|j| j.current_run_id).collect();
+        jobs::Entity::update_many()
+            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Cancelled))
+            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+            .filter(jobs::Column::TaskId.eq(task.id))
+            .filter(jobs::Column::Status.is_in(LIVE))
+            .exec(&txn)
+            .await?;
+        agent_runs::Entity::update_many()
+            .col_expr(
+                agent_runs::Column::Outcome,
+                Expr::value(RunOutcome::Cancelled),
+            )
+            .filter(agent_runs::Column::Id.is_in(run_ids.clone()))
+            .filter(agent_runs::Column::Outcome.is_null())
+            .exec(&txn)
+            .await?;
+        set_task_status(&txn, task.id, TaskStatus::Cancelled, now).await?;
+        append(
+            &txn,
+            NewEvent::of(task.id, None, EventKind::TaskCancelled, source)
+                .detail(json!({"runs": run_ids})),
+            now,
+        )
+        .await?;
+        let runs = agent_runs::Entity::find()
+            .filter(agent_runs::Column::Id.is_in(run_ids))
+            .all(&txn)
+            .await?;
+        let hosts: HashMap<String, String> = nodes::Entity::find()
+            .filter(nodes::Column::Id.is_in(runs.iter().map(|r| r.node_id.clone())))
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|n| (n.id, n.hostname))
+            .collect();
+        txn.commit().await?;
+        Ok(runs
+            .into_iter()
+            .map(|run| CancelledRun {
+                hostname: hosts.get(&run.node_id).cloned(),
+                run,
+            })
+            .collect())
+    }
+
+    /// Re-queues a failed or cancelled task at the stage where it stopped, as a new job
+    /// (next iteration of that stage) with a fresh attempt budget.
+    pub async fn retry(
+        &self,
+        key: &TaskKey,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<jobs::Model> {
+        let (_write, txn) = self.write_txn().await?;
+        let task = find_task(&txn, key).await?;
+        if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
+            return Err(StoreError::WrongState {
+                key: key.to_string(),
+                status: task.status.to_string(),
+                what: "only a failed or cancelled task can be retried".to_string(),
+            });
+        }
+        let last = jobs::Entity::find()
+            .filter(jobs::Column::TaskId.eq(task.id))
+            .order_by_desc(jobs::Column::Id)
+            .one(&txn)
+            .await?;
+        let last = must(last, || format!("jobs of task {key}"))?;
+        let iteration = iterations(&txn, task.id)
+            .await?
+            .get(&last.stage)
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let job = insert_job(&txn, task.id, &last.stage, iteration, now).await?;
+        set_task_status(&txn, task.id, TaskStatus::Active, now).await?;
+        append(
+            &txn,
+            NewEvent::of(task.id, Some(&job), EventKind::JobQueued, source)
+                .detail(json!({"stage": job.stage, "iteration": iteration, "retry_of": last.id})),
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(job)
+    }
+}
+
+async fn find_task<C: ConnectionTrait>(db: &C, key: &TaskKey) -> StoreResult<tasks::Model> {
+    tasks::Entity::find()
+        .filter(tasks::Column::Key.eq(key.as_str()))
+        .one(db)
+        .await?
+        .ok_or_else(|| StoreError::NoSuchTask(key.to_string()))
+}
+
+pub(super) async fn insert_job<C: ConnectionTrait>(
+    db: &C,
+    task_id: i64,
+    stage: &str,
+    iteration: i32,
+    now: i64,
+) -> StoreResult<jobs::Model> {
+    Ok(jobs::ActiveModel {
+        task_id: Set(task_id),
+        stage: Set(stage.to_string()),
+        iteration: Set(iteration),
+        status: Set(JobStatus::Queued),
+        attempt: Set(1),
+        current_run_id: Set(None),
+        not_before: Set(now),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?)
+}
+
+/// The highest iteration each stage of a task has reached.
+pub(super) async fn iterations<C: ConnectionTrait>(
+    db: &C,
+    task_id: i64,
+) -> StoreResult<HashMap<String, i32>> {
+    let mut out: HashMap<String, i32> = HashMap::new();
+    for j in jobs::Entity::find()
+        .filter(jobs::Column::TaskId.eq(task_id))
+        .all(db)
+        .await?
+    {
+        let e = out.entry(j.stage).or_insert(0);
+        *e = (*e).max(j.iteration);
+    }
+    Ok(out)
+}
+
+pub(super) async fn set_task_status<C: ConnectionTrait>(
+    db: &C,
+    task_id: i64,
+    status: TaskStatus,
+    now: i64,
+) -> StoreResult<()> {
+    tasks::Entity::update_many()
+        .col_expr(tasks::Column::Status, Expr::value(status))
+        .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
+        .filter(tasks::Column::Id.eq(task_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The application layer: submit, cancel and retry, the one way every entry point (the
+//! CLI, the HTTP API, the Plane webhook) acts on tasks. Edges parse their input into
+//! these requests and present the results; none writes tasks any other way. After
+//! dispatch, only the claim transaction and the outbox change a task's status.
+
+use entity::jobs;
+
+use crate::config::Config;
+use crate::model::{Origin, TaskKey};
+use crate::store::{Store, StoreError, Submitted};
+
+/// Titles longer than this are cut (a tracker's title can be a whole paragraph).
+pub const TITLE_LEN_MAX: usize = 500;
+/// The pipeline of a task that names none.
+pub const PIPELINE_DEFAULT: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("unknown pipeline {name:?}; the config defines: {known}")]
+    UnknownPipeline { name: String, known: String },
+    #[error("pipeline {0:?} has no stages")]
+    EmptyPipeline(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A task to submit, as an entry point received it.
+#[derive(Debug, Clone)]
+pub struct SubmitRequest {
+    pub key: TaskKey,
+    /// `None` or empty: [`PIPELINE_DEFAULT`].
+    pub pipeline: Option<String>,
+    /// `None` or empty: the key.
+    pub title: Option<String>,
+    pub plane_issue_id: Option<String>,
+}
+
+impl SubmitRequest {
+    pub fn new(key: TaskKey) -> Self {
+        SubmitRequest {
+            key,
+            pipeline: None,
+            title: None,
+            plane_issue_id: None,
+        }
+    }
+}
+
+/// Writes a task and its first job, in its own new trace.
+pub async fn submit(
+    store: &Store,
+    config: &Config,
+    req: SubmitRequest,
+    origin: Origin,
+    now: i64,
+) -> Result<Submitted, TaskError> {
+    let non_empty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let pipeline = non_empty(req.pipeline).unwrap_or_else(|| PIPELINE_DEFAULT.to_string());
+    let Some(settings) = config.pipelines.get(&pipeline) else {
+        let known: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
+        return Err(TaskError::UnknownPipeline {
+            name: pipeline,
+            known: known.join(", "),
+        });
+    };
+    let Some(first_stage) = settings.stages.first().cloned() else {
+        return Err(TaskError::EmptyPipeline(pipeline));
+    };
+    let title = non_empty(req.title)
+        .unwrap_or_else(|| req.key.to_string())
+        .chars()
+        .take(TITLE_LEN_MAX)
+        .collect();
+    let new = crate::store::NewTask {
+        key: req.key,
+        pipeline,
+        title,
+        plane_issue_id: non_empty(req.plane_issue_id),
+        first_stage,
+        trace_parent: crate::telemetry::new_trace_parent(),
+    };
+    Ok(store.submit(new, origin.into(), now).await?)
+}
+
+/// What a cancel did to the task's agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentStop {
+    /// The agent ran on this host and was terminated (TERM, then KILL after a grace).
+    Terminated { pid: i32 },
+    /// The agent ran on this host and had already ended.
+    AlreadyGone { pid: i32 },
+    /// The agent runs on another host; its Monitor stops it at its next heartbeat.
+    OtherHost { pid: i32, host: Option<String> },
+    /// The run had not started its agent yet.
+    NotStarted,
+}
+
+/// A cancelled task and what happened to each of its live runs.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    pub key: TaskKey,
+    pub runs: Vec<(i64, AgentStop)>,
+}
+
+/// Cancels an active task and stops the agents of its runs that live on `hostname`.
+pub async fn cancel(
+    store: &Store,
+    key: &TaskKey,
+    origin: Origin,
+    now: i64,
+    hostname: &str,
+) -> Result<Cancelled, TaskError> {
+    let runs = store.cancel(key, origin.into(), now).await?;
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        let stop = match (r.run.pid, r.hostname) {
+            (Some(pid), Some(h)) if h == hostname => {
+                let alive = crate::agent::alive(pid);
+                crate::agent::terminate_group(pid, crate::agent::AGENT_KILL_GRACE_DEFAULT).await;
+                if alive {
+                    AgentStop::Terminated { pid }
+                } else {
+                    AgentStop::AlreadyGone { pid }
+                }
+            }
+            (Some(pid), host) => AgentStop::OtherHost { pid, host },
+            (None, _) => AgentStop::NotStarted,
+        };
+        out.push((r.run.id, stop));
+    }
+    Ok(Cancelled {
+        key: key.clone(),
+        runs: out,
+    })
+}
+
+/// Re-queues a failed or cancelled task at the stage where it stopped.
+pub async fn retry(
+    store: &Store,
+    key: &TaskKey,
+    origin: Origin,
+    now: i64,
+) -> Result<jobs::Model, TaskError> {
+    Ok(store.retry(key, origin.into(), now).await?)
+}

@@ -1,0 +1,211 @@
+//! The supervision harness: a test node's world (a database, a seeded bare remote,
+//! agent scripts, a config with fast timers) and the waits on probe events that tests
+//! use instead of sleeps.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton::actors::ProbeEvent;
+use baton::clock::Clock;
+use baton::config::{Config, EnvOverrides};
+use baton::model::{ClaimOutcome, EffectStatus, EventKind, TaskStatus};
+use baton::service::{Node, ServeOptions};
+use baton::store::Store;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::support::TestDb;
+
+/// How long a test waits for a probe event before it fails (a safety net, not a sleep).
+pub const PROBE_WAIT: Duration = Duration::from_secs(90);
+
+/// A test node's world: a database, a seeded bare remote, agents and a config.
+pub struct Harness {
+    pub db: TestDb,
+    pub root: PathBuf,
+}
+
+impl Harness {
+    pub fn new(db: TestDb) -> Harness {
+        let root = db.dir.path().to_path_buf();
+        baton::workspace::seed_remote(&root.join("seed"), &root.join("remote.git"))
+            .expect("seed remote");
+        Harness { db, root }
+    }
+
+    /// Writes an agent script and returns its path.
+    pub fn agent(&self, name: &str, body: &str) -> String {
+        let path = self.root.join(format!("{name}.sh"));
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        path.display().to_string()
+    }
+
+    /// A config around `pipeline_and_stages` (TOML), with fast timers.
+    pub fn config(&self, pipeline_and_stages: &str) -> Config {
+        let toml = self.config_toml(pipeline_and_stages);
+        std::fs::write(self.root.join("baton.toml"), &toml).unwrap();
+        Config::from_toml(&toml, &self.root, &EnvOverrides::default())
+            .unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
+    fn config_toml(&self, pipeline_and_stages: &str) -> String {
+        format!(
+            r#"
+database_url = "{db}"
+workspace_root = "workspaces"
+log_dir = "logs"
+[reaper]
+interval = "500ms"
+finalize_grace = "5m"
+heartbeat_timeout = "5s"
+[node]
+heartbeat_interval = "200ms"
+[shutdown]
+grace = "2s"
+[retry]
+max_attempts = 3
+backoff_initial = "100ms"
+backoff_max = "1s"
+[http]
+listen = "127.0.0.1:0"
+[repo]
+url = "{remote}"
+{pipeline_and_stages}
+"#,
+            db = self.db.url,
+            remote = self.root.join("remote.git").display(),
+        )
+    }
+
+    pub async fn start(&self, config: Config) -> (Node, UnboundedReceiver<ProbeEvent>) {
+        self.start_with(config, ServeOptions::default()).await
+    }
+
+    /// Starts a node with `opts`, adding a probe, a fast dispatcher and the shim.
+    pub async fn start_with(
+        &self,
+        config: Config,
+        opts: ServeOptions,
+    ) -> (Node, UnboundedReceiver<ProbeEvent>) {
+        let (tx, rx) = unbounded_channel();
+        let node = Node::start(
+            config,
+            ServeOptions {
+                probe: Some(tx),
+                dispatcher_interval: Some(Duration::from_millis(100)),
+                shim_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_baton"))),
+                ..opts
+            },
+        )
+        .await
+        .expect("start node");
+        (node, rx)
+    }
+
+    pub async fn submit(&self, key: &str, first_stage: &str) -> baton::store::Submitted {
+        crate::support::submit(&self.db.store, key, first_stage, Clock::system().now_ms()).await
+    }
+}
+
+/// Waits for the first probe event for which `f` says `Some`.
+pub async fn wait_for<T>(
+    rx: &mut UnboundedReceiver<ProbeEvent>,
+    mut f: impl FnMut(&ProbeEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(PROBE_WAIT, async {
+        loop {
+            let ev = rx.recv().await.expect("probe closed");
+            if let Some(t) = f(&ev) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a probe event")
+}
+
+/// Waits for the next message a Monitor or the Dispatcher handled: something to look
+/// again after, when the state waited for is outside baton (a file, a pid).
+pub async fn wait_for_activity(rx: &mut UnboundedReceiver<ProbeEvent>) {
+    wait_for(rx, |ev| {
+        matches!(
+            ev,
+            ProbeEvent::Monitor { .. } | ProbeEvent::Dispatcher { .. }
+        )
+        .then_some(())
+    })
+    .await
+}
+
+/// Waits until the Advancer ended the task; returns its final status.
+pub async fn wait_task_end(rx: &mut UnboundedReceiver<ProbeEvent>) -> TaskStatus {
+    wait_for(rx, |ev| match ev {
+        ProbeEvent::Advancer {
+            outcome: Ok(ClaimOutcome::Won(w)),
+            ..
+        } => w.task_status,
+        _ => None,
+    })
+    .await
+}
+
+/// Waits until the task has no pending effect, looking after every EffectWorker pass.
+pub async fn wait_effects_settled(
+    rx: &mut UnboundedReceiver<ProbeEvent>,
+    store: &Store,
+    key: &str,
+) {
+    loop {
+        let pending = store
+            .task_detail(&crate::support::key(key))
+            .await
+            .unwrap()
+            .effects
+            .iter()
+            .any(|e| e.status == EffectStatus::Pending);
+        if !pending {
+            return;
+        }
+        wait_for(rx, |ev| {
+            matches!(ev, ProbeEvent::EffectWorker { .. }).then_some(())
+        })
+        .await;
+    }
+}
+
+pub fn kinds(events: &[entity::events::Model]) -> Vec<EventKind> {
+    events.iter().map(|e| e.kind).collect()
+}
+
+pub const FOUR_STAGES: &str = r#"
+[pipelines.default]
+stages = ["analyst", "architect", "developer", "reviewer"]
+max_iterations = 3
+[stages.analyst]
+command = ["sh", "AGENT"]
+gate.artifacts = ["docs/{task}/analysis.md"]
+[stages.architect]
+command = ["sh", "AGENT"]
+gate.artifacts = ["docs/{task}/design.md"]
+[stages.developer]
+command = ["sh", "AGENT"]
+gate.command = ["sh", "-n", "src/main.sh"]
+[stages.reviewer]
+command = ["sh", "AGENT"]
+on_reject = "developer"
+gate.verdict = { file = "docs/{task}/review.md", approve = "APPROVED", reject = "CHANGES_REQUESTED" }
+[effects]
+push = true
+"#;
+
+pub const FOUR_STAGE_AGENT: &str = r#"
+set -e
+d="docs/$BATON_TASK"; mkdir -p "$d" src
+echo "$BATON_STAGE $BATON_ITERATION $BATON_RUN_ID" >> "$BATON_WORKSPACE/../../agent-starts.txt"
+if [ -n "$HOME" ]; then echo "secret leaked" >> "$d/leak.txt"; fi
+case "$BATON_STAGE" in
+  analyst) echo analysis > "$d/analysis.md" ;;
+  architect) echo design > "$d/design.md" ;;
+  developer) echo "echo v$BATON_ITERATION" > src/main.sh ;;
+  reviewer) if [ "$BATON_ITERATION" = 1 ]; then echo CHANGES_REQUESTED > "$d/review.md"; else echo APPROVED > "$d/review.md"; fi ;;
+esac
+"#;
