@@ -232,8 +232,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
     let d = state.args.dispatched.clone();
     let Some(stage) = state.stage.clone() else {
         let reason = format!("stage {} is not in the config", d.job.stage);
-        finalize(state, None, Some(reason)).await;
-        myself.stop(None);
+        fail_start(myself, state, reason).await;
         return;
     };
     let config = ctx.config.clone();
@@ -247,18 +246,16 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
     let ws = match prepared {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            finalize(state, None, Some(format!("workspace: {e}"))).await;
-            myself.stop(None);
+            fail_start(myself, state, format!("workspace: {e}")).await;
             return;
         }
         Err(e) => {
-            finalize(
+            fail_start(
+                myself,
                 state,
-                None,
-                Some(format!("workspace preparation panicked: {e}")),
+                format!("workspace preparation panicked: {e}"),
             )
             .await;
-            myself.stop(None);
             return;
         }
     };
@@ -291,13 +288,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             let child = match agent::spawn(&spec) {
                 Ok(c) => c,
                 Err(e) => {
-                    finalize(
-                        state,
-                        None,
-                        Some(format!("cannot start the agent shim: {e}")),
-                    )
-                    .await;
-                    myself.stop(None);
+                    fail_start(myself, state, format!("cannot start the agent shim: {e}")).await;
                     return;
                 }
             };
@@ -354,6 +345,13 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             .send_after(left, || MonitorMsg::Timeout)
             .abort_handle(),
     );
+}
+
+/// The run cannot start (no stage, no workspace, no agent): finalized as a failed
+/// attempt, and the Monitor stops.
+async fn fail_start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState, reason: String) {
+    finalize(state, None, Some(reason)).await;
+    myself.stop(None);
 }
 
 /// Records the exit FIRST, then gates, commits and claims.

@@ -44,7 +44,7 @@ pub fn policy() -> Policy {
 const NOW: i64 = 1_800_000_000_000;
 
 async fn submit(store: &Store, key: &str) -> baton::store::Submitted {
-    crate::support::submit(&store, key, "analyst", NOW).await
+    crate::support::submit(store, key, "analyst", NOW).await
 }
 
 fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> Claim {
