@@ -88,7 +88,7 @@ impl std::str::FromStr for TaskKey {
 
 impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -141,7 +141,7 @@ impl ReapTier {
 
 impl fmt::Display for ReapTier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -378,6 +378,9 @@ mod tests {
         assert!(err.contains("contains"), "{err}");
         let long = "é".repeat(NAME_LEN_MAX + 1);
         assert!(TaskKey::parse(long).unwrap_err().contains("longer than 64"));
+        // Tables pad keys and statuses to a width.
+        assert_eq!(format!("{:<8}|", TaskKey::parse("A-1").unwrap()), "A-1     |");
+        assert_eq!(format!("{:<8}|", JobStatus::Done), "done    |");
         let k: TaskKey = serde_json::from_str("\"APP-1\"").unwrap();
         assert_eq!(k.to_string(), "APP-1");
         assert!(serde_json::from_str::<TaskKey>("\"../x\"").is_err());
