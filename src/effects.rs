@@ -53,6 +53,8 @@ pub struct Effector {
     secrets: crate::config::Secrets,
     http: reqwest::Client,
     plane_states: Arc<tokio::sync::Mutex<Option<Vec<plane::PlaneState>>>>,
+    /// The project's identifier, asked of Plane once.
+    plane_identifier: Arc<tokio::sync::Mutex<Option<String>>>,
 }
 
 impl Effector {
@@ -68,6 +70,7 @@ impl Effector {
             secrets,
             http,
             plane_states: Arc::default(),
+            plane_identifier: Arc::default(),
         }
     }
 
@@ -209,6 +212,17 @@ impl Effector {
             .find(|s| s.id == id)
             .map(|s| s.name)
             .ok_or_else(|| EffectError::Permanent(format!("Plane has no state with id {id}")))
+    }
+
+    /// The project's identifier (`PROJ`), fetched once and cached.
+    pub async fn plane_project_identifier(&self) -> Result<String, EffectError> {
+        let mut cached = self.plane_identifier.lock().await;
+        if let Some(id) = cached.as_ref() {
+            return Ok(id.clone());
+        }
+        let id = plane::project_identifier(&self.http, self.plane()?, self.plane_key()?).await?;
+        *cached = Some(id.clone());
+        Ok(id)
     }
 
     pub fn http(&self) -> &reqwest::Client {

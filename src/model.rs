@@ -379,7 +379,10 @@ mod tests {
         let long = "é".repeat(NAME_LEN_MAX + 1);
         assert!(TaskKey::parse(long).unwrap_err().contains("longer than 64"));
         // Tables pad keys and statuses to a width.
-        assert_eq!(format!("{:<8}|", TaskKey::parse("A-1").unwrap()), "A-1     |");
+        assert_eq!(
+            format!("{:<8}|", TaskKey::parse("A-1").unwrap()),
+            "A-1     |"
+        );
         assert_eq!(format!("{:<8}|", JobStatus::Done), "done    |");
         let k: TaskKey = serde_json::from_str("\"APP-1\"").unwrap();
         assert_eq!(k.to_string(), "APP-1");

@@ -80,6 +80,33 @@ pub async fn list_states(
         .map_err(|e| EffectError::Permanent(format!("Plane states have an unknown shape: {e}")))
 }
 
+/// The project's identifier (the `PROJ` of `PROJ-65`), which Plane's deliveries do not
+/// carry: they name the project by its id only.
+pub async fn project_identifier(
+    http: &reqwest::Client,
+    plane: &PlaneSettings,
+    key: &str,
+) -> Result<String, EffectError> {
+    let resp = http
+        .get(format!("{}/", project_url(plane)))
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .map_err(|e| network_error("get the Plane project", e))?;
+    if !resp.status().is_success() {
+        return Err(http_error("get the Plane project", resp).await);
+    }
+    #[derive(Deserialize)]
+    struct Project {
+        identifier: String,
+    }
+    let p: Project = resp
+        .json()
+        .await
+        .map_err(|e| EffectError::Permanent(format!("the Plane project has no identifier: {e}")))?;
+    Ok(p.identifier)
+}
+
 /// Moves a work item to the state `state_id`.
 pub async fn set_state(
     http: &reqwest::Client,

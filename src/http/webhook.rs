@@ -2,7 +2,8 @@
 //! HMAC-SHA256 of the raw body under the webhook secret (compared in constant time),
 //! deliveries are de-duplicated on `X-Plane-Delivery`, and a work item whose state
 //! became `plane.trigger_state` is submitted as a task keyed by its identifier
-//! (`PROJ-65`), once, through the application layer. Bodies over [`WEBHOOK_BODY_LIMIT`]
+//! (`PROJ-65`: the project's identifier, asked of Plane once since deliveries carry only
+//! the project's id, and the item's sequence id), once, through the application layer. Bodies over [`WEBHOOK_BODY_LIMIT`]
 //! get 413; malformed JSON 400; anything else 202.
 
 use axum::body::Bytes;
@@ -214,8 +215,19 @@ async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, 
     if !state.eq_ignore_ascii_case(trigger) {
         return ignored("the work item is not in plane.trigger_state");
     }
-    let Some(identifier) = item.identifier() else {
-        return ignored("the work item has no identifier (project identifier and sequence id)");
+    // Plane names the project by its id only; its identifier is asked of Plane once.
+    let identifier = match (item.identifier(), item.sequence_id) {
+        (Some(identifier), _) => identifier,
+        (None, Some(n)) => {
+            let project = st.effector.plane_project_identifier().await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot learn the project's identifier from Plane: {e}"),
+                )
+            })?;
+            format!("{project}-{n}")
+        }
+        (None, None) => return ignored("the work item has no sequence id"),
     };
     let key = TaskKey::parse(identifier)
         .map_err(|msg| ApiError::bad_request(format!("work item identifier: {msg}")))?;

@@ -21,6 +21,10 @@ struct Hook {
 }
 
 async fn start(db: TestDb) -> Hook {
+    start_with_plane(db, "http://127.0.0.1:9").await
+}
+
+async fn start_with_plane(db: TestDb, plane_url: &str) -> Hook {
     let toml = r#"
 [repo]
 url = "/nonexistent.git"
@@ -31,17 +35,19 @@ command = ["true"]
 [stages.developer]
 command = ["true"]
 [plane]
-api_url = "http://127.0.0.1:9"
+api_url = "PLANE_URL"
 workspace = "team"
 project_id = "proj-uuid"
 api_key_env = "BATON_TEST_PLANE_KEY"
 webhook_secret_env = "BATON_TEST_WEBHOOK_SECRET"
 trigger_state = "Ready for agents"
 "#;
+    let toml = toml.replace("PLANE_URL", plane_url);
     let config =
-        Arc::new(Config::from_toml(toml, db.dir.path(), &EnvOverrides::default()).unwrap());
+        Arc::new(Config::from_toml(&toml, db.dir.path(), &EnvOverrides::default()).unwrap());
     let secrets = Secrets {
         webhook_secret: Some("whsec".into()),
+        plane_api_key: Some("plane-key".into()),
         ..Default::default()
     };
     let state = HttpState {
@@ -212,4 +218,124 @@ async fn bad_deliveries_get_clear_answers_and_submit_nothing(db: TestDb) {
 on_both!(
     bad_deliveries_get_clear_answers_and_submit_nothing,
     bad_deliveries_get_clear_answers_and_submit_nothing
+);
+
+/// A work item as Plane's webhook delivers it: the project by its id only, the state as
+/// an object with its group, labels as objects, the description as HTML and as text.
+fn plane_work_item(sequence_id: i64, state: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "event": "issue",
+        "action": "updated",
+        "webhook_id": "8b1a6c1e-0f5e-4a57-9f0e-2d9b1f1c0a01",
+        "workspace_id": "0c8f2a4e-5d2b-4a57-8e8e-7b1f3c9d2e11",
+        "data": {
+            "id": format!("3f9c2f0e-77aa-4c1e-9d5b-0000000000{sequence_id:02}"),
+            "name": "Add a greeting",
+            "description_html": "<p>Say hello.</p>",
+            "description_stripped": "Say hello.",
+            "priority": "medium",
+            "sequence_id": sequence_id,
+            "sort_order": 65535.0,
+            "project": "proj-uuid",
+            "workspace": "0c8f2a4e-5d2b-4a57-8e8e-7b1f3c9d2e11",
+            "parent": null,
+            "state": {"id": "st-ready", "name": state, "color": "#3A3A3A", "group": "unstarted"},
+            "labels": [{"id": "lb-1", "name": "bug", "color": "#ff0000"}],
+            "assignees": [],
+            "created_at": "2026-11-24T08:00:00.000000Z",
+            "updated_at": "2026-11-24T08:05:00.000000Z",
+        },
+        "activity": {"field": "state_id", "new_value": state, "old_value": "Backlog", "actor": {"id": "u-1", "display_name": "ana"}},
+    }))
+    .unwrap()
+}
+
+async fn a_delivery_naming_the_project_by_id_gets_its_identifier_from_plane_once(db: TestDb) {
+    use wiremock::matchers::{header, method, path};
+    let plane = wiremock::MockServer::start().await;
+    wiremock::Mock::given(method("GET"))
+        .and(path("/api/v1/workspaces/team/projects/proj-uuid/"))
+        .and(header("X-API-Key", "plane-key"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(
+            json!({"id": "proj-uuid", "identifier": "PROJ", "name": "App", "network": 2}),
+        ))
+        .expect(1)
+        .mount(&plane)
+        .await;
+    let hook = start_with_plane(db, &plane.uri()).await;
+    for (n, delivery) in [(65, "d-1"), (66, "d-2")] {
+        let body = plane_work_item(n, "Ready for agents");
+        let (status, v) = hook.post(body.clone(), Some(sign(&body)), delivery).await;
+        assert_eq!(
+            (status, v["status"].as_str()),
+            (202, Some("submitted")),
+            "{v}"
+        );
+        assert_eq!(v["task"], format!("PROJ-{n}"));
+    }
+    let tasks = hook.db.store.list_tasks(None).await.unwrap();
+    let keys: Vec<&str> = tasks.iter().map(|t| t.task.key.as_str()).collect();
+    assert_eq!(keys, ["PROJ-66", "PROJ-65"]);
+    assert_eq!(tasks[1].task.title, "Add a greeting");
+    assert_eq!(
+        tasks[1].task.plane_issue_id.as_deref(),
+        Some("3f9c2f0e-77aa-4c1e-9d5b-000000000065")
+    );
+    // An item of another project is left alone, and Plane is not asked again.
+    let other = plane_work_item(67, "Ready for agents");
+    let other = String::from_utf8(other)
+        .unwrap()
+        .replace("proj-uuid", "other-uuid");
+    let (status, v) = hook
+        .post(
+            other.clone().into_bytes(),
+            Some(sign(other.as_bytes())),
+            "d-3",
+        )
+        .await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (202, Some("ignored")),
+        "{v}"
+    );
+    plane.verify().await;
+}
+on_both!(
+    a_delivery_naming_the_project_by_id_gets_its_identifier_from_plane_once,
+    a_delivery_naming_the_project_by_id_gets_its_identifier_from_plane_once
+);
+
+async fn a_delivery_is_answered_503_and_forgotten_while_plane_cannot_name_the_project(db: TestDb) {
+    use wiremock::matchers::{method, path};
+    let plane = wiremock::MockServer::start().await;
+    wiremock::Mock::given(method("GET"))
+        .and(path("/api/v1/workspaces/team/projects/proj-uuid/"))
+        .respond_with(wiremock::ResponseTemplate::new(502))
+        .up_to_n_times(1)
+        .mount(&plane)
+        .await;
+    wiremock::Mock::given(method("GET"))
+        .and(path("/api/v1/workspaces/team/projects/proj-uuid/"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_json(json!({"identifier": "PROJ"})),
+        )
+        .mount(&plane)
+        .await;
+    let hook = start_with_plane(db, &plane.uri()).await;
+    let body = plane_work_item(65, "Ready for agents");
+    let (status, v) = hook.post(body.clone(), Some(sign(&body)), "d-1").await;
+    assert_eq!(status, 503, "{v}");
+    assert!(hook.db.store.list_tasks(None).await.unwrap().is_empty());
+    // Plane redelivers under the same id: it is handled, not taken for a duplicate.
+    let (status, v) = hook.post(body.clone(), Some(sign(&body)), "d-1").await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (202, Some("submitted")),
+        "{v}"
+    );
+    assert_eq!(v["task"], "PROJ-65");
+}
+on_both!(
+    a_delivery_is_answered_503_and_forgotten_while_plane_cannot_name_the_project,
+    a_delivery_is_answered_503_and_forgotten_while_plane_cannot_name_the_project
 );
