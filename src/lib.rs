@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! From the bottom up; a module uses only those above it in this list (and `entity`).
+//! From the bottom up: a module uses only the modules listed before it (and `entity`).
 //!
 //! - [`model`]: the domain vocabulary: task keys, statuses, verdicts, claims, deciders,
 //!   effect payloads, backoff. No I/O.

@@ -1,5 +1,6 @@
-//! The Supervisor: adopts the runs an earlier boot of this host left behind, spawns the Dispatcher, the Advancer, the Reaper and one Monitor per running
-//! job (all linked), heartbeats the node, and shuts everything down in order.
+//! The Supervisor: spawns the Dispatcher, the Advancer, the Reaper, the EffectWorker and
+//! one Monitor per running job (all linked), adopts the runs an earlier boot of this host
+//! left behind, heartbeats the node, and shuts everything down in order.
 //!
 //! It overrides `handle_supervisor_evt`: ractor's default stops a supervisor when any
 //! child ends, but a Monitor ending is the normal course of things, and a Monitor that

@@ -8,6 +8,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac};
@@ -119,8 +120,9 @@ fn accepted(detail: Value) -> Response {
 pub(super) async fn plane(
     State(st): State<HttpState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body.map_err(ApiError::rejected)?;
     let not_configured = |why: &str| ApiError::new(StatusCode::NOT_FOUND, why);
     if st.config.plane.is_none() {
         return Err(not_configured(

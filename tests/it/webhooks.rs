@@ -189,8 +189,8 @@ async fn bad_deliveries_get_clear_answers_and_submit_nothing(db: TestDb) {
     let (s, _) = hook.post(binary.clone(), Some(sign(&binary)), "d-6").await;
     assert_eq!(s, 400);
     let huge = vec![b' '; 2 * 1024 * 1024];
-    let (s, _) = hook.post(huge.clone(), Some(sign(&huge)), "d-7").await;
-    assert_eq!(s, 413);
+    let (s, v) = hook.post(huge.clone(), Some(sign(&huge)), "d-7").await;
+    assert_eq!((s, v["error"]["status"].as_u64()), (413, Some(413)), "{v}");
     let other_state = update("Backlog");
     let (s, v) = hook
         .post(other_state.clone(), Some(sign(&other_state)), "d-8")
