@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Backoff;
 use crate::policy::{PipelineDef, PlaneStateNames, Policy};
-use crate::store::redact_url;
 use validate::KeyPositions;
 
 /// The default path of the configuration file.
@@ -570,28 +569,6 @@ impl Config {
             branch_prefix: self.repo.branch_prefix.clone(),
             base_branch: self.repo.base_branch.clone(),
         }
-    }
-
-    /// The effective settings as TOML, secrets redacted, followed by the state of every
-    /// environment variable the config names for a secret.
-    pub fn render_effective(&self) -> String {
-        let mut shown = self.clone();
-        shown.database_url = redact_url(&self.database_url);
-        let mut out =
-            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
-        let secrets = self.secret_vars();
-        out.push_str("\n# secrets (values are never shown)\n");
-        if secrets.is_empty() {
-            out.push_str("# none configured\n");
-        }
-        for SecretVar { key, var, .. } in secrets {
-            let state = match std::env::var_os(&var) {
-                Some(v) if !v.is_empty() => "set",
-                _ => "NOT SET",
-            };
-            out.push_str(&format!("# {key}: ${var} is {state}\n"));
-        }
-        out
     }
 }
 

@@ -1,9 +1,32 @@
 //! What baton reads from its environment: its own secrets, from the variables the config
-//! names, and the overrides of the file.
+//! names, what `baton config check` shows of them, and the overrides of the file.
 
 use super::{Config, DATABASE_URL_VARS};
+use crate::store::redact_url;
 
 impl Config {
+    /// The effective settings as TOML, secrets redacted, followed by the state of every
+    /// environment variable the config names for a secret.
+    pub fn render_effective(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = redact_url(&self.database_url);
+        let mut out =
+            toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
+        let secrets = self.secret_vars();
+        out.push_str("\n# secrets (values are never shown)\n");
+        if secrets.is_empty() {
+            out.push_str("# none configured\n");
+        }
+        for SecretVar { key, var, .. } in secrets {
+            let state = match std::env::var_os(&var) {
+                Some(v) if !v.is_empty() => "set",
+                _ => "NOT SET",
+            };
+            out.push_str(&format!("# {key}: ${var} is {state}\n"));
+        }
+        out
+    }
+
     /// Every environment variable that holds one of baton's own secrets: the one list
     /// that reading, redacting and keeping them from agents all use.
     pub fn secret_vars(&self) -> Vec<SecretVar> {
