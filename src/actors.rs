@@ -5,7 +5,8 @@
 //!             ├─ Monitor (1/job) runs one agent, records its exit FIRST, gates, commits, claims
 //!             ├─ Reaper          periodic; finds runs past their window and claims for them
 //!             ├─ Advancer        the single writer of job transitions: one claim at a time
-//!             └─ EffectWorker    drains the outbox: push, PR, Plane comment and state
+//!             ├─ EffectWorker    drains the outbox: push, PR, Plane comment and state
+//!             └─ PlanePoller     with Plane: submits work items whose delivery was lost
 //! ```
 //!
 //! Every actor takes an optional [`Probe`] (None in production) and reports each message
@@ -16,6 +17,7 @@ pub mod advancer;
 pub mod dispatcher;
 pub mod effect_worker;
 pub mod monitor;
+pub mod plane_poller;
 pub mod reaper;
 pub mod supervisor;
 
@@ -59,6 +61,9 @@ pub enum ProbeEvent {
     EffectWorker {
         msg: effect_worker::EffectWorkerMsg,
         result: effect_worker::EffectResult,
+    },
+    PlanePoller {
+        result: plane_poller::PollResult,
     },
 }
 
@@ -141,6 +146,23 @@ impl Drop for Ticker {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// What a claim carries besides its verdict, read from the run's log off the runtime's
+/// threads: the feedback for the job that runs next, and the usage the agent reported.
+pub async fn read_handoff(
+    verdict: &crate::model::Verdict,
+    verdict_text: Option<String>,
+    attempt: i32,
+    log: &std::path::Path,
+) -> (Option<String>, Option<crate::model::Usage>) {
+    let (verdict, log) = (verdict.clone(), log.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let feedback = crate::prompt::feedback(&verdict, verdict_text.as_deref(), attempt, &log);
+        (feedback, crate::usage::from_log(&log))
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// The result of one pass of a periodic actor, which never dies of a failed pass: the

@@ -51,6 +51,12 @@ pub enum Command {
         /// The task's title (default: its key).
         #[arg(long)]
         title: Option<String>,
+        /// What the task is about, shown to agents as `task.description` (at most 64 KiB).
+        #[arg(long, conflicts_with = "description_file")]
+        description: Option<String>,
+        /// Read the description from a file; `-` reads standard input.
+        #[arg(long, value_name = "PATH")]
+        description_file: Option<PathBuf>,
         /// The Plane work item (its UUID) that the task reports to.
         #[arg(long)]
         plane_issue: Option<String>,
@@ -168,14 +174,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             key,
             pipeline,
             title,
+            description,
+            description_file,
             plane_issue,
         } => {
             let config = load_config(&cli.config)?;
+            let description = match description_file {
+                Some(path) => Some(read_description(&path)?),
+                None => description,
+            };
             let store = open_store(&config).await?;
             let request = SubmitRequest {
                 key,
                 pipeline,
                 title,
+                description,
                 plane_issue_id: plane_issue,
             };
             let submitted =
@@ -368,6 +381,22 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
 
 /// Validates and submits a task: the key, the pipeline and its first stage are checked
 /// against the config before anything is written.
+/// A description from a file, or from standard input for `-`.
+fn read_description(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the description from standard input")?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the description from {}", path.display()))?;
+    }
+    Ok(text)
+}
+
 /// One screen of `baton status --watch`.
 pub async fn render_watch(
     store: &Store,

@@ -29,7 +29,7 @@ pub const DATABASE_URL_VARS: [&str; 2] = ["BATON_DATABASE_URL", "DATABASE_URL"];
 /// Durations longer than this are taken for a typo (`5000h`) rather than intent.
 const DURATION_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Placeholders that commands and gate paths may use.
-pub const PLACEHOLDERS: &[&str] = &["task", "stage", "run_id", "attempt", "workspace"];
+pub const PLACEHOLDERS: &[&str] = &["task", "stage", "run_id", "attempt", "workspace", "prompt"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -221,6 +221,15 @@ pub struct StageSettings {
     pub on_reject: Option<String>,
     #[serde(default)]
     pub gate: GateSettings,
+    /// The prompt template (minijinja), given inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// The prompt template in a file, relative to the config file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_file: Option<PathBuf>,
+    /// The template's text, from `prompt` or read from `prompt_file` at load.
+    #[serde(skip)]
+    pub template: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,6 +330,47 @@ pub struct PlaneSettings {
     pub trigger_state: Option<String>,
     #[serde(default)]
     pub states: PlaneStates,
+    /// Work items moved to one of these states (or to any state of Plane's `cancelled`
+    /// group) cancel their task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel_states: Vec<String>,
+    /// How often the work items in `trigger_state` are listed, to submit those whose
+    /// delivery was lost; zero turns the poll off.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Plane's web address, for links to work items (default: derived from `api_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_url: Option<String>,
+    /// The node's budget of Plane requests, below Plane's 60 a minute.
+    #[serde(default = "default_plane_requests_per_minute")]
+    pub requests_per_minute: u32,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_plane_requests_per_minute() -> u32 {
+    50
+}
+
+impl PlaneSettings {
+    /// The web address of a work item.
+    pub fn work_item_url(&self, issue_id: &str) -> String {
+        let web = match &self.web_url {
+            Some(w) => w.trim_end_matches('/').to_string(),
+            // Plane Cloud serves its API and its app on two hosts; a self-hosted Plane
+            // serves both on one.
+            None => self
+                .api_url
+                .trim_end_matches('/')
+                .replace("://api.plane.so", "://app.plane.so"),
+        };
+        format!(
+            "{web}/{}/projects/{}/issues/{issue_id}",
+            self.workspace, self.project_id
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -481,6 +531,7 @@ impl Config {
         if let Some(url) = &env.database_url {
             config.database_url = url.clone();
         }
+        config.load_templates(base, &mut problems);
         config.validate(&mut problems);
         for p in &mut problems {
             if p.line.is_none() && !p.key.is_empty() {
@@ -492,6 +543,37 @@ impl Config {
         }
         config.resolve_paths(base);
         Ok(config)
+    }
+
+    /// Reads every stage's prompt template, inline or from its file.
+    fn load_templates(&mut self, base: &Path, problems: &mut Vec<Problem>) {
+        for (name, stage) in &mut self.stages {
+            stage.template = match (&stage.prompt, &stage.prompt_file) {
+                (Some(_), Some(_)) => {
+                    problems.push(Problem {
+                        key: format!("stages.{name}.prompt_file"),
+                        line: None,
+                        message:
+                            "give the prompt inline (prompt) or in a file (prompt_file), not both"
+                                .to_string(),
+                    });
+                    None
+                }
+                (Some(text), None) => Some(text.clone()),
+                (None, Some(file)) => match std::fs::read_to_string(base.join(file)) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
+                        problems.push(Problem {
+                            key: format!("stages.{name}.prompt_file"),
+                            line: None,
+                            message: format!("cannot read {}: {e}", base.join(file).display()),
+                        });
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
+        }
     }
 
     fn resolve_paths(&mut self, base: &Path) {

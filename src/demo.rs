@@ -27,6 +27,8 @@ set -e
 dir="docs/$BATON_TASK"
 mkdir -p "$dir" src
 echo "[$BATON_STAGE] run $BATON_RUN_ID, attempt $BATON_ATTEMPT, iteration $BATON_ITERATION"
+echo "[$BATON_STAGE] my prompt ($BATON_PROMPT_FILE):"
+sed 's/^/  | /' "$BATON_PROMPT_FILE"
 sleep 0.3
 case "$BATON_STAGE" in
   analyst)   printf '# Analysis of %s\n\nThe ticket asks for a greeting.\n' "$BATON_TASK" > "$dir/analysis.md" ;;
@@ -46,6 +48,18 @@ case "$BATON_STAGE" in
 esac
 echo "[$BATON_STAGE] done"
 "#;
+
+/// The prompt every demo stage renders: the ticket, where to work, and the feedback of
+/// a rejection or a failed attempt.
+const PROMPT_TEMPLATE: &str = r#"You are the {{ stage }} of {{ task.key }}: {{ task.title }}.
+
+{{ task.description }}
+
+Work on branch {{ branch }} in {{ workspace }} (iteration {{ iteration }}, attempt {{ attempt }}).
+{% if feedback %}
+Feedback to address first:
+{{ feedback }}
+{% endif %}"#;
 
 /// Runs the demo; exit code 0 when the demo task is done.
 pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
@@ -72,6 +86,9 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     let key = TaskKey::parse(DEMO_TASK).map_err(anyhow::Error::msg)?;
     let request = SubmitRequest {
         title: Some("Add a greeting".into()),
+        description: Some(
+            "The app needs greet(), which greets the person it is given by name.".into(),
+        ),
         ..SubmitRequest::new(key.clone())
     };
     let submitted = tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
@@ -113,6 +130,19 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     let detail = store.task_detail(&key).await?;
     println!("\n== summary\n");
     print!("{}", crate::present::render_detail(&detail));
+    // The developer's second iteration was told what the reviewer wrote.
+    if let Some(r) = detail
+        .jobs
+        .iter()
+        .filter(|j| j.stage == "developer" && j.iteration == 2)
+        .flat_map(|j| detail.runs.iter().filter(move |r| r.job_id == j.id))
+        .find(|r| r.prompt.is_some())
+    {
+        println!("\n  the prompt of developer iteration 2 (run {}):", r.id);
+        for line in r.prompt.as_deref().unwrap_or_default().lines() {
+            println!("    | {line}");
+        }
+    }
     println!("\n  commits on baton/{DEMO_TASK}:");
     let ws = config.workspace_root.join(DEMO_TASK);
     for line in git_log(&ws).unwrap_or_default() {
@@ -166,6 +196,8 @@ fn setup(root: &Path) -> anyhow::Result<Config> {
     let agent = root.join("agents").join("agent.sh");
     std::fs::create_dir_all(agent.parent().unwrap_or(root))?;
     std::fs::write(&agent, AGENT_SCRIPT)?;
+    std::fs::create_dir_all(root.join("prompts"))?;
+    std::fs::write(root.join("prompts").join("stage.md"), PROMPT_TEMPLATE)?;
     let toml = format!(
         r#"
 database_url = "sqlite://{db}?mode=rwc"
@@ -196,21 +228,25 @@ max_iterations = 3
 
 [stages.analyst]
 command = ["sh", "{agent}"]
+prompt_file = "prompts/stage.md"
 timeout = "1m"
 gate.artifacts = ["docs/{{task}}/analysis.md"]
 
 [stages.architect]
 command = ["sh", "{agent}"]
+prompt_file = "prompts/stage.md"
 timeout = "1m"
 gate.artifacts = ["docs/{{task}}/design.md"]
 
 [stages.developer]
 command = ["sh", "{agent}"]
+prompt_file = "prompts/stage.md"
 timeout = "1m"
 gate.command = ["sh", "-n", "src/greet.sh"]
 
 [stages.reviewer]
 command = ["sh", "{agent}"]
+prompt_file = "prompts/stage.md"
 timeout = "1m"
 on_reject = "developer"
 gate.verdict = {{ file = "docs/{{task}}/review.md", approve = "APPROVED", reject = "CHANGES_REQUESTED" }}

@@ -55,10 +55,51 @@ pub struct Effector {
     plane_states: Arc<tokio::sync::Mutex<Option<Vec<plane::PlaneState>>>>,
     /// The project's identifier, asked of Plane once.
     plane_identifier: Arc<tokio::sync::Mutex<Option<String>>>,
+    /// Every Plane request of the node takes from this budget first.
+    plane_budget: Arc<RequestBudget>,
+}
+
+/// A token bucket: `per_minute` requests a minute on average, with a small burst.
+#[derive(Debug)]
+pub struct RequestBudget {
+    per_minute: f64,
+    burst: f64,
+    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RequestBudget {
+    pub fn new(per_minute: u32) -> Self {
+        let per_minute = f64::from(per_minute.max(1));
+        let burst = per_minute.min(10.0);
+        RequestBudget {
+            per_minute,
+            burst,
+            state: tokio::sync::Mutex::new((burst, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits until a request may be made, and takes it.
+    pub async fn take(&self) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().await;
+                let now = tokio::time::Instant::now();
+                let refill = now.duration_since(s.1).as_secs_f64() * self.per_minute / 60.0;
+                *s = ((s.0 + refill).min(self.burst), now);
+                if s.0 >= 1.0 {
+                    s.0 -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - s.0) * 60.0 / self.per_minute)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 impl Effector {
     pub fn new(config: Arc<Config>, store: Store, secrets: crate::config::Secrets) -> Self {
+        let budget = config.plane.as_ref().map_or(60, |p| p.requests_per_minute);
         let http = reqwest::Client::builder()
             .timeout(HTTP_TIMEOUT)
             .user_agent(concat!("baton/", env!("CARGO_PKG_VERSION")))
@@ -71,6 +112,7 @@ impl Effector {
             http,
             plane_states: Arc::default(),
             plane_identifier: Arc::default(),
+            plane_budget: Arc::new(RequestBudget::new(budget)),
         }
     }
 
@@ -127,6 +169,7 @@ impl Effector {
             }
             EffectPayload::PlaneComment(p) => {
                 let plane = self.plane()?;
+                self.plane_budget.take().await;
                 let pr = self.store.pull_request_url(task.id).await.ok().flatten();
                 let html = plane::comment_html(&p, pr.as_deref());
                 plane::post_comment(
@@ -143,6 +186,7 @@ impl Effector {
             EffectPayload::PlaneState(p) => {
                 let plane = self.plane()?;
                 let id = self.plane_state_id(&p.state).await?;
+                self.plane_budget.take().await;
                 plane::set_state(&self.http, plane, self.plane_key()?, &p.issue, &id).await?;
                 Ok(Some(p.state))
             }
@@ -178,6 +222,7 @@ impl Effector {
         let plane = self.plane()?;
         let mut cache = self.plane_states.lock().await;
         if cache.as_ref().is_none_or(|c| !c.iter().any(&wanted)) {
+            self.plane_budget.take().await;
             *cache = Some(plane::list_states(&self.http, plane, self.plane_key()?).await?);
         }
         Ok(cache.clone().unwrap_or_default())
@@ -220,9 +265,63 @@ impl Effector {
         if let Some(id) = cached.as_ref() {
             return Ok(id.clone());
         }
+        self.plane_budget.take().await;
         let id = plane::project_identifier(&self.http, self.plane()?, self.plane_key()?).await?;
         *cached = Some(id.clone());
         Ok(id)
+    }
+
+    /// The task key of the project's work item `sequence_id`: `PROJ-65`.
+    pub async fn plane_key_of(&self, sequence_id: i64) -> Result<String, EffectError> {
+        Ok(format!(
+            "{}-{sequence_id}",
+            self.plane_project_identifier().await?
+        ))
+    }
+
+    /// A work item's description, as text.
+    pub async fn plane_work_item_description(&self, issue: &str) -> Result<String, EffectError> {
+        self.plane_budget.take().await;
+        let item = plane::work_item(&self.http, self.plane()?, self.plane_key()?, issue).await?;
+        Ok(item.description())
+    }
+
+    /// The project's work items in the state named `state`.
+    pub async fn plane_work_items_in(
+        &self,
+        state: &str,
+    ) -> Result<Vec<plane::WorkItem>, EffectError> {
+        let wanted = self.plane_state_id(state).await?;
+        let (plane, key) = (self.plane()?, self.plane_key()?);
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..plane::pages_max() {
+            self.plane_budget.take().await;
+            let (items, next) =
+                plane::work_items_page(&self.http, plane, key, cursor.as_deref()).await?;
+            out.extend(
+                items
+                    .into_iter()
+                    .filter(|i| i.state.as_deref() == Some(wanted.as_str())),
+            );
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// A state's group (`cancelled`, ...) by its id or name.
+    pub async fn plane_state_group(&self, id_or_name: &str) -> Result<String, EffectError> {
+        let is =
+            |s: &plane::PlaneState| s.id == id_or_name || s.name.eq_ignore_ascii_case(id_or_name);
+        self.plane_states(is)
+            .await?
+            .into_iter()
+            .find(is)
+            .map(|s| s.group)
+            .ok_or_else(|| EffectError::Permanent(format!("Plane has no state {id_or_name:?}")))
     }
 
     pub fn http(&self) -> &reqwest::Client {

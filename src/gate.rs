@@ -9,7 +9,7 @@ use crate::config::{GateSettings, StageSettings};
 use crate::model::Verdict;
 
 /// The values of the placeholders `{task}`, `{stage}`, `{run_id}`, `{attempt}`,
-/// `{workspace}`.
+/// `{workspace}` and, in an agent's command, `{prompt}`.
 #[derive(Debug, Clone)]
 pub struct Vars {
     pub task: String,
@@ -17,15 +17,40 @@ pub struct Vars {
     pub run_id: i64,
     pub attempt: i32,
     pub workspace: String,
+    /// The rendered prompt, when the stage has one.
+    pub prompt: Option<String>,
 }
 
 impl Vars {
     pub fn expand(&self, s: &str) -> String {
-        s.replace("{task}", &self.task)
+        // `{prompt}` goes last: its text may hold braces that are not placeholders.
+        let s = s
+            .replace("{task}", &self.task)
             .replace("{stage}", &self.stage)
             .replace("{run_id}", &self.run_id.to_string())
             .replace("{attempt}", &self.attempt.to_string())
-            .replace("{workspace}", &self.workspace)
+            .replace("{workspace}", &self.workspace);
+        match &self.prompt {
+            Some(p) => s.replace("{prompt}", p),
+            None => s,
+        }
+    }
+}
+
+/// The gate's verdict, with the verdict file's text when it rejected: what the stage it
+/// loops back to is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    pub verdict: Verdict,
+    pub verdict_text: Option<String>,
+}
+
+impl From<Verdict> for Judgement {
+    fn from(verdict: Verdict) -> Self {
+        Judgement {
+            verdict,
+            verdict_text: None,
+        }
     }
 }
 
@@ -39,19 +64,15 @@ pub async fn evaluate(
     vars: &Vars,
     exit_code: i32,
     grace: Duration,
-) -> Verdict {
+) -> Judgement {
     let gate: &GateSettings = &stage.gate;
     if gate.exit_zero && exit_code != 0 {
-        return Verdict::Failed {
-            reason: format!("agent exited with code {exit_code}"),
-        };
+        return failed(format!("agent exited with code {exit_code}"));
     }
     for artifact in &gate.artifacts {
         let rel = vars.expand(artifact);
         if !workspace.join(&rel).is_file() {
-            return Verdict::Failed {
-                reason: format!("artifact {rel} is missing"),
-            };
+            return failed(format!("artifact {rel} is missing"));
         }
     }
     if let Some(v) = &gate.verdict {
@@ -59,21 +80,20 @@ pub async fn evaluate(
         let text = match tokio::fs::read_to_string(workspace.join(&rel)).await {
             Ok(t) => t,
             Err(e) => {
-                return Verdict::Failed {
-                    reason: format!("verdict file {rel} cannot be read: {e}"),
-                };
+                return failed(format!("verdict file {rel} cannot be read: {e}"));
             }
         };
         if text.contains(&v.reject) {
-            return Verdict::Rejected;
+            return Judgement {
+                verdict: Verdict::Rejected,
+                verdict_text: Some(crate::prompt::bounded(&text, crate::prompt::FEEDBACK_MAX)),
+            };
         }
         if !text.contains(&v.approve) {
-            return Verdict::Failed {
-                reason: format!(
-                    "verdict file {rel} says neither {} nor {}",
-                    v.approve, v.reject
-                ),
-            };
+            return failed(format!(
+                "verdict file {rel} says neither {} nor {}",
+                v.approve, v.reject
+            ));
         }
     }
     if let Some(cmd) = &gate.command {
@@ -81,14 +101,19 @@ pub async fn evaluate(
         match run_gate_command(&argv, workspace, gate_timeout(stage, grace)).await {
             Ok(0) => {}
             Ok(code) => {
-                return Verdict::Failed {
-                    reason: format!("gate command {:?} exited with code {code}", argv.join(" ")),
-                };
+                return failed(format!(
+                    "gate command {:?} exited with code {code}",
+                    argv.join(" ")
+                ));
             }
-            Err(e) => return Verdict::Failed { reason: e },
+            Err(e) => return failed(e),
         }
     }
-    Verdict::Passed
+    Verdict::Passed.into()
+}
+
+fn failed(reason: String) -> Judgement {
+    Verdict::Failed { reason }.into()
 }
 
 /// How long the gate command may run.

@@ -11,6 +11,8 @@
 //! - [`model`]: the domain vocabulary: task keys, statuses, verdicts, claims, deciders,
 //!   effect payloads, backoff. No I/O.
 //! - [`clock`]: time in the database's unit, controllable by tests.
+//! - [`prompt`] and [`usage`]: prompt templates (minijinja) and the bounds on what agents
+//!   are given; the usage an agent's tool reported in its log.
 //! - [`policy`]: the pure transition policy: which transition a claim makes and which
 //!   effects it writes.
 //! - [`store`]: all database access, split by topic; the fenced claim applies the
@@ -41,10 +43,12 @@ pub mod http;
 pub mod model;
 pub mod policy;
 pub mod present;
+pub mod prompt;
 pub mod service;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod usage;
 pub mod workspace;
 
 /// This machine's host name, which runs and nodes are recorded with.

@@ -238,6 +238,52 @@ pub struct Claim {
     pub verdict: Verdict,
     pub decided_by: Decider,
     pub commit_sha: Option<String>,
+    /// What the next job of this decision starts with: the verdict's text on a
+    /// rejection, the failure and the end of the log on a failed attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<String>,
+    /// What the agent's tool reported it used, recorded on the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// What an agent's tool reported it used (Claude Code's final `result` record, Codex's
+/// `turn.completed` events). Each figure is absent when the tool did not report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    /// Millionths of a US dollar.
+    pub cost_microusd: Option<i64>,
+    pub turns: Option<i32>,
+}
+
+impl Usage {
+    /// The sum of two usages; a figure is known when either knows it.
+    pub fn plus(self, other: Usage) -> Usage {
+        fn add<T: std::ops::Add<Output = T>>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            }
+        }
+        Usage {
+            tokens_in: add(self.tokens_in, other.tokens_in),
+            tokens_out: add(self.tokens_out, other.tokens_out),
+            cost_microusd: add(self.cost_microusd, other.cost_microusd),
+            turns: add(self.turns, other.turns),
+        }
+    }
+
+    /// The usage recorded on a run.
+    pub fn of_run(run: &entity::agent_runs::Model) -> Usage {
+        Usage {
+            tokens_in: run.tokens_in,
+            tokens_out: run.tokens_out,
+            cost_microusd: run.cost_microusd,
+            turns: run.turns,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -56,6 +56,9 @@ pub struct ClaimInput<'a> {
     pub run_id: i64,
     pub verdict: &'a Verdict,
     pub commit_sha: Option<&'a str>,
+    /// What the sender read for the next job: the verdict's text on a rejection, the
+    /// failure and the end of the log on a failed attempt.
+    pub feedback: Option<&'a str>,
     /// The highest iteration each stage of the task has reached so far.
     pub iterations: &'a HashMap<String, i32>,
     pub now: i64,
@@ -113,6 +116,9 @@ pub struct PlannedEffect {
 pub struct Transition {
     pub job: JobChange,
     pub next: Option<NextJob>,
+    /// What the job that runs next starts with: the queued job after a rejection, the
+    /// claimed job itself on a retry; `None` after a pass.
+    pub feedback: Option<String>,
     pub task_end: Option<TaskEnd>,
     pub effects: Vec<PlannedEffect>,
 }
@@ -144,9 +150,18 @@ impl Policy {
     pub fn decide(&self, input: ClaimInput<'_>) -> Transition {
         let (job, next, task_end) = self.choose(&input);
         let effects = self.effects(&input, next.as_ref(), task_end.as_ref());
+        let carries_feedback = match input.verdict {
+            Verdict::Passed => false,
+            Verdict::Rejected => next.is_some(),
+            _ => matches!(job, JobChange::Retry { .. }),
+        };
         Transition {
             job,
             next,
+            feedback: input
+                .feedback
+                .filter(|_| carries_feedback)
+                .map(str::to_string),
             task_end,
             effects,
         }
@@ -351,6 +366,7 @@ mod tests {
             key: "APP-1".into(),
             pipeline: "default".into(),
             title: "Fix it".into(),
+            description: None,
             plane_issue_id: plane.then(|| "issue-uuid".to_string()),
             status: TaskStatus::Active,
             trace_parent: None,
@@ -369,6 +385,7 @@ mod tests {
             attempt,
             current_run_id: Some(70),
             not_before: 0,
+            feedback: None,
             created_at: 0,
             updated_at: 0,
         }
@@ -389,6 +406,7 @@ mod tests {
             run_id: 70,
             verdict: &v,
             commit_sha: Some("abc123"),
+            feedback: Some("the reviewer's words"),
             iterations: &iterations,
             now: 1_000,
         })
@@ -419,6 +437,7 @@ mod tests {
         assert_eq!(t.task_end, None);
         assert_eq!(kinds(&t), [EffectKind::Push]);
         assert!(t.effects[0].on_run_host);
+        assert_eq!(t.feedback, None, "a pass hands no feedback on");
     }
 
     #[test]
@@ -485,6 +504,8 @@ mod tests {
         );
         // No pull request on a rejection, whatever the stage.
         assert_eq!(kinds(&t), [EffectKind::Push]);
+        // The developer's next iteration starts with what the reviewer wrote.
+        assert_eq!(t.feedback.as_deref(), Some("the reviewer's words"));
     }
 
     #[test]
@@ -540,6 +561,7 @@ mod tests {
             );
             assert_eq!(t.next, None);
             assert_eq!(t.task_end, None);
+            assert_eq!(t.feedback.as_deref(), Some("the reviewer's words"));
             assert_eq!(kinds(&t), [EffectKind::Push, EffectKind::PlaneComment]);
         }
     }
@@ -561,6 +583,7 @@ mod tests {
             let end = t.task_end.unwrap();
             assert_eq!(end.status, TaskStatus::Failed);
             assert_eq!(end.reason, format!("attempt 3 of 3 {why}"));
+            assert_eq!(t.feedback, None, "no job runs next");
         }
     }
 
@@ -575,6 +598,7 @@ mod tests {
             run_id: 70,
             verdict: &Verdict::Passed,
             commit_sha: None,
+            feedback: None,
             iterations: &none,
             now: 0,
         };

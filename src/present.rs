@@ -6,6 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use entity::{events, jobs};
 use serde_json::{Value, json};
 
+use crate::model::Usage;
 use crate::store::{RunningJob, TaskDetail, TaskSummary};
 
 /// A timestamp (ms since the epoch) as RFC 3339, to the second.
@@ -23,12 +24,46 @@ pub fn event_json(e: &events::Model) -> Value {
     })
 }
 
+/// The usage of a task's runs, summed.
+pub fn task_usage(d: &TaskDetail) -> Usage {
+    d.runs
+        .iter()
+        .fold(Usage::default(), |sum, r| sum.plus(Usage::of_run(r)))
+}
+
 /// The document of one task: `baton status KEY --json` and `GET /api/v1/tasks/{key}`.
+/// Each run carries its prompt and usage; `usage` is the task's total.
 pub fn detail_json(d: &TaskDetail) -> Value {
     json!({
         "task": d.task, "jobs": d.jobs, "runs": d.runs, "effects": d.effects,
+        "usage": task_usage(d),
         "events": d.events.iter().map(event_json).collect::<Vec<_>>(),
     })
+}
+
+/// A usage in a few words: `12.3k in, 456 out, $0.0123, 4 turns`; empty when unknown.
+pub fn fmt_usage(u: Usage) -> String {
+    let tokens = |n: i64| {
+        if n >= 10_000 {
+            format!("{:.1}k", n as f64 / 1000.0)
+        } else {
+            n.to_string()
+        }
+    };
+    let mut parts = Vec::new();
+    if let Some(n) = u.tokens_in {
+        parts.push(format!("{} in", tokens(n)));
+    }
+    if let Some(n) = u.tokens_out {
+        parts.push(format!("{} out", tokens(n)));
+    }
+    if let Some(c) = u.cost_microusd {
+        parts.push(format!("${:.4}", c as f64 / 1_000_000.0));
+    }
+    if let Some(t) = u.turns {
+        parts.push(format!("{t} turns"));
+    }
+    parts.join(", ")
 }
 
 /// The document of a task's history: `baton history KEY --json`.
@@ -53,6 +88,14 @@ pub fn render_history(events: &[events::Model]) -> String {
             )
         })
         .collect()
+}
+
+/// `text` with every line indented by `pad`.
+fn indent(text: &str, pad: &str) -> String {
+    text.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn current_job(jobs: &[jobs::Model]) -> Option<&jobs::Model> {
@@ -104,6 +147,16 @@ pub fn render_detail(d: &TaskDetail) -> String {
     if let Some(p) = &t.plane_issue_id {
         out.push_str(&format!("  plane issue: {p}\n"));
     }
+    if let Some(desc) = &t.description {
+        out.push_str(&format!(
+            "  description: {}\n",
+            indent(desc, "    ").trim_start()
+        ));
+    }
+    let usage = fmt_usage(task_usage(d));
+    if !usage.is_empty() {
+        out.push_str(&format!("  usage: {usage}\n"));
+    }
     out.push_str("  jobs:\n");
     for j in &d.jobs {
         out.push_str(&format!(
@@ -121,7 +174,25 @@ pub fn render_detail(d: &TaskDetail) -> String {
                 dash(r.commit_sha.as_deref().map(|s| s.chars().take(10).collect())),
                 r.log_path
             ));
+            let usage = fmt_usage(Usage::of_run(r));
+            if !usage.is_empty() {
+                out.push_str(&format!("           usage {usage}\n"));
+            }
         }
+        if let Some(fb) = &j.feedback {
+            out.push_str(&format!(
+                "           feedback:\n{}\n",
+                indent(fb, "             ")
+            ));
+        }
+    }
+    if let Some(r) = d.runs.iter().rev().find(|r| r.prompt.is_some()) {
+        let prompt = r.prompt.as_deref().unwrap_or_default();
+        out.push_str(&format!(
+            "  prompt of run {}:\n{}\n",
+            r.id,
+            indent(prompt, "    ")
+        ));
     }
     if !d.effects.is_empty() {
         out.push_str("  effects:\n");

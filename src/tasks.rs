@@ -16,6 +16,11 @@ pub const PIPELINE_DEFAULT: &str = "default";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
+    #[error(
+        "the description is {kib} KiB; at most {max} KiB are taken (put the rest in a file of the repository and point to it)",
+        max = crate::prompt::DESCRIPTION_MAX / 1024
+    )]
+    DescriptionTooLong { kib: usize },
     #[error("unknown pipeline {name:?}; the config defines: {known}")]
     UnknownPipeline { name: String, known: String },
     #[error("pipeline {0:?} has no stages")]
@@ -32,6 +37,9 @@ pub struct SubmitRequest {
     pub pipeline: Option<String>,
     /// `None` or empty: the key.
     pub title: Option<String>,
+    /// What the task is about; with a Plane work item and none given, the work item's
+    /// is read before the first stage.
+    pub description: Option<String>,
     pub plane_issue_id: Option<String>,
 }
 
@@ -41,6 +49,7 @@ impl SubmitRequest {
             key,
             pipeline: None,
             title: None,
+            description: None,
             plane_issue_id: None,
         }
     }
@@ -66,6 +75,14 @@ pub async fn submit(
     let Some(first_stage) = settings.stages.first().cloned() else {
         return Err(TaskError::EmptyPipeline(pipeline));
     };
+    let description = non_empty(req.description);
+    if let Some(d) = &description
+        && d.len() > crate::prompt::DESCRIPTION_MAX
+    {
+        return Err(TaskError::DescriptionTooLong {
+            kib: d.len().div_ceil(1024),
+        });
+    }
     let title = non_empty(req.title)
         .unwrap_or_else(|| req.key.to_string())
         .chars()
@@ -75,6 +92,7 @@ pub async fn submit(
         key: req.key,
         pipeline,
         title,
+        description,
         plane_issue_id: non_empty(req.plane_issue_id),
         first_stage,
         trace_parent: crate::telemetry::new_trace_parent(),

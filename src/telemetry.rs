@@ -279,6 +279,12 @@ pub struct Metrics {
     pub running_jobs: opentelemetry::metrics::Gauge<u64>,
     pub advance_latency: opentelemetry::metrics::Histogram<f64>,
     pub run_duration: opentelemetry::metrics::Histogram<f64>,
+    /// Tokens agents reported, by stage and direction (`in`, `out`).
+    pub agent_tokens: opentelemetry::metrics::Counter<u64>,
+    /// Cost agents reported, in US dollars, by stage.
+    pub agent_cost: opentelemetry::metrics::Counter<f64>,
+    /// Turns agents reported, by stage.
+    pub agent_turns: opentelemetry::metrics::Counter<u64>,
 }
 
 impl Metrics {
@@ -330,6 +336,39 @@ impl Metrics {
                     1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
                 ])
                 .build(),
+            agent_tokens: m
+                .u64_counter("baton.agent.tokens")
+                .with_description("Tokens agents reported, by stage and direction")
+                .build(),
+            agent_cost: m
+                .f64_counter("baton.agent.cost")
+                .with_unit("USD")
+                .with_description("Cost agents reported, by stage")
+                .build(),
+            agent_turns: m
+                .u64_counter("baton.agent.turns")
+                .with_description("Turns agents reported, by stage")
+                .build(),
+        }
+    }
+
+    /// Adds what one run's agent reported it used.
+    pub fn record_usage(&self, stage: &str, u: crate::model::Usage) {
+        let stage = kv("stage", stage.to_string());
+        for (direction, n) in [("in", u.tokens_in), ("out", u.tokens_out)] {
+            if let Some(n) = n {
+                self.agent_tokens.add(
+                    n.max(0) as u64,
+                    &[stage.clone(), kv("direction", direction)],
+                );
+            }
+        }
+        if let Some(c) = u.cost_microusd {
+            self.agent_cost
+                .add(c.max(0) as f64 / 1_000_000.0, std::slice::from_ref(&stage));
+        }
+        if let Some(t) = u.turns {
+            self.agent_turns.add(t.max(0) as u64, &[stage]);
         }
     }
 

@@ -21,6 +21,14 @@ pub struct Model {
     pub outcome: Option<crate::RunOutcome>,
     pub log_path: String,
     pub commit_sha: Option<String>,
+    /// The prompt rendered for the agent, when its stage has one.
+    pub prompt: Option<String>,
+    /// Usage the agent's tool reported in its log (Claude Code, Codex), when it did.
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    /// Cost in millionths of a US dollar (an integer, so sums are exact).
+    pub cost_microusd: Option<i64>,
+    pub turns: Option<i32>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

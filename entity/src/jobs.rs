@@ -17,6 +17,9 @@ pub struct Model {
     pub current_run_id: Option<i64>,
     /// A queued job is not dispatched before this instant (retry backoff).
     pub not_before: i64,
+    /// What this job starts with: the verdict of the stage that rejected back to it, or
+    /// the reason the previous attempt failed with the end of its log.
+    pub feedback: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }

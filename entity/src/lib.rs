@@ -9,6 +9,7 @@ pub mod agent_runs;
 pub mod effects;
 pub mod events;
 pub mod jobs;
+pub mod leases;
 pub mod nodes;
 pub mod tasks;
 pub mod types;

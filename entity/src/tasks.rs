@@ -11,6 +11,8 @@ pub struct Model {
     pub key: String,
     pub pipeline: String,
     pub title: String,
+    /// What the task is about (the work item's text), at most 64 KiB; shown to agents.
+    pub description: Option<String>,
     pub plane_issue_id: Option<String>,
     pub status: crate::TaskStatus,
     /// W3C trace context of the task's root span; every span of the task joins it.

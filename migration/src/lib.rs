@@ -4,6 +4,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_effect_nodes_and_deliveries;
+mod m20261124_000003_prompts_feedback_usage;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_effect_nodes_and_deliveries::Migration),
+            Box::new(m20261124_000003_prompts_feedback_usage::Migration),
         ]
     }
 }

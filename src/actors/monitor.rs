@@ -12,11 +12,12 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::advancer::{AdvancerMsg, send_claim};
-use super::{Ctx, ProbeEvent};
+use super::{Ctx, ProbeEvent, read_handoff};
 use crate::agent::{self, AgentSpec, ExitStatus};
 use crate::config::StageSettings;
-use crate::gate::{self, Vars};
+use crate::gate::{self, Judgement, Vars};
 use crate::model::{Claim, ClaimOutcome, Decider, Verdict};
+use crate::prompt::{PROMPT_ARG_MAX, PromptTask, PromptVars};
 use crate::store::Dispatched;
 use crate::workspace;
 
@@ -224,7 +225,66 @@ fn vars(d: &Dispatched, workspace: &std::path::Path) -> Vars {
         run_id: d.run.id,
         attempt: d.job.attempt,
         workspace: workspace.to_string_lossy().into_owned(),
+        prompt: None,
     }
+}
+
+/// The task's description; when it has none but a Plane work item, the work item's, asked
+/// of Plane and kept on the task. A Plane that does not answer leaves it empty.
+async fn description(ctx: &Ctx, task: &entity::tasks::Model) -> String {
+    if let Some(text) = &task.description {
+        return text.clone();
+    }
+    let (Some(issue), Some(_)) = (&task.plane_issue_id, &ctx.config.plane) else {
+        return String::new();
+    };
+    match ctx.effector.plane_work_item_description(issue).await {
+        Ok(text) => {
+            let text = crate::prompt::bounded(&text, crate::prompt::DESCRIPTION_MAX);
+            if let Err(e) = ctx.store.set_description(task.id, &text, ctx.now()).await {
+                tracing::warn!(error = %e, task = %task.key, "cannot keep the work item's description");
+            }
+            text
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, task = %task.key, "cannot read the work item's description from Plane");
+            String::new()
+        }
+    }
+}
+
+/// Renders the stage's prompt for this run and writes it beside the run's log.
+async fn render_prompt(
+    ctx: &Ctx,
+    d: &Dispatched,
+    template: &str,
+    ws: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<(String, PathBuf), String> {
+    let plane = ctx.config.plane.as_ref();
+    let vars = PromptVars {
+        task: PromptTask {
+            key: d.task.key.clone(),
+            title: d.task.title.clone(),
+            description: description(ctx, &d.task).await,
+            url: match (plane, &d.task.plane_issue_id) {
+                (Some(p), Some(issue)) => p.work_item_url(issue),
+                _ => String::new(),
+            },
+        },
+        stage: d.job.stage.clone(),
+        iteration: d.job.iteration,
+        attempt: d.job.attempt,
+        run_id: d.run.id,
+        branch: ctx.policy.branch(&d.task.key),
+        workspace: ws.to_string_lossy().into_owned(),
+        feedback: d.job.feedback.clone().unwrap_or_default(),
+    };
+    let text = crate::prompt::render(template, &vars)
+        .map_err(|e| format!("stage {}'s prompt: {e}", d.job.stage))?;
+    let path = crate::prompt::write_beside(log, &text)
+        .map_err(|e| format!("cannot write the prompt beside {}: {e}", log.display()))?;
+    Ok((text, path))
 }
 
 async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
@@ -264,8 +324,34 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
 
     match state.args.mode {
         MonitorMode::Fresh => {
-            let v = vars(&d, &ws);
+            let mut v = vars(&d, &ws);
             let mut env = BTreeMap::new();
+            if let Some(template) = &stage.template {
+                let (text, path) = match render_prompt(&ctx, &d, template, &ws, &log_path).await {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        fail_start(myself, state, reason).await;
+                        return;
+                    }
+                };
+                if text.len() > PROMPT_ARG_MAX
+                    && stage.command.iter().any(|a| a.contains("{prompt}"))
+                {
+                    let reason = format!(
+                        "the rendered prompt is {} KiB, over the {} KiB one argument may carry; \
+                         pass the file instead: use \"$BATON_PROMPT_FILE\" in the command rather than {{prompt}}",
+                        text.len() / 1024,
+                        PROMPT_ARG_MAX / 1024
+                    );
+                    fail_start(myself, state, reason).await;
+                    return;
+                }
+                env.insert(
+                    "BATON_PROMPT_FILE".into(),
+                    path.to_string_lossy().into_owned(),
+                );
+                v.prompt = Some(text);
+            }
             env.insert("BATON_TASK".into(), d.task.key.clone());
             env.insert("BATON_STAGE".into(), d.job.stage.clone());
             env.insert("BATON_RUN_ID".into(), d.run.id.to_string());
@@ -296,7 +382,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             state.pid = Some(pid);
             if let Err(e) = ctx
                 .store
-                .run_started(&d.run, d.task.id, pid, ctx.now())
+                .run_started(&d.run, d.task.id, pid, v.prompt.as_deref(), ctx.now())
                 .await
             {
                 tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's pid");
@@ -387,18 +473,20 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         return;
     }
     // 2. The gate, read-only.
-    let verdict = if state.cause == EndCause::TimedOut {
-        Verdict::TimedOut
+    let judgement: Judgement = if state.cause == EndCause::TimedOut {
+        Verdict::TimedOut.into()
     } else if state.cause == EndCause::StoppedAtShutdown {
         Verdict::Failed {
             reason: "agent stopped at node shutdown (serve --stop-agents)".into(),
         }
+        .into()
     } else if let Some(reason) = error {
-        Verdict::Failed { reason }
+        Verdict::Failed { reason }.into()
     } else if status.is_none() {
         Verdict::Failed {
             reason: "the agent ended without an exit status".into(),
         }
+        .into()
     } else {
         match (&state.stage, &state.workspace) {
             (Some(stage), Some(ws)) => {
@@ -414,12 +502,13 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
             }
             _ => Verdict::Failed {
                 reason: "no workspace".into(),
-            },
+            }
+            .into(),
         }
     };
     // 3. The auto-commit.
     let mut commit_sha = None;
-    let mut verdict = verdict;
+    let mut verdict = judgement.verdict;
     if let (Some(stage), Some(ws)) = (&state.stage, &state.workspace)
         && stage.commit
     {
@@ -442,19 +531,28 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
             }
         }
     }
-    // 4. The claim.
+    // 4. What the next job is told, and what the agent's tool reported it used.
+    let log = PathBuf::from(&d.run.log_path);
+    let (feedback, usage) =
+        read_handoff(&verdict, judgement.verdict_text, d.job.attempt, &log).await;
+    // 5. The claim.
     let claim = Claim {
         job_id: d.job.id,
         run_id: d.run.id,
         verdict,
         decided_by: Decider::Monitor,
         commit_sha,
+        feedback,
+        usage,
     };
     let outcome = send_claim(&state.args.advancer, claim).await;
     if let Some(ClaimOutcome::Won(_)) = &outcome {
         ctx.metrics
             .advance_latency
             .record(exit_recorded.elapsed().as_secs_f64(), &[]);
+        if let Some(u) = usage {
+            ctx.metrics.record_usage(&d.job.stage, u);
+        }
     }
     state.span.record(
         "outcome",

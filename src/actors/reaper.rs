@@ -19,10 +19,10 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::advancer::{AdvancerMsg, send_claim};
-use super::{Ctx, ProbeEvent, Ticker};
+use super::{Ctx, ProbeEvent, Ticker, read_handoff};
 use crate::agent;
 use crate::clock::ms;
-use crate::gate::{self, Vars};
+use crate::gate::{self, Judgement, Vars};
 use crate::model::{Claim, ClaimOutcome, Decider, ReapTier, Verdict};
 use crate::store::RunningJob;
 use crate::workspace;
@@ -134,8 +134,8 @@ pub async fn run_once(
                 None
             } else {
                 result.n_tier2 += 1;
-                let (verdict, commit) = read_only_gate(ctx, &rj).await;
-                Some((ReapTier::Unfinished, verdict, commit))
+                let (judgement, commit) = read_only_gate(ctx, &rj).await;
+                Some((ReapTier::Unfinished, judgement, commit))
             }
         } else {
             let here = rj.node_hostname.as_deref() == Some(ctx.hostname.as_str());
@@ -155,7 +155,7 @@ pub async fn run_once(
                     {
                         agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
                         result.n_timeout += 1;
-                        Some((ReapTier::Timeout, Verdict::TimedOut, None))
+                        Some((ReapTier::Timeout, Verdict::TimedOut.into(), None))
                     } else {
                         None
                     }
@@ -184,7 +184,8 @@ pub async fn run_once(
                                     "agent pid {} is gone without an exit status",
                                     run.pid.unwrap_or(0)
                                 ),
-                            },
+                            }
+                            .into(),
                             None,
                         ))
                     }
@@ -195,7 +196,8 @@ pub async fn run_once(
                         ReapTier::LostAgent,
                         Verdict::Lost {
                             reason: "the agent was never started".into(),
-                        },
+                        }
+                        .into(),
                         None,
                     ))
                 }
@@ -211,22 +213,31 @@ pub async fn run_once(
                                     .map(|hb| (now - hb) / 1000)
                                     .unwrap_or(-1)
                             ),
-                        },
+                        }
+                        .into(),
                         None,
                     ))
                 }
                 _ => None,
             }
         };
-        let Some((tier, verdict, commit_sha)) = decision else {
+        let Some((tier, judgement, commit_sha)) = decision else {
             continue;
         };
+        let Judgement {
+            verdict,
+            verdict_text,
+        } = judgement;
+        let log = PathBuf::from(&run.log_path);
+        let (feedback, usage) = read_handoff(&verdict, verdict_text, rj.job.attempt, &log).await;
         let claim = Claim {
             job_id: rj.job.id,
             run_id: run.id,
             verdict,
             decided_by: Decider::Reaper(tier),
             commit_sha,
+            feedback,
+            usage,
         };
         // The claim is sent from within the task's trace; the Advancer's span follows it.
         let span = crate::task_span!("reap", rj.task, rj.job, run.id);
@@ -246,12 +257,13 @@ pub async fn run_once(
 
 /// Tier 2's verdict: the gate evaluated read-only on this host's workspace, and the
 /// commit the run made before its monitor died, if it did.
-async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Verdict, Option<String>) {
+async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Judgement, Option<String>) {
     let Some(run) = &rj.run else {
         return (
             Verdict::Failed {
                 reason: "no run".into(),
-            },
+            }
+            .into(),
             None,
         );
     };
@@ -260,7 +272,8 @@ async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Verdict, Option<String>)
         return (
             Verdict::Failed {
                 reason: format!("stage {} is not in the config", rj.job.stage),
-            },
+            }
+            .into(),
             None,
         );
     };
@@ -272,7 +285,8 @@ async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Verdict, Option<String>)
         return (
             Verdict::Failed {
                 reason: "the run's workspace is not on this host; the attempt is retried".into(),
-            },
+            }
+            .into(),
             None,
         );
     };
@@ -282,6 +296,7 @@ async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Verdict, Option<String>)
         run_id: run.id,
         attempt: rj.job.attempt,
         workspace: ws.to_string_lossy().into_owned(),
+        prompt: None,
     };
     let verdict = gate::evaluate(stage, &ws, &vars, code, ctx.config.reaper.finalize_grace).await;
     let commit = workspace::head_commit_of_run(&ws, run.id);

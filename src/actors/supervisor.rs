@@ -1,5 +1,5 @@
-//! The Supervisor: spawns the Dispatcher, the Advancer, the Reaper, the EffectWorker and
-//! one Monitor per running job (all linked), adopts the runs an earlier boot of this host
+//! The Supervisor: spawns the Dispatcher, the Advancer, the Reaper, the EffectWorker, the
+//! PlanePoller (with Plane) and one Monitor per running job (all linked), adopts the runs an earlier boot of this host
 //! left behind, heartbeats the node, and shuts everything down in order.
 //!
 //! It overrides `handle_supervisor_evt`: ractor's default stops a supervisor when any
@@ -17,6 +17,7 @@ use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg, send_claim};
 use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
 use super::effect_worker::{EffectWorker, EffectWorkerArgs, EffectWorkerMsg};
 use super::monitor::{Monitor, MonitorArgs, MonitorMode, MonitorMsg};
+use super::plane_poller::{PlanePoller, PlanePollerArgs, PlanePollerMsg};
 use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
 use super::{Ctx, ProbeEvent, Ticker};
 use crate::agent;
@@ -73,6 +74,8 @@ pub struct SupervisorState {
     ctx: Ctx,
     dispatcher: Option<ActorRef<DispatcherMsg>>,
     reaper: Option<ActorRef<ReaperMsg>>,
+    /// Only with Plane, a trigger state and a poll interval.
+    plane_poller: Option<ActorRef<PlanePollerMsg>>,
     effect_worker: Option<ActorRef<EffectWorkerMsg>>,
     advancer: ActorRef<AdvancerMsg>,
     monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
@@ -133,6 +136,26 @@ impl Actor for Supervisor {
             cell.clone(),
         )
         .await?;
+        let poll = ctx
+            .config
+            .plane
+            .as_ref()
+            .filter(|p| p.trigger_state.is_some() && !p.poll_interval.is_zero())
+            .map(|p| p.poll_interval);
+        let plane_poller = match poll {
+            Some(interval) => {
+                let args = PlanePollerArgs {
+                    ctx: ctx.clone(),
+                    interval,
+                };
+                Some(
+                    Actor::spawn_linked(None, PlanePoller, args, cell.clone())
+                        .await?
+                        .0,
+                )
+            }
+            None => None,
+        };
         let heartbeat = Ticker::start(&myself, ctx.config.node.heartbeat_interval, || {
             SupervisorMsg::NodeHeartbeat
         });
@@ -140,6 +163,7 @@ impl Actor for Supervisor {
             ctx,
             dispatcher: Some(dispatcher),
             reaper: Some(reaper),
+            plane_poller,
             effect_worker: Some(effect_worker),
             advancer,
             monitors: HashMap::new(),
@@ -231,6 +255,10 @@ impl Actor for Supervisor {
                 if let Some(r) = state.reaper.take() {
                     r.unlink(myself.get_cell());
                     let _ = r.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
+                }
+                if let Some(p) = state.plane_poller.take() {
+                    p.unlink(myself.get_cell());
+                    let _ = p.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
                 let monitors: Vec<ActorRef<MonitorMsg>> =
                     state.monitors.values().map(|(m, _)| m.clone()).collect();
@@ -336,6 +364,8 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
                 },
                 decided_by: Decider::Reaper(ReapTier::LostAgent),
                 commit_sha: None,
+                feedback: None,
+                usage: None,
             };
             // Reaped like tier 1 by the Reaper: in the task's trace, and counted.
             let span = crate::task_span!("reap", rj.task, rj.job, run.id);

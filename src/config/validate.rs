@@ -142,6 +142,22 @@ impl Config {
                     problem(&key, msg);
                 }
             }
+            if let Some(template) = &stage.template {
+                let key = if stage.prompt.is_some() {
+                    "prompt"
+                } else {
+                    "prompt_file"
+                };
+                if let Err(e) = crate::prompt::check(template) {
+                    problem(&format!("stages.{name}.{key}"), e.to_string());
+                }
+            } else if stage.command.iter().any(|a| a.contains("{prompt}")) {
+                problem(
+                    &key,
+                    "uses {prompt}, but the stage has no prompt (prompt or prompt_file)"
+                        .to_string(),
+                );
+            }
             if let Some(msg) = check_duration(stage.timeout) {
                 problem(&format!("stages.{name}.timeout"), msg);
             }
@@ -250,6 +266,24 @@ impl Config {
             }
         }
         if let Some(plane) = &self.plane {
+            if plane.poll_interval > DURATION_MAX {
+                problem(
+                    "plane.poll_interval",
+                    "is absurdly long; use \"0s\" to turn the poll off".to_string(),
+                );
+            }
+            if plane.requests_per_minute == 0 || plane.requests_per_minute > 6000 {
+                problem(
+                    "plane.requests_per_minute",
+                    format!("{} is not between 1 and 6000", plane.requests_per_minute),
+                );
+            }
+            if let Some(w) = &plane.web_url
+                && !w.starts_with("http://")
+                && !w.starts_with("https://")
+            {
+                problem("plane.web_url", format!("{w:?} is not an http(s) URL"));
+            }
             if !plane.api_url.starts_with("http://") && !plane.api_url.starts_with("https://") {
                 problem(
                     "plane.api_url",

@@ -13,7 +13,52 @@ use crate::model::PlaneCommentPayload;
 pub struct PlaneState {
     pub id: String,
     pub name: String,
+    /// `backlog`, `unstarted`, `started`, `completed`, `cancelled` or `triage`.
+    #[serde(default)]
+    pub group: String,
 }
+
+/// A work item, with the fields baton reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkItem {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    pub sequence_id: Option<i64>,
+    /// The state's id (the API's lists and reads give the id, not the object).
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub description_stripped: Option<String>,
+    #[serde(default)]
+    pub description_html: Option<String>,
+}
+
+impl WorkItem {
+    /// The description as text: Plane's stripped text, else the HTML made text.
+    pub fn description(&self) -> String {
+        crate::prompt::description_text(
+            self.description_stripped.as_deref(),
+            self.description_html.as_deref(),
+        )
+        .unwrap_or_default()
+    }
+}
+
+/// A page of a list: Plane pages with a cursor.
+#[derive(Debug, Deserialize)]
+struct Page<T> {
+    results: Vec<T>,
+    #[serde(default)]
+    next_cursor: Option<String>,
+    #[serde(default)]
+    next_page_results: bool,
+}
+
+/// Work items listed per page.
+const PAGE_SIZE: usize = 100;
+/// Pages read at most in one listing (10,000 work items).
+const PAGES_MAX: usize = 100;
 
 fn project_url(plane: &PlaneSettings) -> String {
     format!(
@@ -105,6 +150,61 @@ pub async fn project_identifier(
         .await
         .map_err(|e| EffectError::Permanent(format!("the Plane project has no identifier: {e}")))?;
     Ok(p.identifier)
+}
+
+/// One work item.
+pub async fn work_item(
+    http: &reqwest::Client,
+    plane: &PlaneSettings,
+    key: &str,
+    issue: &str,
+) -> Result<WorkItem, EffectError> {
+    let resp = http
+        .get(format!("{}/work-items/{issue}/", project_url(plane)))
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .map_err(|e| network_error("get the Plane work item", e))?;
+    if !resp.status().is_success() {
+        return Err(http_error("get the Plane work item", resp).await);
+    }
+    resp.json().await.map_err(|e| {
+        EffectError::Permanent(format!("the Plane work item has an unknown shape: {e}"))
+    })
+}
+
+/// One page of the project's work items, from `cursor`; the next cursor when there is
+/// a next page.
+pub async fn work_items_page(
+    http: &reqwest::Client,
+    plane: &PlaneSettings,
+    key: &str,
+    cursor: Option<&str>,
+) -> Result<(Vec<WorkItem>, Option<String>), EffectError> {
+    let mut req = http
+        .get(format!("{}/work-items/", project_url(plane)))
+        .header("X-API-Key", key)
+        .query(&[("per_page", PAGE_SIZE.to_string())]);
+    if let Some(c) = cursor {
+        req = req.query(&[("cursor", c)]);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| network_error("list the Plane work items", e))?;
+    if !resp.status().is_success() {
+        return Err(http_error("list the Plane work items", resp).await);
+    }
+    let page: Page<WorkItem> = resp.json().await.map_err(|e| {
+        EffectError::Permanent(format!("the Plane work items have an unknown shape: {e}"))
+    })?;
+    let next = page.next_cursor.filter(|_| page.next_page_results);
+    Ok((page.results, next))
+}
+
+/// How many pages a listing reads at most.
+pub const fn pages_max() -> usize {
+    PAGES_MAX
 }
 
 /// Moves a work item to the state `state_id`.

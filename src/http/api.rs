@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::{ApiError, HttpState, KeyPath, LOG_TAIL_DEFAULT};
-use crate::model::{EventKind, Origin, TaskKey, TaskStatus};
+use crate::model::{EventKind, Origin, TaskKey, TaskStatus, Usage};
 use crate::present;
 use crate::tasks::{self, SubmitRequest};
 
@@ -88,6 +88,7 @@ struct SubmitBody {
     key: TaskKey,
     pipeline: Option<String>,
     title: Option<String>,
+    description: Option<String>,
     plane_issue_id: Option<String>,
 }
 
@@ -102,6 +103,7 @@ pub(super) async fn submit_task(
         key: body.key,
         pipeline: body.pipeline,
         title: body.title,
+        description: body.description,
         plane_issue_id: body.plane_issue_id,
     };
     let now = st.clock.now_ms();
@@ -214,10 +216,20 @@ pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
         st.store.recent_events(&[EventKind::Reaped], 20),
         st.store.failed_effects(20),
     )?;
+    let tasks: Vec<_> = tasks.into_iter().take(200).collect();
+    let job_ids: Vec<i64> = tasks
+        .iter()
+        .flat_map(|t| t.jobs.iter().map(|j| j.id))
+        .collect();
+    let usage = st.store.usage_by_job(&job_ids).await?;
     let tasks: Vec<Value> = tasks
         .iter()
-        .take(200)
         .map(|t| {
+            let total = t
+                .jobs
+                .iter()
+                .filter_map(|j| usage.get(&j.id).copied())
+                .fold(Usage::default(), Usage::plus);
             let stages = st
                 .config
                 .pipelines
@@ -238,6 +250,7 @@ pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
             json!({
                 "key": t.task.key, "title": t.task.title, "status": t.task.status,
                 "pipeline": t.task.pipeline, "stages": stage_states, "updated_at": t.task.updated_at,
+                "usage": total, "usage_text": present::fmt_usage(total),
             })
         })
         .collect();

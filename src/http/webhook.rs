@@ -51,6 +51,8 @@ struct WorkItem {
     project_identifier: Option<String>,
     /// A ready identifier such as `PROJ-65`.
     identifier: Option<String>,
+    description_stripped: Option<String>,
+    description_html: Option<String>,
 }
 
 /// A state given by id or inline.
@@ -64,6 +66,8 @@ enum StateRef {
 #[derive(Debug, Deserialize)]
 struct NamedState {
     name: Option<String>,
+    /// `backlog`, `unstarted`, `started`, `completed`, `cancelled` or `triage`.
+    group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +87,22 @@ impl WorkItem {
             return Some(format!("{p}-{n}"));
         }
         self.identifier.clone()
+    }
+
+    /// The description as text: Plane's stripped text, else its HTML made text.
+    fn description(&self) -> Option<String> {
+        crate::prompt::description_text(
+            self.description_stripped.as_deref(),
+            self.description_html.as_deref(),
+        )
+    }
+
+    /// The state's group, when the delivery carries the state inline.
+    fn state_group(&self) -> Option<&str> {
+        match &self.state {
+            Some(StateRef::Inline(s)) => s.group.as_deref(),
+            _ => None,
+        }
     }
 
     /// The state's name when the delivery carries it inline; otherwise its id.
@@ -185,9 +205,6 @@ async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, 
     let Some(plane) = st.config.plane.as_ref() else {
         return ignored("no [plane]");
     };
-    let Some(trigger) = plane.trigger_state.as_deref() else {
-        return ignored("plane.trigger_state is not set");
-    };
     if !matches!(delivery.event.as_str(), "issue" | "work_item")
         || !matches!(
             delivery.action.as_str(),
@@ -206,38 +223,33 @@ async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, 
     {
         return ignored("the work item belongs to another project than plane.project_id");
     }
-    let state = match item.state() {
-        (Some(name), _) => name.to_string(),
-        (None, Some(id)) => match st.effector.plane_state_name(id).await {
-            Ok(name) => name,
-            Err(_) => return ignored("the work item's state is not in the delivery"),
-        },
-        (None, None) => return ignored("the work item's state is not in the delivery"),
+    let Some(state) = state_of(st, item).await else {
+        return ignored("the work item's state is not in the delivery");
     };
-    if !state.eq_ignore_ascii_case(trigger) {
-        return ignored("the work item is not in plane.trigger_state");
+    let cancelling = state.group.as_deref() == Some("cancelled")
+        || plane
+            .cancel_states
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(&state.name));
+    let triggering = plane
+        .trigger_state
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case(&state.name));
+    if !cancelling && !triggering {
+        return ignored("the work item is neither in plane.trigger_state nor cancelled");
     }
-    // Plane names the project by its id only; its identifier is asked of Plane once.
-    let identifier = match (item.identifier(), item.sequence_id) {
-        (Some(identifier), _) => identifier,
-        (None, Some(n)) => {
-            let project = st.effector.plane_project_identifier().await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot learn the project's identifier from Plane: {e}"),
-                )
-            })?;
-            format!("{project}-{n}")
-        }
-        (None, None) => return ignored("the work item has no sequence id"),
+    let Some(key) = key_of(st, item).await? else {
+        return ignored("the work item has no sequence id");
     };
-    let key = TaskKey::parse(identifier)
-        .map_err(|msg| ApiError::bad_request(format!("work item identifier: {msg}")))?;
+    if cancelling {
+        return cancel(st, &key, now).await;
+    }
     let Some(issue_id) = item.id.clone().filter(|s| !s.is_empty()) else {
         return ignored("the work item has no id");
     };
     let request = SubmitRequest {
         title: item.name.clone(),
+        description: item.description(),
         plane_issue_id: Some(issue_id.clone()),
         ..SubmitRequest::new(key.clone())
     };
@@ -249,11 +261,72 @@ async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, 
         Err(TaskError::Store(StoreError::TaskExists(_))) => {
             Ok(json!({"status": "exists", "task": key}))
         }
+        Err(e @ TaskError::DescriptionTooLong { .. }) => {
+            Err(ApiError::bad_request(format!("cannot submit {key}: {e}")))
+        }
         Err(e) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot submit {key}: {e}"),
         )),
     }
+}
+
+/// A work item moved to a cancelled state: its task is cancelled, and its agents
+/// stopped, through the same path as `baton cancel`.
+async fn cancel(st: &HttpState, key: &TaskKey, now: i64) -> Result<Value, ApiError> {
+    match tasks::cancel(&st.store, key, Origin::Webhook, now, &st.hostname).await {
+        Ok(c) => {
+            tracing::info!(task = %key, runs = c.runs.len(), "task cancelled by a Plane webhook");
+            Ok(json!({"status": "cancelled", "task": key}))
+        }
+        Err(TaskError::Store(StoreError::NoSuchTask(_) | StoreError::WrongState { .. })) => Ok(
+            json!({"status": "ignored", "reason": "no active task for the work item", "task": key}),
+        ),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot cancel {key}: {e}"),
+        )),
+    }
+}
+
+/// A state's name and, when known, its group.
+struct StateSeen {
+    name: String,
+    group: Option<String>,
+}
+
+/// The work item's state: given inline (Plane's deliveries carry it with its group), or
+/// by id through the project's states.
+async fn state_of(st: &HttpState, item: &WorkItem) -> Option<StateSeen> {
+    match item.state() {
+        (Some(name), _) => Some(StateSeen {
+            name: name.to_string(),
+            group: item.state_group().map(str::to_string),
+        }),
+        (None, Some(id)) => Some(StateSeen {
+            name: st.effector.plane_state_name(id).await.ok()?,
+            group: st.effector.plane_state_group(id).await.ok(),
+        }),
+        (None, None) => None,
+    }
+}
+
+/// The task key of a work item. Plane names the project by its id only; its identifier is
+/// asked of Plane once.
+async fn key_of(st: &HttpState, item: &WorkItem) -> Result<Option<TaskKey>, ApiError> {
+    let identifier = match (item.identifier(), item.sequence_id) {
+        (Some(identifier), _) => identifier,
+        (None, Some(n)) => st.effector.plane_key_of(n).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot learn the project's identifier from Plane: {e}"),
+            )
+        })?,
+        (None, None) => return Ok(None),
+    };
+    TaskKey::parse(identifier)
+        .map(Some)
+        .map_err(|msg| ApiError::bad_request(format!("work item identifier: {msg}")))
 }
 
 #[cfg(test)]

@@ -54,10 +54,15 @@ impl Store {
             run_id: run.id,
             verdict: &claim.verdict,
             commit_sha: claim.commit_sha.as_deref(),
+            feedback: claim.feedback.as_deref(),
             iterations: &iterations,
             now,
         });
-        if !fence(&txn, &job, claim.run_id, decision.job, now).await? {
+        let retry_feedback = match decision.job {
+            JobChange::Retry { .. } => decision.feedback.as_deref(),
+            _ => None,
+        };
+        if !fence(&txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
             txn.rollback().await?;
             drop(write);
             return self.record_loss(claim, now).await;
@@ -110,6 +115,7 @@ async fn fence(
     job: &jobs::Model,
     run_id: i64,
     change: JobChange,
+    feedback: Option<&str>,
     now: i64,
 ) -> StoreResult<bool> {
     let mut upd = jobs::Entity::update_many()
@@ -123,7 +129,11 @@ async fn fence(
         upd = upd
             .col_expr(jobs::Column::Attempt, Expr::value(attempt))
             .col_expr(jobs::Column::NotBefore, Expr::value(not_before))
-            .col_expr(jobs::Column::CurrentRunId, Expr::value(Option::<i64>::None));
+            .col_expr(jobs::Column::CurrentRunId, Expr::value(Option::<i64>::None))
+            .col_expr(
+                jobs::Column::Feedback,
+                Expr::value(feedback.map(str::to_string)),
+            );
     }
     let changed = upd
         .filter(jobs::Column::Id.eq(job.id))
@@ -146,6 +156,7 @@ async fn apply(
     decision: Transition,
     now: i64,
 ) -> StoreResult<ClaimWon> {
+    let usage = claim.usage.unwrap_or_default();
     agent_runs::Entity::update_many()
         .col_expr(
             agent_runs::Column::Outcome,
@@ -155,6 +166,13 @@ async fn apply(
             agent_runs::Column::CommitSha,
             Expr::value(claim.commit_sha.clone()),
         )
+        .col_expr(agent_runs::Column::TokensIn, Expr::value(usage.tokens_in))
+        .col_expr(agent_runs::Column::TokensOut, Expr::value(usage.tokens_out))
+        .col_expr(
+            agent_runs::Column::CostMicrousd,
+            Expr::value(usage.cost_microusd),
+        )
+        .col_expr(agent_runs::Column::Turns, Expr::value(usage.turns))
         .filter(agent_runs::Column::Id.eq(run.id))
         .exec(txn)
         .await?;
@@ -177,7 +195,8 @@ async fn apply(
 
     let mut next_job = None;
     if let Some(next) = &decision.next {
-        let nj = insert_job(txn, task.id, &next.stage, next.iteration, now).await?;
+        let feedback = decision.feedback.as_deref();
+        let nj = insert_job(txn, task.id, &next.stage, next.iteration, feedback, now).await?;
         let detail = json!({"stage": next.stage, "iteration": next.iteration, "after": job.stage});
         let queued = NewEvent::of(task.id, Some(&nj), EventKind::JobQueued, source);
         append(txn, queued.detail(detail), now).await?;

@@ -1,7 +1,7 @@
 //! The node rows: one per boot of `baton serve`, with its heartbeat.
 
-use entity::nodes;
-use sea_orm::sea_query::Expr;
+use entity::{leases, nodes};
+use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
 
 use super::{Store, StoreResult};
@@ -33,6 +33,47 @@ impl Store {
     pub async fn stop_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
         self.set_node_time(node_id, nodes::Column::StoppedAt, now)
             .await
+    }
+
+    /// Takes (or renews) the lease `name` for `holder` until `now + ttl_ms`: true when
+    /// `holder` has it, false while another holder's lease runs. One node at a time
+    /// performs a duty guarded by a lease; another takes over when it lapses.
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: i64,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (_write, txn) = self.write_txn().await?;
+        let inserted = leases::Entity::insert(leases::ActiveModel {
+            name: Set(name.to_string()),
+            holder: Set(holder.to_string()),
+            expires_at: Set(now + ttl_ms),
+        })
+        .on_conflict_do_nothing_on([leases::Column::Name])
+        .exec(&txn)
+        .await?;
+        let held = match inserted {
+            sea_orm::TryInsertResult::Inserted(_) => true,
+            _ => {
+                leases::Entity::update_many()
+                    .col_expr(leases::Column::Holder, Expr::value(holder))
+                    .col_expr(leases::Column::ExpiresAt, Expr::value(now + ttl_ms))
+                    .filter(leases::Column::Name.eq(name))
+                    .filter(
+                        Condition::any()
+                            .add(leases::Column::Holder.eq(holder))
+                            .add(leases::Column::ExpiresAt.lte(now)),
+                    )
+                    .exec(&txn)
+                    .await?
+                    .rows_affected
+                    == 1
+            }
+        };
+        txn.commit().await?;
+        Ok(held)
     }
 
     async fn set_node_time(

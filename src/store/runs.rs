@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use entity::{agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, LockBehavior, LockType};
+use sea_orm::sea_query::{Condition, Expr, LockBehavior, LockType};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect, Set,
@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::outbox::insert_effect;
 use super::{NewEvent, Store, StoreResult, append, must};
-use crate::model::{EventKind, EventSource, JobStatus};
+use crate::model::{EventKind, EventSource, JobStatus, Usage};
 use crate::policy::Policy;
 
 /// A job taken by a dispatcher, with the run created for it in the same transaction.
@@ -124,24 +124,32 @@ impl Store {
         Ok(None)
     }
 
-    /// Records the agent's pid once it is started, with the `run_started` event.
+    /// Records the agent's pid (and the prompt it was given) once it is started, with the
+    /// `run_started` event.
     pub async fn run_started(
         &self,
         run: &agent_runs::Model,
         task_id: i64,
         pid: i32,
+        prompt: Option<&str>,
         now: i64,
     ) -> StoreResult<()> {
         let detail = json!({"pid": pid, "attempt": run.attempt, "log": run.log_path});
-        self.update_run(
-            task_id,
-            run,
-            (agent_runs::Column::Pid, pid.into()),
-            EventKind::RunStarted,
-            detail,
-            now,
-        )
-        .await
+        let (_write, txn) = self.write_txn().await?;
+        agent_runs::Entity::update_many()
+            .col_expr(agent_runs::Column::Pid, Expr::value(pid))
+            .col_expr(
+                agent_runs::Column::Prompt,
+                Expr::value(prompt.map(str::to_string)),
+            )
+            .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
+            .filter(agent_runs::Column::Id.eq(run.id))
+            .exec(&txn)
+            .await?;
+        let ev = run_event(task_id, run, EventKind::RunStarted).detail(detail);
+        append(&txn, ev, now).await?;
+        txn.commit().await?;
+        Ok(())
     }
 
     /// Moves a run to this node after adoption, so that its heartbeat is ours.
@@ -311,6 +319,29 @@ impl Store {
                     && r.run.as_ref().is_some_and(|run| run.node_id != own_node)
             })
             .collect())
+    }
+
+    /// The usage recorded on the runs of these jobs, summed per job; jobs whose runs
+    /// recorded none are absent.
+    pub async fn usage_by_job(&self, job_ids: &[i64]) -> StoreResult<HashMap<i64, Usage>> {
+        let mut out: HashMap<i64, Usage> = HashMap::new();
+        for chunk in job_ids.chunks(500) {
+            let runs = agent_runs::Entity::find()
+                .filter(agent_runs::Column::JobId.is_in(chunk.to_vec()))
+                .filter(
+                    Condition::any()
+                        .add(agent_runs::Column::TokensIn.is_not_null())
+                        .add(agent_runs::Column::CostMicrousd.is_not_null())
+                        .add(agent_runs::Column::Turns.is_not_null()),
+                )
+                .all(&self.db)
+                .await?;
+            for r in runs {
+                let sum = out.entry(r.job_id).or_default();
+                *sum = sum.plus(Usage::of_run(&r));
+            }
+        }
+        Ok(out)
     }
 
     /// Counts of queued and running jobs.

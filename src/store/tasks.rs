@@ -20,6 +20,7 @@ pub struct NewTask {
     pub key: TaskKey,
     pub pipeline: String,
     pub title: String,
+    pub description: Option<String>,
     pub plane_issue_id: Option<String>,
     pub first_stage: String,
     /// W3C trace context of the task's root span; every span of its work joins it.
@@ -69,6 +70,7 @@ impl Store {
             key: Set(new.key.to_string()),
             pipeline: Set(new.pipeline.clone()),
             title: Set(new.title.clone()),
+            description: Set(new.description.clone()),
             plane_issue_id: Set(new.plane_issue_id.clone()),
             status: Set(TaskStatus::Active),
             trace_parent: Set(Some(new.trace_parent.clone())),
@@ -86,7 +88,7 @@ impl Store {
         let task = must(tasks::Entity::find_by_id(task_id).one(&txn).await?, || {
             format!("task {task_id}")
         })?;
-        let job = insert_job(&txn, task_id, &new.first_stage, 1, now).await?;
+        let job = insert_job(&txn, task_id, &new.first_stage, 1, None, now).await?;
         append(
             &txn,
             NewEvent::of(task.id, None, EventKind::TaskSubmitted, source).detail(
@@ -205,6 +207,18 @@ impl Store {
             .collect())
     }
 
+    /// Keeps a task's description (read from its Plane work item before its first stage).
+    pub async fn set_description(&self, task_id: i64, text: &str, now: i64) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
+        tasks::Entity::update_many()
+            .col_expr(tasks::Column::Description, Expr::value(text))
+            .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
+            .filter(tasks::Column::Id.eq(task_id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
     /// Cancels an active task: its queued and running jobs become `cancelled`, its live
     /// runs get the outcome `cancelled`. Returns those runs so that their agents can be
     /// killed; a Monitor also sees the cancel at its next heartbeat.
@@ -303,7 +317,7 @@ impl Store {
             .copied()
             .unwrap_or(0)
             + 1;
-        let job = insert_job(&txn, task.id, &last.stage, iteration, now).await?;
+        let job = insert_job(&txn, task.id, &last.stage, iteration, None, now).await?;
         set_task_status(&txn, task.id, TaskStatus::Active, now).await?;
         append(
             &txn,
@@ -330,6 +344,7 @@ pub(super) async fn insert_job<C: ConnectionTrait>(
     task_id: i64,
     stage: &str,
     iteration: i32,
+    feedback: Option<&str>,
     now: i64,
 ) -> StoreResult<jobs::Model> {
     Ok(jobs::ActiveModel {
@@ -340,6 +355,7 @@ pub(super) async fn insert_job<C: ConnectionTrait>(
         attempt: Set(1),
         current_run_id: Set(None),
         not_before: Set(now),
+        feedback: Set(feedback.map(str::to_string)),
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()

@@ -157,6 +157,8 @@ async fn monitor_and_reaper_racing_give_one_advance(db: TestDb) {
         verdict: Verdict::Passed,
         decided_by: by,
         commit_sha: None,
+        feedback: None,
+        usage: None,
     };
     let (a, b) = tokio::join!(
         send_claim(&s.advancer, claim(Decider::Monitor)),

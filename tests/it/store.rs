@@ -54,6 +54,8 @@ fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> Claim
         verdict,
         decided_by: by,
         commit_sha: Some("abc123".into()),
+        feedback: None,
+        usage: None,
     }
 }
 
@@ -86,6 +88,7 @@ async fn submit_writes_task_job_and_events(db: TestDb) {
                 key: crate::support::key("ORCH-1"),
                 pipeline: "default".into(),
                 title: String::new(),
+                description: None,
                 plane_issue_id: None,
                 first_stage: "analyst".into(),
                 trace_parent: baton::telemetry::new_trace_parent(),

@@ -183,6 +183,7 @@ pub async fn submit(
         key: self::key(key),
         pipeline: "default".into(),
         title: key.into(),
+        description: None,
         plane_issue_id: None,
         first_stage: first_stage.into(),
         trace_parent: baton::telemetry::new_trace_parent(),
