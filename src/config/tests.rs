@@ -90,6 +90,58 @@ fn syntax_and_type_errors_carry_a_line() {
 }
 
 #[test]
+fn prompt_templates_are_checked_with_their_stage_and_line() {
+    let text = GOOD.replace(
+        "timeout = \"45m\"",
+        "timeout = \"45m\"\nprompt = \"\"\"\nDo {{ task.key }}.\nSee {{ task.descripton }}\n\"\"\"",
+    );
+    let problems = load(&text).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "stages.developer.prompt");
+    assert_eq!(problems[0].line, Some(10));
+    assert!(
+        problems[0].message.starts_with("line 2 of the prompt"),
+        "{}",
+        problems[0].message
+    );
+    // TOML drops the newline after the opening quotes, so "See" is the prompt's line 2.
+    // `{prompt}` without a prompt, a missing prompt file, and both forms at once.
+    let text = GOOD
+        .replace(
+            "command = [\"review\"]",
+            "command = [\"review\", \"{prompt}\"]",
+        )
+        .replace(
+            "timeout = \"45m\"",
+            "timeout = \"45m\"\nprompt_file = \"nope.md\"\nprompt = \"x\"",
+        );
+    let keys: Vec<String> = load(&text)
+        .unwrap_err()
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    assert!(
+        keys.contains(&"stages.reviewer.command".to_string()),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&"stages.developer.prompt_file".to_string()),
+        "{keys:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dev.md"), "Hello {{ task.title }}").unwrap();
+    let text = GOOD.replace(
+        "timeout = \"45m\"",
+        "timeout = \"45m\"\nprompt_file = \"dev.md\"",
+    );
+    let c = Config::from_toml(&text, dir.path(), &EnvOverrides::default()).unwrap();
+    assert_eq!(
+        c.stages["developer"].template.as_deref(),
+        Some("Hello {{ task.title }}")
+    );
+}
+
+#[test]
 fn empty_command_and_unknown_placeholder_are_problems() {
     let text = GOOD
         .replace("[\"review\"]", "[]")

@@ -183,3 +183,88 @@ fn a_relative_config_path_gives_absolute_folders() {
         "{t}"
     );
 }
+
+#[test]
+fn descriptions_come_from_a_flag_a_file_or_standard_input_and_are_bounded() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    let o = baton(
+        &config,
+        &["submit", "D-1", "--description", "Inline words."],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let file = dir.path().join("desc.md");
+    std::fs::write(&file, "From a file.\n").unwrap();
+    let o = baton(
+        &config,
+        &[
+            "submit",
+            "D-2",
+            "--description-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("--config")
+        .arg(&config)
+        .args(["submit", "D-3", "--description-file", "-"])
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"From standard input.")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = baton(&config, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let described: Vec<(&str, &str)> = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["task"]["key"].as_str().unwrap(),
+                t["task"]["description"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            ("D-3", "From standard input."),
+            ("D-2", "From a file.\n"),
+            ("D-1", "Inline words.")
+        ]
+    );
+    // Too long: a clear error, and nothing written.
+    let big = dir.path().join("big.md");
+    std::fs::write(&big, "x".repeat(65 * 1024)).unwrap();
+    let o = baton(
+        &config,
+        &["submit", "D-4", "--description-file", big.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("the description is 65 KiB; at most 64 KiB"),
+        "{}",
+        text(&o)
+    );
+    let o = baton(&config, &["status", "D-4"]);
+    assert!(!o.status.success(), "D-4 was written: {}", text(&o));
+    let o = baton(
+        &config,
+        &["submit", "D-5", "--description-file", "/nonexistent/x.md"],
+    );
+    assert!(text(&o).contains("cannot read the description from /nonexistent/x.md"));
+}

@@ -1,6 +1,7 @@
 //! baton's integration tests: one binary, one module per area. Every test that touches
 //! the database runs twice, on SQLite and on PostgreSQL (see `support`).
 
+mod agents;
 mod api;
 mod cli;
 mod dashboard;

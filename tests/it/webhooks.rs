@@ -296,6 +296,7 @@ async fn a_delivery_naming_the_project_by_id_gets_its_identifier_from_plane_once
     let keys: Vec<&str> = tasks.iter().map(|t| t.task.key.as_str()).collect();
     assert_eq!(keys, ["PROJ-66", "PROJ-65"]);
     assert_eq!(tasks[1].task.title, "Add a greeting");
+    assert_eq!(tasks[1].task.description.as_deref(), Some("Say hello."));
     assert_eq!(
         tasks[1].task.plane_issue_id.as_deref(),
         Some("3f9c2f0e-77aa-4c1e-9d5b-000000000065")
