@@ -341,9 +341,8 @@ impl Metrics {
                 .with_description("Tokens agents reported, by stage and direction")
                 .build(),
             agent_cost: m
-                .f64_counter("baton.agent.cost")
-                .with_unit("USD")
-                .with_description("Cost agents reported, by stage")
+                .f64_counter("baton.agent.cost_usd")
+                .with_description("Cost agents reported, in US dollars, by stage")
                 .build(),
             agent_turns: m
                 .u64_counter("baton.agent.turns")
