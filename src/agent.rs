@@ -45,6 +45,80 @@ pub fn read_exit(log_path: &Path) -> Option<ExitStatus> {
     serde_json::from_str(&text).ok()
 }
 
+/// A process as it can be told apart from a later one with the same pid: its start time
+/// (in clock ticks since boot) and the boot it started in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub pid: i32,
+    pub start_time: u64,
+    pub boot_id: String,
+}
+
+/// The pid file of a run: beside its log, written by the shim before the agent starts.
+pub fn pid_file(log_path: &Path) -> PathBuf {
+    log_path.with_extension("pid")
+}
+
+fn boot_id() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
+/// A process's start time, field 22 of `/proc/PID/stat`.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (in parentheses, which may hold spaces); the state is
+    // field 3, so the start time is the 20th of these.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Identity {
+    /// This process.
+    pub fn of_self() -> std::io::Result<Identity> {
+        let pid = std::process::id() as i32;
+        Ok(Identity {
+            pid,
+            start_time: start_time(pid)
+                .ok_or_else(|| std::io::Error::other("no start time in /proc/self/stat"))?,
+            boot_id: boot_id()?,
+        })
+    }
+
+    fn write(&self, log: &Path) -> std::io::Result<()> {
+        let tmp = pid_file(log).with_extension("pid.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
+        std::fs::rename(&tmp, pid_file(log))
+    }
+
+    /// The identity the shim of the run logging to `log` wrote, if it did.
+    pub fn of_run(log: &Path) -> Option<Identity> {
+        serde_json::from_slice(&std::fs::read(pid_file(log)).ok()?).ok()
+    }
+
+    /// True while this very process lives: same pid, same start time, same boot.
+    pub fn alive(&self) -> bool {
+        alive(self.pid)
+            && start_time(self.pid) == Some(self.start_time)
+            && boot_id().is_ok_and(|b| b == self.boot_id)
+    }
+}
+
+/// The pid of a run's agent (its shim, the leader of its process group) while that very
+/// process still runs: an exit file means it ended; the shim's pid file names it even
+/// when baton never recorded the pid, and tells a stranger that reuses the pid after a
+/// reboot from it. Without a pid file, the recorded pid is trusted as it is.
+pub fn live_agent(log: &Path, recorded_pid: Option<i32>) -> Option<i32> {
+    if read_exit(log).is_some() {
+        return None;
+    }
+    match Identity::of_run(log) {
+        Some(id) => id.alive().then_some(id.pid),
+        None => recorded_pid.filter(|p| alive(*p)),
+    }
+}
+
 /// Everything needed to start one agent.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
@@ -65,6 +139,7 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
         std::fs::create_dir_all(dir)?;
     }
     let _ = std::fs::remove_file(exit_file(&spec.log_path));
+    let _ = std::fs::remove_file(pid_file(&spec.log_path));
     let mut cmd = tokio::process::Command::new(&spec.shim_exe);
     cmd.arg("shim")
         .arg("--log")
@@ -143,6 +218,12 @@ pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
         unsafe {
             let _ = sigaction(sig, &action);
         }
+    }
+    // Who the agent's group leader is, durable before the agent can do any work: a baton
+    // that dies before recording the pid, or a pid reused after a reboot, cannot fool
+    // the next one.
+    if let Err(e) = Identity::of_self().and_then(|id| id.write(log)) {
+        eprintln!("baton shim: cannot write the pid file: {e}");
     }
     let status = run_agent(log, argv);
     let code = status.code;

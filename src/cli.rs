@@ -13,7 +13,7 @@ use crate::config::{CONFIG_PATH_DEFAULT, Config};
 use crate::model::{Origin, TaskKey};
 use crate::present;
 use crate::store::Store;
-use crate::tasks::{self, AgentStop, SubmitRequest};
+use crate::tasks::{self, AgentStop, EffectsToRetry, SubmitRequest};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,10 +113,29 @@ pub enum Command {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// The effects outbox.
+    Effects {
+        #[command(subcommand)]
+        command: EffectsCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EffectsCommand {
+    /// Make failed effects pending again once their cause is fixed (a token, a branch
+    /// protection): one by its id, or every failed effect of a task.
+    Retry {
+        /// The effect's id (see `baton status KEY`).
+        #[arg(required_unless_present = "task", conflicts_with = "task")]
+        id: Option<i64>,
+        /// Every failed effect of this task.
+        #[arg(long)]
+        task: Option<TaskKey>,
     },
 }
 
@@ -251,7 +270,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { key } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
-            let host = crate::hostname();
+            let host = config.node.host();
             let cancelled = tasks::cancel(&store, &key, Origin::Cli, clock.now_ms(), &host).await?;
             println!("cancelled {key}");
             for (run_id, stop) in cancelled.runs {
@@ -278,6 +297,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "re-queued {key} at stage {} (job {}, iteration {})",
                 job.stage, job.id, job.iteration
             );
+        }
+        Command::Effects {
+            command: EffectsCommand::Retry { id, task },
+        } => {
+            let config = load_config(&cli.config)?;
+            let store = open_store(&config).await?;
+            let which = match (id, task) {
+                (Some(id), _) => EffectsToRetry::One(id),
+                (None, Some(key)) => EffectsToRetry::OfTask(key),
+                (None, None) => anyhow::bail!("name an effect id or --task KEY"),
+            };
+            let retried = tasks::retry_effects(&store, which, Origin::Cli, clock.now_ms()).await?;
+            if retried.is_empty() {
+                println!("no failed effect to retry");
+            }
+            for e in retried {
+                println!("effect {} ({}) is pending again", e.id, e.kind);
+            }
         }
         Command::Serve { stop_agents } => {
             let config = match load_config(&cli.config) {
@@ -353,12 +390,18 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
         }
     };
     let names: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();
-    let wanted = [
+    let mut wanted = vec![
         ("plane.trigger_state", plane.trigger_state.as_deref()),
         ("plane.states.on_start", plane.states.on_start.as_deref()),
         ("plane.states.on_done", plane.states.on_done.as_deref()),
         ("plane.states.on_failed", plane.states.on_failed.as_deref()),
     ];
+    wanted.extend(
+        plane
+            .cancel_states
+            .iter()
+            .map(|s| ("plane.cancel_states", Some(s.as_str()))),
+    );
     let missing: Vec<String> = wanted
         .iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -379,8 +422,6 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
     )
 }
 
-/// Validates and submits a task: the key, the pipeline and its first stage are checked
-/// against the config before anything is written.
 /// A description from a file, or from standard input for `-`.
 fn read_description(path: &Path) -> anyhow::Result<String> {
     use anyhow::Context;

@@ -110,12 +110,34 @@ impl Default for ReaperSettings {
 pub struct NodeSettings {
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// The host this node runs on, which owns the runs it starts, their workspaces and
+    /// their adoption; empty: the machine's hostname. Set it where the hostname changes
+    /// across restarts (containers), or to run several hosts on one machine.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// How long the runs of a host that stopped cleanly are kept for its next boot to
+    /// adopt before other hosts may reap them (a restart is not a death).
+    #[serde(with = "humantime_serde")]
+    pub adoption_window: Duration,
 }
 
 impl Default for NodeSettings {
     fn default() -> Self {
         NodeSettings {
             heartbeat_interval: Duration::from_secs(10),
+            host: String::new(),
+            adoption_window: Duration::from_secs(600),
+        }
+    }
+}
+
+impl NodeSettings {
+    /// The host name this node runs as: `node.host`, else the machine's.
+    pub fn host(&self) -> String {
+        if self.host.trim().is_empty() {
+            crate::hostname()
+        } else {
+            self.host.trim().to_string()
         }
     }
 }

@@ -65,6 +65,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/tasks/{key}/cancel", post(api::cancel_task))
         .route("/api/v1/tasks/{key}/retry", post(api::retry_task))
         .route("/api/v1/runs/{id}/log", get(api::run_log))
+        .route("/api/v1/effects/{id}/retry", post(api::retry_effect))
         .layer(DefaultBodyLimit::max(API_BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -176,7 +177,7 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let status = match e {
-            StoreError::NoSuchTask(_) => StatusCode::NOT_FOUND,
+            StoreError::NoSuchTask(_) | StoreError::NoSuchEffect(_) => StatusCode::NOT_FOUND,
             StoreError::TaskExists(_) | StoreError::WrongState { .. } => StatusCode::CONFLICT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };

@@ -15,6 +15,8 @@
 //!   are given; the usage an agent's tool reported in its log.
 //! - [`policy`]: the pure transition policy: which transition a claim makes and which
 //!   effects it writes.
+//! - [`liveness`]: host liveness (alive, stopped within its adoption window, dead) from
+//!   the node rows, which decides whether another host may take over a host's runs.
 //! - [`store`]: all database access, split by topic; the fenced claim applies the
 //!   policy's decision. No SQL elsewhere; knows no config, telemetry or actors.
 //! - [`config`]: the `baton.toml` format, defaults, validation and secrets.
@@ -40,6 +42,7 @@ pub mod demo;
 pub mod effects;
 pub mod gate;
 pub mod http;
+pub mod liveness;
 pub mod model;
 pub mod policy;
 pub mod present;

@@ -150,18 +150,24 @@ impl Policy {
     pub fn decide(&self, input: ClaimInput<'_>) -> Transition {
         let (job, next, task_end) = self.choose(&input);
         let effects = self.effects(&input, next.as_ref(), task_end.as_ref());
-        let carries_feedback = match input.verdict {
-            Verdict::Passed => false,
-            Verdict::Rejected => next.is_some(),
-            _ => matches!(job, JobChange::Retry { .. }),
+        let feedback = match (input.verdict, job) {
+            (Verdict::Rejected, _) if next.is_some() => input.feedback.map(str::to_string),
+            // A retry keeps what the job started with (a reviewer's words) after the
+            // failure it is told about.
+            (_, JobChange::Retry { .. }) => match (input.feedback, &input.job.feedback) {
+                (Some(failure), Some(before)) => Some(crate::prompt::bounded(
+                    &format!("{failure}\nBefore that:\n{before}"),
+                    crate::prompt::FEEDBACK_MAX,
+                )),
+                (Some(failure), None) => Some(failure.to_string()),
+                (None, before) => before.clone(),
+            },
+            _ => None,
         };
         Transition {
             job,
             next,
-            feedback: input
-                .feedback
-                .filter(|_| carries_feedback)
-                .map(str::to_string),
+            feedback,
             task_end,
             effects,
         }
@@ -564,6 +570,21 @@ mod tests {
             assert_eq!(t.feedback.as_deref(), Some("the reviewer's words"));
             assert_eq!(kinds(&t), [EffectKind::Push, EffectKind::PlaneComment]);
         }
+    }
+
+    #[test]
+    fn a_retry_keeps_the_feedback_its_job_started_with() {
+        let p = policy();
+        let mut j = job("developer", 1);
+        j.feedback = Some("CHANGES_REQUESTED: add tests".into());
+        let v = Verdict::Failed {
+            reason: "gate".into(),
+        };
+        let t = decide(&p, &task(false), &j, v, &[]);
+        assert_eq!(
+            t.feedback.as_deref(),
+            Some("the reviewer's words\nBefore that:\nCHANGES_REQUESTED: add tests")
+        );
     }
 
     #[test]

@@ -81,9 +81,49 @@ pub fn render(template: &str, vars: &PromptVars) -> Result<String, PromptError> 
         })
 }
 
-/// Checks a template against every variable there is, each with a sample value: an
-/// unknown variable or a syntax error is reported with its line.
+/// The variables a template may use (`task` only through its fields).
+const VARIABLES: &[&str] = &[
+    "task.key",
+    "task.title",
+    "task.description",
+    "task.url",
+    "stage",
+    "iteration",
+    "attempt",
+    "run_id",
+    "branch",
+    "workspace",
+    "feedback",
+];
+
+/// Checks a template: every variable it names, in any branch, must be one there is, and
+/// a render with sample values must succeed (syntax, filters). Errors name their line
+/// where minijinja knows it.
 pub fn check(template: &str) -> Result<(), PromptError> {
+    let env = environment();
+    let parsed = env.template_from_str(template).map_err(|e| PromptError {
+        line: e.line(),
+        message: e.to_string(),
+    })?;
+    let mut unknown: Vec<String> = parsed
+        .undeclared_variables(true)
+        .into_iter()
+        .filter(|v| !VARIABLES.contains(&v.as_str()))
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(PromptError {
+            line: unknown
+                .iter()
+                .find_map(|v| template.lines().position(|l| l.contains(v.as_str())))
+                .map(|i| i + 1),
+            message: format!(
+                "unknown variable {}; known: {}",
+                unknown.join(", "),
+                VARIABLES.join(", ")
+            ),
+        });
+    }
     let sample = PromptVars {
         task: PromptTask {
             key: "APP-1".into(),
@@ -177,12 +217,14 @@ pub fn last_lines(text: &str, n: usize) -> String {
 
 /// A Plane work item's description as text: its stripped text when Plane gives one,
 /// else its HTML made text; `None` when both are empty.
+/// It is cut to [`DESCRIPTION_MAX`]: a tracker's text is taken as far as it goes.
 pub fn description_text(stripped: Option<&str>, html: Option<&str>) -> Option<String> {
-    match (stripped.map(str::trim), html) {
+    let text = match (stripped.map(str::trim), html) {
         (Some(t), _) if !t.is_empty() => Some(t.to_string()),
         (_, Some(html)) => Some(html_to_text(html)).filter(|t| !t.is_empty()),
         _ => None,
-    }
+    };
+    text.map(|t| bounded(&t, DESCRIPTION_MAX))
 }
 
 /// Plain text of a Plane description given only as HTML: tags dropped, block ends as line
@@ -259,7 +301,11 @@ mod tests {
         assert_eq!(e.line, Some(3), "{e}");
         assert!(e.to_string().starts_with("line 3 of the prompt"), "{e}");
         let e = check("{{ tsak }}").unwrap_err();
-        assert!(e.to_string().contains("undefined"), "{e}");
+        assert!(e.to_string().contains("unknown variable tsak"), "{e}");
+        // A branch the sample values do not take is checked all the same.
+        let e = check("ok\n{% if not feedback %}{{ task.titel }}{% endif %}").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("task.titel"), "{e}");
         let e = check("{% if %}").unwrap_err();
         assert_eq!(e.line, Some(1));
         assert!(check("{{ task.key }} {{ feedback }} {{ run_id }} {{ branch }}").is_ok());

@@ -59,6 +59,10 @@ pub struct Node {
     supervisor: ActorRef<SupervisorMsg>,
     handle: tokio::task::JoinHandle<()>,
     stop_agents: bool,
+    /// Beats the node's heartbeat until the node is shut down, through the shutdown: a
+    /// node that takes its time to stop is not taken for dead.
+    heartbeat: tokio::task::JoinHandle<()>,
+    clock: Clock,
 }
 
 impl Node {
@@ -72,16 +76,23 @@ impl Node {
         }
         let clock = opts.clock.clone().unwrap_or_else(Clock::system);
         let store = Store::open(&config.database_url).await?;
-        let hostname = crate::hostname();
+        let hostname = config.node.host();
         let node_id = store
             .register_node(&hostname, std::process::id() as i32, clock.now_ms())
             .await?;
         tracing::info!(node_id, hostname, "node registered");
+        let heartbeat = tokio::spawn(beat(
+            store.clone(),
+            node_id.clone(),
+            clock.clone(),
+            config.node.heartbeat_interval,
+        ));
         let secrets = opts
             .secrets
             .clone()
             .unwrap_or_else(|| crate::config::Secrets::from_env(&config));
         let config = Arc::new(config);
+        let ctx_clock = clock.clone();
         let ctx = Ctx {
             policy: Arc::new(config.policy()),
             effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
@@ -152,6 +163,8 @@ impl Node {
             supervisor,
             handle,
             stop_agents: opts.stop_agents,
+            heartbeat,
+            clock: ctx_clock,
         })
     }
 
@@ -167,7 +180,17 @@ impl Node {
             .supervisor
             .call(|reply| SupervisorMsg::Shutdown { stop_agents, reply }, None)
             .await;
-        let _ = self.handle.await;
+        let _ = (&mut self.handle).await;
+        // Stopped cleanly: other hosts leave the agents left running to this host's next
+        // boot for node.adoption_window.
+        self.heartbeat.abort();
+        if let Err(e) = self
+            .store
+            .stop_node(&self.node_id, self.clock.now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record the node's stop");
+        }
     }
 
     /// True while the supervisor runs.
@@ -190,7 +213,20 @@ pub async fn run(
             Ok(())
         }
         _ = &mut node.handle => {
+            node.heartbeat.abort();
             Err(ServeError::Spawn("the supervisor stopped unexpectedly".into()))
+        }
+    }
+}
+
+/// The node's heartbeat, every `interval`, until aborted.
+async fn beat(store: Store, node_id: String, clock: Clock, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.heartbeat_node(&node_id, clock.now_ms()).await {
+            tracing::warn!(error = %e, "node heartbeat failed");
         }
     }
 }

@@ -33,7 +33,7 @@ use sea_orm::{
 
 use crate::model::{EventKind, EventSource};
 
-pub use outbox::EffectOutcome;
+pub use outbox::{EffectOutcome, EffectSelector};
 pub use runs::{Dispatched, RunningJob};
 pub use tasks::{CancelledRun, NewTask, Submitted, TaskDetail, TaskSummary};
 
@@ -54,6 +54,8 @@ pub enum StoreError {
     TaskExists(String),
     #[error("no task {0}; `baton status` lists the tasks there are")]
     NoSuchTask(String),
+    #[error("no effect {0}; `baton status KEY` lists a task's effects")]
+    NoSuchEffect(i64),
     #[error("task {key} is {status}: {what}")]
     WrongState {
         key: String,

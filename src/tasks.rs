@@ -7,7 +7,7 @@ use entity::jobs;
 
 use crate::config::Config;
 use crate::model::{Origin, TaskKey};
-use crate::store::{Store, StoreError, Submitted};
+use crate::store::{EffectSelector, Store, StoreError, Submitted};
 
 /// Titles longer than this are cut (a tracker's title can be a whole paragraph).
 pub const TITLE_LEN_MAX: usize = 500;
@@ -133,12 +133,15 @@ pub async fn cancel(
     for r in runs {
         let stop = match (r.run.pid, r.hostname) {
             (Some(pid), Some(h)) if h == hostname => {
-                let alive = crate::agent::alive(pid);
-                crate::agent::terminate_group(pid, crate::agent::AGENT_KILL_GRACE_DEFAULT).await;
-                if alive {
-                    AgentStop::Terminated { pid }
-                } else {
-                    AgentStop::AlreadyGone { pid }
+                // Only the run's very agent is stopped, never a process that reuses its pid.
+                let log = std::path::Path::new(&r.run.log_path);
+                match crate::agent::live_agent(log, Some(pid)) {
+                    Some(live) => {
+                        let grace = crate::agent::AGENT_KILL_GRACE_DEFAULT;
+                        crate::agent::terminate_group(live, grace).await;
+                        AgentStop::Terminated { pid: live }
+                    }
+                    None => AgentStop::AlreadyGone { pid },
                 }
             }
             (Some(pid), host) => AgentStop::OtherHost { pid, host },
@@ -150,6 +153,28 @@ pub async fn cancel(
         key: key.clone(),
         runs: out,
     })
+}
+
+/// Which failed effects an operator retries.
+#[derive(Debug, Clone)]
+pub enum EffectsToRetry {
+    One(i64),
+    OfTask(TaskKey),
+}
+
+/// Makes failed effects pending again (an operator fixed the cause: a token, a branch
+/// protection); the EffectWorker performs them anew. Returns them.
+pub async fn retry_effects(
+    store: &Store,
+    which: EffectsToRetry,
+    origin: Origin,
+    now: i64,
+) -> Result<Vec<entity::effects::Model>, TaskError> {
+    let selector = match which {
+        EffectsToRetry::One(id) => EffectSelector::One(id),
+        EffectsToRetry::OfTask(key) => EffectSelector::OfTask(store.task_by_key(&key).await?.id),
+    };
+    Ok(store.retry_effects(selector, origin.into(), now).await?)
 }
 
 /// Re-queues a failed or cancelled task at the stage where it stopped.

@@ -26,6 +26,8 @@ pub struct Model {
     /// The host that must perform it (a push needs the workspace, which is on the host
     /// that ran the stage; any later boot of baton there can); `None`: any host.
     pub host: Option<String>,
+    /// The node whose lease covers the attempt under way (until `next_attempt_at`).
+    pub leased_by: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

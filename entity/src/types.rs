@@ -145,5 +145,6 @@ string_enum! {
         TaskCancelled = "task_cancelled",
         EffectDone = "effect_done",
         EffectFailed = "effect_failed",
+        EffectRetried = "effect_retried",
     }
 }

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_initial;
 mod m20261124_000002_effect_nodes_and_deliveries;
 mod m20261124_000003_prompts_feedback_usage;
+mod m20261124_000004_effect_lease_holder;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_effect_nodes_and_deliveries::Migration),
             Box::new(m20261124_000003_prompts_feedback_usage::Migration),
+            Box::new(m20261124_000004_effect_lease_holder::Migration),
         ]
     }
 }

@@ -4,6 +4,7 @@
 //! exponential backoff and jitter (or when the remote asked, on 429), or failed after
 //! `effects.max_attempts`. Pending effects survive restarts: they are rows.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -14,6 +15,7 @@ use tracing::Instrument;
 use super::{Ctx, ProbeEvent, Ticker, pass_or_default};
 use crate::clock::ms;
 use crate::effects::EffectError;
+use crate::liveness::{self, LivenessWindows};
 use crate::model::EventSource;
 use crate::store::EffectOutcome;
 
@@ -44,6 +46,8 @@ pub struct EffectResult {
     pub n_failed: usize,
     /// Taken by another worker between the look and the lease.
     pub n_skipped: usize,
+    /// Performed, but another worker had taken the effect over: not recorded.
+    pub n_superseded: usize,
 }
 
 pub struct EffectWorker;
@@ -83,7 +87,11 @@ impl Actor for EffectWorker {
 /// One pass over the outbox; returns when every effect it took has an outcome.
 pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreError> {
     let mut result = EffectResult::default();
-    let due = ctx.store.due_effects(&ctx.hostname, ctx.now()).await?;
+    let lapsed = lapsed_leases(ctx).await?;
+    let due = ctx
+        .store
+        .due_effects(&ctx.hostname, |holder| lapsed.contains(holder), ctx.now())
+        .await?;
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(ctx.config.effects.concurrency));
     let mut set = tokio::task::JoinSet::new();
     for (effect, task) in due {
@@ -93,7 +101,7 @@ pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreErro
         };
         if !ctx
             .store
-            .lease_effect(&effect, ms(EFFECT_LEASE), ctx.now())
+            .lease_effect(&effect, &ctx.node_id, ms(EFFECT_LEASE), ctx.now())
             .await?
         {
             result.n_skipped += 1;
@@ -133,23 +141,50 @@ pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreErro
                     crate::telemetry::kv("outcome", outcome.label()),
                 ],
             );
-            let recorded = ctx.store.finish_effect(&effect, outcome.clone(), EventSource::Monitor, ctx.now()).await;
+            let recorded = ctx.store.finish_effect(&effect, &ctx.node_id, outcome.clone(), EventSource::Monitor, ctx.now()).await;
             (outcome, recorded)
         }.instrument(span));
     }
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((outcome, Ok(()))) => match outcome {
+            Ok((outcome, Ok(true))) => match outcome {
                 EffectOutcome::Done { .. } => result.n_done += 1,
                 EffectOutcome::Retry { .. } => result.n_retried += 1,
                 EffectOutcome::Failed { .. } => result.n_failed += 1,
             },
+            // Another worker took the effect over since; its attempt is the one recorded.
+            Ok((_, Ok(false))) => result.n_superseded += 1,
             // The lease runs out and the effect is taken again; remotes deduplicate.
             Ok((_, Err(e))) => tracing::warn!(error = %e, "cannot record an effect's outcome"),
             Err(e) => tracing::error!(error = %e, "an effect task panicked"),
         }
     }
     Ok(result)
+}
+
+/// The lease holders whose leases no longer protect anything: nodes of dead hosts, and
+/// earlier boots of this host (this node is their successor).
+async fn lapsed_leases(ctx: &Ctx) -> Result<HashSet<String>, crate::store::StoreError> {
+    let nodes = ctx.store.nodes().await?;
+    let windows = LivenessWindows {
+        heartbeat_timeout_ms: ms(ctx.config.reaper.heartbeat_timeout),
+        // A stopped node performs nothing any more: its leases lapse at once.
+        adoption_window_ms: 0,
+    };
+    let hosts = liveness::by_host(&nodes, ctx.now(), windows);
+    Ok(nodes
+        .into_iter()
+        .filter(|n| n.id != ctx.node_id)
+        .filter(|n| {
+            // An earlier boot of this host: its process is gone (or reused our pid).
+            let earlier_boot = n.hostname == ctx.hostname
+                && (n.pid == std::process::id() as i32 || !crate::agent::alive(n.pid));
+            earlier_boot
+                || n.stopped_at.is_some()
+                || hosts.get(&n.hostname).is_none_or(|h| h.is_dead())
+        })
+        .map(|n| n.id)
+        .collect())
 }
 
 /// Retry with backoff and jitter (or when the remote asked), or fail after the last attempt.

@@ -240,7 +240,6 @@ async fn description(ctx: &Ctx, task: &entity::tasks::Model) -> String {
     };
     match ctx.effector.plane_work_item_description(issue).await {
         Ok(text) => {
-            let text = crate::prompt::bounded(&text, crate::prompt::DESCRIPTION_MAX);
             if let Err(e) = ctx.store.set_description(task.id, &text, ctx.now()).await {
                 tracing::warn!(error = %e, task = %task.key, "cannot keep the work item's description");
             }
@@ -411,7 +410,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             let me = myself.clone();
             let log = log_path.clone();
             let waiter = tokio::spawn(async move {
-                while agent::alive(pid) {
+                while agent::live_agent(&log, Some(pid)).is_some() {
                     tokio::time::sleep(MONITOR_ADOPTED_POLL_DEFAULT).await;
                 }
                 let _ = me.send_message(MonitorMsg::Exited(agent::read_exit(&log)));

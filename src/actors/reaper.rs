@@ -23,6 +23,7 @@ use super::{Ctx, ProbeEvent, Ticker, read_handoff};
 use crate::agent;
 use crate::clock::ms;
 use crate::gate::{self, Judgement, Vars};
+use crate::liveness::{self, HostLiveness, LivenessWindows};
 use crate::model::{Claim, ClaimOutcome, Decider, ReapTier, Verdict};
 use crate::store::RunningJob;
 use crate::workspace;
@@ -52,6 +53,8 @@ pub struct ReapResult {
     pub n_exit_recorded: usize,
     /// Runs left alone because their exit is still inside the grace window.
     pub n_in_grace: usize,
+    /// Runs of another host left alone: it is alive, or restarting within its window.
+    pub n_host_alive: usize,
     pub n_won: usize,
 }
 
@@ -120,106 +123,48 @@ pub async fn run_once(
 ) -> Result<(ReapResult, Vec<(Claim, ClaimOutcome)>), crate::store::StoreError> {
     let now = ctx.now();
     let grace = ms(ctx.config.reaper.finalize_grace);
-    let heartbeat_timeout = ms(ctx.config.reaper.heartbeat_timeout);
+    let windows = LivenessWindows {
+        heartbeat_timeout_ms: ms(ctx.config.reaper.heartbeat_timeout),
+        adoption_window_ms: ms(ctx.config.node.adoption_window),
+    };
     let mut result = ReapResult::default();
     let mut claims = Vec::new();
-    for rj in ctx.store.running_jobs().await? {
+    let running = ctx.store.running_jobs().await?;
+    let hosts = liveness::by_host(&ctx.store.nodes().await?, now, windows);
+    for rj in running {
         let Some(run) = rj.run.clone() else { continue };
         if ctx.watched.contains(run.id) {
             continue;
         }
-        let decision = if let Some(exited_at) = run.exited_at {
-            if now - exited_at < grace {
+        let host = rj.node_hostname.clone().unwrap_or_default();
+        let here = host == ctx.hostname;
+        // Another host's runs are its own to finalize or adopt while it lives, and while
+        // it restarts within its adoption window: only a dead host's runs are reaped here.
+        let state = hosts.get(&host).copied().unwrap_or(HostLiveness::Dead);
+        if !here && !state.is_dead() {
+            result.n_host_alive += 1;
+            continue;
+        }
+        let decision = match run.exited_at {
+            Some(exited_at) if now - exited_at < grace => {
                 result.n_in_grace += 1;
                 None
-            } else {
+            }
+            Some(_) => {
                 result.n_tier2 += 1;
                 let (judgement, commit) = read_only_gate(ctx, &rj).await;
                 Some((ReapTier::Unfinished, judgement, commit))
             }
-        } else {
-            let here = rj.node_hostname.as_deref() == Some(ctx.hostname.as_str());
-            let node_silent = run.node_id != ctx.node_id
-                && rj
-                    .node_heartbeat_at
-                    .is_none_or(|hb| now - hb > heartbeat_timeout);
-            let timeout = ctx
-                .config
-                .stages
-                .get(&rj.job.stage)
-                .map(|s| ms(s.timeout))
-                .unwrap_or(i64::MAX);
-            match (here, run.pid) {
-                (true, Some(pid)) if agent::alive(pid) => {
-                    if now - run.started_at > timeout && (node_silent || run.node_id == ctx.node_id)
-                    {
-                        agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
-                        result.n_timeout += 1;
-                        Some((ReapTier::Timeout, Verdict::TimedOut.into(), None))
-                    } else {
-                        None
-                    }
-                }
-                (true, Some(_)) if node_silent || run.node_id == ctx.node_id => {
-                    // The agent is gone. If its shim left an exit status, record it: the
-                    // run then finalizes as tier 2 once the grace window has passed.
-                    if let Some(status) = agent::read_exit(&PathBuf::from(&run.log_path)) {
-                        ctx.store
-                            .record_exit(
-                                rj.task.id,
-                                &run,
-                                status.code,
-                                json!({"signal": status.signal, "error": status.error, "recorded_by": "reaper"}),
-                                now,
-                            )
-                            .await?;
-                        result.n_exit_recorded += 1;
-                        None
-                    } else {
-                        result.n_tier1 += 1;
-                        Some((
-                            ReapTier::LostAgent,
-                            Verdict::Lost {
-                                reason: format!(
-                                    "agent pid {} is gone without an exit status",
-                                    run.pid.unwrap_or(0)
-                                ),
-                            }
-                            .into(),
-                            None,
-                        ))
-                    }
-                }
-                (true, None) if run.node_id == ctx.node_id || node_silent => {
-                    result.n_tier1 += 1;
-                    Some((
-                        ReapTier::LostAgent,
-                        Verdict::Lost {
-                            reason: "the agent was never started".into(),
-                        }
-                        .into(),
-                        None,
-                    ))
-                }
-                (false, _) if node_silent => {
-                    result.n_tier1 += 1;
-                    Some((
-                        ReapTier::LostAgent,
-                        Verdict::Lost {
-                            reason: format!(
-                                "node {} has not sent a heartbeat for {}s",
-                                run.node_id,
-                                rj.node_heartbeat_at
-                                    .map(|hb| (now - hb) / 1000)
-                                    .unwrap_or(-1)
-                            ),
-                        }
-                        .into(),
-                        None,
-                    ))
-                }
-                _ => None,
+            None if !here => {
+                result.n_tier1 += 1;
+                let silent = rj.node_heartbeat_at.map_or(-1, |hb| (now - hb) / 1000);
+                let reason = format!(
+                    "host {host} is gone: its node {} has not sent a heartbeat for {silent}s",
+                    run.node_id
+                );
+                Some((ReapTier::LostAgent, Verdict::Lost { reason }.into(), None))
             }
+            None => own_host_run(ctx, &rj, &run, now, &mut result).await?,
         };
         let Some((tier, judgement, commit_sha)) = decision else {
             continue;
@@ -248,11 +193,75 @@ pub async fn run_once(
                 ctx.metrics
                     .reaps
                     .add(1, &[crate::telemetry::kv("tier", tier.as_str())]);
+                if let Some(u) = claim.usage {
+                    ctx.metrics.record_usage(&rj.job.stage, u);
+                }
             }
             claims.push((claim, outcome));
         }
     }
     Ok((result, claims))
+}
+
+/// A run of this host with no exit recorded: its agent past the stage timeout is stopped;
+/// an agent gone with an exit file gets its exit recorded (tier 2 later); one gone without
+/// is lost (tier 1). Runs of another live node of this host are left to it.
+async fn own_host_run(
+    ctx: &Ctx,
+    rj: &RunningJob,
+    run: &entity::agent_runs::Model,
+    now: i64,
+    result: &mut ReapResult,
+) -> Result<Option<(ReapTier, Judgement, Option<String>)>, crate::store::StoreError> {
+    let mine = run.node_id == ctx.node_id;
+    let node_silent = !mine
+        && rj
+            .node_heartbeat_at
+            .is_none_or(|hb| now - hb > ms(ctx.config.reaper.heartbeat_timeout));
+    if !mine && !node_silent && !rj.node_stopped {
+        return Ok(None);
+    }
+    let timeout = ctx
+        .config
+        .stages
+        .get(&rj.job.stage)
+        .map(|s| ms(s.timeout))
+        .unwrap_or(i64::MAX);
+    let lost = |reason: String| Some((ReapTier::LostAgent, Verdict::Lost { reason }.into(), None));
+    let log = PathBuf::from(&run.log_path);
+    if let Some(pid) = agent::live_agent(&log, run.pid) {
+        if now - run.started_at <= timeout {
+            return Ok(None);
+        }
+        agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
+        result.n_timeout += 1;
+        return Ok(Some((ReapTier::Timeout, Verdict::TimedOut.into(), None)));
+    }
+    let started = run.pid.is_some() || agent::Identity::of_run(&log).is_some();
+    if !started {
+        // Just dispatched by this node: its Monitor is about to start the agent.
+        if mine && now - run.started_at < ms(ctx.config.reaper.heartbeat_timeout) {
+            return Ok(None);
+        }
+        result.n_tier1 += 1;
+        return Ok(lost("the agent was never started".into()));
+    }
+    // The agent is gone. If its shim left an exit status, record it: the run then
+    // finalizes as tier 2 once the grace window has passed.
+    if let Some(status) = agent::read_exit(&log) {
+        let detail =
+            json!({"signal": status.signal, "error": status.error, "recorded_by": "reaper"});
+        ctx.store
+            .record_exit(rj.task.id, run, status.code, detail, now)
+            .await?;
+        result.n_exit_recorded += 1;
+        return Ok(None);
+    }
+    result.n_tier1 += 1;
+    let pid = run.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+    Ok(lost(format!(
+        "agent pid {pid} is gone without an exit status"
+    )))
 }
 
 /// Tier 2's verdict: the gate evaluated read-only on this host's workspace, and the

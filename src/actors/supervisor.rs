@@ -1,6 +1,7 @@
 //! The Supervisor: spawns the Dispatcher, the Advancer, the Reaper, the EffectWorker, the
 //! PlanePoller (with Plane) and one Monitor per running job (all linked), adopts the runs an earlier boot of this host
-//! left behind, heartbeats the node, and shuts everything down in order.
+//! left behind, and shuts everything down in order. The node's heartbeat is not its
+//! business: `service` beats it until the process ends, a shutdown included.
 //!
 //! It overrides `handle_supervisor_evt`: ractor's default stops a supervisor when any
 //! child ends, but a Monitor ending is the normal course of things, and a Monitor that
@@ -19,7 +20,7 @@ use super::effect_worker::{EffectWorker, EffectWorkerArgs, EffectWorkerMsg};
 use super::monitor::{Monitor, MonitorArgs, MonitorMode, MonitorMsg};
 use super::plane_poller::{PlanePoller, PlanePollerArgs, PlanePollerMsg};
 use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
-use super::{Ctx, ProbeEvent, Ticker};
+use super::{Ctx, ProbeEvent};
 use crate::agent;
 use crate::model::{Claim, ClaimOutcome, Decider, ReapTier, Verdict};
 use crate::store::Dispatched;
@@ -35,7 +36,6 @@ pub enum SupervisorEvent {
         run_id: i64,
         mode: MonitorMode,
     },
-    NodeHeartbeat,
     Shutdown {
         stop_agents: bool,
     },
@@ -46,7 +46,6 @@ pub enum SupervisorEvent {
 
 pub enum SupervisorMsg {
     StartMonitor(Box<Dispatched>, MonitorMode),
-    NodeHeartbeat,
     /// Stop dispatching and reaping, then stop the monitors: with `stop_agents` they
     /// terminate their agents within `shutdown.grace` first, else the agents are left
     /// alive for the next start to adopt.
@@ -79,7 +78,6 @@ pub struct SupervisorState {
     effect_worker: Option<ActorRef<EffectWorkerMsg>>,
     advancer: ActorRef<AdvancerMsg>,
     monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
-    _heartbeat: Ticker,
     shutting_down: bool,
 }
 
@@ -156,9 +154,6 @@ impl Actor for Supervisor {
             }
             None => None,
         };
-        let heartbeat = Ticker::start(&myself, ctx.config.node.heartbeat_interval, || {
-            SupervisorMsg::NodeHeartbeat
-        });
         Ok(SupervisorState {
             ctx,
             dispatcher: Some(dispatcher),
@@ -167,7 +162,6 @@ impl Actor for Supervisor {
             effect_worker: Some(effect_worker),
             advancer,
             monitors: HashMap::new(),
-            _heartbeat: heartbeat,
             shutting_down: false,
         })
     }
@@ -228,19 +222,6 @@ impl Actor for Supervisor {
                     }
                 }
             }
-            SupervisorMsg::NodeHeartbeat => {
-                state
-                    .ctx
-                    .report(ProbeEvent::Supervisor(SupervisorEvent::NodeHeartbeat));
-                if let Err(e) = state
-                    .ctx
-                    .store
-                    .heartbeat_node(&state.ctx.node_id, state.ctx.now())
-                    .await
-                {
-                    tracing::warn!(error = %e, "node heartbeat failed");
-                }
-            }
             SupervisorMsg::Shutdown { stop_agents, reply } => {
                 state
                     .ctx
@@ -273,11 +254,6 @@ impl Actor for Supervisor {
                     w.unlink(myself.get_cell());
                     let _ = w.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
-                let _ = state
-                    .ctx
-                    .store
-                    .stop_node(&state.ctx.node_id, state.ctx.now())
-                    .await;
                 let _ = reply.send(());
                 myself.stop(Some("shutdown".into()));
             }
@@ -321,6 +297,48 @@ impl Actor for Supervisor {
     }
 }
 
+/// At start: agents of this host still running for runs that are no longer their job's
+/// current run (cancelled or taken over while this host was down) are stopped, and
+/// their exit recorded, so that two agents never work in one workspace.
+async fn stop_stale_agents(ctx: &Ctx) {
+    let stale = match ctx.store.stale_runs(&ctx.hostname).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for stale agents");
+            return;
+        }
+    };
+    for (task_id, run) in stale {
+        let log = std::path::Path::new(&run.log_path);
+        let stopped = match agent::live_agent(log, run.pid) {
+            Some(pid) => {
+                agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
+                tracing::warn!(
+                    run_id = run.id,
+                    pid,
+                    "stopped an agent whose run is no longer current"
+                );
+                true
+            }
+            None => false,
+        };
+        let status = agent::read_exit(log);
+        let detail = json!({
+            "recorded_by": "start", "stopped": stopped,
+            "reason": "the run is no longer its job's current run",
+            "signal": status.as_ref().and_then(|s| s.signal),
+        });
+        let code = status.map_or(-1, |s| s.code);
+        if let Err(e) = ctx
+            .store
+            .record_exit(task_id, &run, code, detail, ctx.now())
+            .await
+        {
+            tracing::warn!(error = %e, run_id = run.id, "cannot record a stale run's end");
+        }
+    }
+}
+
 /// Adoption: runs of an earlier boot of this host whose job still runs with them. A live
 /// agent (or one that ended and left its exit status) gets a Monitor that watches it to
 /// the end; it is never started again. An agent gone without an exit status is lost.
@@ -333,9 +351,14 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
             return;
         }
     };
+    stop_stale_agents(&ctx).await;
     for rj in orphans {
-        // Another baton of this host that still runs keeps its own runs.
-        let node_gone = rj.node_stopped || rj.node_pid.is_none_or(|p| !agent::alive(p));
+        // Another baton of this host that still runs keeps its own runs. A pid equal to
+        // ours is not that baton: it is an earlier boot whose pid this one reuses (pid 1
+        // of a container).
+        let own_pid = std::process::id() as i32;
+        let node_gone =
+            rj.node_stopped || rj.node_pid.is_none_or(|p| p == own_pid || !agent::alive(p));
         if !node_gone {
             continue;
         }
@@ -344,9 +367,14 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
             // Its exit is recorded: finalization was under way; tier 2 handles it after grace.
             continue;
         }
-        let pid = run.pid.unwrap_or(0);
-        let exit = agent::read_exit(std::path::Path::new(&run.log_path));
-        if pid > 0 && (agent::alive(pid) || exit.is_some()) {
+        let log = std::path::Path::new(&run.log_path);
+        // The exit file wins; else the very agent of this run (by its pid file's identity,
+        // even when the pid was never recorded) must still run.
+        let exit = agent::read_exit(log);
+        let pid = agent::live_agent(log, run.pid).or_else(|| exit.as_ref().and(run.pid));
+        if exit.is_some() || pid.is_some() {
+            let mut run = run;
+            run.pid = pid.or(run.pid);
             let d = Dispatched {
                 task: rj.task,
                 job: rj.job,

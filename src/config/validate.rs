@@ -46,6 +46,7 @@ impl Config {
             ("reaper.finalize_grace", self.reaper.finalize_grace),
             ("reaper.heartbeat_timeout", self.reaper.heartbeat_timeout),
             ("node.heartbeat_interval", self.node.heartbeat_interval),
+            ("node.adoption_window", self.node.adoption_window),
             ("shutdown.grace", self.shutdown.grace),
             ("retry.backoff_initial", self.retry.backoff_initial),
             ("retry.backoff_max", self.retry.backoff_max),
@@ -57,6 +58,12 @@ impl Config {
             if let Some(msg) = check_duration(d) {
                 problem(key, msg);
             }
+        }
+        if !self.node.host.is_empty() && self.node.host.trim().is_empty() {
+            problem(
+                "node.host",
+                "is blank; leave it out to use the hostname".to_string(),
+            );
         }
         if self.node.heartbeat_interval >= self.reaper.heartbeat_timeout {
             problem(

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::{ApiError, HttpState, KeyPath, LOG_TAIL_DEFAULT};
 use crate::model::{EventKind, Origin, TaskKey, TaskStatus, Usage};
 use crate::present;
-use crate::tasks::{self, SubmitRequest};
+use crate::tasks::{self, EffectsToRetry, SubmitRequest};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -123,6 +123,17 @@ pub(super) async fn cancel_task(State(st): State<HttpState>, KeyPath(key): KeyPa
 pub(super) async fn retry_task(State(st): State<HttpState>, KeyPath(key): KeyPath) -> ApiResult {
     let job = tasks::retry(&st.store, &key, Origin::Api, st.clock.now_ms()).await?;
     Ok(axum::Json(json!({"task": key, "job": job})).into_response())
+}
+
+pub(super) async fn retry_effect(
+    State(st): State<HttpState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id.map_err(ApiError::rejected)?;
+    let now = st.clock.now_ms();
+    let retried =
+        tasks::retry_effects(&st.store, EffectsToRetry::One(id), Origin::Api, now).await?;
+    Ok(axum::Json(json!({"effects": retried})).into_response())
 }
 
 #[derive(serde::Deserialize)]

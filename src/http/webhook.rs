@@ -90,6 +90,7 @@ impl WorkItem {
     }
 
     /// The description as text: Plane's stripped text, else its HTML made text.
+    /// Cut to the bound a description may have, as every description from Plane is.
     fn description(&self) -> Option<String> {
         crate::prompt::description_text(
             self.description_stripped.as_deref(),
@@ -97,12 +98,13 @@ impl WorkItem {
         )
     }
 
-    /// The state's group, when the delivery carries the state inline.
+    /// The state's group, when the delivery carries it (inline, or in `state_detail`).
     fn state_group(&self) -> Option<&str> {
         match &self.state {
             Some(StateRef::Inline(s)) => s.group.as_deref(),
             _ => None,
         }
+        .or(self.state_detail.as_ref().and_then(|s| s.group.as_deref()))
     }
 
     /// The state's name when the delivery carries it inline; otherwise its id.
@@ -223,7 +225,7 @@ async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, 
     {
         return ignored("the work item belongs to another project than plane.project_id");
     }
-    let Some(state) = state_of(st, item).await else {
+    let Some(state) = state_of(st, item).await? else {
         return ignored("the work item's state is not in the delivery");
     };
     let cancelling = state.group.as_deref() == Some("cancelled")
@@ -297,18 +299,38 @@ struct StateSeen {
 
 /// The work item's state: given inline (Plane's deliveries carry it with its group), or
 /// by id through the project's states.
-async fn state_of(st: &HttpState, item: &WorkItem) -> Option<StateSeen> {
-    match item.state() {
+async fn state_of(st: &HttpState, item: &WorkItem) -> Result<Option<StateSeen>, ApiError> {
+    // A state named by id only is looked up; while Plane cannot answer, the delivery is
+    // answered 503 and forgotten, so that its redelivery is handled (a cancel included).
+    let unavailable = |e: crate::effects::EffectError| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot look the work item's state up in Plane: {e}"),
+        )
+    };
+    Ok(match item.state() {
         (Some(name), _) => Some(StateSeen {
             name: name.to_string(),
             group: item.state_group().map(str::to_string),
         }),
         (None, Some(id)) => Some(StateSeen {
-            name: st.effector.plane_state_name(id).await.ok()?,
-            group: st.effector.plane_state_group(id).await.ok(),
+            name: st
+                .effector
+                .plane_state_name(id)
+                .await
+                .map_err(unavailable)?,
+            group: match item.state_group() {
+                Some(g) => Some(g.to_string()),
+                None => Some(
+                    st.effector
+                        .plane_state_group(id)
+                        .await
+                        .map_err(unavailable)?,
+                ),
+            },
         }),
         (None, None) => None,
-    }
+    })
 }
 
 /// The task key of a work item. Plane names the project by its id only; its identifier is

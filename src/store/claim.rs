@@ -10,7 +10,7 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryS
 use serde_json::json;
 
 use super::outbox::insert_effect;
-use super::tasks::{insert_job, iterations, set_task_status};
+use super::tasks::{insert_job, iterations, lock_task, set_task_status};
 use super::{NewEvent, Store, StoreResult, append, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, JobChange, Policy, Transition};
@@ -24,6 +24,16 @@ impl Store {
         now: i64,
     ) -> StoreResult<ClaimOutcome> {
         let (write, txn) = self.write_txn().await?;
+        // The task's row first, then the job's: a cancel (which takes the task row) and
+        // this claim never interleave, and the order never deadlocks.
+        let task_id = jobs::Entity::find_by_id(claim.job_id)
+            .one(&txn)
+            .await?
+            .map(|j| j.task_id);
+        let task = match task_id {
+            Some(id) => lock_task(&txn, id, self.is_postgres()).await?,
+            None => None,
+        };
         let mut find = jobs::Entity::find_by_id(claim.job_id);
         if self.is_postgres() {
             find = find.lock(LockType::Update);
@@ -31,16 +41,14 @@ impl Store {
         let job = find.one(&txn).await?;
         let fenced = job.as_ref().is_some_and(|j| {
             j.status == JobStatus::Running && j.current_run_id == Some(claim.run_id)
-        });
-        let Some(job) = job.filter(|_| fenced) else {
+        }) && task
+            .as_ref()
+            .is_some_and(|t| t.status == TaskStatus::Active);
+        let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
             txn.rollback().await?;
             drop(write);
             return self.record_loss(claim, now).await;
         };
-        let task = must(
-            tasks::Entity::find_by_id(job.task_id).one(&txn).await?,
-            || format!("task {}", job.task_id),
-        )?;
         let run = must(
             agent_runs::Entity::find_by_id(claim.run_id)
                 .one(&txn)

@@ -24,6 +24,11 @@ impl Store {
         Ok(id)
     }
 
+    /// Every node row (one per boot); what host liveness is computed from.
+    pub async fn nodes(&self) -> StoreResult<Vec<nodes::Model>> {
+        Ok(nodes::Entity::find().all(&self.db).await?)
+    }
+
     pub async fn heartbeat_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
         self.set_node_time(node_id, nodes::Column::HeartbeatAt, now)
             .await

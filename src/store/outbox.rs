@@ -10,9 +10,17 @@ use sea_orm::{
 };
 use serde_json::json;
 
-use super::{NewEvent, Store, StoreResult, append};
+use super::{NewEvent, Store, StoreError, StoreResult, append};
 use crate::model::{EffectKind, EffectStatus, EventKind, EventSource};
 use crate::policy::PlannedEffect;
+
+/// Which failed effects to retry.
+#[derive(Debug, Clone, Copy)]
+pub enum EffectSelector {
+    One(i64),
+    /// Every failed effect of the task with this id.
+    OfTask(i64),
+}
 
 /// How one attempt of an effect ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,11 +43,13 @@ impl EffectOutcome {
 
 impl Store {
     /// The effects this node may perform now: of each task, only its first pending
-    /// effect (effects of one task run in order), when it is due and is either for any
-    /// host or for this one.
+    /// effect (effects of one task run in order), when it is for any host or for this
+    /// one, and is due or its lease's holder is gone (`lease_lapsed` says which holders
+    /// are: a dead node, or an earlier boot of this host).
     pub async fn due_effects(
         &self,
         hostname: &str,
+        lease_lapsed: impl Fn(&str) -> bool,
         now: i64,
     ) -> StoreResult<Vec<(effects::Model, tasks::Model)>> {
         let pending = effects::Entity::find()
@@ -52,7 +62,11 @@ impl Store {
         let due: Vec<effects::Model> = pending
             .into_iter()
             .filter(|e| seen.insert(e.task_id))
-            .filter(|e| e.next_attempt_at <= now && e.host.as_deref().is_none_or(|h| h == hostname))
+            .filter(|e| {
+                let due =
+                    e.next_attempt_at <= now || e.leased_by.as_deref().is_some_and(&lease_lapsed);
+                due && e.host.as_deref().is_none_or(|h| h == hostname)
+            })
             .collect();
         let tasks = self.tasks_by_id(due.iter().map(|e| e.task_id)).await?;
         Ok(due
@@ -66,12 +80,14 @@ impl Store {
     pub async fn lease_effect(
         &self,
         e: &effects::Model,
+        node_id: &str,
         lease_ms: i64,
         now: i64,
     ) -> StoreResult<bool> {
         let _write = self.lock_writes().await;
         let n = effects::Entity::update_many()
             .col_expr(effects::Column::NextAttemptAt, Expr::value(now + lease_ms))
+            .col_expr(effects::Column::LeasedBy, Expr::value(node_id))
             .col_expr(effects::Column::Attempts, Expr::value(e.attempts + 1))
             .col_expr(effects::Column::UpdatedAt, Expr::value(now))
             .filter(effects::Column::Id.eq(e.id))
@@ -84,15 +100,18 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Records the outcome of one attempt of an effect (after [`Store::lease_effect`]):
-    /// done, retried at `retry_at`, or failed for good; with its event.
+    /// Records the outcome of one attempt of an effect (after [`Store::lease_effect`] of
+    /// `e` by `node_id`): done, retried at `retry_at`, or failed for good; with its event.
+    /// Fenced by the lease: when another worker took the effect over since (a newer
+    /// attempt), nothing is written and `false` is returned.
     pub async fn finish_effect(
         &self,
         e: &effects::Model,
+        node_id: &str,
         outcome: EffectOutcome,
         source: EventSource,
         now: i64,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let (write, txn) = self.write_txn().await?;
         let mut upd =
             effects::Entity::update_many().col_expr(effects::Column::UpdatedAt, Expr::value(now));
@@ -132,10 +151,11 @@ impl Store {
         let changed = upd
             .filter(effects::Column::Id.eq(e.id))
             .filter(effects::Column::Status.eq(EffectStatus::Pending))
+            .filter(effects::Column::Attempts.eq(e.attempts + 1))
+            .filter(effects::Column::LeasedBy.eq(node_id))
             .exec(&txn)
             .await?
             .rows_affected;
-        // Another worker that took the effect after our lease ran out recorded it.
         if let Some((kind, detail)) = event.filter(|_| changed == 1) {
             let ev = NewEvent {
                 task_id: e.task_id,
@@ -149,7 +169,67 @@ impl Store {
         }
         txn.commit().await?;
         drop(write);
-        Ok(())
+        Ok(changed == 1)
+    }
+
+    /// Makes failed effects pending again, as new (attempts from zero, due now): the one
+    /// with `id`, or every failed effect of a task. Returns them; an event each.
+    pub async fn retry_effects(
+        &self,
+        which: EffectSelector,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<Vec<effects::Model>> {
+        let (_write, txn) = self.write_txn().await?;
+        let failed = match which {
+            EffectSelector::One(id) => {
+                let e = effects::Entity::find_by_id(id)
+                    .one(&txn)
+                    .await?
+                    .ok_or(StoreError::NoSuchEffect(id))?;
+                if e.status != EffectStatus::Failed {
+                    return Err(StoreError::WrongState {
+                        key: format!("effect {id}"),
+                        status: e.status.to_string(),
+                        what: "only a failed effect can be retried".to_string(),
+                    });
+                }
+                vec![e]
+            }
+            EffectSelector::OfTask(task_id) => {
+                effects::Entity::find()
+                    .filter(effects::Column::TaskId.eq(task_id))
+                    .filter(effects::Column::Status.eq(EffectStatus::Failed))
+                    .order_by_asc(effects::Column::Id)
+                    .all(&txn)
+                    .await?
+            }
+        };
+        for e in &failed {
+            effects::Entity::update_many()
+                .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
+                .col_expr(effects::Column::Attempts, Expr::value(0))
+                .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
+                .col_expr(
+                    effects::Column::LeasedBy,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+                .filter(effects::Column::Id.eq(e.id))
+                .exec(&txn)
+                .await?;
+            let ev = NewEvent {
+                task_id: e.task_id,
+                job_id: None,
+                run_id: Some(e.run_id),
+                kind: EventKind::EffectRetried,
+                source,
+                detail: json!({"effect": e.id, "kind": e.kind, "key": e.idempotency_key, "last_error": e.last_error}),
+            };
+            append(&txn, ev, now).await?;
+        }
+        txn.commit().await?;
+        Ok(failed)
     }
 
     /// The URL of the task's pull request, once its effect is done.
@@ -245,7 +325,9 @@ pub(super) async fn insert_effect<C: ConnectionTrait>(
     host: Option<String>,
     now: i64,
 ) -> StoreResult<()> {
-    effects::Entity::insert(effects::ActiveModel {
+    let key = effect.idempotency_key.clone();
+    let payload = effect.payload.to_json();
+    let inserted = effects::Entity::insert(effects::ActiveModel {
         task_id: Set(task_id),
         run_id: Set(run_id),
         kind: Set(effect.payload.kind()),
@@ -255,14 +337,36 @@ pub(super) async fn insert_effect<C: ConnectionTrait>(
         next_attempt_at: Set(now),
         last_error: Set(None),
         external_ref: Set(None),
-        payload: Set(effect.payload.to_json()),
+        payload: Set(payload.clone()),
         created_at: Set(now),
         updated_at: Set(now),
-        host: Set(host),
+        host: Set(host.clone()),
         ..Default::default()
     })
     .on_conflict_do_nothing_on([effects::Column::IdempotencyKey])
     .exec(db)
     .await?;
+    if matches!(inserted, sea_orm::TryInsertResult::Inserted(_)) {
+        return Ok(());
+    }
+    // The same effect again (a pull request keyed by its task, a later pass of the
+    // stage): one that failed for good is made pending again; one done or under way
+    // is left as it is.
+    effects::Entity::update_many()
+        .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
+        .col_expr(effects::Column::Attempts, Expr::value(0))
+        .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
+        .col_expr(effects::Column::RunId, Expr::value(run_id))
+        .col_expr(effects::Column::Payload, Expr::value(payload))
+        .col_expr(effects::Column::Host, Expr::value(host))
+        .col_expr(
+            effects::Column::LeasedBy,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+        .filter(effects::Column::IdempotencyKey.eq(key))
+        .filter(effects::Column::Status.eq(EffectStatus::Failed))
+        .exec(db)
+        .await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use entity::{agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Condition, Expr, LockBehavior, LockType};
+use sea_orm::sea_query::{Condition, Expr, LockBehavior, LockType, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect, Set,
@@ -13,8 +13,9 @@ use sea_orm::{
 use serde_json::json;
 
 use super::outbox::insert_effect;
+use super::tasks::lock_task;
 use super::{NewEvent, Store, StoreResult, append, must};
-use crate::model::{EventKind, EventSource, JobStatus, Usage};
+use crate::model::{EventKind, EventSource, JobStatus, TaskStatus, Usage};
 use crate::policy::Policy;
 
 /// A job taken by a dispatcher, with the run created for it in the same transaction.
@@ -54,19 +55,44 @@ impl Store {
         policy: Option<&Policy>,
         now: i64,
     ) -> StoreResult<Option<Dispatched>> {
+        let mut skip: Vec<i64> = Vec::new();
         for _ in 0..8 {
             let (_write, txn) = self.write_txn().await?;
-            let mut q = jobs::Entity::find()
+            // The dispatchable jobs: queued, due, of an active task.
+            let active = Query::select()
+                .column(tasks::Column::Id)
+                .from(tasks::Entity)
+                .and_where(tasks::Column::Status.eq(TaskStatus::Active))
+                .to_owned();
+            let candidate = jobs::Entity::find()
                 .filter(jobs::Column::Status.eq(JobStatus::Queued))
                 .filter(jobs::Column::NotBefore.lte(now))
+                .filter(jobs::Column::TaskId.in_subquery(active))
+                .filter(jobs::Column::Id.is_not_in(skip.clone()))
                 .order_by_asc(jobs::Column::TaskId)
                 .order_by_asc(jobs::Column::Id)
-                .limit(1);
+                .one(&txn)
+                .await?;
+            let Some(candidate) = candidate else {
+                return Ok(None);
+            };
+            // The task's row first (as cancel and claim take it), then the job's, which
+            // another dispatcher may hold: skipped, not waited for.
+            let active_task = lock_task(&txn, candidate.task_id, self.is_postgres())
+                .await?
+                .is_some_and(|t| t.status == TaskStatus::Active);
+            let mut q = jobs::Entity::find_by_id(candidate.id)
+                .filter(jobs::Column::Status.eq(JobStatus::Queued));
             if self.is_postgres() {
                 q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
             }
-            let Some(job) = q.one(&txn).await? else {
-                return Ok(None);
+            let job = match q.one(&txn).await? {
+                Some(job) if active_task => job,
+                _ => {
+                    txn.rollback().await?;
+                    skip.push(candidate.id);
+                    continue;
+                }
             };
             let taken = jobs::Entity::update_many()
                 .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
@@ -342,6 +368,39 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Runs of `hostname` with no exit recorded that are not their job's current run (or
+    /// whose job no longer runs): their agents, if alive, work for nothing. With the task
+    /// id of each.
+    pub async fn stale_runs(&self, hostname: &str) -> StoreResult<Vec<(i64, agent_runs::Model)>> {
+        let node_ids: Vec<String> = nodes::Entity::find()
+            .filter(nodes::Column::Hostname.eq(hostname))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        let runs = agent_runs::Entity::find()
+            .filter(agent_runs::Column::NodeId.is_in(node_ids))
+            .filter(agent_runs::Column::ExitedAt.is_null())
+            .all(&self.db)
+            .await?;
+        let jobs: HashMap<i64, jobs::Model> = jobs::Entity::find()
+            .filter(jobs::Column::Id.is_in(runs.iter().map(|r| r.job_id)))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|j| (j.id, j))
+            .collect();
+        Ok(runs
+            .into_iter()
+            .filter_map(|r| {
+                let job = jobs.get(&r.job_id)?;
+                let current = job.status == JobStatus::Running && job.current_run_id == Some(r.id);
+                (!current).then_some((job.task_id, r))
+            })
+            .collect())
     }
 
     /// Counts of queued and running jobs.

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use entity::{agent_runs, effects, events, jobs, nodes, tasks};
-use sea_orm::sea_query::Expr;
+use sea_orm::QuerySelect;
+use sea_orm::sea_query::{Expr, LockType};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
 };
@@ -229,7 +230,7 @@ impl Store {
         now: i64,
     ) -> StoreResult<Vec<CancelledRun>> {
         let (_write, txn) = self.write_txn().await?;
-        let task = find_task(&txn, key).await?;
+        let task = lock_task_by_key(&txn, key, self.is_postgres()).await?;
         if task.status != TaskStatus::Active {
             return Err(StoreError::WrongState {
                 key: key.to_string(),
@@ -297,7 +298,7 @@ impl Store {
         now: i64,
     ) -> StoreResult<jobs::Model> {
         let (_write, txn) = self.write_txn().await?;
-        let task = find_task(&txn, key).await?;
+        let task = lock_task_by_key(&txn, key, self.is_postgres()).await?;
         if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
             return Err(StoreError::WrongState {
                 key: key.to_string(),
@@ -337,6 +338,35 @@ async fn find_task<C: ConnectionTrait>(db: &C, key: &TaskKey) -> StoreResult<tas
         .one(db)
         .await?
         .ok_or_else(|| StoreError::NoSuchTask(key.to_string()))
+}
+
+/// Reads a task inside a write transaction, taking its row (PostgreSQL's `FOR UPDATE`):
+/// cancel, retry, claim and dispatch serialize on the task row, always before any job row.
+async fn lock_task_by_key<C: ConnectionTrait>(
+    db: &C,
+    key: &TaskKey,
+    postgres: bool,
+) -> StoreResult<tasks::Model> {
+    let mut q = tasks::Entity::find().filter(tasks::Column::Key.eq(key.as_str()));
+    if postgres {
+        q = q.lock(LockType::Update);
+    }
+    q.one(db)
+        .await?
+        .ok_or_else(|| StoreError::NoSuchTask(key.to_string()))
+}
+
+/// [`lock_task_by_key`] by id; `None` when the task is gone.
+pub(super) async fn lock_task<C: ConnectionTrait>(
+    db: &C,
+    id: i64,
+    postgres: bool,
+) -> StoreResult<Option<tasks::Model>> {
+    let mut q = tasks::Entity::find_by_id(id);
+    if postgres {
+        q = q.lock(LockType::Update);
+    }
+    Ok(q.one(db).await?)
 }
 
 pub(super) async fn insert_job<C: ConnectionTrait>(

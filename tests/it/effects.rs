@@ -125,6 +125,7 @@ project_id = "proj-uuid"
 api_key_env = "BATON_TEST_PLANE_KEY"
 webhook_secret_env = "BATON_TEST_WEBHOOK_SECRET"
 trigger_state = "Ready for agents"
+cancel_states = ["Wont do"]
 states = {{ on_done = "Done", on_failed = "Blocked" }}
 [http]
 listen = "127.0.0.1:0"
@@ -506,6 +507,7 @@ async fn an_effect_fails_after_max_attempts(db: TestDb) {
     mount_github_pr(&fx).await;
     plane_comment(fx.run_id)
         .respond_with(ResponseTemplate::new(503).set_body_string("down"))
+        .up_to_n_times(4)
         .expect(4)
         .mount(&fx.server)
         .await;
@@ -531,6 +533,37 @@ async fn an_effect_fails_after_max_attempts(db: TestDb) {
         shown.contains("plane_comment") && shown.contains("failed") && shown.contains("503"),
         "{shown}"
     );
+    // Once Plane is back, the operator retries the task's failed effects.
+    plane_comment(fx.run_id)
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": "c-1"})))
+        .expect(1)
+        .mount(&fx.server)
+        .await;
+    let which = baton::tasks::EffectsToRetry::OfTask(crate::support::key("T-1"));
+    let retried = baton::tasks::retry_effects(
+        &fx.ctx.store,
+        which,
+        baton::model::Origin::Cli,
+        fx.ctx.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].id, c.id);
+    fx.drain().await;
+    let c = fx.effect(EffectKind::PlaneComment).await;
+    assert_eq!((c.status, c.attempts), (EffectStatus::Done, 1));
+    let events = fx.ctx.store.events(fx.task_id).await.unwrap();
+    assert!(events.iter().any(|e| e.kind == EventKind::EffectRetried));
+    // Only a failed effect can be retried.
+    let again = baton::tasks::retry_effects(
+        &fx.ctx.store,
+        baton::tasks::EffectsToRetry::One(c.id),
+        baton::model::Origin::Cli,
+        fx.ctx.now(),
+    )
+    .await;
+    assert!(again.is_err(), "{again:?}");
 }
 on_both!(
     an_effect_fails_after_max_attempts,
@@ -563,7 +596,7 @@ async fn crash_between_push_and_comment_duplicates_nothing(db: TestDb) {
     assert!(
         fx.ctx
             .store
-            .lease_effect(&pr, 120_000, fx.ctx.now())
+            .lease_effect(&pr, &fx.ctx.node_id, 120_000, fx.ctx.now())
             .await
             .unwrap()
     );
@@ -590,6 +623,69 @@ async fn crash_between_push_and_comment_duplicates_nothing(db: TestDb) {
 on_both!(
     crash_between_push_and_comment_duplicates_nothing,
     crash_between_push_and_comment_duplicates_nothing
+);
+
+async fn a_lease_of_an_earlier_boot_is_taken_at_once_and_fences_its_holder(db: TestDb) {
+    // No forge or Plane answer is mounted: only the push is performed here.
+    let fx = setup(db, "github").await;
+    // An earlier boot of this host took the push and died with it.
+    let old = fx
+        .ctx
+        .store
+        .register_node(&fx.ctx.hostname, i32::MAX, fx.ctx.now())
+        .await
+        .unwrap();
+    let push = fx.effect(EffectKind::Push).await;
+    assert!(
+        fx.ctx
+            .store
+            .lease_effect(&push, &old, 120_000, fx.ctx.now())
+            .await
+            .unwrap()
+    );
+    // Taken at once, not after the two minutes of its lease.
+    let r = effect_worker::run_once(&fx.ctx).await.unwrap();
+    assert_eq!(r.n_done, 1, "{r:?}");
+    assert_eq!(fx.effect(EffectKind::Push).await.status, EffectStatus::Done);
+    // The old holder's late word changes nothing.
+    let recorded = fx
+        .ctx
+        .store
+        .finish_effect(
+            &push,
+            &old,
+            baton::store::EffectOutcome::Failed {
+                error: "late".into(),
+            },
+            EventSource::Monitor,
+            fx.ctx.now(),
+        )
+        .await
+        .unwrap();
+    assert!(!recorded);
+    let push = fx.effect(EffectKind::Push).await;
+    assert_eq!((push.status, push.last_error), (EffectStatus::Done, None));
+    // A live node's lease is respected until it runs out.
+    let pr = fx.effect(EffectKind::PullRequest).await;
+    let other = fx
+        .ctx
+        .store
+        .register_node("another-host", 1, fx.ctx.now())
+        .await
+        .unwrap();
+    assert!(
+        fx.ctx
+            .store
+            .lease_effect(&pr, &other, 120_000, fx.ctx.now())
+            .await
+            .unwrap()
+    );
+    let r = effect_worker::run_once(&fx.ctx).await.unwrap();
+    assert_eq!(r.n_done, 0, "took a live node's lease: {r:?}");
+}
+on_both!(
+    a_lease_of_an_earlier_boot_is_taken_at_once_and_fences_its_holder,
+    a_lease_of_an_earlier_boot_is_taken_at_once_and_fences_its_holder
 );
 
 async fn plane_state_is_set_by_name_when_the_task_ends(db: TestDb) {
@@ -738,13 +834,21 @@ async fn config_check_names_unknown_plane_states() {
         "{text}"
     );
     assert!(!text.contains("on_done:"), "{text}");
+    assert!(
+        text.contains("plane.cancel_states: Plane has no state named \"Wont do\""),
+        "{text}"
+    );
     // Without the key, the check is skipped with a clear word, and passes.
     let (ok, text) = run(None);
     assert!(ok, "{text}");
     assert!(text.contains("$BATON_TEST_PLANE_KEY is not set"), "{text}");
-    // Fixing the name makes it pass.
+    // Fixing the names makes it pass.
     let fixed = config_toml(dir.path(), &server.uri(), "github")
-        .replace("on_failed = \"Blocked\"", "on_failed = \"Done\"");
+        .replace("on_failed = \"Blocked\"", "on_failed = \"Done\"")
+        .replace(
+            "cancel_states = [\"Wont do\"]",
+            "cancel_states = [\"Done\"]",
+        );
     std::fs::write(&path, fixed).unwrap();
     let (ok, text) = run(Some("plane-key"));
     assert!(ok, "{text}");
