@@ -40,6 +40,10 @@ pub enum Command {
         /// leaving them to be adopted by the next start.
         #[arg(long)]
         stop_agents: bool,
+        /// What to do with in-flight tasks whose pipeline or stage the config no longer
+        /// has: refuse to start (the default), or fail them with a reason.
+        #[arg(long, value_enum, default_value_t)]
+        orphaned: crate::service::OrphanPolicy,
     },
     /// Enqueue a task (works whether or not `serve` is running).
     Submit {
@@ -159,8 +163,10 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
+/// The database of a command that reads or writes tasks: its schema must be this
+/// version's; only `migrate` and `serve` change it.
 async fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open(&config.database_url).await?)
+    Ok(Store::open_current(&config.database_url).await?)
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -176,6 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("# {} is valid; effective settings:\n", cli.config.display());
             print!("{}", config.render_effective());
             check_plane_states(&config).await?;
+            check_orphans(&config).await?;
         }
         Command::Migrate => {
             let config = load_config(&cli.config)?;
@@ -316,7 +323,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("effect {} ({}) is pending again", e.id, e.kind);
             }
         }
-        Command::Serve { stop_agents } => {
+        Command::Serve {
+            stop_agents,
+            orphaned,
+        } => {
             let config = match load_config(&cli.config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -330,6 +340,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config,
                 crate::service::ServeOptions {
                     stop_agents,
+                    orphaned,
                     metrics_registry: Some(telemetry.registry.clone()),
                     ..Default::default()
                 },
@@ -419,6 +430,40 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
         "unknown Plane state names (the project has: {}):\n{}",
         names.join(", "),
         missing.join("\n")
+    )
+}
+
+/// The in-flight tasks this config would orphan, when the database can be asked.
+async fn check_orphans(config: &Config) -> anyhow::Result<()> {
+    let store = match tokio::time::timeout(
+        Duration::from_secs(10),
+        Store::open_current(&config.database_url),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            println!("# in-flight tasks were not checked against this config: {e}");
+            return Ok(());
+        }
+        Err(_) => {
+            println!("# in-flight tasks were not checked: the database did not answer in 10s");
+            return Ok(());
+        }
+    };
+    let orphans = tasks::orphans(&store, config).await?;
+    if orphans.is_empty() {
+        println!("# every in-flight task's pipeline and stage are in this config");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "this config orphans {} in-flight task(s):\n{}\n`baton serve` refuses it; restore the pipeline or stage, or start with `--orphaned fail` to fail them",
+        orphans.len(),
+        orphans
+            .iter()
+            .map(|o| format!("  - {}: {}", o.key, o.reason))
+            .collect::<Vec<_>>()
+            .join("\n")
     )
 }
 

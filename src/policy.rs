@@ -196,18 +196,26 @@ impl Policy {
         );
         match input.verdict {
             Verdict::Passed => {
-                let stages = self
-                    .pipelines
-                    .get(&input.task.pipeline)
-                    .map(|p| p.stages.as_slice())
-                    .unwrap_or_default();
+                // A config that lost the pipeline or the stage never ends a task `done`:
+                // what comes next is unknown, so the task fails, saying why.
+                let Some(pipeline) = self.pipelines.get(&input.task.pipeline) else {
+                    return failed(format!(
+                        "pipeline {} is not in the config any more",
+                        input.task.pipeline
+                    ));
+                };
+                let stages = &pipeline.stages;
                 match stages.iter().position(|s| *s == job.stage) {
                     Some(i) if i + 1 < stages.len() => {
                         let stage = stages[i + 1].clone();
                         let iteration = next_iteration(&stage);
                         (JobChange::Done, Some(NextJob { stage, iteration }), None)
                     }
-                    _ => done,
+                    Some(_) => done,
+                    None => failed(format!(
+                        "stage {} is not in pipeline {} any more",
+                        job.stage, input.task.pipeline
+                    )),
                 }
             }
             Verdict::Rejected => {
@@ -488,6 +496,24 @@ mod tests {
             panic!("not a state")
         };
         assert_eq!(s.state, "Done");
+    }
+
+    #[test]
+    fn a_pass_never_ends_a_task_done_when_the_config_lost_its_place() {
+        let mut p = policy();
+        let t = decide(&p, &task(false), &job("architect", 1), Verdict::Passed, &[]);
+        assert_eq!(t.job, JobChange::Failed);
+        let end = t.task_end.unwrap();
+        assert_eq!(end.status, TaskStatus::Failed);
+        assert!(
+            end.reason
+                .contains("stage architect is not in pipeline default"),
+            "{}",
+            end.reason
+        );
+        p.pipelines.clear();
+        let t = decide(&p, &task(false), &job("reviewer", 1), Verdict::Passed, &[]);
+        assert_eq!(t.task_end.unwrap().status, TaskStatus::Failed);
     }
 
     #[test]

@@ -32,6 +32,18 @@ pub struct ServeOptions {
     pub secrets: Option<crate::config::Secrets>,
     /// The binary that provides `baton shim`; defaults to this executable.
     pub shim_exe: Option<std::path::PathBuf>,
+    /// What to do with in-flight tasks that the config orphans.
+    pub orphaned: OrphanPolicy,
+}
+
+/// What `serve` does with in-flight tasks whose pipeline or stage the config lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrphanPolicy {
+    /// Refuse to start, naming them.
+    #[default]
+    Refuse,
+    /// Fail them, each with a reason naming the vanished pipeline or stage.
+    Fail,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +52,14 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot start the actors: {0}")]
     Spawn(String),
+    #[error(
+        "the config orphans {} in-flight task(s):\n{}\nrestore the pipeline or stage, or start with `--orphaned fail` to fail them",
+        .0.len(),
+        .0.iter().map(|o| format!("  - {}: {}", o.key, o.reason)).collect::<Vec<_>>().join("\n")
+    )]
+    Orphaned(Vec<crate::tasks::Orphan>),
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskError),
     #[error("cannot create {path}: {source}")]
     Io {
         path: String,
@@ -76,6 +96,18 @@ impl Node {
         }
         let clock = opts.clock.clone().unwrap_or_else(Clock::system);
         let store = Store::open(&config.database_url).await?;
+        let orphans = crate::tasks::orphans(&store, &config).await?;
+        if !orphans.is_empty() {
+            match opts.orphaned {
+                OrphanPolicy::Refuse => return Err(ServeError::Orphaned(orphans)),
+                OrphanPolicy::Fail => {
+                    for o in &orphans {
+                        tracing::warn!(task = %o.key, reason = %o.reason, "failing an orphaned task");
+                    }
+                    crate::tasks::fail_orphans(&store, &orphans, clock.now_ms()).await?;
+                }
+            }
+        }
         let hostname = config.node.host();
         let node_id = store
             .register_node(&hostname, std::process::id() as i32, clock.now_ms())

@@ -50,6 +50,15 @@ pub enum StoreError {
     Connect { url: String, source: DbErr },
     #[error("database error: {0}")]
     Db(#[from] DbErr),
+    #[error(
+        "the database's schema is older than this baton ({} migration(s) pending: {}); run `baton migrate`, or start `baton serve`, which migrates",
+        .0.len(), .0.join(", ")
+    )]
+    SchemaOlder(Vec<String>),
+    #[error(
+        "the database's schema is newer than this baton ({0}); use the baton version that the running nodes use"
+    )]
+    SchemaNewer(String),
     #[error("task {0} already exists")]
     TaskExists(String),
     #[error("no task {0}; `baton status` lists the tasks there are")]
@@ -168,6 +177,32 @@ impl Store {
         let store = Store::connect(url).await?;
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Opens the database for a command that must not change its schema: the schema must
+    /// be exactly this version's (only `baton migrate` and `baton serve` change it, so a
+    /// newer command never upgrades it under older running nodes).
+    pub async fn open_current(url: &str) -> StoreResult<Store> {
+        let store = Store::connect(url).await?;
+        store.check_schema().await?;
+        Ok(store)
+    }
+
+    /// Fails unless every migration of this version, and no other, is applied.
+    pub async fn check_schema(&self) -> StoreResult<()> {
+        let pending = migration::Migrator::get_pending_migrations_read_only(&self.db)
+            .await
+            .map_err(|e| match e {
+                // An applied migration this version has no file for: a newer schema.
+                DbErr::Custom(msg) if msg.contains("missing") => StoreError::SchemaNewer(msg),
+                other => StoreError::Db(other),
+            })?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::SchemaOlder(
+            pending.iter().map(|m| m.name().to_string()).collect(),
+        ))
     }
 
     pub async fn migrate(&self) -> StoreResult<Vec<String>> {

@@ -6,7 +6,7 @@
 use entity::jobs;
 
 use crate::config::Config;
-use crate::model::{Origin, TaskKey};
+use crate::model::{EventSource, JobStatus, Origin, TaskKey};
 use crate::store::{EffectSelector, Store, StoreError, Submitted};
 
 /// Titles longer than this are cut (a tracker's title can be a whole paragraph).
@@ -153,6 +153,63 @@ pub async fn cancel(
         key: key.clone(),
         runs: out,
     })
+}
+
+/// An in-flight task that a config would leave without a way on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub key: String,
+    pub reason: String,
+}
+
+/// The active tasks whose pipeline, or the stage of a queued or running job, `config`
+/// does not have (a pipeline or a stage removed or renamed while they were in flight).
+pub async fn orphans(store: &Store, config: &Config) -> Result<Vec<Orphan>, TaskError> {
+    let mut out = Vec::new();
+    for t in store.active_tasks().await? {
+        let Some(pipeline) = config.pipelines.get(&t.task.pipeline) else {
+            out.push(Orphan {
+                key: t.task.key.clone(),
+                reason: format!("its pipeline {} is not in the config", t.task.pipeline),
+            });
+            continue;
+        };
+        let live = t
+            .jobs
+            .iter()
+            .filter(|j| matches!(j.status, JobStatus::Queued | JobStatus::Running));
+        for j in live {
+            let reason = if !config.stages.contains_key(&j.stage) {
+                format!("its stage {} is not in the config", j.stage)
+            } else if !pipeline.stages.contains(&j.stage) {
+                format!(
+                    "its stage {} is not in pipeline {}",
+                    j.stage, t.task.pipeline
+                )
+            } else {
+                continue;
+            };
+            out.push(Orphan {
+                key: t.task.key.clone(),
+                reason,
+            });
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Fails the orphans of a config, each with its reason: never done, never silent.
+pub async fn fail_orphans(store: &Store, orphans: &[Orphan], now: i64) -> Result<(), TaskError> {
+    for o in orphans {
+        let key = TaskKey::parse(o.key.as_str())
+            .map_err(|e| TaskError::Store(StoreError::NoSuchTask(format!("{} ({e})", o.key))))?;
+        let reason = format!("orphaned by a config change: {}", o.reason);
+        store
+            .fail_task(&key, &reason, EventSource::Cli, now)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Which failed effects an operator retries.

@@ -152,6 +152,84 @@ impl Store {
             .collect())
     }
 
+    /// The active tasks with their jobs.
+    pub async fn active_tasks(&self) -> StoreResult<Vec<TaskSummary>> {
+        let tasks = tasks::Entity::find()
+            .filter(tasks::Column::Status.eq(TaskStatus::Active))
+            .order_by_asc(tasks::Column::Id)
+            .all(&self.db)
+            .await?;
+        let mut by_task: BTreeMap<i64, Vec<jobs::Model>> = BTreeMap::new();
+        let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
+        for chunk in ids.chunks(500) {
+            for job in jobs::Entity::find()
+                .filter(jobs::Column::TaskId.is_in(chunk.to_vec()))
+                .order_by_asc(jobs::Column::Id)
+                .all(&self.db)
+                .await?
+            {
+                by_task.entry(job.task_id).or_default().push(job);
+            }
+        }
+        Ok(tasks
+            .into_iter()
+            .map(|task| TaskSummary {
+                jobs: by_task.remove(&task.id).unwrap_or_default(),
+                task,
+            })
+            .collect())
+    }
+
+    /// Fails an active task for a reason outside any run (its stage vanished from the
+    /// config): its queued and running jobs fail, its live runs get the outcome `failed`.
+    pub async fn fail_task(
+        &self,
+        key: &TaskKey,
+        reason: &str,
+        source: EventSource,
+        now: i64,
+    ) -> StoreResult<()> {
+        let (_write, txn) = self.write_txn().await?;
+        let task = lock_task_by_key(&txn, key, self.is_postgres()).await?;
+        if task.status != TaskStatus::Active {
+            return Err(StoreError::WrongState {
+                key: key.to_string(),
+                status: task.status.to_string(),
+                what: "only an active task can be failed".to_string(),
+            });
+        }
+        let live = jobs::Entity::find()
+            .filter(jobs::Column::TaskId.eq(task.id))
+            .filter(jobs::Column::Status.is_in(LIVE))
+            .all(&txn)
+            .await?;
+        let run_ids: Vec<i64> = live.iter().filter_map(|j| j.current_run_id).collect();
+        jobs::Entity::update_many()
+            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Failed))
+            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+            .filter(jobs::Column::TaskId.eq(task.id))
+            .filter(jobs::Column::Status.is_in(LIVE))
+            .exec(&txn)
+            .await?;
+        agent_runs::Entity::update_many()
+            .col_expr(agent_runs::Column::Outcome, Expr::value(RunOutcome::Failed))
+            .filter(agent_runs::Column::Id.is_in(run_ids))
+            .filter(agent_runs::Column::Outcome.is_null())
+            .exec(&txn)
+            .await?;
+        set_task_status(&txn, task.id, TaskStatus::Failed, now).await?;
+        let stage = live.last().map(|j| j.stage.clone());
+        append(
+            &txn,
+            NewEvent::of(task.id, None, EventKind::TaskFailed, source)
+                .detail(json!({"stage": stage, "reason": reason})),
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
     /// A task with everything that belongs to it, in order.
     pub async fn task_detail(&self, key: &TaskKey) -> StoreResult<TaskDetail> {
         let task = self.task_by_key(key).await?;

@@ -66,6 +66,7 @@ fn bad_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.toml");
     std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    assert!(baton(&config, &["migrate"]).status.success());
     for (args, expect) in [
         (vec!["submit", "../etc/passwd"], "invalid task key"),
         (vec!["submit", "ORCH 65"], "invalid task key"),
@@ -125,6 +126,7 @@ fn status_watch_redraws_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.toml");
     std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    assert!(baton(&config, &["migrate"]).status.success());
     assert!(baton(&config, &["submit", "W-1"]).status.success());
     let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
         .args(["--config", config.to_str().unwrap(), "status", "--watch"])
@@ -190,6 +192,7 @@ fn descriptions_come_from_a_flag_a_file_or_standard_input_and_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.toml");
     std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    assert!(baton(&config, &["migrate"]).status.success());
     let o = baton(
         &config,
         &["submit", "D-1", "--description", "Inline words."],
@@ -267,4 +270,46 @@ fn descriptions_come_from_a_flag_a_file_or_standard_input_and_are_bounded() {
         &["submit", "D-5", "--description-file", "/nonexistent/x.md"],
     );
     assert!(text(&o).contains("cannot read the description from /nonexistent/x.md"));
+}
+
+#[test]
+fn commands_refuse_a_schema_other_than_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    // A fresh database: only migrate (or serve) creates the schema.
+    let o = baton(&config, &["status"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("schema is older than this baton") && text(&o).contains("baton migrate"),
+        "{}",
+        text(&o)
+    );
+    assert!(baton(&config, &["migrate"]).status.success());
+    assert!(baton(&config, &["status"]).status.success());
+    // A newer baton migrated it further: this one neither reads nor upgrades it.
+    let db = dir.path().join("baton.db");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use sea_orm::{ConnectionTrait, Database, Statement};
+        let c = Database::connect(format!("sqlite://{}?mode=rw", db.display()))
+            .await
+            .unwrap();
+        c.execute_raw(Statement::from_string(
+            c.get_database_backend(),
+            "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m20991231_000001_future', 0)",
+        ))
+        .await
+        .unwrap();
+        c.close().await.unwrap();
+    });
+    for args in [&["status"][..], &["submit", "N-1"], &["migrate"]] {
+        let o = baton(&config, args);
+        assert!(!o.status.success(), "{args:?} ran on a newer schema");
+        assert!(
+            text(&o).contains("newer") || text(&o).contains("is missing"),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
 }

@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod dashboard;
 mod effects;
+mod nodes;
 mod pipeline;
 mod reaper_windows;
 mod restarts;

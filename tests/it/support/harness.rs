@@ -47,6 +47,28 @@ impl Harness {
             .unwrap_or_else(|p| panic!("{p:?}"))
     }
 
+    /// The config of a simulated host `host`: its own `node.host`, workspace_root and
+    /// log_dir below `hosts/<host>/`, the rest shared. Also written as
+    /// `hosts/<host>/baton.toml`, for a `baton serve` process of that host.
+    pub fn host_config(&self, host: &str, pipeline_and_stages: &str) -> Config {
+        let dir = self.root.join("hosts").join(host);
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml = self
+            .config_toml(pipeline_and_stages)
+            .replace("[node]\n", &format!("[node]\nhost = \"{host}\"\n"))
+            .replace(
+                "workspace_root = \"workspaces\"",
+                &format!("workspace_root = \"{}\"", dir.join("workspaces").display()),
+            )
+            .replace(
+                "log_dir = \"logs\"",
+                &format!("log_dir = \"{}\"", dir.join("logs").display()),
+            );
+        std::fs::write(dir.join("baton.toml"), &toml).unwrap();
+        Config::from_toml(&toml, &self.root, &EnvOverrides::default())
+            .unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
     fn config_toml(&self, pipeline_and_stages: &str) -> String {
         format!(
             r#"
