@@ -289,3 +289,44 @@ fn run_agent(log: &Path, argv: &[String]) -> ExitStatus {
         Err(e) => cannot(format!("cannot wait for the agent: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_identity_tells_a_process_from_a_stranger_with_its_pid() {
+        let me = Identity::of_self().unwrap();
+        assert!(me.alive());
+        let reused = Identity {
+            start_time: me.start_time + 1,
+            ..me.clone()
+        };
+        assert!(!reused.alive(), "a later process with the same pid passed");
+        let rebooted = Identity {
+            boot_id: "another-boot".into(),
+            ..me.clone()
+        };
+        assert!(!rebooted.alive(), "a pid of an earlier boot passed");
+    }
+
+    #[test]
+    fn the_exit_file_wins_and_the_pid_file_names_an_unrecorded_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("1-dev-1.log");
+        // No pid file, no recorded pid: no agent.
+        assert_eq!(live_agent(&log, None), None);
+        // The shim's pid file names the agent even when baton never recorded its pid.
+        Identity::of_self().unwrap().write(&log).unwrap();
+        assert_eq!(live_agent(&log, None), Some(std::process::id() as i32));
+        // A recorded pid that the pid file contradicts is not trusted.
+        let mut stranger = Identity::of_self().unwrap();
+        stranger.start_time += 1;
+        stranger.write(&log).unwrap();
+        assert_eq!(live_agent(&log, Some(std::process::id() as i32)), None);
+        // An exit file means the agent ended, whatever else says.
+        Identity::of_self().unwrap().write(&log).unwrap();
+        std::fs::write(exit_file(&log), r#"{"code":0}"#).unwrap();
+        assert_eq!(live_agent(&log, Some(std::process::id() as i32)), None);
+    }
+}

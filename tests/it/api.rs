@@ -278,6 +278,12 @@ echo "agent of $BATON_TASK finished""#,
         404,
         "no task",
     );
+    // Effects are retried by their id.
+    assert_error(
+        &api.post("/api/v1/effects/999999/retry", json!({})).await,
+        404,
+        "no effect 999999",
+    );
     // A task whose agent waits: cancel, then retry it.
     std::fs::remove_file(h.root.join("go")).unwrap();
     let (s, _) = api.post("/api/v1/tasks", json!({"key": "API-2"})).await;
