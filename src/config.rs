@@ -195,6 +195,22 @@ pub struct RepoSettings {
     pub url: String,
     pub base_branch: String,
     pub branch_prefix: String,
+    /// A private key file for an ssh remote (else the ssh agent is asked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<PathBuf>,
+    /// The environment variable that holds a token for an https remote; default: the
+    /// forge token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// Every clone, fetch and push gives up after this long.
+    #[serde(with = "humantime_serde")]
+    pub network_timeout: Duration,
+    /// Run once in a task's worktree after it is created (e.g. `["npm", "ci"]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub setup: Vec<String>,
+    /// Run in the task's worktree before each stage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub before_stage: Vec<String>,
 }
 
 impl Default for RepoSettings {
@@ -203,6 +219,11 @@ impl Default for RepoSettings {
             url: String::new(),
             base_branch: "main".to_string(),
             branch_prefix: "baton/".to_string(),
+            ssh_key: None,
+            token_env: None,
+            network_timeout: Duration::from_secs(300),
+            setup: Vec::new(),
+            before_stage: Vec::new(),
         }
     }
 }

@@ -128,11 +128,8 @@ impl Effector {
             EffectPayload::Push(p) => {
                 let ws = crate::workspace::path_for(&self.config.workspace_root, &task.key)
                     .map_err(|err| EffectError::Permanent(err.to_string()))?;
-                let token = self.secrets.forge_token.clone();
-                let url = self.config.repo.url.clone();
-                tokio::task::spawn_blocking(move || {
-                    push::push_branch(&ws, &url, &p.branch, token.as_deref())
-                })
+                let access = self.config.repo_access(&self.secrets);
+                tokio::task::spawn_blocking(move || push::push_branch(&ws, &access, &p.branch))
                 .await
                 .map_err(|err| EffectError::transient(format!("push panicked: {err}")))?
                 .map(Some)

@@ -95,6 +95,7 @@ impl Node {
             })?;
         }
         let clock = opts.clock.clone().unwrap_or_else(Clock::system);
+        crate::workspace::set_network_timeout(config.repo.network_timeout);
         let store = Store::open(&config.database_url).await?;
         let orphans = crate::tasks::orphans(&store, &config).await?;
         if !orphans.is_empty() {

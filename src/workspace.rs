@@ -1,9 +1,17 @@
-//! Task workspaces: one git checkout per task under `workspace_root`, on the task's
-//! branch `{branch_prefix}{task}`, and the auto-commit after a stage.
+//! Task workspaces: one bare mirror of the repository per host and one git worktree of
+//! it per task under `workspace_root`, on the task's branch `{branch_prefix}{task}`,
+//! fetched before every stage ([ADR 0007](../docs/adr/0007-workspaces.md)); the
+//! auto-commit after a stage; the credentials and time bound of every network operation.
+
+mod access;
+mod mirror;
 
 use std::path::{Path, PathBuf};
 
-use git2::{BranchType, IndexAddOption, Repository, Signature};
+use git2::{IndexAddOption, Repository, Signature};
+
+pub use access::{RepoAccess, set_network_timeout};
+pub use mirror::{Prepared, prepare};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -19,6 +27,12 @@ pub enum WorkspaceError {
         context: String,
         source: git2::Error,
     },
+    /// A commit the task needs exists nowhere this host can reach.
+    #[error("{0}")]
+    Missing(String),
+    /// The task's branch here and the remote's (or the task's record) went apart.
+    #[error("{0}")]
+    Diverged(String),
 }
 
 fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> WorkspaceError {
@@ -50,49 +64,68 @@ pub fn path_for(root: &Path, task_key: &str) -> Result<PathBuf, WorkspaceError> 
     Ok(path)
 }
 
-/// Makes sure the task's checkout exists and is on its branch. A new checkout clones
-/// `url` and starts the branch from the remote's copy of it when there is one (work of
-/// earlier stages pushed from another node), else from `base_branch`.
-pub fn prepare(
-    url: &str,
-    path: &Path,
-    branch: &str,
-    base_branch: &str,
-) -> Result<PathBuf, WorkspaceError> {
-    let repo = if path.join(".git").exists() {
-        Repository::open(path).map_err(git(format!("open {}", path.display())))?
-    } else {
-        Repository::clone(url, path).map_err(git(format!("clone {url} into {}", path.display())))?
+/// Runs a hook of the repository (`repo.setup`, `repo.before_stage`) in the task's
+/// worktree, its output appended to the run's log under a header, in a process group of
+/// its own that is ended whole at `timeout`. The error says how it failed.
+pub async fn run_hook(
+    name: &str,
+    argv: &[String],
+    cwd: &Path,
+    log: &Path,
+    env: &std::collections::BTreeMap<String, String>,
+    env_remove: &[String],
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    use std::io::Write;
+    let (program, args) = argv.split_first().ok_or(format!("hook {name} is empty"))?;
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("cannot open the run's log {}: {e}", log.display()))?;
+    let _ = writeln!(file, "==== baton: hook {name}: {}", argv.join(" "));
+    let (out, err) = match (file.try_clone(), file.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return Err(format!("cannot share the run's log with hook {name}")),
     };
-    let local = repo.find_branch(branch, BranchType::Local);
-    if local.is_err() {
-        let start = repo
-            .find_branch(&format!("origin/{branch}"), BranchType::Remote)
-            .or_else(|_| repo.find_branch(&format!("origin/{base_branch}"), BranchType::Remote))
-            .map_err(git(format!("find origin/{base_branch} in {url}")))?;
-        let commit = start
-            .get()
-            .peel_to_commit()
-            .map_err(git(format!("resolve the start of {branch}")))?;
-        repo.branch(branch, &commit, false)
-            .map_err(git(format!("create branch {branch}")))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(true);
+    for k in env_remove {
+        cmd.env_remove(k);
     }
-    let refname = format!("refs/heads/{branch}");
-    let head_is_branch = repo
-        .head()
-        .ok()
-        .and_then(|h| h.name().ok().map(|n| n == refname))
-        .unwrap_or(false);
-    if !head_is_branch {
-        let obj = repo
-            .revparse_single(&refname)
-            .map_err(git(format!("resolve {refname}")))?;
-        repo.checkout_tree(&obj, Some(git2::build::CheckoutBuilder::new().safe()))
-            .map_err(git(format!("check out {branch}")))?;
-        repo.set_head(&refname)
-            .map_err(git(format!("switch to {branch}")))?;
+    cmd.envs(env);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start hook {name} ({program:?}): {e}"))?;
+    let pid = child.id().map(|p| p as i32);
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => return Err(format!("hook {name} failed: {e}")),
+        Err(_) => {
+            if let Some(pid) = pid {
+                crate::agent::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            return Err(format!(
+                "hook {name} ran longer than {}",
+                humantime::format_duration(timeout)
+            ));
+        }
+    };
+    let _ = writeln!(file, "==== baton: hook {name} ended: {status}");
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(format!("hook {name} exited with code {code}")),
+        None => Err(format!("hook {name} was ended by a signal ({status})")),
     }
-    Ok(path.to_path_buf())
 }
 
 /// Commits everything in the workspace (new, changed and deleted files) with `message`.

@@ -17,7 +17,7 @@ use crate::agent::{self, AgentSpec, ExitStatus};
 use crate::config::StageSettings;
 use crate::gate::{self, Judgement, Vars};
 use crate::model::{Claim, ClaimOutcome, Decider, Verdict};
-use crate::prompt::{PROMPT_ARG_MAX, PromptTask, PromptVars};
+use crate::prompt::PROMPT_ARG_MAX;
 use crate::store::Dispatched;
 use crate::workspace;
 
@@ -106,6 +106,8 @@ pub struct MonitorState {
     /// The span of the agent's run, in the task's trace; finalization runs inside it.
     span: tracing::Span,
 }
+
+mod prepare;
 
 pub struct Monitor;
 
@@ -229,63 +231,6 @@ fn vars(d: &Dispatched, workspace: &std::path::Path) -> Vars {
     }
 }
 
-/// The task's description; when it has none but a Plane work item, the work item's, asked
-/// of Plane and kept on the task. A Plane that does not answer leaves it empty.
-async fn description(ctx: &Ctx, task: &entity::tasks::Model) -> String {
-    if let Some(text) = &task.description {
-        return text.clone();
-    }
-    let (Some(issue), Some(_)) = (&task.plane_issue_id, &ctx.config.plane) else {
-        return String::new();
-    };
-    match ctx.effector.plane_work_item_description(issue).await {
-        Ok(text) => {
-            if let Err(e) = ctx.store.set_description(task.id, &text, ctx.now()).await {
-                tracing::warn!(error = %e, task = %task.key, "cannot keep the work item's description");
-            }
-            text
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, task = %task.key, "cannot read the work item's description from Plane");
-            String::new()
-        }
-    }
-}
-
-/// Renders the stage's prompt for this run and writes it beside the run's log.
-async fn render_prompt(
-    ctx: &Ctx,
-    d: &Dispatched,
-    template: &str,
-    ws: &std::path::Path,
-    log: &std::path::Path,
-) -> Result<(String, PathBuf), String> {
-    let plane = ctx.config.plane.as_ref();
-    let vars = PromptVars {
-        task: PromptTask {
-            key: d.task.key.clone(),
-            title: d.task.title.clone(),
-            description: description(ctx, &d.task).await,
-            url: match (plane, &d.task.plane_issue_id) {
-                (Some(p), Some(issue)) => p.work_item_url(issue),
-                _ => String::new(),
-            },
-        },
-        stage: d.job.stage.clone(),
-        iteration: d.job.iteration,
-        attempt: d.job.attempt,
-        run_id: d.run.id,
-        branch: ctx.policy.branch(&d.task.key),
-        workspace: ws.to_string_lossy().into_owned(),
-        feedback: d.job.feedback.clone().unwrap_or_default(),
-    };
-    let text = crate::prompt::render(template, &vars)
-        .map_err(|e| format!("stage {}'s prompt: {e}", d.job.stage))?;
-    let path = crate::prompt::write_beside(log, &text)
-        .map_err(|e| format!("cannot write the prompt beside {}: {e}", log.display()))?;
-    Ok((text, path))
-}
-
 async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
     let ctx = state.args.ctx.clone();
     let d = state.args.dispatched.clone();
@@ -294,39 +239,28 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
         fail_start(myself, state, reason).await;
         return;
     };
-    let config = ctx.config.clone();
-    let branch = format!("{}{}", config.repo.branch_prefix, d.task.key);
-    let key = d.task.key.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        let path = workspace::path_for(&config.workspace_root, &key)?;
-        workspace::prepare(&config.repo.url, &path, &branch, &config.repo.base_branch)
-    })
-    .await;
-    let ws = match prepared {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            fail_start(myself, state, format!("workspace: {e}")).await;
-            return;
-        }
-        Err(e) => {
-            fail_start(
-                myself,
-                state,
-                format!("workspace preparation panicked: {e}"),
-            )
-            .await;
+    let log_path = PathBuf::from(&d.run.log_path);
+    // An adopted agent works in its worktree: nothing is fetched or moved under it.
+    let ws = match state.args.mode {
+        MonitorMode::Fresh => prepare::workspace(&ctx, &d, &log_path).await,
+        MonitorMode::Adopt => workspace::path_for(&ctx.config.workspace_root, &d.task.key)
+            .map_err(|e| format!("workspace: {e}")),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(reason) => {
+            fail_start(myself, state, reason).await;
             return;
         }
     };
     state.workspace = Some(ws.clone());
-    let log_path = PathBuf::from(&d.run.log_path);
 
     match state.args.mode {
         MonitorMode::Fresh => {
             let mut v = vars(&d, &ws);
             let mut env = BTreeMap::new();
             if let Some(template) = &stage.template {
-                let (text, path) = match render_prompt(&ctx, &d, template, &ws, &log_path).await {
+                let (text, path) = match prepare::render_prompt(&ctx, &d, template, &ws, &log_path).await {
                     Ok(p) => p,
                     Err(reason) => {
                         fail_start(myself, state, reason).await;
@@ -435,6 +369,8 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
 /// The run cannot start (no stage, no workspace, no agent): finalized as a failed
 /// attempt, and the Monitor stops.
 async fn fail_start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState, reason: String) {
+    // The reason goes into the run's log too, where `baton status KEY` points.
+    prepare::log_line(&state.args.dispatched.run.log_path, &reason);
     finalize(state, None, Some(reason)).await;
     myself.stop(None);
 }

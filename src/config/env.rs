@@ -55,7 +55,20 @@ impl Config {
         if let Some(t) = &self.http.token_env {
             v.push(SecretVar::new("http.token_env", t, Secret::ApiToken));
         }
+        if let Some(t) = &self.repo.token_env {
+            v.push(SecretVar::new("repo.token_env", t, Secret::RepoToken));
+        }
         v
+    }
+
+    /// How this node reaches the repository: its URL, ssh key and https token (the
+    /// repository's own, else the forge's).
+    pub fn repo_access(&self, secrets: &Secrets) -> crate::workspace::RepoAccess {
+        crate::workspace::RepoAccess {
+            url: self.repo.url.clone(),
+            ssh_key: self.repo.ssh_key.clone(),
+            token: secrets.repo_token.clone().or(secrets.forge_token.clone()),
+        }
     }
 
     /// The variables an agent (or anything else baton starts) must not inherit: the
@@ -76,6 +89,8 @@ pub struct Secrets {
     pub plane_api_key: Option<String>,
     pub webhook_secret: Option<String>,
     pub api_token: Option<String>,
+    /// `repo.token_env`'s token for an https remote.
+    pub repo_token: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -86,6 +101,7 @@ impl std::fmt::Debug for Secrets {
             .field("plane_api_key", &s(&self.plane_api_key))
             .field("webhook_secret", &s(&self.webhook_secret))
             .field("api_token", &s(&self.api_token))
+            .field("repo_token", &s(&self.repo_token))
             .finish()
     }
 }
@@ -100,6 +116,7 @@ impl Secrets {
                 Secret::PlaneApiKey => &mut secrets.plane_api_key,
                 Secret::WebhookSecret => &mut secrets.webhook_secret,
                 Secret::ApiToken => &mut secrets.api_token,
+                Secret::RepoToken => &mut secrets.repo_token,
             };
             *slot = value;
         }
@@ -114,6 +131,7 @@ pub enum Secret {
     PlaneApiKey,
     WebhookSecret,
     ApiToken,
+    RepoToken,
 }
 
 /// A config key that names an environment variable holding a secret.

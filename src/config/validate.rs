@@ -47,6 +47,7 @@ impl Config {
             ("reaper.heartbeat_timeout", self.reaper.heartbeat_timeout),
             ("node.heartbeat_interval", self.node.heartbeat_interval),
             ("node.adoption_window", self.node.adoption_window),
+            ("repo.network_timeout", self.repo.network_timeout),
             ("shutdown.grace", self.shutdown.grace),
             ("retry.backoff_initial", self.retry.backoff_initial),
             ("retry.backoff_max", self.retry.backoff_max),
@@ -91,6 +92,14 @@ impl Config {
                 "repo.url",
                 "is missing: name the git repository the tasks work on".to_string(),
             );
+        }
+        if let Some(msg) = self.repo.token_env.as_deref().and_then(check_env_name) {
+            problem("repo.token_env", msg);
+        }
+        for (key, cmd) in [("repo.setup", &self.repo.setup), ("repo.before_stage", &self.repo.before_stage)] {
+            if cmd.first().is_some_and(|p| p.trim().is_empty()) {
+                problem(key, "starts with an empty program".to_string());
+            }
         }
         if self.repo.base_branch.trim().is_empty() {
             problem("repo.base_branch", "is empty".to_string());

@@ -1,23 +1,20 @@
-//! Pushing a task's branch to `repo.url` with git2: local paths and `file://` URLs as
-//! they are, https with the forge token (given once; a refusal is final), ssh through the
-//! ssh agent. A rejected update (a non-fast-forward, a hook) is an error naming the
+//! Pushing a task's branch to `repo.url` with git2, with the credentials of
+//! [`RepoAccess`] (each offered once; a refusal is final) and within
+//! `repo.network_timeout`. A rejected update (a non-fast-forward, a hook) is an error naming the
 //! branch, never a silent success.
 
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
-use git2::{Cred, CredentialType, PushOptions, RemoteCallbacks, Repository};
+use git2::{PushOptions, Repository};
 
 use super::EffectError;
+use crate::workspace::RepoAccess;
 
 /// Pushes `refs/heads/{branch}` of the workspace at `ws` to `url`; returns the pushed
 /// commit.
-pub fn push_branch(
-    ws: &Path,
-    url: &str,
-    branch: &str,
-    token: Option<&str>,
-) -> Result<String, EffectError> {
+pub fn push_branch(ws: &Path, access: &RepoAccess, branch: &str) -> Result<String, EffectError> {
+    let url = access.url.as_str();
     let repo = Repository::open(ws).map_err(|e| {
         EffectError::Permanent(format!(
             "cannot open the workspace {} to push {branch}: {e}",
@@ -37,29 +34,9 @@ pub fn push_branch(
         .remote_anonymous(url)
         .map_err(|e| EffectError::Permanent(format!("cannot use remote {url}: {e}")))?;
 
-    let tried = Cell::new(false);
+    let next = Cell::new(0);
     let rejected: RefCell<Option<String>> = RefCell::new(None);
-    let mut callbacks = RemoteCallbacks::new();
-    callbacks.credentials(|_url, username, allowed| {
-        // Every way is offered once: a refused credential is final, never a loop.
-        if tried.replace(true) {
-            return Err(git2::Error::from_str("the remote refused the credentials"));
-        }
-        if allowed.contains(CredentialType::SSH_KEY) {
-            return Cred::ssh_key_from_agent(username.unwrap_or("git"));
-        }
-        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-            let token = token.ok_or_else(|| {
-                git2::Error::from_str(
-                    "the remote wants a token and the variable forge.token_env names is not set",
-                )
-            })?;
-            return Cred::userpass_plaintext("x-access-token", token);
-        }
-        Err(git2::Error::from_str(
-            "the remote asks for credentials baton cannot give",
-        ))
-    });
+    let mut callbacks = access.callbacks(&next);
     callbacks.push_update_reference(|name, status| {
         if let Some(msg) = status {
             *rejected.borrow_mut() = Some(format!("{name}: {msg}"));
@@ -84,8 +61,7 @@ pub fn push_branch(
                 || msg.contains("fastforwardable")
                 || msg.contains("not present locally");
             let permanent = non_ff
-                || msg.contains("refused the credentials")
-                || msg.contains("is not set")
+                || msg.contains("refused every credential")
                 || e.class() == git2::ErrorClass::Reference;
             let text = if non_ff {
                 format!(

@@ -90,6 +90,7 @@ fn secrets() -> Secrets {
         plane_api_key: Some("plane-key".into()),
         webhook_secret: Some("whsec".into()),
         api_token: None,
+        repo_token: None,
     }
 }
 
@@ -188,7 +189,12 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
         .unwrap()
         .unwrap();
     let ws = baton::workspace::path_for(&ctx.config.workspace_root, "T-1").unwrap();
-    baton::workspace::prepare(&ctx.config.repo.url, &ws, BRANCH, "main").unwrap();
+    let access = baton::workspace::RepoAccess {
+        url: ctx.config.repo.url.clone(),
+        ..Default::default()
+    };
+    let root = &ctx.config.workspace_root;
+    baton::workspace::prepare(root, &ws, &access, "T-1", BRANCH, "main", None).unwrap();
     std::fs::write(ws.join("feature.txt"), "work\n").unwrap();
     let sha = baton::workspace::commit_all(&ws, "developer(T-1): auto-commit")
         .unwrap()
@@ -758,15 +764,14 @@ async fn a_non_fast_forward_push_is_an_error_naming_the_branch(db: TestDb) {
     let fx = setup(db, "github").await;
     // Someone else pushed a different commit to the task's branch.
     let other = fx.db.dir.path().join("other");
-    baton::workspace::prepare(&fx.ctx.config.repo.url, &other, "theirs", "main").unwrap();
+    let repo = git2::Repository::clone(&fx.ctx.config.repo.url, &other).unwrap();
     std::fs::write(other.join("theirs.txt"), "theirs\n").unwrap();
     let theirs = baton::workspace::commit_all(&other, "their work")
         .unwrap()
         .unwrap();
-    let repo = git2::Repository::open(&other).unwrap();
     let mut origin = repo.find_remote("origin").unwrap();
     origin
-        .push(&["refs/heads/theirs:refs/heads/baton/T-1"], None)
+        .push(&["refs/heads/main:refs/heads/baton/T-1"], None)
         .unwrap();
     effect_worker::run_once(&fx.ctx).await.unwrap();
     let push = fx.effect(EffectKind::Push).await;

@@ -1,0 +1,147 @@
+//! What a Monitor does before its agent starts: the task's worktree (fetched, moved to
+//! the work of earlier stages, set up by the repository's hooks), its description and
+//! the stage's rendered prompt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::super::Ctx;
+use crate::prompt::{PromptTask, PromptVars};
+use crate::store::Dispatched;
+use crate::workspace;
+
+/// Appends a line of baton's own to a run's log.
+pub(super) fn log_line(log: &str, text: &str) {
+    use std::io::Write;
+    let log = Path::new(log);
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        let _ = writeln!(f, "baton: {text}");
+    }
+}
+
+/// The task's worktree, ready for this run: fetched, on the task's branch at the work of
+/// its earlier stages (the remote's, or the task's last recorded commit), set up by
+/// `repo.setup` when new and by `repo.before_stage`.
+pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<PathBuf, String> {
+    let config = ctx.config.clone();
+    let start = ctx
+        .store
+        .last_commit(d.task.id)
+        .await
+        .map_err(|e| format!("cannot read the task's last commit: {e}"))?;
+    let access = config.repo_access(&ctx.secrets);
+    let branch = ctx.policy.branch(&d.task.key);
+    let key = d.task.key.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let path = workspace::path_for(&config.workspace_root, &key)?;
+        workspace::prepare(
+            &config.workspace_root,
+            &path,
+            &access,
+            &key,
+            &branch,
+            &config.repo.base_branch,
+            start.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| format!("workspace preparation panicked: {e}"))?
+    .map_err(|e| format!("workspace: {e}"))?;
+    if let Some(tip) = &prepared.fast_forwarded {
+        log_line(
+            &log.to_string_lossy(),
+            &format!("the task's branch moved to {tip}, the work of its earlier stages"),
+        );
+    }
+    let repo = &ctx.config.repo;
+    let hooks = [
+        ("setup", &repo.setup, prepared.created),
+        ("before_stage", &repo.before_stage, true),
+    ];
+    let env = hook_env(d, &prepared.path);
+    let hidden = ctx.config.hidden_vars();
+    let timeout = ctx
+        .config
+        .stages
+        .get(&d.job.stage)
+        .map_or(repo.network_timeout, |s| s.timeout);
+    for (name, argv, due) in hooks {
+        if due && !argv.is_empty() {
+            workspace::run_hook(name, argv, &prepared.path, log, &env, &hidden, timeout).await?;
+        }
+    }
+    Ok(prepared.path)
+}
+
+/// The environment of a hook: the run's, as its agent gets it.
+fn hook_env(d: &Dispatched, ws: &Path) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("BATON_TASK".to_string(), d.task.key.clone()),
+        ("BATON_STAGE".to_string(), d.job.stage.clone()),
+        ("BATON_RUN_ID".to_string(), d.run.id.to_string()),
+        ("BATON_ATTEMPT".to_string(), d.job.attempt.to_string()),
+        ("BATON_ITERATION".to_string(), d.job.iteration.to_string()),
+        ("BATON_WORKSPACE".to_string(), ws.to_string_lossy().into_owned()),
+    ])
+}
+
+/// The task's description; when it has none but a Plane work item, the work item's, asked
+/// of Plane and kept on the task. A Plane that does not answer leaves it empty.
+pub(super) async fn description(ctx: &Ctx, task: &entity::tasks::Model) -> String {
+    if let Some(text) = &task.description {
+        return text.clone();
+    }
+    let (Some(issue), Some(_)) = (&task.plane_issue_id, &ctx.config.plane) else {
+        return String::new();
+    };
+    match ctx.effector.plane_work_item_description(issue).await {
+        Ok(text) => {
+            if let Err(e) = ctx.store.set_description(task.id, &text, ctx.now()).await {
+                tracing::warn!(error = %e, task = %task.key, "cannot keep the work item's description");
+            }
+            text
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, task = %task.key, "cannot read the work item's description from Plane");
+            String::new()
+        }
+    }
+}
+
+/// Renders the stage's prompt for this run and writes it beside the run's log.
+pub(super) async fn render_prompt(
+    ctx: &Ctx,
+    d: &Dispatched,
+    template: &str,
+    ws: &std::path::Path,
+    log: &std::path::Path,
+) -> Result<(String, PathBuf), String> {
+    let plane = ctx.config.plane.as_ref();
+    let vars = PromptVars {
+        task: PromptTask {
+            key: d.task.key.clone(),
+            title: d.task.title.clone(),
+            description: description(ctx, &d.task).await,
+            url: match (plane, &d.task.plane_issue_id) {
+                (Some(p), Some(issue)) => p.work_item_url(issue),
+                _ => String::new(),
+            },
+        },
+        stage: d.job.stage.clone(),
+        iteration: d.job.iteration,
+        attempt: d.job.attempt,
+        run_id: d.run.id,
+        branch: ctx.policy.branch(&d.task.key),
+        workspace: ws.to_string_lossy().into_owned(),
+        feedback: d.job.feedback.clone().unwrap_or_default(),
+    };
+    let text = crate::prompt::render(template, &vars)
+        .map_err(|e| format!("stage {}'s prompt: {e}", d.job.stage))?;
+    let path = crate::prompt::write_beside(log, &text)
+        .map_err(|e| format!("cannot write the prompt beside {}: {e}", log.display()))?;
+    Ok((text, path))
+}
+

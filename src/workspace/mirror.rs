@@ -1,0 +1,255 @@
+//! One bare mirror of the repository per host (`workspace_root/.mirror.git`), fetched
+//! before every stage, and each task's checkout a git worktree of it on the task's
+//! branch. The mirror is guarded by baton's own file lock (`.mirror.lock`), which also
+//! serializes fetches into it; git's own lock files record no owner, so a task's are
+//! cleared only while the task has no live run (the caller's promise).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use git2::{BranchType, FetchOptions, Oid, Repository, WorktreeAddOptions, WorktreePruneOptions};
+use nix::fcntl::{Flock, FlockArg};
+
+use super::{RepoAccess, WorkspaceError, git};
+
+/// The remote-tracking refs of the mirror.
+const ORIGIN: &str = "origin";
+
+/// A prepared checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub path: PathBuf,
+    /// The worktree was created now (its setup hook is due).
+    pub created: bool,
+    /// The branch moved to the remote's (a stage ran on another host) or to the task's
+    /// last recorded commit.
+    pub fast_forwarded: Option<String>,
+}
+
+/// The mirror's file lock, held while this value lives.
+struct MirrorLock(#[allow(dead_code)] Flock<File>);
+
+fn lock_mirror(root: &Path) -> Result<MirrorLock, WorkspaceError> {
+    let path = root.join(".mirror.lock");
+    let io = |source| WorkspaceError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    let lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io(std::io::Error::from(errno)))?;
+    Ok(MirrorLock(lock))
+}
+
+/// Opens the mirror, or makes it anew when it is missing or broken (a clone cut short).
+fn open_mirror(root: &Path, access: &RepoAccess) -> Result<Repository, WorkspaceError> {
+    let path = root.join(".mirror.git");
+    if let Ok(repo) = Repository::open_bare(&path)
+        && repo.find_remote(ORIGIN).is_ok()
+    {
+        return Ok(repo);
+    }
+    if path.exists() {
+        tracing::warn!(mirror = %path.display(), "the mirror is broken; making it anew");
+        std::fs::remove_dir_all(&path).map_err(|source| WorkspaceError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let repo = Repository::init_bare(&path).map_err(git(format!("create {}", path.display())))?;
+    repo.remote_with_fetch(
+        ORIGIN,
+        &access.url,
+        &format!("+refs/heads/*:refs/remotes/{ORIGIN}/*"),
+    )
+    .map_err(git("set the mirror's remote"))?;
+    Ok(repo)
+}
+
+/// Fetches every branch of the remote into the mirror's `origin/*`.
+fn fetch(repo: &Repository, access: &RepoAccess) -> Result<(), WorkspaceError> {
+    let mut remote = repo
+        .find_remote(ORIGIN)
+        .map_err(git("find the mirror's remote"))?;
+    let next = std::cell::Cell::new(0);
+    let mut opts = FetchOptions::new();
+    opts.remote_callbacks(access.callbacks(&next));
+    opts.prune(git2::FetchPrune::On);
+    remote
+        .fetch::<&str>(&[], Some(&mut opts), None)
+        .map_err(git(format!("fetch {}", access.url)))
+}
+
+/// Removes a lock file git left behind, when there is one.
+fn clear_lock(path: &Path) {
+    if path.exists() {
+        tracing::warn!(lock = %path.display(), "removing a lock file left behind");
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch.
+///
+/// - A branch new to this host starts from `start_commit` (the task's last recorded stage
+///   commit) when there is one, else from the remote's branch, else from `base_branch`.
+/// - A branch the remote has ahead (a stage ran on another host) is fast-forwarded to it,
+///   and so is a branch behind `start_commit`.
+/// - A branch that has diverged from the remote's fails with a reason; both are kept.
+pub fn prepare(
+    root: &Path,
+    path: &Path,
+    access: &RepoAccess,
+    task_key: &str,
+    branch: &str,
+    base_branch: &str,
+    start_commit: Option<&str>,
+) -> Result<Prepared, WorkspaceError> {
+    std::fs::create_dir_all(root).map_err(|source| WorkspaceError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let _lock = lock_mirror(root)?;
+    let mirror = open_mirror(root, access)?;
+    // The task has no live run: locks of its worktree and branch are leftovers.
+    clear_lock(&mirror.path().join("worktrees").join(task_key).join("index.lock"));
+    clear_lock(&mirror.path().join("worktrees").join(task_key).join("HEAD.lock"));
+    clear_lock(&mirror.path().join(format!("refs/heads/{branch}.lock")));
+    fetch(&mirror, access)?;
+
+    let start = match start_commit {
+        Some(sha) => {
+            let oid = Oid::from_str(sha).map_err(git(format!("read commit {sha}")))?;
+            if mirror.find_commit(oid).is_err() {
+                return Err(WorkspaceError::Missing(format!(
+                    "the task's last stage commit {sha} is neither on the remote nor on this host"
+                )));
+            }
+            Some(oid)
+        }
+        None => None,
+    };
+    let remote_tip = mirror
+        .find_branch(&format!("{ORIGIN}/{branch}"), BranchType::Remote)
+        .ok()
+        .and_then(|b| b.get().target());
+    let local = mirror
+        .find_branch(branch, BranchType::Local)
+        .ok()
+        .and_then(|b| b.get().target());
+    let (tip, fast_forwarded) = match local {
+        None => {
+            let tip = match (start, remote_tip) {
+                (Some(s), _) => s,
+                (None, Some(r)) => r,
+                (None, None) => mirror
+                    .find_branch(&format!("{ORIGIN}/{base_branch}"), BranchType::Remote)
+                    .map_err(git(format!("find {base_branch} on {}", access.url)))?
+                    .get()
+                    .target()
+                    .ok_or_else(|| WorkspaceError::Missing(format!("{base_branch} has no commit")))?,
+            };
+            let commit = mirror.find_commit(tip).map_err(git("find the start commit"))?;
+            mirror
+                .branch(branch, &commit, true)
+                .map_err(git(format!("create branch {branch}")))?;
+            (tip, None)
+        }
+        Some(mut tip) => {
+            let mut moved = None;
+            for target in [remote_tip, start].into_iter().flatten() {
+                if target == tip || descends(&mirror, tip, target)? {
+                    continue;
+                }
+                if !descends(&mirror, target, tip)? {
+                    return Err(WorkspaceError::Diverged(format!(
+                        "branch {branch} has diverged: this host has {tip}, the {} has {target}; \
+                         both are kept, reconcile them by hand",
+                        if Some(target) == remote_tip { "remote" } else { "task's last stage" },
+                    )));
+                }
+                tip = target;
+                moved = Some(target.to_string());
+            }
+            (tip, moved)
+        }
+    };
+    let created = ensure_worktree(&mirror, path, task_key, branch)?;
+    checkout(path, branch, tip)?;
+    Ok(Prepared {
+        path: path.to_path_buf(),
+        created,
+        fast_forwarded: fast_forwarded.filter(|_| !created),
+    })
+}
+
+/// True when `commit` descends from (or is) `ancestor`.
+fn descends(repo: &Repository, commit: Oid, ancestor: Oid) -> Result<bool, WorkspaceError> {
+    Ok(commit == ancestor
+        || repo
+            .graph_descendant_of(commit, ancestor)
+            .map_err(git("compare commits"))?)
+}
+
+/// Makes sure the task's worktree exists and opens; a broken one is pruned and added
+/// anew (its commits live in the mirror). True when it was added now.
+fn ensure_worktree(
+    mirror: &Repository,
+    path: &Path,
+    task_key: &str,
+    branch: &str,
+) -> Result<bool, WorkspaceError> {
+    if Repository::open(path).is_ok() {
+        return Ok(false);
+    }
+    if let Ok(wt) = mirror.find_worktree(task_key) {
+        let mut opts = WorktreePruneOptions::new();
+        opts.valid(true).locked(true).working_tree(true);
+        wt.prune(Some(&mut opts))
+            .map_err(git(format!("prune the broken worktree {task_key}")))?;
+    }
+    if path.exists() {
+        std::fs::remove_dir_all(path).map_err(|source| WorkspaceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let reference = mirror
+        .find_reference(&format!("refs/heads/{branch}"))
+        .map_err(git(format!("find branch {branch}")))?;
+    let mut opts = WorktreeAddOptions::new();
+    opts.reference(Some(&reference));
+    mirror
+        .worktree(task_key, path, Some(&opts))
+        .map_err(git(format!("add the worktree {}", path.display())))?;
+    Ok(true)
+}
+
+/// Puts the worktree on `branch` at `tip`: the files first (refusing to overwrite local
+/// changes), then the branch.
+fn checkout(path: &Path, branch: &str, tip: Oid) -> Result<(), WorkspaceError> {
+    let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
+    let refname = format!("refs/heads/{branch}");
+    let commit = repo.find_commit(tip).map_err(git("find the branch's commit"))?;
+    let on_tip = repo
+        .head()
+        .ok()
+        .is_some_and(|h| h.name().ok() == Some(refname.as_str()) && h.target() == Some(tip));
+    if on_tip {
+        return Ok(());
+    }
+    repo.checkout_tree(
+        commit.as_object(),
+        Some(git2::build::CheckoutBuilder::new().safe()),
+    )
+    .map_err(git(format!("check out {branch} at {tip}")))?;
+    repo.reference(&refname, tip, true, "baton: fast-forward")
+        .map_err(git(format!("move {branch} to {tip}")))?;
+    repo.set_head(&refname)
+        .map_err(git(format!("switch to {branch}")))?;
+    Ok(())
+}
