@@ -146,7 +146,12 @@ pub enum EffectsCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate the config and print the effective settings, secrets redacted.
-    Check,
+    Check {
+        /// Also reach repo.url with the configured credentials (an ls-remote, within
+        /// repo.network_timeout) and say exactly what failed.
+        #[arg(long)]
+        remote: bool,
+    },
 }
 
 /// Logging for every command but `serve`, which sets up traces and metrics as well.
@@ -176,11 +181,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let clock = Clock::system();
     match cli.command {
         Command::Config {
-            command: ConfigCommand::Check,
+            command: ConfigCommand::Check { remote },
         } => {
             let config = load_config(&cli.config)?;
             println!("# {} is valid; effective settings:\n", cli.config.display());
             print!("{}", config.render_effective());
+            if remote {
+                check_remote(&config).await?;
+            }
             check_plane_states(&config).await?;
             check_orphans(&config).await?;
         }
@@ -431,6 +439,31 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
         names.join(", "),
         missing.join("\n")
     )
+}
+
+/// Reaches repo.url as a node would: its credentials, its network timeout.
+async fn check_remote(config: &Config) -> anyhow::Result<()> {
+    crate::workspace::set_network_timeout(config.repo.network_timeout);
+    let access = config.repo_access(&crate::config::Secrets::from_env(config));
+    let base = config.repo.base_branch.clone();
+    let heads = tokio::task::spawn_blocking(move || crate::workspace::ls_remote(&access))
+        .await?
+        .map_err(|e| anyhow::anyhow!("repo.url {} cannot be reached: {e}", config.repo.url))?;
+    if !heads.iter().any(|h| h == &format!("refs/heads/{base}")) {
+        anyhow::bail!(
+            "repo.url {} is reachable but has no branch {base} (repo.base_branch)",
+            config.repo.url
+        );
+    }
+    println!(
+        "# repo.url {} is reachable: {} branch(es), {base} among them",
+        config.repo.url,
+        heads
+            .iter()
+            .filter(|h| h.starts_with("refs/heads/"))
+            .count()
+    );
+    Ok(())
 }
 
 /// The in-flight tasks this config would orphan, when the database can be asked.

@@ -130,9 +130,9 @@ impl Effector {
                     .map_err(|err| EffectError::Permanent(err.to_string()))?;
                 let access = self.config.repo_access(&self.secrets);
                 tokio::task::spawn_blocking(move || push::push_branch(&ws, &access, &p.branch))
-                .await
-                .map_err(|err| EffectError::transient(format!("push panicked: {err}")))?
-                .map(Some)
+                    .await
+                    .map_err(|err| EffectError::transient(format!("push panicked: {err}")))?
+                    .map(Some)
             }
             EffectPayload::PullRequest(p) => {
                 let forge = self

@@ -178,7 +178,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let status = match e {
             StoreError::NoSuchTask(_) | StoreError::NoSuchEffect(_) => StatusCode::NOT_FOUND,
-            StoreError::TaskExists(_) | StoreError::WrongState { .. } => StatusCode::CONFLICT,
+            StoreError::TaskExists(_)
+            | StoreError::WrongState { .. }
+            | StoreError::EffectNotFailed { .. } => StatusCode::CONFLICT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())

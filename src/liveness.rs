@@ -26,7 +26,7 @@ pub enum HostLiveness {
 }
 
 impl HostLiveness {
-    /// Another host may reap this host's runs and perform its pinned effects.
+    /// Another host may reap this host's runs and take over its effect leases.
     pub fn is_dead(self) -> bool {
         self == HostLiveness::Dead
     }

@@ -217,6 +217,9 @@ impl Node {
         // Stopped cleanly: other hosts leave the agents left running to this host's next
         // boot for node.adoption_window.
         self.heartbeat.abort();
+        if let Err(e) = self.store.release_leases(&self.node_id).await {
+            tracing::warn!(error = %e, "cannot give up the node's leases");
+        }
         if let Err(e) = self
             .store
             .stop_node(&self.node_id, self.clock.now_ms())

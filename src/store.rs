@@ -65,6 +65,11 @@ pub enum StoreError {
     NoSuchTask(String),
     #[error("no effect {0}; `baton status KEY` lists a task's effects")]
     NoSuchEffect(i64),
+    #[error("effect {id} is {status}: only a failed effect can be retried")]
+    EffectNotFailed {
+        id: i64,
+        status: crate::model::EffectStatus,
+    },
     #[error("task {key} is {status}: {what}")]
     WrongState {
         key: String,

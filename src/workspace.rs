@@ -64,6 +64,24 @@ pub fn path_for(root: &Path, task_key: &str) -> Result<PathBuf, WorkspaceError> 
     Ok(path)
 }
 
+/// The refs of the remote, as `git ls-remote` lists them: the credentials and the
+/// network timeout put to the test without fetching anything.
+pub fn ls_remote(access: &RepoAccess) -> Result<Vec<String>, WorkspaceError> {
+    let mut remote =
+        git2::Remote::create_detached(access.url.as_str()).map_err(git("use repo.url"))?;
+    let next = std::cell::Cell::new(0);
+    let conn = remote
+        .connect_auth(git2::Direction::Fetch, Some(access.callbacks(&next)), None)
+        .map_err(git(format!("connect to {}", access.url)))?;
+    let heads = conn
+        .list()
+        .map_err(git(format!("list the refs of {}", access.url)))?
+        .iter()
+        .map(|h| h.name().to_string())
+        .collect();
+    Ok(heads)
+}
+
 /// Runs a hook of the repository (`repo.setup`, `repo.before_stage`) in the task's
 /// worktree, its output appended to the run's log under a header, in a process group of
 /// its own that is ended whole at `timeout`. The error says how it failed.

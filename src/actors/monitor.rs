@@ -260,13 +260,14 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             let mut v = vars(&d, &ws);
             let mut env = BTreeMap::new();
             if let Some(template) = &stage.template {
-                let (text, path) = match prepare::render_prompt(&ctx, &d, template, &ws, &log_path).await {
-                    Ok(p) => p,
-                    Err(reason) => {
-                        fail_start(myself, state, reason).await;
-                        return;
-                    }
-                };
+                let (text, path) =
+                    match prepare::render_prompt(&ctx, &d, template, &ws, &log_path).await {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            fail_start(myself, state, reason).await;
+                            return;
+                        }
+                    };
                 if text.len() > PROMPT_ARG_MAX
                     && stage.command.iter().any(|a| a.contains("{prompt}"))
                 {

@@ -158,10 +158,14 @@ pub async fn run_once(
             None if !here => {
                 result.n_tier1 += 1;
                 let silent = rj.node_heartbeat_at.map_or(-1, |hb| (now - hb) / 1000);
-                let reason = format!(
-                    "host {host} is gone: its node {} has not sent a heartbeat for {silent}s",
-                    run.node_id
-                );
+                let reason = if rj.node_stopped {
+                    format!("host {host} stopped and did not come back within node.adoption_window")
+                } else {
+                    format!(
+                        "host {host} is gone: its node {} has not sent a heartbeat for {silent}s",
+                        run.node_id
+                    )
+                };
                 Some((ReapTier::LostAgent, Verdict::Lost { reason }.into(), None))
             }
             None => own_host_run(ctx, &rj, &run, now, &mut result).await?,

@@ -310,7 +310,10 @@ async fn stop_stale_agents(ctx: &Ctx) {
     };
     for (task_id, run) in stale {
         let log = std::path::Path::new(&run.log_path);
-        let stopped = match agent::live_agent(log, run.pid) {
+        // Only an agent its pid file names is stopped: a bare pid recorded long ago may
+        // belong to a stranger by now.
+        let identified = agent::Identity::of_run(log).filter(|id| id.alive());
+        let stopped = match identified.map(|id| id.pid) {
             Some(pid) => {
                 agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT).await;
                 tracing::warn!(

@@ -96,7 +96,10 @@ impl Config {
         if let Some(msg) = self.repo.token_env.as_deref().and_then(check_env_name) {
             problem("repo.token_env", msg);
         }
-        for (key, cmd) in [("repo.setup", &self.repo.setup), ("repo.before_stage", &self.repo.before_stage)] {
+        for (key, cmd) in [
+            ("repo.setup", &self.repo.setup),
+            ("repo.before_stage", &self.repo.before_stage),
+        ] {
             if cmd.first().is_some_and(|p| p.trim().is_empty()) {
                 problem(key, "starts with an empty program".to_string());
             }

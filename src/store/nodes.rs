@@ -81,6 +81,17 @@ impl Store {
         Ok(held)
     }
 
+    /// Gives up every lease `holder` holds (at a clean stop), so another node takes its
+    /// duties over at once.
+    pub async fn release_leases(&self, holder: &str) -> StoreResult<()> {
+        let _write = self.lock_writes().await;
+        leases::Entity::delete_many()
+            .filter(leases::Column::Holder.eq(holder))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
     async fn set_node_time(
         &self,
         node_id: &str,

@@ -113,8 +113,14 @@ impl Store {
         now: i64,
     ) -> StoreResult<bool> {
         let (write, txn) = self.write_txn().await?;
-        let mut upd =
-            effects::Entity::update_many().col_expr(effects::Column::UpdatedAt, Expr::value(now));
+        // The attempt is over: no lease covers the effect any more, so a retry waits for
+        // its backoff whatever becomes of this node.
+        let mut upd = effects::Entity::update_many()
+            .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+            .col_expr(
+                effects::Column::LeasedBy,
+                Expr::value(Option::<String>::None),
+            );
         let mut event = None;
         match &outcome {
             EffectOutcome::Done { external_ref } => {
@@ -188,10 +194,9 @@ impl Store {
                     .await?
                     .ok_or(StoreError::NoSuchEffect(id))?;
                 if e.status != EffectStatus::Failed {
-                    return Err(StoreError::WrongState {
-                        key: format!("effect {id}"),
-                        status: e.status.to_string(),
-                        what: "only a failed effect can be retried".to_string(),
+                    return Err(StoreError::EffectNotFailed {
+                        id,
+                        status: e.status,
                     });
                 }
                 vec![e]
@@ -228,8 +233,14 @@ impl Store {
             };
             append(&txn, ev, now).await?;
         }
+        let ids: Vec<i64> = failed.iter().map(|e| e.id).collect();
+        let retried = effects::Entity::find()
+            .filter(effects::Column::Id.is_in(ids))
+            .order_by_asc(effects::Column::Id)
+            .all(&txn)
+            .await?;
         txn.commit().await?;
-        Ok(failed)
+        Ok(retried)
     }
 
     /// The URL of the task's pull request, once its effect is done.

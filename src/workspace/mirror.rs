@@ -116,8 +116,20 @@ pub fn prepare(
     let _lock = lock_mirror(root)?;
     let mirror = open_mirror(root, access)?;
     // The task has no live run: locks of its worktree and branch are leftovers.
-    clear_lock(&mirror.path().join("worktrees").join(task_key).join("index.lock"));
-    clear_lock(&mirror.path().join("worktrees").join(task_key).join("HEAD.lock"));
+    clear_lock(
+        &mirror
+            .path()
+            .join("worktrees")
+            .join(task_key)
+            .join("index.lock"),
+    );
+    clear_lock(
+        &mirror
+            .path()
+            .join("worktrees")
+            .join(task_key)
+            .join("HEAD.lock"),
+    );
     clear_lock(&mirror.path().join(format!("refs/heads/{branch}.lock")));
     fetch(&mirror, access)?;
 
@@ -151,9 +163,13 @@ pub fn prepare(
                     .map_err(git(format!("find {base_branch} on {}", access.url)))?
                     .get()
                     .target()
-                    .ok_or_else(|| WorkspaceError::Missing(format!("{base_branch} has no commit")))?,
+                    .ok_or_else(|| {
+                        WorkspaceError::Missing(format!("{base_branch} has no commit"))
+                    })?,
             };
-            let commit = mirror.find_commit(tip).map_err(git("find the start commit"))?;
+            let commit = mirror
+                .find_commit(tip)
+                .map_err(git("find the start commit"))?;
             mirror
                 .branch(branch, &commit, true)
                 .map_err(git(format!("create branch {branch}")))?;
@@ -169,7 +185,11 @@ pub fn prepare(
                     return Err(WorkspaceError::Diverged(format!(
                         "branch {branch} has diverged: this host has {tip}, the {} has {target}; \
                          both are kept, reconcile them by hand",
-                        if Some(target) == remote_tip { "remote" } else { "task's last stage" },
+                        if Some(target) == remote_tip {
+                            "remote"
+                        } else {
+                            "task's last stage"
+                        },
                     )));
                 }
                 tip = target;
@@ -234,7 +254,9 @@ fn ensure_worktree(
 fn checkout(path: &Path, branch: &str, tip: Oid) -> Result<(), WorkspaceError> {
     let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
     let refname = format!("refs/heads/{branch}");
-    let commit = repo.find_commit(tip).map_err(git("find the branch's commit"))?;
+    let commit = repo
+        .find_commit(tip)
+        .map_err(git("find the branch's commit"))?;
     let on_tip = repo
         .head()
         .ok()

@@ -14,3 +14,4 @@ mod store;
 mod support;
 mod traces;
 mod webhooks;
+mod workspaces;

@@ -17,7 +17,11 @@ pub(super) fn log_line(log: &str, text: &str) {
     if let Some(dir) = log.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
         let _ = writeln!(f, "baton: {text}");
     }
 }
@@ -84,7 +88,10 @@ fn hook_env(d: &Dispatched, ws: &Path) -> BTreeMap<String, String> {
         ("BATON_RUN_ID".to_string(), d.run.id.to_string()),
         ("BATON_ATTEMPT".to_string(), d.job.attempt.to_string()),
         ("BATON_ITERATION".to_string(), d.job.iteration.to_string()),
-        ("BATON_WORKSPACE".to_string(), ws.to_string_lossy().into_owned()),
+        (
+            "BATON_WORKSPACE".to_string(),
+            ws.to_string_lossy().into_owned(),
+        ),
     ])
 }
 
@@ -144,4 +151,3 @@ pub(super) async fn render_prompt(
         .map_err(|e| format!("cannot write the prompt beside {}: {e}", log.display()))?;
     Ok((text, path))
 }
-

@@ -1,0 +1,305 @@
+//! Workspaces for real repositories: a mirror and a worktree per task, fetched before
+//! every stage; a task that moves between hosts; a diverged branch; leftovers of a crash;
+//! hooks; reaching the remote (`config check --remote`), a hung one included.
+
+use std::path::Path;
+use std::time::Duration;
+
+use baton::model::{EventKind, TaskStatus};
+use baton::workspace::{self, RepoAccess};
+
+use crate::on_both;
+use crate::support::TestDb;
+use crate::support::harness::*;
+
+/// The commit messages of `branch` on the bare remote, newest first.
+fn remote_log(remote: &Path, branch: &str) -> Vec<String> {
+    let repo = git2::Repository::open_bare(remote).unwrap();
+    let mut walk = repo.revwalk().unwrap();
+    let tip = repo
+        .find_reference(&format!("refs/heads/{branch}"))
+        .unwrap()
+        .target()
+        .unwrap();
+    walk.push(tip).unwrap();
+    walk.map(|id| {
+        let c = repo.find_commit(id.unwrap()).unwrap();
+        c.summary().ok().flatten().unwrap_or_default().to_string()
+    })
+    .collect()
+}
+
+fn seeded() -> (tempfile::TempDir, RepoAccess) {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("remote.git");
+    workspace::seed_remote(&dir.path().join("seed"), &remote).unwrap();
+    let access = RepoAccess {
+        url: remote.display().to_string(),
+        ..Default::default()
+    };
+    (dir, access)
+}
+
+#[test]
+fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
+    let (dir, access) = seeded();
+    let host = |name: &str| {
+        let root = dir.path().join(name);
+        let path = root.join("ABA-1");
+        (root, path)
+    };
+    let (root_a, ws_a) = host("host-a");
+    let (root_b, ws_b) = host("host-b");
+    let prepare = |root: &Path, ws: &Path, start: Option<&str>| {
+        workspace::prepare(root, ws, &access, "ABA-1", "baton/ABA-1", "main", start).unwrap()
+    };
+    let stage = |ws: &Path, name: &str| {
+        std::fs::write(ws.join(format!("{name}.txt")), name).unwrap();
+        let sha = workspace::commit_all(ws, &format!("{name}(ABA-1)"))
+            .unwrap()
+            .unwrap();
+        let push = git2::Repository::open(ws).unwrap();
+        push.remote_anonymous(&access.url)
+            .unwrap()
+            .push(&["refs/heads/baton/ABA-1:refs/heads/baton/ABA-1"], None)
+            .unwrap();
+        sha
+    };
+    // Host A runs stage one, host B stage two (from the remote's branch), host A stage
+    // three: its old checkout is brought up to B's work before the stage.
+    prepare(&root_a, &ws_a, None);
+    let one = stage(&ws_a, "one");
+    let p = prepare(&root_b, &ws_b, Some(&one));
+    assert!(p.created && ws_b.join("one.txt").exists());
+    let two = stage(&ws_b, "two");
+    let p = prepare(&root_a, &ws_a, Some(&two));
+    assert_eq!(p.fast_forwarded.as_deref(), Some(two.as_str()));
+    assert!(
+        ws_a.join("two.txt").exists(),
+        "stage three would miss stage two's work"
+    );
+    stage(&ws_a, "three");
+    let log = remote_log(&dir.path().join("remote.git"), "baton/ABA-1");
+    assert_eq!(log[..3], ["three(ABA-1)", "two(ABA-1)", "one(ABA-1)"]);
+    // A host new to the task starts from the task's last commit, not from main.
+    let (root_c, ws_c) = host("host-c");
+    prepare(&root_c, &ws_c, Some(&two));
+    assert!(ws_c.join("two.txt").exists());
+    // A last commit that exists nowhere reachable is an error, not a start from main.
+    let (root_d, ws_d) = host("host-d");
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let err = workspace::prepare(
+        &root_d,
+        &ws_d,
+        &access,
+        "ABA-1",
+        "baton/ABA-1",
+        "main",
+        Some(missing),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("neither on the remote nor on this host"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_diverged_branch_fails_and_keeps_both() {
+    let (dir, access) = seeded();
+    let root = dir.path().join("ws");
+    let path = root.join("DIV-1");
+    let p =
+        workspace::prepare(&root, &path, &access, "DIV-1", "baton/DIV-1", "main", None).unwrap();
+    assert!(p.created);
+    std::fs::write(path.join("mine.txt"), "mine\n").unwrap();
+    let mine = workspace::commit_all(&path, "mine").unwrap().unwrap();
+    // Another host pushed other work to the same branch.
+    let other = dir.path().join("other");
+    let repo = git2::Repository::clone(&access.url, &other).unwrap();
+    std::fs::write(other.join("theirs.txt"), "theirs\n").unwrap();
+    workspace::commit_all(&other, "theirs").unwrap().unwrap();
+    repo.find_remote("origin")
+        .unwrap()
+        .push(&["refs/heads/main:refs/heads/baton/DIV-1"], None)
+        .unwrap();
+    let err = workspace::prepare(&root, &path, &access, "DIV-1", "baton/DIV-1", "main", None)
+        .unwrap_err();
+    assert!(err.to_string().contains("has diverged"), "{err}");
+    // Nothing was discarded: the local commit is still the branch's.
+    let ws = git2::Repository::open(&path).unwrap();
+    assert_eq!(ws.head().unwrap().target().unwrap().to_string(), mine);
+}
+
+#[test]
+fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
+    let (dir, access) = seeded();
+    let root = dir.path().join("ws");
+    let path = root.join("LOCK-1");
+    let prep = |start: Option<&str>| {
+        workspace::prepare(
+            &root,
+            &path,
+            &access,
+            "LOCK-1",
+            "baton/LOCK-1",
+            "main",
+            start,
+        )
+    };
+    prep(None).unwrap();
+    std::fs::write(path.join("a.txt"), "a\n").unwrap();
+    let sha = workspace::commit_all(&path, "work").unwrap().unwrap();
+    // A crash mid-commit left git's lock files behind.
+    let gitdir = root.join(".mirror.git").join("worktrees").join("LOCK-1");
+    std::fs::write(gitdir.join("index.lock"), "").unwrap();
+    std::fs::write(root.join(".mirror.git/refs/heads/baton/LOCK-1.lock"), "").unwrap();
+    prep(Some(&sha)).unwrap();
+    std::fs::write(path.join("b.txt"), "b\n").unwrap();
+    assert!(workspace::commit_all(&path, "more work").unwrap().is_some());
+    // A worktree whose link is gone is added anew on the branch, its commits kept.
+    std::fs::remove_file(path.join(".git")).unwrap();
+    let p = prep(None).unwrap();
+    assert!(p.created);
+    assert!(path.join("b.txt").exists(), "the branch's work was lost");
+    // A mirror cut short (a clone killed half way) is made anew.
+    std::fs::remove_dir_all(root.join(".mirror.git/objects")).unwrap();
+    std::fs::remove_dir_all(&path).unwrap();
+    let p = prep(None).unwrap();
+    assert!(p.created && path.join("README.md").exists());
+}
+
+async fn hooks_set_a_worktree_up_once_and_run_before_every_stage(db: TestDb) {
+    let h = Harness::new(db);
+    let counts = h.root.join("hooks.txt");
+    let stages = "[pipelines.default]\nstages = [\"one\", \"two\"]\n[stages.one]\ncommand = [\"true\"]\n[stages.two]\ncommand = [\"true\"]\n";
+    let mut config = h.config(stages);
+    config.repo.setup = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("echo setup >> {}", counts.display()),
+    ];
+    config.repo.before_stage = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "echo \"before $BATON_STAGE\" >> {}; echo hook-output",
+            counts.display()
+        ),
+    ];
+    h.submit("HOOK-1", "one").await;
+    let (node, mut rx) = h.start(config.clone()).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    node.shutdown().await;
+    assert_eq!(
+        std::fs::read_to_string(&counts).unwrap(),
+        "setup\nbefore one\nbefore two\n"
+    );
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("HOOK-1"))
+            .await
+            .unwrap();
+    let log = std::fs::read_to_string(&d.runs[0].log_path).unwrap();
+    assert!(log.contains("==== baton: hook setup"), "{log}");
+    assert!(log.contains("hook-output"), "{log}");
+
+    // A failing hook fails the attempt with its exit status, in the log and the events.
+    config.repo.before_stage = vec!["sh".into(), "-c".into(), "exit 3".into()];
+    h.submit("HOOK-2", "one").await;
+    let (node, mut rx) = h.start(config).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Failed);
+    node.shutdown().await;
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("HOOK-2"))
+            .await
+            .unwrap();
+    let failed = d
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::TaskFailed)
+        .unwrap();
+    assert!(
+        failed
+            .detail
+            .contains("hook before_stage exited with code 3"),
+        "{}",
+        failed.detail
+    );
+    let log = std::fs::read_to_string(&d.runs[0].log_path).unwrap();
+    assert!(
+        log.contains("baton: hook before_stage exited with code 3"),
+        "{log}"
+    );
+}
+on_both!(
+    hooks_set_a_worktree_up_once_and_run_before_every_stage,
+    hooks_set_a_worktree_up_once_and_run_before_every_stage
+);
+
+fn config_check_remote(dir: &Path, url: &str, extra: &str) -> (bool, String) {
+    let config = dir.join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[repo]\nurl = \"{url}\"\n{extra}\n[pipelines.default]\nstages = [\"one\"]\n[stages.one]\ncommand = [\"true\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "check", "--remote"])
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_reaches_the_remote_and_a_hung_one_times_out() {
+    let (dir, access) = seeded();
+    let (ok, text) = config_check_remote(dir.path(), &access.url, "");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("is reachable: 1 branch(es), main among them"),
+        "{text}"
+    );
+    let (ok, text) = config_check_remote(dir.path(), "/nonexistent/repo.git", "");
+    assert!(!ok);
+    assert!(text.contains("cannot be reached"), "{text}");
+    // A remote that accepts the connection and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let started = std::time::Instant::now();
+    let dir2 = dir.path().to_path_buf();
+    let (ok, text) = tokio::task::spawn_blocking(move || {
+        config_check_remote(
+            &dir2,
+            &format!("http://127.0.0.1:{port}/app.git"),
+            "network_timeout = \"1s\"",
+        )
+    })
+    .await
+    .unwrap();
+    silent.abort();
+    assert!(!ok, "{text}");
+    assert!(text.contains("cannot be reached"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a hung remote held the check for {:?}",
+        started.elapsed()
+    );
+}
