@@ -13,7 +13,6 @@ use sea_orm::{
 use serde_json::json;
 
 use super::outbox::insert_effect;
-use super::tasks::lock_task;
 use super::{NewEvent, Store, StoreResult, append, must};
 use crate::model::{EventKind, EventSource, JobStatus, TaskStatus, Usage};
 use crate::policy::Policy;
@@ -76,9 +75,14 @@ impl Store {
             let Some(candidate) = candidate else {
                 return Ok(None);
             };
-            // The task's row first (as cancel and claim take it), then the job's, which
-            // another dispatcher may hold: skipped, not waited for.
-            let active_task = lock_task(&txn, candidate.task_id, self.is_postgres())
+            // The task's row first (as cancel and claim take it), then the job's; either
+            // held by another transaction is skipped, not waited for.
+            let mut task_q = tasks::Entity::find_by_id(candidate.task_id);
+            if self.is_postgres() {
+                task_q = task_q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+            }
+            let active_task = task_q
+                .one(&txn)
                 .await?
                 .is_some_and(|t| t.status == TaskStatus::Active);
             let mut q = jobs::Entity::find_by_id(candidate.id)

@@ -131,25 +131,7 @@ impl Store {
         {
             return Err(StoreError::NoSuchTask(key.to_string()));
         }
-        let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
-        let mut by_task: BTreeMap<i64, Vec<jobs::Model>> = BTreeMap::new();
-        for chunk in ids.chunks(500) {
-            for job in jobs::Entity::find()
-                .filter(jobs::Column::TaskId.is_in(chunk.to_vec()))
-                .order_by_asc(jobs::Column::Id)
-                .all(&self.db)
-                .await?
-            {
-                by_task.entry(job.task_id).or_default().push(job);
-            }
-        }
-        Ok(tasks
-            .into_iter()
-            .map(|task| TaskSummary {
-                jobs: by_task.remove(&task.id).unwrap_or_default(),
-                task,
-            })
-            .collect())
+        self.with_jobs(tasks).await
     }
 
     /// The active tasks with their jobs.
@@ -159,8 +141,13 @@ impl Store {
             .order_by_asc(tasks::Column::Id)
             .all(&self.db)
             .await?;
-        let mut by_task: BTreeMap<i64, Vec<jobs::Model>> = BTreeMap::new();
+        self.with_jobs(tasks).await
+    }
+
+    /// Tasks with their jobs, loaded in a fixed number of queries.
+    async fn with_jobs(&self, tasks: Vec<tasks::Model>) -> StoreResult<Vec<TaskSummary>> {
         let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
+        let mut by_task: BTreeMap<i64, Vec<jobs::Model>> = BTreeMap::new();
         for chunk in ids.chunks(500) {
             for job in jobs::Entity::find()
                 .filter(jobs::Column::TaskId.is_in(chunk.to_vec()))
@@ -190,34 +177,13 @@ impl Store {
         now: i64,
     ) -> StoreResult<()> {
         let (_write, txn) = self.write_txn().await?;
-        let task = lock_task_by_key(&txn, key, self.is_postgres()).await?;
-        if task.status != TaskStatus::Active {
-            return Err(StoreError::WrongState {
-                key: key.to_string(),
-                status: task.status.to_string(),
-                what: "only an active task can be failed".to_string(),
-            });
-        }
-        let live = jobs::Entity::find()
-            .filter(jobs::Column::TaskId.eq(task.id))
-            .filter(jobs::Column::Status.is_in(LIVE))
-            .all(&txn)
-            .await?;
-        let run_ids: Vec<i64> = live.iter().filter_map(|j| j.current_run_id).collect();
-        jobs::Entity::update_many()
-            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Failed))
-            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
-            .filter(jobs::Column::TaskId.eq(task.id))
-            .filter(jobs::Column::Status.is_in(LIVE))
-            .exec(&txn)
-            .await?;
-        agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::Outcome, Expr::value(RunOutcome::Failed))
-            .filter(agent_runs::Column::Id.is_in(run_ids))
-            .filter(agent_runs::Column::Outcome.is_null())
-            .exec(&txn)
-            .await?;
-        set_task_status(&txn, task.id, TaskStatus::Failed, now).await?;
+        let end = Ending {
+            job: JobStatus::Failed,
+            run: RunOutcome::Failed,
+            task: TaskStatus::Failed,
+            what: "only an active task can be failed",
+        };
+        let (task, live) = end_task(&txn, key, end, self.is_postgres(), now).await?;
         let stage = live.last().map(|j| j.stage.clone());
         append(
             &txn,
@@ -308,37 +274,14 @@ impl Store {
         now: i64,
     ) -> StoreResult<Vec<CancelledRun>> {
         let (_write, txn) = self.write_txn().await?;
-        let task = lock_task_by_key(&txn, key, self.is_postgres()).await?;
-        if task.status != TaskStatus::Active {
-            return Err(StoreError::WrongState {
-                key: key.to_string(),
-                status: task.status.to_string(),
-                what: "only an active task can be cancelled".to_string(),
-            });
-        }
-        let live = jobs::Entity::find()
-            .filter(jobs::Column::TaskId.eq(task.id))
-            .filter(jobs::Column::Status.is_in(LIVE))
-            .all(&txn)
-            .await?;
+        let end = Ending {
+            job: JobStatus::Cancelled,
+            run: RunOutcome::Cancelled,
+            task: TaskStatus::Cancelled,
+            what: "only an active task can be cancelled",
+        };
+        let (task, live) = end_task(&txn, key, end, self.is_postgres(), now).await?;
         let run_ids: Vec<i64> = live.iter().filter_map(|j| j.current_run_id).collect();
-        jobs::Entity::update_many()
-            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Cancelled))
-            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
-            .filter(jobs::Column::TaskId.eq(task.id))
-            .filter(jobs::Column::Status.is_in(LIVE))
-            .exec(&txn)
-            .await?;
-        agent_runs::Entity::update_many()
-            .col_expr(
-                agent_runs::Column::Outcome,
-                Expr::value(RunOutcome::Cancelled),
-            )
-            .filter(agent_runs::Column::Id.is_in(run_ids.clone()))
-            .filter(agent_runs::Column::Outcome.is_null())
-            .exec(&txn)
-            .await?;
-        set_task_status(&txn, task.id, TaskStatus::Cancelled, now).await?;
         append(
             &txn,
             NewEvent::of(task.id, None, EventKind::TaskCancelled, source)
@@ -408,6 +351,55 @@ impl Store {
         txn.commit().await?;
         Ok(job)
     }
+}
+
+/// How an active task ends outside any claim.
+struct Ending {
+    job: JobStatus,
+    run: RunOutcome,
+    task: TaskStatus,
+    /// Why another status refuses it.
+    what: &'static str,
+}
+
+/// Ends an active task (its row taken first): its queued and running jobs and their
+/// current runs get the ending's statuses. Returns the task and those jobs as they were.
+async fn end_task<C: ConnectionTrait>(
+    txn: &C,
+    key: &TaskKey,
+    end: Ending,
+    postgres: bool,
+    now: i64,
+) -> StoreResult<(tasks::Model, Vec<jobs::Model>)> {
+    let task = lock_task_by_key(txn, key, postgres).await?;
+    if task.status != TaskStatus::Active {
+        return Err(StoreError::WrongState {
+            key: key.to_string(),
+            status: task.status.to_string(),
+            what: end.what.to_string(),
+        });
+    }
+    let live = jobs::Entity::find()
+        .filter(jobs::Column::TaskId.eq(task.id))
+        .filter(jobs::Column::Status.is_in(LIVE))
+        .all(txn)
+        .await?;
+    let run_ids: Vec<i64> = live.iter().filter_map(|j| j.current_run_id).collect();
+    jobs::Entity::update_many()
+        .col_expr(jobs::Column::Status, Expr::value(end.job))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .filter(jobs::Column::TaskId.eq(task.id))
+        .filter(jobs::Column::Status.is_in(LIVE))
+        .exec(txn)
+        .await?;
+    agent_runs::Entity::update_many()
+        .col_expr(agent_runs::Column::Outcome, Expr::value(end.run))
+        .filter(agent_runs::Column::Id.is_in(run_ids))
+        .filter(agent_runs::Column::Outcome.is_null())
+        .exec(txn)
+        .await?;
+    set_task_status(txn, task.id, end.task, now).await?;
+    Ok((task, live))
 }
 
 async fn find_task<C: ConnectionTrait>(db: &C, key: &TaskKey) -> StoreResult<tasks::Model> {
