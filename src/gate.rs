@@ -22,6 +22,17 @@ pub struct Vars {
 }
 
 impl Vars {
+    /// The run's environment, as its agent and its gate command get it.
+    pub fn env(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::from([
+            ("BATON_TASK".to_string(), self.task.clone()),
+            ("BATON_STAGE".to_string(), self.stage.clone()),
+            ("BATON_RUN_ID".to_string(), self.run_id.to_string()),
+            ("BATON_ATTEMPT".to_string(), self.attempt.to_string()),
+            ("BATON_WORKSPACE".to_string(), self.workspace.clone()),
+        ])
+    }
+
     pub fn expand(&self, s: &str) -> String {
         // `{prompt}` goes last: its text may hold braces that are not placeholders.
         let s = s
@@ -64,6 +75,7 @@ pub async fn evaluate(
     vars: &Vars,
     exit_code: i32,
     grace: Duration,
+    run: &GateRun<'_>,
 ) -> Judgement {
     let gate: &GateSettings = &stage.gate;
     if gate.exit_zero && exit_code != 0 {
@@ -98,15 +110,26 @@ pub async fn evaluate(
     }
     if let Some(cmd) = &gate.command {
         let argv: Vec<String> = cmd.iter().map(|a| vars.expand(a)).collect();
-        match run_gate_command(&argv, workspace, gate_timeout(stage, grace)).await {
-            Ok(0) => {}
-            Ok(code) => {
-                return failed(format!(
-                    "gate command {:?} exited with code {code}",
-                    argv.join(" ")
-                ));
-            }
-            Err(e) => return failed(e),
+        let timeout = gate_timeout(stage, grace);
+        let env = vars.env();
+        let ran = crate::workspace::run_hook(
+            "gate command",
+            &argv,
+            workspace,
+            run.log,
+            &env,
+            run.hidden,
+            timeout,
+        )
+        .await;
+        if let Err(why) = ran {
+            // The end of its output says which test failed.
+            let tail = crate::prompt::log_tail(run.log);
+            let tail = crate::prompt::last_lines(&tail, GATE_REASON_LINES);
+            return failed(format!(
+                "{why} ({}); the end of its output:\n{tail}",
+                argv.join(" ")
+            ));
         }
     }
     Verdict::Passed.into()
@@ -116,28 +139,19 @@ fn failed(reason: String) -> Judgement {
     Verdict::Failed { reason }.into()
 }
 
+/// How many lines of a failed gate command's output its reason carries.
+const GATE_REASON_LINES: usize = 20;
+
+/// Where a gate command of a run writes, and what it must not inherit.
+#[derive(Debug, Clone, Copy)]
+pub struct GateRun<'a> {
+    /// The run's log: the command's output is appended to it.
+    pub log: &'a Path,
+    /// baton's secrets (and database URLs): never in the command's environment.
+    pub hidden: &'a [String],
+}
+
 /// How long the gate command may run.
 pub fn gate_timeout(stage: &StageSettings, grace: Duration) -> Duration {
     stage.timeout.min(grace / 2)
-}
-
-async fn run_gate_command(argv: &[String], cwd: &Path, timeout: Duration) -> Result<i32, String> {
-    let (program, args) = argv.split_first().ok_or("gate command is empty")?;
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(cwd)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start gate command {program:?}: {e}"))?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => Ok(out.status.code().unwrap_or(-1)),
-        Ok(Err(e)) => Err(format!("gate command {program:?} failed: {e}")),
-        Err(_) => Err(format!(
-            "gate command {program:?} ran longer than {} (half of reaper.finalize_grace, or the stage timeout)",
-            humantime::format_duration(timeout)
-        )),
-    }
 }

@@ -82,9 +82,10 @@ pub fn ls_remote(access: &RepoAccess) -> Result<Vec<String>, WorkspaceError> {
     Ok(heads)
 }
 
-/// Runs a hook of the repository (`repo.setup`, `repo.before_stage`) in the task's
-/// worktree, its output appended to the run's log under a header, in a process group of
-/// its own that is ended whole at `timeout`. The error says how it failed.
+/// Runs a command of baton's own in a task's worktree (a hook of the repository such as
+/// `hook setup`, or a stage's `gate command`), its output appended to the run's log under
+/// a header, with the run's environment less `env_remove` (baton's secrets), in a process
+/// group of its own that is ended whole at `timeout`. The error says how it failed.
 pub async fn run_hook(
     name: &str,
     argv: &[String],
@@ -95,7 +96,7 @@ pub async fn run_hook(
     timeout: std::time::Duration,
 ) -> Result<(), String> {
     use std::io::Write;
-    let (program, args) = argv.split_first().ok_or(format!("hook {name} is empty"))?;
+    let (program, args) = argv.split_first().ok_or(format!("{name} is empty"))?;
     if let Some(dir) = log.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -104,10 +105,10 @@ pub async fn run_hook(
         .append(true)
         .open(log)
         .map_err(|e| format!("cannot open the run's log {}: {e}", log.display()))?;
-    let _ = writeln!(file, "==== baton: hook {name}: {}", argv.join(" "));
+    let _ = writeln!(file, "==== baton: {name}: {}", argv.join(" "));
     let (out, err) = match (file.try_clone(), file.try_clone()) {
         (Ok(a), Ok(b)) => (a, b),
-        _ => return Err(format!("cannot share the run's log with hook {name}")),
+        _ => return Err(format!("cannot share the run's log with {name}")),
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -123,26 +124,27 @@ pub async fn run_hook(
     cmd.envs(env);
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start hook {name} ({program:?}): {e}"))?;
+        .map_err(|e| format!("cannot start {name} ({program:?}): {e}"))?;
     let pid = child.id().map(|p| p as i32);
     let status = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => status,
-        Ok(Err(e)) => return Err(format!("hook {name} failed: {e}")),
+        Ok(Err(e)) => return Err(format!("{name} failed: {e}")),
         Err(_) => {
             if let Some(pid) = pid {
                 crate::agent::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
             }
+            let _ = writeln!(file, "==== baton: {name} stopped: it ran too long");
             return Err(format!(
-                "hook {name} ran longer than {}",
+                "{name} ran longer than {}",
                 humantime::format_duration(timeout)
             ));
         }
     };
-    let _ = writeln!(file, "==== baton: hook {name} ended: {status}");
+    let _ = writeln!(file, "==== baton: {name} ended: {status}");
     match status.code() {
         Some(0) => Ok(()),
-        Some(code) => Err(format!("hook {name} exited with code {code}")),
-        None => Err(format!("hook {name} was ended by a signal ({status})")),
+        Some(code) => Err(format!("{name} exited with code {code}")),
+        None => Err(format!("{name} was ended by a signal ({status})")),
     }
 }
 

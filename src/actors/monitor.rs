@@ -426,12 +426,19 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     } else {
         match (&state.stage, &state.workspace) {
             (Some(stage), Some(ws)) => {
+                let log = PathBuf::from(&d.run.log_path);
+                let hidden = ctx.config.hidden_vars();
+                let run = gate::GateRun {
+                    log: &log,
+                    hidden: &hidden,
+                };
                 gate::evaluate(
                     stage,
                     ws,
                     &vars(&d, ws),
                     code,
                     ctx.config.reaper.finalize_grace,
+                    &run,
                 )
                 .instrument(tracing::info_span!("gate"))
                 .await

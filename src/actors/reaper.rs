@@ -311,7 +311,14 @@ async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Judgement, Option<String
         workspace: ws.to_string_lossy().into_owned(),
         prompt: None,
     };
-    let verdict = gate::evaluate(stage, &ws, &vars, code, ctx.config.reaper.finalize_grace).await;
+    let log = PathBuf::from(&run.log_path);
+    let hidden = ctx.config.hidden_vars();
+    let gate_run = gate::GateRun {
+        log: &log,
+        hidden: &hidden,
+    };
+    let grace = ctx.config.reaper.finalize_grace;
+    let verdict = gate::evaluate(stage, &ws, &vars, code, grace, &gate_run).await;
     let commit = workspace::head_commit_of_run(&ws, run.id);
     (verdict, commit)
 }

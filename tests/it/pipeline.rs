@@ -383,3 +383,53 @@ command = ["sh", "-c", "sleep 120"]
     );
 }
 on_both!(cancel_stops_a_running_agent, cancel_stops_a_running_agent);
+
+async fn a_gate_command_runs_without_secrets_and_its_output_is_kept(db: TestDb) {
+    let h = Harness::new(db);
+    let seen = h.root.join("gate-env.txt");
+    let mut config = h.config(&format!(
+        r#"
+[pipelines.default]
+stages = ["developer"]
+[stages.developer]
+command = ["true"]
+gate.command = ["sh", "-c", "env > {}; echo 'test greet_by_name ... FAILED'; exit 1"]
+"#,
+        seen.display()
+    ));
+    // HOME stands in for a secret: it is set in every test environment.
+    config.http.token_env = Some("HOME".into());
+    h.submit("GATE-1", "developer").await;
+    let (node, mut rx) = h.start(config).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Failed);
+    node.shutdown().await;
+    let env = std::fs::read_to_string(&seen).unwrap();
+    assert!(env.contains("BATON_TASK=GATE-1"), "{env}");
+    assert!(
+        !env.lines().any(|l| l.starts_with("HOME=")),
+        "the gate saw a secret: {env}"
+    );
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("GATE-1"))
+            .await
+            .unwrap();
+    let log = std::fs::read_to_string(&d.runs[0].log_path).unwrap();
+    assert!(log.contains("==== baton: gate command"), "{log}");
+    assert!(log.contains("test greet_by_name ... FAILED"), "{log}");
+    let failed = d
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::TaskFailed)
+        .unwrap();
+    assert!(
+        failed.detail.contains("gate command exited with code 1")
+            && failed.detail.contains("test greet_by_name ... FAILED"),
+        "{}",
+        failed.detail
+    );
+}
+on_both!(
+    a_gate_command_runs_without_secrets_and_its_output_is_kept,
+    a_gate_command_runs_without_secrets_and_its_output_is_kept
+);

@@ -74,7 +74,8 @@ pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<P
         .map_or(repo.network_timeout, |s| s.timeout);
     for (name, argv, due) in hooks {
         if due && !argv.is_empty() {
-            workspace::run_hook(name, argv, &prepared.path, log, &env, &hidden, timeout).await?;
+            let name = format!("hook {name}");
+            workspace::run_hook(&name, argv, &prepared.path, log, &env, &hidden, timeout).await?;
         }
     }
     Ok(prepared.path)
