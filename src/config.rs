@@ -5,9 +5,11 @@
 //! shows everything that is wrong at once. The checks live in `config/validate.rs`.
 
 mod env;
+mod remotes;
 mod validate;
 
 pub use env::{EnvOverrides, Secret, SecretVar, Secrets};
+pub use remotes::{ForgeSettings, PlaneSettings, PlaneStates};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -351,83 +353,6 @@ impl EffectsSettings {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ForgeSettings {
-    /// `github` or `gitea` (Gitea and Forgejo).
-    pub kind: String,
-    pub api_url: String,
-    /// `owner/name`.
-    pub repo: String,
-    /// The environment variable that holds the token.
-    pub token_env: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PlaneSettings {
-    pub api_url: String,
-    pub workspace: String,
-    pub project_id: String,
-    pub api_key_env: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub webhook_secret_env: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trigger_state: Option<String>,
-    #[serde(default)]
-    pub states: PlaneStates,
-    /// Work items moved to one of these states (or to any state of Plane's `cancelled`
-    /// group) cancel their task.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub cancel_states: Vec<String>,
-    /// How often the work items in `trigger_state` are listed, to submit those whose
-    /// delivery was lost; zero turns the poll off.
-    #[serde(default = "default_poll_interval", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// Plane's web address, for links to work items (default: derived from `api_url`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub web_url: Option<String>,
-    /// The node's budget of Plane requests, below Plane's 60 a minute.
-    #[serde(default = "default_plane_requests_per_minute")]
-    pub requests_per_minute: u32,
-}
-
-fn default_poll_interval() -> Duration {
-    Duration::from_secs(300)
-}
-
-fn default_plane_requests_per_minute() -> u32 {
-    50
-}
-
-impl PlaneSettings {
-    /// The web address of a work item.
-    pub fn work_item_url(&self, issue_id: &str) -> String {
-        let web = match &self.web_url {
-            Some(w) => w.trim_end_matches('/').to_string(),
-            // Plane Cloud serves its API and its app on two hosts; a self-hosted Plane
-            // serves both on one.
-            None => self
-                .api_url
-                .trim_end_matches('/')
-                .replace("://api.plane.so", "://app.plane.so"),
-        };
-        format!(
-            "{web}/{}/projects/{}/issues/{issue_id}",
-            self.workspace, self.project_id
-        )
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlaneStates {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_start: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_done: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_failed: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HttpSettings {
     pub listen: String,
@@ -586,37 +511,6 @@ impl Config {
         }
         config.resolve_paths(base);
         Ok(config)
-    }
-
-    /// Reads every stage's prompt template, inline or from its file.
-    fn load_templates(&mut self, base: &Path, problems: &mut Vec<Problem>) {
-        for (name, stage) in &mut self.stages {
-            stage.template = match (&stage.prompt, &stage.prompt_file) {
-                (Some(_), Some(_)) => {
-                    problems.push(Problem {
-                        key: format!("stages.{name}.prompt_file"),
-                        line: None,
-                        message:
-                            "give the prompt inline (prompt) or in a file (prompt_file), not both"
-                                .to_string(),
-                    });
-                    None
-                }
-                (Some(text), None) => Some(text.clone()),
-                (None, Some(file)) => match std::fs::read_to_string(base.join(file)) {
-                    Ok(text) => Some(text),
-                    Err(e) => {
-                        problems.push(Problem {
-                            key: format!("stages.{name}.prompt_file"),
-                            line: None,
-                            message: format!("cannot read {}: {e}", base.join(file).display()),
-                        });
-                        None
-                    }
-                },
-                (None, None) => None,
-            };
-        }
     }
 
     fn resolve_paths(&mut self, base: &Path) {

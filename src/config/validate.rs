@@ -14,6 +14,37 @@ use crate::model::check_name;
 use crate::store::redact_url;
 
 impl Config {
+    /// Reads every stage's prompt template, inline or from its file.
+    pub(super) fn load_templates(&mut self, base: &Path, problems: &mut Vec<Problem>) {
+        for (name, stage) in &mut self.stages {
+            stage.template = match (&stage.prompt, &stage.prompt_file) {
+                (Some(_), Some(_)) => {
+                    problems.push(Problem {
+                        key: format!("stages.{name}.prompt_file"),
+                        line: None,
+                        message:
+                            "give the prompt inline (prompt) or in a file (prompt_file), not both"
+                                .to_string(),
+                    });
+                    None
+                }
+                (Some(text), None) => Some(text.clone()),
+                (None, Some(file)) => match std::fs::read_to_string(base.join(file)) {
+                    Ok(text) => Some(text),
+                    Err(e) => {
+                        problems.push(Problem {
+                            key: format!("stages.{name}.prompt_file"),
+                            line: None,
+                            message: format!("cannot read {}: {e}", base.join(file).display()),
+                        });
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
+        }
+    }
+
     pub(super) fn validate(&self, problems: &mut Vec<Problem>) {
         let mut problem = |key: &str, message: String| {
             problems.push(Problem {
