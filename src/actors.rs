@@ -6,7 +6,8 @@
 //!             ├─ Reaper          periodic; finds runs past their window and claims for them
 //!             ├─ Advancer        the single writer of job transitions: one claim at a time
 //!             ├─ EffectWorker    drains the outbox: push, PR, Plane comment and state
-//!             └─ PlanePoller     with Plane: submits work items whose delivery was lost
+//!             ├─ PlanePoller     with Plane: submits work items whose delivery was lost
+//!             └─ Janitor         periodic; removes what ended tasks left on disk ([retention])
 //! ```
 //!
 //! Every actor takes an optional [`Probe`] (None in production) and reports each message
@@ -16,6 +17,7 @@
 pub mod advancer;
 pub mod dispatcher;
 pub mod effect_worker;
+pub mod janitor;
 pub mod monitor;
 pub mod plane_poller;
 pub mod reaper;
@@ -64,6 +66,9 @@ pub enum ProbeEvent {
     },
     PlanePoller {
         result: plane_poller::PollResult,
+    },
+    Janitor {
+        report: crate::retention::GcReport,
     },
 }
 

@@ -117,6 +117,17 @@ pub enum Command {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Remove the worktrees and run logs of tasks that ended longer ago than
+    /// `[retention]` keeps them, and garbage-collect the mirror; prints what it removed
+    /// and the space freed. Nothing of an active task is touched.
+    Gc {
+        /// Only print what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The effects outbox.
     Effects {
         #[command(subcommand)]
@@ -255,10 +266,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(key) = key {
                 let detail = store.task_detail(&key).await?;
                 if json {
-                    let doc = present::detail_json(&detail);
+                    let doc = present::detail_json(&detail, clock.now_ms());
                     println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {
-                    print!("{}", present::render_detail(&detail));
+                    print!("{}", present::render_detail(&detail, clock.now_ms()));
                 }
             } else {
                 let tasks = store.list_tasks(None).await?;
@@ -307,11 +318,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry { key } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
-            let job = tasks::retry(&store, &key, Origin::Cli, clock.now_ms()).await?;
-            println!(
-                "re-queued {key} at stage {} (job {}, iteration {})",
-                job.stage, job.id, job.iteration
-            );
+            match tasks::retry(&store, &key, Origin::Cli, clock.now_ms()).await? {
+                crate::store::Retried::Job(job) => println!(
+                    "re-queued {key} at stage {} (job {}, iteration {})",
+                    job.stage, job.id, job.iteration
+                ),
+                crate::store::Retried::Delivery { effects, status } => println!(
+                    "{key}'s pipeline had ended: {effects} push(es) and pull request(s) made pending again; the task is {status}{}",
+                    if status == crate::model::TaskStatus::Active {
+                        " until they are done"
+                    } else {
+                        ""
+                    }
+                ),
+            }
+        }
+        Command::Gc { dry_run, json } => {
+            let config = load_config(&cli.config)?;
+            let store = open_store(&config).await?;
+            let report =
+                crate::retention::run_once(&store, &config, clock.now_ms(), dry_run, true).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.errors.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Effects {
             command: EffectsCommand::Retry { id, task },
@@ -536,7 +570,10 @@ pub async fn render_watch(
         present::fmt_time(now)
     );
     match key {
-        Some(key) => out.push_str(&present::render_detail(&store.task_detail(key).await?)),
+        Some(key) => out.push_str(&present::render_detail(
+            &store.task_detail(key).await?,
+            clock.now_ms(),
+        )),
         None => out.push_str(&present::render_tasks(&store.list_tasks(None).await?)),
     }
     let running: Vec<_> = store

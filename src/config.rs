@@ -6,10 +6,12 @@
 
 mod env;
 mod remotes;
+mod retention;
 mod validate;
 
 pub use env::{EnvOverrides, Secret, SecretVar, Secrets};
 pub use remotes::{ForgeSettings, PlaneSettings, PlaneStates};
+pub use retention::{RETENTION_MAX, RetentionSettings};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -58,6 +60,7 @@ pub struct Config {
     pub plane: Option<PlaneSettings>,
     pub http: HttpSettings,
     pub telemetry: TelemetrySettings,
+    pub retention: RetentionSettings,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             plane: None,
             http: HttpSettings::default(),
             telemetry: TelemetrySettings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }

@@ -129,7 +129,10 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
     // Summary.
     let detail = store.task_detail(&key).await?;
     println!("\n== summary\n");
-    print!("{}", crate::present::render_detail(&detail));
+    print!(
+        "{}",
+        crate::present::render_detail(&detail, crate::clock::Clock::system().now_ms())
+    );
     // The developer's second iteration was told what the reviewer wrote.
     if let Some(r) = detail
         .jobs

@@ -25,8 +25,10 @@
 //!   per task, the read-only quality gate.
 //! - [`effects`]: performing the outbox: push (git2), pull requests, Plane.
 //! - [`tasks`]: the application layer: submit, cancel, retry, for every entry point.
+//! - [`retention`]: `[retention]` and `baton gc`: what ended tasks left on disk.
 //! - [`present`]: the JSON documents and terminal renderings of tasks.
-//! - [`actors`]: the Supervisor, Dispatcher, Monitor, Reaper, Advancer and EffectWorker.
+//! - [`actors`]: the Supervisor, Dispatcher, Monitor, Reaper, Advancer,
+//!   EffectWorker, PlanePoller and Janitor.
 //! - [`http`]: the node's HTTP listener: the API, metrics, the dashboard, Plane webhooks.
 //! - [`service`]: `baton serve`: one node, started and stopped.
 //! - [`demo`] and [`bench`]: the self-contained tour and the benchmark.
@@ -47,6 +49,7 @@ pub mod model;
 pub mod policy;
 pub mod present;
 pub mod prompt;
+pub mod retention;
 pub mod service;
 pub mod store;
 pub mod tasks;

@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 
-use entity::{jobs, tasks};
+use entity::{effects, jobs, tasks};
 
 use crate::model::{
-    Backoff, EffectPayload, JobStatus, PlaneCommentPayload, PlaneStatePayload, PullRequestPayload,
-    PushPayload, TaskStatus, Verdict,
+    Backoff, EffectKind, EffectPayload, EffectStatus, JobStatus, PlaneCommentPayload,
+    PlaneStatePayload, PullRequestPayload, PushPayload, TaskStatus, Verdict,
 };
 
 /// A pipeline as the policy needs it.
@@ -59,9 +59,48 @@ pub struct ClaimInput<'a> {
     /// What the sender read for the next job: the verdict's text on a rejection, the
     /// failure and the end of the log on a failed attempt.
     pub feedback: Option<&'a str>,
-    /// The highest iteration each stage of the task has reached so far.
-    pub iterations: &'a HashMap<String, i32>,
+    /// How far each stage of the task has got.
+    pub iterations: &'a Iterations,
     pub now: i64,
+}
+
+/// How often each stage of a task has been entered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Iterations {
+    /// The highest iteration of each stage so far (the next job's number follows it).
+    pub highest: HashMap<String, i32>,
+    /// Of those, the jobs that redid a stage whose work was lost with its host: they do
+    /// not count against `max_iterations`.
+    pub recoveries: HashMap<String, i32>,
+}
+
+impl Iterations {
+    /// From `(stage, highest iteration)` pairs, without recoveries.
+    pub fn of(highest: &[(&str, i32)]) -> Iterations {
+        Iterations {
+            highest: highest.iter().map(|(s, i)| (s.to_string(), *i)).collect(),
+            recoveries: HashMap::new(),
+        }
+    }
+
+    /// Counts one job.
+    pub fn add(&mut self, job: &jobs::Model) {
+        let e = self.highest.entry(job.stage.clone()).or_insert(0);
+        *e = (*e).max(job.iteration);
+        if job.recovery {
+            *self.recoveries.entry(job.stage.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// The iteration number of the stage's next job.
+    pub fn next(&self, stage: &str) -> i32 {
+        self.highest.get(stage).copied().unwrap_or(0) + 1
+    }
+
+    /// How many of the stage's iterations up to `iteration` count against its bound.
+    pub fn counted(&self, stage: &str, iteration: i32) -> i32 {
+        iteration - self.recoveries.get(stage).copied().unwrap_or(0)
+    }
 }
 
 /// What happens to the claimed job.
@@ -175,7 +214,7 @@ impl Policy {
 
     fn choose(&self, input: &ClaimInput<'_>) -> (JobChange, Option<NextJob>, Option<TaskEnd>) {
         let job = input.job;
-        let next_iteration = |stage: &str| input.iterations.get(stage).copied().unwrap_or(0) + 1;
+        let next_iteration = |stage: &str| input.iterations.next(stage);
         let failed = |reason: String| {
             (
                 JobChange::Failed,
@@ -227,9 +266,10 @@ impl Policy {
                     None => failed(format!("stage {} rejected and has no on_reject", job.stage)),
                     Some(stage) => {
                         let iteration = next_iteration(stage);
-                        if iteration > max_iterations {
+                        let counted = input.iterations.counted(stage, iteration);
+                        if counted > max_iterations {
                             failed(format!(
-                                "stage {stage} would run a {iteration}th time; max_iterations is {max_iterations}"
+                                "stage {stage} would run a {counted}th time; max_iterations is {max_iterations}"
                             ))
                         } else {
                             let next = NextJob {
@@ -336,6 +376,114 @@ impl Policy {
             });
         }
         out
+    }
+}
+
+/// What recovery looks at: a task whose runs' pushes wait for `dead_host`, which died.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveryInput<'a> {
+    pub task: &'a tasks::Model,
+    /// Every job of the task.
+    pub jobs: &'a [jobs::Model],
+    /// Every push effect of the task with the job of its run.
+    pub pushes: &'a [(effects::Model, i64)],
+    pub dead_host: &'a str,
+    pub iterations: &'a Iterations,
+}
+
+/// The decision of a recovery: which pushes are closed, which queued jobs cancelled,
+/// and which stage is done again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The pending pushes closed (`cancelled`): the dead host's, and every later one of
+    /// the task (their commits build on the lost ones).
+    pub close_effects: Vec<i64>,
+    /// Queued jobs of the task that would build on the lost work.
+    pub cancel_jobs: Vec<i64>,
+    /// The stage done again, as a recovery job; `None` when the task is not active.
+    pub redo: Option<NextJob>,
+    /// What the redone stage starts with: what the lost job started with.
+    pub feedback: Option<String>,
+    /// The stage whose work was lost first.
+    pub lost_stage: String,
+    pub reason: String,
+}
+
+impl Policy {
+    /// Decides what becomes of a task whose pushes wait for a host that died: the work
+    /// of its earliest unpushed stage and of every stage after it exists nowhere else,
+    /// so the task goes back to that stage. `None` when nothing waits for the dead host,
+    /// or while a job of the task still runs (the Reaper ends that run first).
+    pub fn recover(&self, input: RecoveryInput<'_>) -> Option<Recovery> {
+        let pending =
+            |e: &effects::Model| e.kind == EffectKind::Push && e.status == EffectStatus::Pending;
+        let (first, first_job) = input
+            .pushes
+            .iter()
+            .filter(|(e, _)| pending(e) && e.host.as_deref() == Some(input.dead_host))
+            .min_by_key(|(e, _)| e.id)?;
+        if input.jobs.iter().any(|j| j.status == JobStatus::Running) {
+            return None;
+        }
+        let lost = input.jobs.iter().find(|j| j.id == *first_job)?;
+        let close_effects = input
+            .pushes
+            .iter()
+            .filter(|(e, _)| {
+                pending(e) && (e.host.as_deref() == Some(input.dead_host) || e.id >= first.id)
+            })
+            .map(|(e, _)| e.id)
+            .collect();
+        let active = input.task.status == TaskStatus::Active;
+        let cancel_jobs = input
+            .jobs
+            .iter()
+            .filter(|j| active && j.status == JobStatus::Queued)
+            .map(|j| j.id)
+            .collect();
+        let redo = active.then(|| NextJob {
+            stage: lost.stage.clone(),
+            iteration: input.iterations.next(&lost.stage),
+        });
+        Some(Recovery {
+            close_effects,
+            cancel_jobs,
+            redo,
+            feedback: lost.feedback.clone(),
+            lost_stage: lost.stage.clone(),
+            reason: format!(
+                "host {} died before pushing the work of stage {} (commit {}); it exists nowhere else",
+                input.dead_host,
+                lost.stage,
+                EffectPayload::from_row(first.kind, &first.payload)
+                    .ok()
+                    .and_then(|p| match p {
+                        EffectPayload::Push(p) => Some(p.commit),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "unknown".to_string()),
+            ),
+        })
+    }
+
+    /// The effects written when a task's delivery (a push or its pull request) failed
+    /// for good and the task failed with it: its work item moves to `on_failed`.
+    pub fn delivery_failed_effects(&self, task: &tasks::Model) -> Vec<PlannedEffect> {
+        let (Some(state), Some(issue)) = (&self.plane_states.on_failed, &task.plane_issue_id)
+        else {
+            return Vec::new();
+        };
+        vec![PlannedEffect {
+            idempotency_key: format!(
+                "plane_state:{}:delivery_failed:{}",
+                task.key, task.updated_at
+            ),
+            payload: EffectPayload::PlaneState(PlaneStatePayload {
+                issue: issue.clone(),
+                state: state.clone(),
+            }),
+            on_run_host: false,
+        }]
     }
 }
 

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use entity::{events, jobs};
+use entity::{effects, events, jobs};
 use serde_json::{Value, json};
 
-use crate::model::Usage;
+use crate::model::{EffectStatus, Usage};
 use crate::store::{RunningJob, TaskDetail, TaskSummary};
 
 /// A timestamp (ms since the epoch) as RFC 3339, to the second.
@@ -31,11 +31,106 @@ pub fn task_usage(d: &TaskDetail) -> Usage {
         .fold(Usage::default(), |sum, r| sum.plus(Usage::of_run(r)))
 }
 
+/// What a pending effect waits for, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EffectWait {
+    /// `effect`, `attempt`, `backoff`, `host` or `worker`.
+    pub on: &'static str,
+    /// In words: `effect #12 (push)`, `host host-b, which has the commit`, ...
+    pub what: String,
+    /// Since when (ms since the epoch).
+    pub since: i64,
+}
+
+/// What the pending effect `e` of a task waits for at `now`: an earlier effect of the
+/// task (effects of one task run in order), an attempt under way, a backoff after a
+/// failed attempt, the one host that can perform it, or a free worker.
+pub fn effect_wait(e: &effects::Model, all: &[effects::Model], now: i64) -> Option<EffectWait> {
+    if e.status != EffectStatus::Pending {
+        return None;
+    }
+    let earlier = all
+        .iter()
+        .find(|o| o.id < e.id && o.task_id == e.task_id && o.status == EffectStatus::Pending);
+    let (on, what, since) = if let Some(o) = earlier {
+        (
+            "effect",
+            format!("effect #{} ({}) before it", o.id, o.kind),
+            e.created_at,
+        )
+    } else if let (Some(node), true) = (&e.leased_by, e.next_attempt_at > now) {
+        (
+            "attempt",
+            format!("attempt {} under way on node {node}", e.attempts),
+            e.updated_at,
+        )
+    } else if e.next_attempt_at > now {
+        let after = e.last_error.as_deref().unwrap_or("a failed attempt");
+        let what = format!(
+            "backoff until {} after: {after}",
+            fmt_time(e.next_attempt_at)
+        );
+        ("backoff", what, e.updated_at)
+    } else if let Some(host) = &e.host {
+        let what = format!("host {host}, the only one with the stage's commit");
+        ("host", what, e.created_at)
+    } else {
+        ("worker", "a free effect worker".to_string(), e.created_at)
+    };
+    Some(EffectWait { on, what, since })
+}
+
+/// Why a run did not pass, as its winning claim recorded it (the verdict's reason).
+pub fn run_reason(d: &TaskDetail, run_id: i64) -> Option<String> {
+    d.events
+        .iter()
+        .filter(|e| e.kind == crate::model::EventKind::ClaimWon && e.run_id == Some(run_id))
+        .find_map(|e| {
+            let detail: Value = serde_json::from_str(&e.detail).ok()?;
+            detail["verdict"]["reason"].as_str().map(str::to_string)
+        })
+}
+
+/// Why the task failed, as its last `task_failed` event says.
+pub fn failure_reason(d: &TaskDetail) -> Option<String> {
+    if d.task.status != crate::model::TaskStatus::Failed {
+        return None;
+    }
+    d.events
+        .iter()
+        .rev()
+        .find(|e| e.kind == crate::model::EventKind::TaskFailed)
+        .and_then(|e| {
+            let detail: Value = serde_json::from_str(&e.detail).ok()?;
+            detail["reason"].as_str().map(str::to_string)
+        })
+}
+
 /// The document of one task: `baton status KEY --json` and `GET /api/v1/tasks/{key}`.
-/// Each run carries its prompt and usage; `usage` is the task's total.
-pub fn detail_json(d: &TaskDetail) -> Value {
+/// Each run carries its prompt and usage; `usage` is the task's total; each pending
+/// effect says what it waits for.
+pub fn detail_json(d: &TaskDetail, now: i64) -> Value {
+    let effects: Vec<Value> = d
+        .effects
+        .iter()
+        .map(|e| {
+            let mut v = json!(e);
+            v["waiting"] = json!(effect_wait(e, &d.effects, now));
+            v
+        })
+        .collect();
+    let runs: Vec<Value> = d
+        .runs
+        .iter()
+        .map(|r| {
+            let mut v = json!(r);
+            v["reason"] = json!(run_reason(d, r.id));
+            v
+        })
+        .collect();
     json!({
-        "task": d.task, "jobs": d.jobs, "runs": d.runs, "effects": d.effects,
+        "task": d.task, "jobs": d.jobs, "runs": runs, "effects": effects,
+        "failure": failure_reason(d),
         "usage": task_usage(d),
         "events": d.events.iter().map(event_json).collect::<Vec<_>>(),
     })
@@ -133,7 +228,7 @@ pub fn render_tasks(tasks: &[TaskSummary]) -> String {
 }
 
 /// One task with its jobs, runs and effects: `baton status KEY` and the demo's summary.
-pub fn render_detail(d: &TaskDetail) -> String {
+pub fn render_detail(d: &TaskDetail, now: i64) -> String {
     let t = &d.task;
     let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     let mut out = format!(
@@ -144,6 +239,9 @@ pub fn render_detail(d: &TaskDetail) -> String {
         t.status,
         fmt_time(t.created_at)
     );
+    if let Some(reason) = failure_reason(d) {
+        out.push_str(&format!("  failed: {reason}\n"));
+    }
     if let Some(p) = &t.plane_issue_id {
         out.push_str(&format!("  plane issue: {p}\n"));
     }
@@ -174,6 +272,9 @@ pub fn render_detail(d: &TaskDetail) -> String {
                 dash(r.commit_sha.as_deref().map(|s| s.chars().take(10).collect())),
                 r.log_path
             ));
+            if let Some(reason) = run_reason(d, r.id) {
+                out.push_str(&format!("           reason: {reason}\n"));
+            }
             let usage = fmt_usage(Usage::of_run(r));
             if !usage.is_empty() {
                 out.push_str(&format!("           usage {usage}\n"));
@@ -209,6 +310,13 @@ pub fn render_detail(d: &TaskDetail) -> String {
                     .map(|s| format!(" last error: {s}"))
                     .unwrap_or_default()
             ));
+            if let Some(w) = effect_wait(e, &d.effects, now) {
+                out.push_str(&format!(
+                    "           waits for {} (since {})\n",
+                    w.what,
+                    fmt_time(w.since)
+                ));
+            }
         }
     }
     out

@@ -58,6 +58,11 @@ pub enum ServeError {
         .0.iter().map(|o| format!("  - {}: {}", o.key, o.reason)).collect::<Vec<_>>().join("\n")
     )]
     Orphaned(Vec<crate::tasks::Orphan>),
+    #[error(
+        "effects.push is off and other hosts serve this database ({}): a stage's work would exist only on the host that ran it, and the next stage could start on another; turn effects.push on, or serve from one host",
+        .0.join(", ")
+    )]
+    SeveralHostsWithoutPush(Vec<String>),
     #[error(transparent)]
     Task(#[from] crate::tasks::TaskError),
     #[error("cannot create {path}: {source}")]
@@ -65,6 +70,27 @@ pub enum ServeError {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// The hosts other than `hostname` that are alive or restarting within their window.
+async fn other_live_hosts(
+    store: &Store,
+    config: &Config,
+    hostname: &str,
+    now: i64,
+) -> Result<Vec<String>, ServeError> {
+    let windows = crate::liveness::LivenessWindows {
+        heartbeat_timeout_ms: crate::clock::ms(config.reaper.heartbeat_timeout),
+        adoption_window_ms: crate::clock::ms(config.node.adoption_window),
+    };
+    let hosts = crate::liveness::by_host(&store.nodes().await?, now, windows);
+    let mut others: Vec<String> = hosts
+        .into_iter()
+        .filter(|(h, l)| h != hostname && !l.is_dead())
+        .map(|(h, _)| h)
+        .collect();
+    others.sort();
+    Ok(others)
 }
 
 /// A running node.
@@ -110,6 +136,12 @@ impl Node {
             }
         }
         let hostname = config.node.host();
+        if !config.effects.push {
+            let others = other_live_hosts(&store, &config, &hostname, clock.now_ms()).await?;
+            if !others.is_empty() {
+                return Err(ServeError::SeveralHostsWithoutPush(others));
+            }
+        }
         let node_id = store
             .register_node(&hostname, std::process::id() as i32, clock.now_ms())
             .await?;

@@ -13,9 +13,12 @@
 //!   Reaper's view of running jobs.
 //! - [`claim`]: the fenced claim, which applies a [`crate::policy::Transition`].
 //! - [`outbox`]: effects and webhook deliveries.
+//! - [`delivery`]: durable work: a task done only once delivered, a refused delivery,
+//!   the recovery of work lost with its host.
 //! - [`nodes`]: the node rows.
 
 mod claim;
+mod delivery;
 mod nodes;
 mod outbox;
 mod runs;
@@ -33,9 +36,10 @@ use sea_orm::{
 
 use crate::model::{EventKind, EventSource};
 
-pub use outbox::{EffectOutcome, EffectSelector};
+pub use delivery::Recovered;
+pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
 pub use runs::{Dispatched, RunningJob};
-pub use tasks::{CancelledRun, NewTask, Submitted, TaskDetail, TaskSummary};
+pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
 
 /// How long an SQLite writer waits for another before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);

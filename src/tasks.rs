@@ -3,8 +3,6 @@
 //! these requests and present the results; none writes tasks any other way. After
 //! dispatch, only the claim transaction and the outbox change a task's status.
 
-use entity::jobs;
-
 use crate::config::Config;
 use crate::model::{EventSource, JobStatus, Origin, TaskKey};
 use crate::store::{EffectSelector, Store, StoreError, Submitted};
@@ -234,12 +232,13 @@ pub async fn retry_effects(
     Ok(store.retry_effects(selector, origin.into(), now).await?)
 }
 
-/// Re-queues a failed or cancelled task at the stage where it stopped.
+/// Re-queues a failed or cancelled task at the stage where it stopped (or delivers its
+/// work again, when only its delivery failed).
 pub async fn retry(
     store: &Store,
     key: &TaskKey,
     origin: Origin,
     now: i64,
-) -> Result<jobs::Model, TaskError> {
+) -> Result<crate::store::Retried, TaskError> {
     Ok(store.retry(key, origin.into(), now).await?)
 }

@@ -5,13 +5,15 @@
 
 mod access;
 mod mirror;
+mod retention;
 
 use std::path::{Path, PathBuf};
 
 use git2::{IndexAddOption, Repository, Signature};
 
 pub use access::{RepoAccess, set_network_timeout};
-pub use mirror::{Prepared, prepare};
+pub use mirror::{MIRROR_DIR, MIRROR_LOCK, Prepared, prepare};
+pub use retention::{MirrorGc, WorktreeRemoval, disk_usage, gc_mirror, remove_worktree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {

@@ -20,6 +20,9 @@ pub struct Model {
     /// What this job starts with: the verdict of the stage that rejected back to it, or
     /// the reason the previous attempt failed with the end of its log.
     pub feedback: Option<String>,
+    /// Queued to redo a stage whose work was lost with its host: it does not count
+    /// against the pipeline's `max_iterations`.
+    pub recovery: bool,
     pub created_at: i64,
     pub updated_at: i64,
 }

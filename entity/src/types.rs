@@ -98,12 +98,22 @@ string_enum! {
     }
 }
 
+impl EffectKind {
+    /// A push or a pull request: what carries a task's work to the remote, so that the
+    /// task is done only once they are.
+    pub const fn is_delivery(self) -> bool {
+        matches!(self, EffectKind::Push | EffectKind::PullRequest)
+    }
+}
+
 string_enum! {
     /// The status of an effect.
     EffectStatus {
         Pending = "pending",
         Done = "done",
         Failed = "failed",
+        /// Closed without being performed: the work it carried was lost with its host.
+        Cancelled = "cancelled",
     }
 }
 
@@ -112,6 +122,8 @@ string_enum! {
     AdvanceDecider {
         Monitor = "monitor",
         Reaper = "reaper",
+        /// Sent a task back to a stage whose work was lost with its host.
+        Recovery = "recovery",
     }
 }
 
@@ -146,5 +158,9 @@ string_enum! {
         EffectDone = "effect_done",
         EffectFailed = "effect_failed",
         EffectRetried = "effect_retried",
+        /// The last stage passed; the task is done once its pushes and pull request are.
+        AwaitingDelivery = "awaiting_delivery",
+        /// The work of a stage existed only on a dead host: the task went back to it.
+        TaskRecovered = "task_recovered",
     }
 }

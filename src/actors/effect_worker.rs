@@ -16,8 +16,7 @@ use super::{Ctx, ProbeEvent, Ticker, pass_or_default};
 use crate::clock::ms;
 use crate::effects::EffectError;
 use crate::liveness::{self, LivenessWindows};
-use crate::model::EventSource;
-use crate::store::EffectOutcome;
+use crate::store::{EffectOutcome, FinishedEffect};
 
 /// How long a taken effect is left to its worker before another may take it again.
 pub const EFFECT_LEASE: Duration = Duration::from_secs(120);
@@ -48,6 +47,9 @@ pub struct EffectResult {
     pub n_skipped: usize,
     /// Performed, but another worker had taken the effect over: not recorded.
     pub n_superseded: usize,
+    /// Tasks that ended with an outcome of this pass (done once delivered, or failed by
+    /// a refused delivery), with their status.
+    pub ended: Vec<(i64, crate::model::TaskStatus)>,
 }
 
 pub struct EffectWorker;
@@ -141,21 +143,30 @@ pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreErro
                     crate::telemetry::kv("outcome", outcome.label()),
                 ],
             );
-            let recorded = ctx.store.finish_effect(&effect, &ctx.node_id, outcome.clone(), EventSource::Monitor, ctx.now()).await;
-            (outcome, recorded)
+            let on_failed = ctx.policy.delivery_failed_effects(&task);
+            let recorded = ctx.store.finish_effect(&effect, &ctx.node_id, outcome.clone(), on_failed, ctx.now()).await;
+            if let Ok(FinishedEffect { task_ended: Some(status), .. }) = &recorded {
+                tracing::info!(task = %task.key, status = %status, "task ended with its delivery");
+            }
+            (outcome, effect.task_id, recorded)
         }.instrument(span));
     }
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((outcome, Ok(true))) => match outcome {
-                EffectOutcome::Done { .. } => result.n_done += 1,
-                EffectOutcome::Retry { .. } => result.n_retried += 1,
-                EffectOutcome::Failed { .. } => result.n_failed += 1,
-            },
+            Ok((outcome, task_id, Ok(f))) if f.recorded => {
+                match outcome {
+                    EffectOutcome::Done { .. } => result.n_done += 1,
+                    EffectOutcome::Retry { .. } => result.n_retried += 1,
+                    EffectOutcome::Failed { .. } => result.n_failed += 1,
+                }
+                if let Some(status) = f.task_ended {
+                    result.ended.push((task_id, status));
+                }
+            }
             // Another worker took the effect over since; its attempt is the one recorded.
-            Ok((_, Ok(false))) => result.n_superseded += 1,
+            Ok((_, _, Ok(_))) => result.n_superseded += 1,
             // The lease runs out and the effect is taken again; remotes deduplicate.
-            Ok((_, Err(e))) => tracing::warn!(error = %e, "cannot record an effect's outcome"),
+            Ok((_, _, Err(e))) => tracing::warn!(error = %e, "cannot record an effect's outcome"),
             Err(e) => tracing::error!(error = %e, "an effect task panicked"),
         }
     }

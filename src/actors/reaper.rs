@@ -7,6 +7,9 @@
 //!   and the job still runs with that run. The gate is evaluated READ-ONLY.
 //! - Timeout: an unwatched agent of this host past its stage timeout is killed.
 //!
+//! - Recovery: a push pinned to a dead host can never be performed; its task goes back to
+//!   the earliest stage whose work did not reach the remote.
+//!
 //! A run watched by a live Monitor of this process is never touched, and a run whose exit
 //! was recorded less than `finalize_grace` ago is never reaped: its monitor may still be
 //! finalizing.
@@ -56,11 +59,13 @@ pub struct ReapResult {
     /// Runs of another host left alone: it is alive, or restarting within its window.
     pub n_host_alive: usize,
     pub n_won: usize,
+    /// Tasks sent back to a stage whose work was lost with a dead host (ADR 0010).
+    pub n_recovered: usize,
 }
 
 impl ReapResult {
     pub fn did_work(&self) -> bool {
-        self.n_tier1 + self.n_tier2 + self.n_timeout + self.n_exit_recorded > 0
+        self.n_tier1 + self.n_tier2 + self.n_timeout + self.n_exit_recorded + self.n_recovered > 0
     }
 }
 
@@ -204,7 +209,45 @@ pub async fn run_once(
             claims.push((claim, outcome));
         }
     }
+    result.n_recovered = recover_lost_work(ctx, &hosts).await?;
     Ok((result, claims))
+}
+
+/// The tasks whose pushes wait for a dead host: that host's commits exist nowhere else,
+/// so each such task goes back to its earliest unpushed stage (`Store::recover`, fenced,
+/// once whatever races it). A task whose job still runs is taken at a later pass, once
+/// the tier-1 reap above has ended that run.
+async fn recover_lost_work(
+    ctx: &Ctx,
+    hosts: &std::collections::HashMap<String, HostLiveness>,
+) -> Result<usize, crate::store::StoreError> {
+    let mut n = 0;
+    for (task_id, host) in ctx.store.pinned_pushes().await? {
+        let dead = host != ctx.hostname
+            && hosts
+                .get(&host)
+                .copied()
+                .unwrap_or(HostLiveness::Dead)
+                .is_dead();
+        if !dead {
+            continue;
+        }
+        if let Some(r) = ctx
+            .store
+            .recover(task_id, &host, &ctx.policy, ctx.now())
+            .await?
+        {
+            tracing::warn!(
+                task_id,
+                host = %host,
+                stage = %r.lost_stage,
+                job_id = r.job_id,
+                "work lost with a dead host: the task goes back to its earliest unpushed stage"
+            );
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// A run of this host with no exit recorded: its agent past the stage timeout is stopped;

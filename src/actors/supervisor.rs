@@ -1,5 +1,5 @@
 //! The Supervisor: spawns the Dispatcher, the Advancer, the Reaper, the EffectWorker, the
-//! PlanePoller (with Plane) and one Monitor per running job (all linked), adopts the runs an earlier boot of this host
+//! PlanePoller (with Plane), the Janitor and one Monitor per running job (all linked), adopts the runs an earlier boot of this host
 //! left behind, and shuts everything down in order. The node's heartbeat is not its
 //! business: `service` beats it until the process ends, a shutdown included.
 //!
@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg, send_claim};
 use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
 use super::effect_worker::{EffectWorker, EffectWorkerArgs, EffectWorkerMsg};
+use super::janitor::{Janitor, JanitorArgs, JanitorMsg};
 use super::monitor::{Monitor, MonitorArgs, MonitorMode, MonitorMsg};
 use super::plane_poller::{PlanePoller, PlanePollerArgs, PlanePollerMsg};
 use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
@@ -75,6 +76,7 @@ pub struct SupervisorState {
     reaper: Option<ActorRef<ReaperMsg>>,
     /// Only with Plane, a trigger state and a poll interval.
     plane_poller: Option<ActorRef<PlanePollerMsg>>,
+    janitor: Option<ActorRef<JanitorMsg>>,
     effect_worker: Option<ActorRef<EffectWorkerMsg>>,
     advancer: ActorRef<AdvancerMsg>,
     monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
@@ -154,7 +156,15 @@ impl Actor for Supervisor {
             }
             None => None,
         };
+        let (janitor, _) = Actor::spawn_linked(
+            None,
+            Janitor,
+            JanitorArgs { ctx: ctx.clone() },
+            cell.clone(),
+        )
+        .await?;
         Ok(SupervisorState {
+            janitor: Some(janitor),
             ctx,
             dispatcher: Some(dispatcher),
             reaper: Some(reaper),
@@ -240,6 +250,10 @@ impl Actor for Supervisor {
                 if let Some(p) = state.plane_poller.take() {
                     p.unlink(myself.get_cell());
                     let _ = p.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
+                }
+                if let Some(j) = state.janitor.take() {
+                    j.unlink(myself.get_cell());
+                    let _ = j.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
                 let monitors: Vec<ActorRef<MonitorMsg>> =
                     state.monitors.values().map(|(m, _)| m.clone()).collect();

@@ -91,6 +91,18 @@ impl Config {
                 problem(key, msg);
             }
         }
+        for (key, d) in self.retention.periods() {
+            if d.is_zero() || d > super::RETENTION_MAX {
+                problem(
+                    key,
+                    format!(
+                        "{} is not between 1s and {}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(super::RETENTION_MAX)
+                    ),
+                );
+            }
+        }
         if !self.node.host.is_empty() && self.node.host.trim().is_empty() {
             problem(
                 "node.host",

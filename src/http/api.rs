@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::{ApiError, HttpState, KeyPath, LOG_TAIL_DEFAULT};
 use crate::model::{EventKind, Origin, TaskKey, TaskStatus, Usage};
 use crate::present;
+use crate::store::Retried;
 use crate::tasks::{self, EffectsToRetry, SubmitRequest};
 
 type ApiResult = Result<Response, ApiError>;
@@ -79,7 +80,7 @@ pub(super) async fn list_tasks(
 
 pub(super) async fn task_detail(State(st): State<HttpState>, KeyPath(key): KeyPath) -> ApiResult {
     let detail = st.store.task_detail(&key).await?;
-    Ok(axum::Json(present::detail_json(&detail)).into_response())
+    Ok(axum::Json(present::detail_json(&detail, st.clock.now_ms())).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -121,8 +122,13 @@ pub(super) async fn cancel_task(State(st): State<HttpState>, KeyPath(key): KeyPa
 }
 
 pub(super) async fn retry_task(State(st): State<HttpState>, KeyPath(key): KeyPath) -> ApiResult {
-    let job = tasks::retry(&st.store, &key, Origin::Api, st.clock.now_ms()).await?;
-    Ok(axum::Json(json!({"task": key, "job": job})).into_response())
+    let doc = match tasks::retry(&st.store, &key, Origin::Api, st.clock.now_ms()).await? {
+        Retried::Job(job) => json!({"task": key, "job": job}),
+        Retried::Delivery { effects, status } => {
+            json!({"task": key, "delivery": {"effects_retried": effects, "status": status}})
+        }
+    };
+    Ok(axum::Json(doc).into_response())
 }
 
 pub(super) async fn retry_effect(
@@ -221,12 +227,21 @@ async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
 /// age, recent reaps and failed effects: the dashboard's one request.
 pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
     let now = st.clock.now_ms();
-    let (tasks, running, reaps, failed) = tokio::try_join!(
+    let (tasks, running, reaps, failed, pending) = tokio::try_join!(
         st.store.list_tasks(None),
         st.store.running_jobs(),
         st.store.recent_events(&[EventKind::Reaped], 20),
         st.store.failed_effects(20),
+        st.store.pending_effects(50),
     )?;
+    let all_pending: Vec<_> = pending.iter().map(|(e, _)| e.clone()).collect();
+    let waiting: Vec<Value> = pending
+        .iter()
+        .filter_map(|(e, key)| {
+            let w = present::effect_wait(e, &all_pending, now)?;
+            Some(json!({"id": e.id, "task": key, "kind": e.kind, "waiting": w}))
+        })
+        .collect();
     let tasks: Vec<_> = tasks.into_iter().take(200).collect();
     let job_ids: Vec<i64> = tasks
         .iter()
@@ -293,6 +308,7 @@ pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
         .collect();
     let doc = json!({
         "now": now, "tasks": tasks, "running": running, "reaps": reaps, "failed_effects": failed,
+        "waiting_effects": waiting,
     });
     Ok(axum::Json(doc).into_response())
 }

@@ -59,6 +59,7 @@ fn job(stage: &str, attempt: i32) -> jobs::Model {
         current_run_id: Some(70),
         not_before: 0,
         feedback: None,
+        recovery: false,
         created_at: 0,
         updated_at: 0,
     }
@@ -71,7 +72,7 @@ fn decide(
     v: Verdict,
     its: &[(&str, i32)],
 ) -> Transition {
-    let iterations: HashMap<String, i32> = its.iter().map(|(s, i)| (s.to_string(), *i)).collect();
+    let iterations = Iterations::of(its);
     p.decide(ClaimInput {
         task: t,
         job: j,
@@ -296,7 +297,7 @@ fn exhausted_attempts_fail_the_task_with_the_reason() {
 fn no_push_without_a_commit_or_with_pushing_off() {
     let mut p = policy();
     let (t, j) = (task(false), job("analyst", 1));
-    let none = HashMap::new();
+    let none = Iterations::default();
     let input = ClaimInput {
         task: &t,
         job: &j,
@@ -320,4 +321,163 @@ fn the_start_effect_needs_a_work_item_and_a_state() {
     assert_eq!(e.idempotency_key, "plane_state:APP-1:on_start");
     p.plane_states.on_start = None;
     assert_eq!(p.start_effect(&task(true)), None);
+}
+
+#[test]
+fn a_recovery_job_does_not_count_against_max_iterations() {
+    let p = policy();
+    // developer ran twice, once of them to redo work lost with its host.
+    let mut its = Iterations::of(&[("developer", 2)]);
+    its.recoveries.insert("developer".into(), 1);
+    let input = ClaimInput {
+        task: &task(false),
+        job: &job("reviewer", 1),
+        run_id: 70,
+        verdict: &Verdict::Rejected,
+        commit_sha: None,
+        feedback: None,
+        iterations: &its,
+        now: 0,
+    };
+    let t = p.decide(input);
+    assert_eq!(
+        t.next,
+        Some(NextJob {
+            stage: "developer".into(),
+            iteration: 3
+        })
+    );
+    // Without the recovery the same loop is past the bound.
+    let t = decide(
+        &p,
+        &task(false),
+        &job("reviewer", 1),
+        Verdict::Rejected,
+        &[("developer", 2)],
+    );
+    assert_eq!(t.job, JobChange::Failed);
+}
+
+fn push(id: i64, host: &str, status: EffectStatus, job_id: i64) -> (effects::Model, i64) {
+    let payload = EffectPayload::Push(PushPayload {
+        branch: "baton/APP-1".into(),
+        commit: format!("c{id}"),
+    });
+    let e = effects::Model {
+        id,
+        task_id: 1,
+        run_id: id * 10,
+        kind: EffectKind::Push,
+        idempotency_key: format!("push:{}", id * 10),
+        status,
+        attempts: 0,
+        next_attempt_at: 0,
+        last_error: None,
+        external_ref: None,
+        payload: payload.to_json(),
+        created_at: 0,
+        updated_at: 0,
+        host: Some(host.into()),
+        leased_by: None,
+    };
+    (e, job_id)
+}
+
+fn job_at(id: i64, stage: &str, status: JobStatus) -> jobs::Model {
+    jobs::Model {
+        id,
+        stage: stage.into(),
+        status,
+        feedback: Some(format!("feedback of {stage}")),
+        ..job(stage, 1)
+    }
+}
+
+#[test]
+fn recovery_goes_back_to_the_earliest_stage_whose_push_waits_for_the_dead_host() {
+    let p = policy();
+    let jobs = [
+        job_at(1, "analyst", JobStatus::Done),
+        job_at(2, "developer", JobStatus::Done),
+        job_at(3, "reviewer", JobStatus::Queued),
+    ];
+    let pushes = [
+        push(11, "host-a", EffectStatus::Done, 1),
+        push(12, "host-b", EffectStatus::Pending, 2),
+    ];
+    let its = Iterations::of(&[("analyst", 1), ("developer", 1), ("reviewer", 1)]);
+    let input = RecoveryInput {
+        task: &task(false),
+        jobs: &jobs,
+        pushes: &pushes,
+        dead_host: "host-b",
+        iterations: &its,
+    };
+    let r = p.recover(input).unwrap();
+    assert_eq!(r.close_effects, [12]);
+    assert_eq!(r.cancel_jobs, [3]);
+    assert_eq!(
+        r.redo,
+        Some(NextJob {
+            stage: "developer".into(),
+            iteration: 2
+        })
+    );
+    assert_eq!(r.feedback.as_deref(), Some("feedback of developer"));
+    assert!(
+        r.reason.contains("host-b") && r.reason.contains("c12"),
+        "{}",
+        r.reason
+    );
+
+    // Nothing waits for a host that is not the dead one.
+    assert_eq!(
+        p.recover(RecoveryInput {
+            dead_host: "host-a",
+            ..input
+        }),
+        None
+    );
+    // A job that still runs is ended by the Reaper first.
+    let running = [
+        job_at(1, "analyst", JobStatus::Done),
+        job_at(2, "developer", JobStatus::Running),
+    ];
+    assert_eq!(
+        p.recover(RecoveryInput {
+            jobs: &running,
+            ..input
+        }),
+        None
+    );
+}
+
+#[test]
+fn recovery_of_a_task_that_ended_only_closes_its_pushes() {
+    let p = policy();
+    let jobs = [
+        job_at(1, "analyst", JobStatus::Done),
+        job_at(2, "developer", JobStatus::Failed),
+    ];
+    // A later push of another host builds on the lost commit: closed as well.
+    let pushes = [
+        push(12, "host-b", EffectStatus::Pending, 1),
+        push(13, "host-a", EffectStatus::Pending, 2),
+    ];
+    let mut t = task(false);
+    t.status = TaskStatus::Cancelled;
+    let its = Iterations::default();
+    let r = p
+        .recover(RecoveryInput {
+            task: &t,
+            jobs: &jobs,
+            pushes: &pushes,
+            dead_host: "host-b",
+            iterations: &its,
+        })
+        .unwrap();
+    assert_eq!(r.close_effects, [12, 13]);
+    assert!(r.cancel_jobs.is_empty());
+    assert_eq!(r.redo, None);
+    assert_eq!(r.lost_stage, "analyst");
 }

@@ -9,6 +9,7 @@ use sea_orm::sea_query::{Expr, LockType};
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, Set};
 use serde_json::json;
 
+use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
 use super::tasks::{insert_job, iterations, lock_task, set_task_status};
 use super::{NewEvent, Store, StoreResult, append, must};
@@ -240,14 +241,29 @@ async fn apply(
             append(txn, ev(EventKind::JobAdvanced).detail(detail), now).await?;
         }
     }
+    // A task is done only once its work is on the remote: with a push or pull request
+    // still to come, it stays active until the EffectWorker performs them (ADR 0010).
+    let mut task_status = decision.task_end.as_ref().map(|e| e.status);
     if let Some(end) = &decision.task_end {
-        set_task_status(txn, task.id, end.status, now).await?;
-        let kind = match end.status {
-            TaskStatus::Done => EventKind::TaskDone,
-            _ => EventKind::TaskFailed,
-        };
-        let detail = json!({"stage": job.stage, "reason": end.reason});
-        append(txn, ev(kind).detail(detail), now).await?;
+        let delivering = end.status == TaskStatus::Done
+            && (decision
+                .effects
+                .iter()
+                .any(|e| e.payload.kind().is_delivery())
+                || delivery_pending(txn, task.id).await?);
+        if delivering {
+            task_status = None;
+            let detail = json!({"stage": job.stage});
+            append(txn, ev(EventKind::AwaitingDelivery).detail(detail), now).await?;
+        } else {
+            set_task_status(txn, task.id, end.status, now).await?;
+            let kind = match end.status {
+                TaskStatus::Done => EventKind::TaskDone,
+                _ => EventKind::TaskFailed,
+            };
+            let detail = json!({"stage": job.stage, "reason": end.reason});
+            append(txn, ev(kind).detail(detail), now).await?;
+        }
     }
 
     // The outbox: every external effect of this decision, in the same transaction.
@@ -267,7 +283,7 @@ async fn apply(
     Ok(ClaimWon {
         job_status,
         next_job,
-        task_status: decision.task_end.map(|e| e.status),
+        task_status,
         effects: n_effects,
     })
 }

@@ -10,6 +10,7 @@ use sea_orm::{
 };
 use serde_json::json;
 
+use super::delivery::{complete_delivery, fail_delivery};
 use super::{NewEvent, Store, StoreError, StoreResult, append};
 use crate::model::{EffectKind, EffectStatus, EventKind, EventSource};
 use crate::policy::PlannedEffect;
@@ -39,6 +40,15 @@ impl EffectOutcome {
             EffectOutcome::Failed { .. } => "failed",
         }
     }
+}
+
+/// What recording an effect's outcome did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FinishedEffect {
+    /// False when another worker had taken the effect over: nothing was written.
+    pub recorded: bool,
+    /// The task ended with it: done once delivered, or failed by a refused delivery.
+    pub task_ended: Option<crate::model::TaskStatus>,
 }
 
 impl Store {
@@ -103,15 +113,17 @@ impl Store {
     /// Records the outcome of one attempt of an effect (after [`Store::lease_effect`] of
     /// `e` by `node_id`): done, retried at `retry_at`, or failed for good; with its event.
     /// Fenced by the lease: when another worker took the effect over since (a newer
-    /// attempt), nothing is written and `false` is returned.
+    /// attempt), nothing is written. A push or pull request done may end the task
+    /// `done`; one failed for good fails it, and `on_failed` is written (ADR 0010).
     pub async fn finish_effect(
         &self,
         e: &effects::Model,
         node_id: &str,
         outcome: EffectOutcome,
-        source: EventSource,
+        on_failed: Vec<PlannedEffect>,
         now: i64,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<FinishedEffect> {
+        let source = EventSource::Monitor;
         let (write, txn) = self.write_txn().await?;
         // The attempt is over: no lease covers the effect any more, so a retry waits for
         // its backoff whatever becomes of this node.
@@ -173,9 +185,21 @@ impl Store {
             };
             append(&txn, ev, now).await?;
         }
+        let postgres = self.is_postgres();
+        let task_ended = match &outcome {
+            _ if changed != 1 || !e.kind.is_delivery() => None,
+            EffectOutcome::Done { .. } => complete_delivery(&txn, e.task_id, postgres, now).await?,
+            EffectOutcome::Failed { error } => {
+                fail_delivery(&txn, e, error, on_failed, postgres, now).await?
+            }
+            EffectOutcome::Retry { .. } => None,
+        };
         txn.commit().await?;
         drop(write);
-        Ok(changed == 1)
+        Ok(FinishedEffect {
+            recorded: changed == 1,
+            task_ended,
+        })
     }
 
     /// Makes failed effects pending again, as new (attempts from zero, due now): the one
@@ -263,6 +287,27 @@ impl Store {
             .filter(effects::Column::RunId.eq(run_id))
             .all(&self.db)
             .await?)
+    }
+
+    /// Pending effects, oldest first, with their task's key.
+    pub async fn pending_effects(&self, limit: u64) -> StoreResult<Vec<(effects::Model, String)>> {
+        let pending = effects::Entity::find()
+            .filter(effects::Column::Status.eq(EffectStatus::Pending))
+            .order_by_asc(effects::Column::Id)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        let tasks = self.tasks_by_id(pending.iter().map(|e| e.task_id)).await?;
+        Ok(pending
+            .into_iter()
+            .map(|e| {
+                let key = tasks
+                    .get(&e.task_id)
+                    .map(|t| t.key.clone())
+                    .unwrap_or_default();
+                (e, key)
+            })
+            .collect())
     }
 
     /// Effects that failed for good, newest first.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use entity::{agent_runs, jobs, nodes, tasks};
+use entity::{agent_runs, effects, jobs, nodes, tasks};
 use sea_orm::sea_query::{Condition, Expr, LockBehavior, LockType, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
@@ -14,7 +14,9 @@ use serde_json::json;
 
 use super::outbox::insert_effect;
 use super::{NewEvent, Store, StoreResult, append, must};
-use crate::model::{EventKind, EventSource, JobStatus, TaskStatus, Usage};
+use crate::model::{
+    EffectKind, EffectStatus, EventKind, EventSource, JobStatus, TaskStatus, Usage,
+};
 use crate::policy::Policy;
 
 /// A job taken by a dispatcher, with the run created for it in the same transaction.
@@ -55,6 +57,10 @@ impl Store {
         now: i64,
     ) -> StoreResult<Option<Dispatched>> {
         let mut skip: Vec<i64> = Vec::new();
+        let hostname = nodes::Entity::find_by_id(node_id.to_string())
+            .one(&self.db)
+            .await?
+            .map(|n| n.hostname);
         for _ in 0..8 {
             let (_write, txn) = self.write_txn().await?;
             // The dispatchable jobs: queued, due, of an active task.
@@ -63,10 +69,23 @@ impl Store {
                 .from(tasks::Entity)
                 .and_where(tasks::Column::Status.eq(TaskStatus::Active))
                 .to_owned();
+            // A task whose push waits for another host: its last commit is only there, so
+            // its next stage runs there or after the push (ADR 0010).
+            let elsewhere = Query::select()
+                .column(effects::Column::TaskId)
+                .from(effects::Entity)
+                .and_where(effects::Column::Kind.eq(EffectKind::Push))
+                .and_where(effects::Column::Status.eq(EffectStatus::Pending))
+                .and_where(match &hostname {
+                    Some(h) => effects::Column::Host.ne(h.as_str()),
+                    None => effects::Column::Host.is_not_null(),
+                })
+                .to_owned();
             let candidate = jobs::Entity::find()
                 .filter(jobs::Column::Status.eq(JobStatus::Queued))
                 .filter(jobs::Column::NotBefore.lte(now))
                 .filter(jobs::Column::TaskId.in_subquery(active))
+                .filter(jobs::Column::TaskId.not_in_subquery(elsewhere))
                 .filter(jobs::Column::Id.is_not_in(skip.clone()))
                 .order_by_asc(jobs::Column::TaskId)
                 .order_by_asc(jobs::Column::Id)
@@ -278,12 +297,15 @@ impl Store {
         Ok(jobs::Entity::find_by_id(job_id).one(&self.db).await?)
     }
 
-    /// The commit of the latest run of a task that made one, which the next stage builds on.
+    /// The commit of the latest run of a task that made one, which the next stage builds
+    /// on; a commit lost with its host (its push closed unperformed) is not one.
     pub async fn last_commit(&self, task_id: i64) -> StoreResult<Option<String>> {
         let job_ids: Vec<i64> = self.jobs_of(task_id).await?.iter().map(|j| j.id).collect();
+        let lost = super::delivery::lost_runs(&self.db, task_id).await?;
         Ok(agent_runs::Entity::find()
             .filter(agent_runs::Column::JobId.is_in(job_ids))
             .filter(agent_runs::Column::CommitSha.is_not_null())
+            .filter(agent_runs::Column::Id.is_not_in(lost))
             .order_by_desc(agent_runs::Column::Id)
             .one(&self.db)
             .await?

@@ -13,7 +13,10 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{NewEvent, Store, StoreError, StoreResult, append, must};
-use crate::model::{EventKind, EventSource, JobStatus, RunOutcome, TaskKey, TaskStatus};
+use crate::model::{
+    EffectKind, EffectStatus, EventKind, EventSource, JobStatus, RunOutcome, TaskKey, TaskStatus,
+};
+use crate::policy::Iterations;
 
 /// A task to write, with everything already checked by the application layer.
 #[derive(Debug, Clone)]
@@ -252,6 +255,26 @@ impl Store {
             .collect())
     }
 
+    /// Tasks by key, in one query; keys without a task are left out.
+    pub async fn tasks_by_keys(
+        &self,
+        keys: impl IntoIterator<Item = String>,
+    ) -> StoreResult<HashMap<String, tasks::Model>> {
+        let keys: Vec<String> = keys.into_iter().collect();
+        let mut out = HashMap::new();
+        // Bounded batches: SQLite takes at most 32766 bound values in one statement.
+        for chunk in keys.chunks(500) {
+            for t in tasks::Entity::find()
+                .filter(tasks::Column::Key.is_in(chunk.to_vec()))
+                .all(&self.db)
+                .await?
+            {
+                out.insert(t.key.clone(), t);
+            }
+        }
+        Ok(out)
+    }
+
     /// Keeps a task's description (read from its Plane work item before its first stage).
     pub async fn set_description(&self, task_id: i64, text: &str, now: i64) -> StoreResult<()> {
         let _write = self.lock_writes().await;
@@ -311,13 +334,16 @@ impl Store {
     }
 
     /// Re-queues a failed or cancelled task at the stage where it stopped, as a new job
-    /// (next iteration of that stage) with a fresh attempt budget.
+    /// (next iteration of that stage) with a fresh attempt budget; at the earliest stage
+    /// whose work was lost with its host, when one was. A task whose pipeline ended and
+    /// whose delivery failed is delivered again instead: its failed pushes and pull
+    /// request are made pending, and it is done once they are (ADR 0010).
     pub async fn retry(
         &self,
         key: &TaskKey,
         source: EventSource,
         now: i64,
-    ) -> StoreResult<jobs::Model> {
+    ) -> StoreResult<Retried> {
         let (_write, txn) = self.write_txn().await?;
         let task = lock_task_by_key(&txn, key, self.is_postgres()).await?;
         if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
@@ -327,19 +353,47 @@ impl Store {
                 what: "only a failed or cancelled task can be retried".to_string(),
             });
         }
+        if let Some(last) = super::delivery::pipeline_end(&txn, task.id).await? {
+            let again = effects::Entity::update_many()
+                .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
+                .col_expr(effects::Column::Attempts, Expr::value(0))
+                .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
+                .col_expr(
+                    effects::Column::LeasedBy,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+                .filter(effects::Column::TaskId.eq(task.id))
+                .filter(effects::Column::Kind.is_in([EffectKind::Push, EffectKind::PullRequest]))
+                .filter(effects::Column::Status.eq(EffectStatus::Failed))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            set_task_status(&txn, task.id, TaskStatus::Active, now).await?;
+            let detail = json!({"stage": last.stage, "retry": true, "effects_retried": again});
+            let ev = NewEvent::of(task.id, Some(&last), EventKind::AwaitingDelivery, source);
+            append(&txn, ev.detail(detail), now).await?;
+            let status = super::delivery::complete_delivery(&txn, task.id, self.is_postgres(), now)
+                .await?
+                .unwrap_or(TaskStatus::Active);
+            txn.commit().await?;
+            return Ok(Retried::Delivery {
+                effects: again,
+                status,
+            });
+        }
         let last = jobs::Entity::find()
             .filter(jobs::Column::TaskId.eq(task.id))
             .order_by_desc(jobs::Column::Id)
             .one(&txn)
             .await?;
         let last = must(last, || format!("jobs of task {key}"))?;
-        let iteration = iterations(&txn, task.id)
-            .await?
-            .get(&last.stage)
-            .copied()
-            .unwrap_or(0)
-            + 1;
-        let job = insert_job(&txn, task.id, &last.stage, iteration, None, now).await?;
+        let stage = match super::delivery::earliest_lost_job(&txn, task.id).await? {
+            Some(lost) => lost.stage,
+            None => last.stage.clone(),
+        };
+        let iteration = iterations(&txn, task.id).await?.next(&stage);
+        let job = insert_job(&txn, task.id, &stage, iteration, None, now).await?;
         set_task_status(&txn, task.id, TaskStatus::Active, now).await?;
         append(
             &txn,
@@ -349,8 +403,19 @@ impl Store {
         )
         .await?;
         txn.commit().await?;
-        Ok(job)
+        Ok(Retried::Job(job))
     }
+}
+
+/// What a retry did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "retried", rename_all = "snake_case")]
+pub enum Retried {
+    /// A new job where the task stopped.
+    Job(jobs::Model),
+    /// The pipeline had ended: its delivery is tried again (`effects` made pending); the
+    /// task's status now (`done` when nothing was left to deliver).
+    Delivery { effects: u64, status: TaskStatus },
 }
 
 /// How an active task ends outside any claim.
@@ -464,19 +529,18 @@ pub(super) async fn insert_job<C: ConnectionTrait>(
     .await?)
 }
 
-/// The highest iteration each stage of a task has reached.
+/// How often each stage of a task has been entered (recovery jobs apart).
 pub(super) async fn iterations<C: ConnectionTrait>(
     db: &C,
     task_id: i64,
-) -> StoreResult<HashMap<String, i32>> {
-    let mut out: HashMap<String, i32> = HashMap::new();
+) -> StoreResult<Iterations> {
+    let mut out = Iterations::default();
     for j in jobs::Entity::find()
         .filter(jobs::Column::TaskId.eq(task_id))
         .all(db)
         .await?
     {
-        let e = out.entry(j.stage).or_insert(0);
-        *e = (*e).max(j.iteration);
+        out.add(&j);
     }
     Ok(out)
 }

@@ -52,9 +52,11 @@ impl RepoAccess {
                         .token
                         .as_ref()
                         .map(|t| Cred::userpass_plaintext("x-access-token", t)),
-                    3 if https => Some(git2::Config::open_default().and_then(|config| {
-                        Cred::credential_helper(&config, url, username)
-                    })),
+                    // No helper, or one that knows nothing: the next way (a refusal).
+                    3 if https => git2::Config::open_default()
+                        .and_then(|config| Cred::credential_helper(&config, url, username))
+                        .ok()
+                        .map(Ok),
                     _ => None,
                 };
                 if let Some(cred) = cred {

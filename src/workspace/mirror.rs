@@ -14,6 +14,10 @@ use super::{RepoAccess, WorkspaceError, git};
 
 /// The remote-tracking refs of the mirror.
 const ORIGIN: &str = "origin";
+/// The mirror's folder under `workspace_root`.
+pub const MIRROR_DIR: &str = ".mirror.git";
+/// The mirror's file lock under `workspace_root`.
+pub const MIRROR_LOCK: &str = ".mirror.lock";
 
 /// A prepared checkout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,10 +31,10 @@ pub struct Prepared {
 }
 
 /// The mirror's file lock, held while this value lives.
-struct MirrorLock(#[allow(dead_code)] Flock<File>);
+pub(super) struct MirrorLock(#[allow(dead_code)] Flock<File>);
 
-fn lock_mirror(root: &Path) -> Result<MirrorLock, WorkspaceError> {
-    let path = root.join(".mirror.lock");
+pub(super) fn lock_mirror(root: &Path) -> Result<MirrorLock, WorkspaceError> {
+    let path = root.join(MIRROR_LOCK);
     let io = |source| WorkspaceError::Io {
         path: path.clone(),
         source,
@@ -48,7 +52,7 @@ fn lock_mirror(root: &Path) -> Result<MirrorLock, WorkspaceError> {
 
 /// Opens the mirror, or makes it anew when it is missing or broken (a clone cut short).
 fn open_mirror(root: &Path, access: &RepoAccess) -> Result<Repository, WorkspaceError> {
-    let path = root.join(".mirror.git");
+    let path = root.join(MIRROR_DIR);
     if let Ok(repo) = Repository::open_bare(&path)
         && repo.find_remote(ORIGIN).is_ok()
     {

@@ -127,9 +127,9 @@ gate.verdict = {{ file = "review.md", approve = "APPROVED", reject = "CHANGES_RE
     );
     let run = detail.runs.iter().find(|r| r.job_id == dev2.id).unwrap();
     assert_eq!(run.prompt.as_deref(), Some(second.as_str()));
-    let shown = baton::present::render_detail(&detail);
+    let shown = baton::present::render_detail(&detail, 0);
     assert!(shown.contains("please add tests for greet()"), "{shown}");
-    let doc = baton::present::detail_json(&detail);
+    let doc = baton::present::detail_json(&detail, 0);
     assert!(
         doc["runs"]
             .as_array()
@@ -284,13 +284,13 @@ command = ["sh", "{plain}"]
         (None, None, None, None),
         "a plain agent reports nothing"
     );
-    let doc = baton::present::detail_json(&detail);
+    let doc = baton::present::detail_json(&detail, 0);
     assert_eq!(
         doc["usage"],
         json!({"tokens_in": 36724, "tokens_out": 105, "cost_microusd": 173019, "turns": 5})
     );
     assert!(
-        baton::present::render_detail(&detail)
+        baton::present::render_detail(&detail, 0)
             .contains("usage: 36.7k in, 105 out, $0.1730, 5 turns")
     );
 }

@@ -534,6 +534,7 @@ async fn an_effect_fails_after_max_attempts(db: TestDb) {
             .task_detail(&crate::support::key("T-1"))
             .await
             .unwrap(),
+        fx.ctx.now(),
     );
     assert!(
         shown.contains("plane_comment") && shown.contains("failed") && shown.contains("503"),
@@ -663,12 +664,13 @@ async fn a_lease_of_an_earlier_boot_is_taken_at_once_and_fences_its_holder(db: T
             baton::store::EffectOutcome::Failed {
                 error: "late".into(),
             },
-            EventSource::Monitor,
+            Vec::new(),
             fx.ctx.now(),
         )
         .await
         .unwrap();
-    assert!(!recorded);
+    assert!(!recorded.recorded);
+    assert_eq!(recorded.task_ended, None);
     let push = fx.effect(EffectKind::Push).await;
     assert_eq!((push.status, push.last_error), (EffectStatus::Done, None));
     // A live node's lease is respected until it runs out.
@@ -747,8 +749,16 @@ async fn plane_state_is_set_by_name_when_the_task_ends(db: TestDb) {
         )
         .await
         .unwrap();
-    assert!(matches!(out, ClaimOutcome::Won(ref w) if w.task_status == Some(TaskStatus::Done)));
+    // The earlier stages' push and pull request are still to come: not done before them.
+    assert!(
+        matches!(out, ClaimOutcome::Won(ref w) if w.task_status.is_none()),
+        "{out:?}"
+    );
+    let task = fx.ctx.store.task(d.task.id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Active);
     fx.drain().await;
+    let task = fx.ctx.store.task(d.task.id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Done, "delivered, then done");
     let state = fx.effect(EffectKind::PlaneState).await;
     assert_eq!(
         (state.status.as_str(), state.external_ref.as_deref()),

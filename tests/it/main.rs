@@ -5,6 +5,7 @@ mod agents;
 mod api;
 mod cli;
 mod dashboard;
+mod durable;
 mod effects;
 mod nodes;
 mod pipeline;

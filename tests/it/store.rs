@@ -281,9 +281,10 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
             "reviewer#2"
         ]
     );
+    // The pipeline ended, but its pushes are still to be made: the task waits for them.
     assert_eq!(
         db.store.task(s.task.id).await.unwrap().status,
-        TaskStatus::Done
+        TaskStatus::Active
     );
     assert!(
         db.store
@@ -291,6 +292,33 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
             .await
             .unwrap()
             .is_none()
+    );
+    let pending: Vec<_> = db
+        .store
+        .task_detail(&crate::support::key("P-1"))
+        .await
+        .unwrap()
+        .effects;
+    let mut ended = Vec::new();
+    for e in pending {
+        assert!(db.store.lease_effect(&e, "n1", 60_000, NOW).await.unwrap());
+        let done = baton::store::EffectOutcome::Done { external_ref: None };
+        let f = db
+            .store
+            .finish_effect(&e, "n1", done, Vec::new(), NOW)
+            .await
+            .unwrap();
+        ended.push(f.task_ended);
+    }
+    assert_eq!(
+        ended.pop(),
+        Some(Some(TaskStatus::Done)),
+        "done with its last push"
+    );
+    assert!(ended.iter().all(Option::is_none), "{ended:?}");
+    assert_eq!(
+        db.store.task(s.task.id).await.unwrap().status,
+        TaskStatus::Done
     );
 }
 on_both!(
@@ -566,11 +594,14 @@ async fn cancel_and_retry(db: TestDb) {
             .is_err(),
         "cancelling twice is an error"
     );
-    let job = db
+    let baton::store::Retried::Job(job) = db
         .store
         .retry(&crate::support::key("X-1"), EventSource::Cli, NOW)
         .await
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("a task that stopped at its first stage retries that stage")
+    };
     assert_eq!(
         (job.stage.as_str(), job.iteration, job.attempt),
         ("analyst", 2, 1)

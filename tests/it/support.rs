@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use baton::store::Store;
 
+pub mod git_http;
 pub mod harness;
 use sea_orm::{ConnectionTrait, Database, Statement};
 

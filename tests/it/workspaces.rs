@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use baton::model::{EventKind, TaskStatus};
+use baton::service::ServeOptions;
 use baton::workspace::{self, RepoAccess};
 
 use crate::on_both;
@@ -303,3 +304,174 @@ async fn config_check_reaches_the_remote_and_a_hung_one_times_out() {
         started.elapsed()
     );
 }
+
+/// A private remote over https (git's smart HTTP behind Basic authentication): cloned,
+/// fetched and pushed with the token of `repo.token_env`; without it, refused with a
+/// reason that `baton status KEY` shows.
+async fn a_private_remote_needs_its_token(db: TestDb) {
+    let h = Harness::new(db);
+    let server = crate::support::git_http::GitHttp::start(&h.root, "s3cret-token").await;
+    let stages = r#"
+[pipelines.default]
+stages = ["one", "two"]
+[stages.one]
+command = ["sh", "-c", "echo one > one.txt"]
+[stages.two]
+command = ["sh", "-c", "echo two > two.txt"]
+[effects]
+push = true
+"#;
+    let mut config = h.config(stages);
+    config.repo.url = server.url("remote.git");
+    config.repo.token_env = Some("BATON_TEST_REPO_TOKEN".into());
+    config.retry.max_attempts = 1;
+    let with_token = baton::config::Secrets {
+        repo_token: Some("s3cret-token".into()),
+        ..Default::default()
+    };
+    h.submit("PRIV-1", "one").await;
+    let opts = ServeOptions {
+        secrets: Some(with_token),
+        ..Default::default()
+    };
+    let (node, mut rx) = h.start_with(config.clone(), opts).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    node.shutdown().await;
+    let log = remote_log(&h.root.join("remote.git"), "baton/PRIV-1");
+    assert!(log[0].starts_with("two(PRIV-1)"), "{log:?}");
+    assert!(log[1].starts_with("one(PRIV-1)"), "{log:?}");
+
+    // Another host without the token: its first fetch is refused and the task fails,
+    // saying why where the operator looks.
+    config.workspace_root = h.root.join("tokenless-host");
+    h.submit("PRIV-2", "one").await;
+    let opts = ServeOptions {
+        secrets: Some(baton::config::Secrets::default()),
+        ..Default::default()
+    };
+    let (node, mut rx) = h.start_with(config, opts).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Failed);
+    node.shutdown().await;
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("PRIV-2"))
+            .await
+            .unwrap();
+    let shown = baton::present::render_detail(&d, 0);
+    assert!(
+        shown.contains("refused every credential baton has"),
+        "{shown}"
+    );
+    let log = std::fs::read_to_string(&d.runs[0].log_path).unwrap();
+    assert!(log.contains("refused every credential baton has"), "{log}");
+    assert!(!log.contains("s3cret-token") && !shown.contains("s3cret-token"));
+}
+on_both!(
+    a_private_remote_needs_its_token,
+    a_private_remote_needs_its_token
+);
+
+/// `[retention]`: the worktree and logs of a task that ended long enough ago are removed
+/// (a dry run only reports them); an active task's are never touched, and the mirror
+/// keeps no admin entry of a removed worktree.
+async fn gc_removes_only_what_ended_tasks_left(db: TestDb) {
+    let h = Harness::new(db);
+    let config = h.config(
+        r#"
+[pipelines.default]
+stages = ["one"]
+[stages.one]
+command = ["sh", "-c", "echo one > one.txt"]
+[effects]
+push = true
+"#,
+    );
+    h.submit("GC-1", "one").await;
+    let (node, mut rx) = h.start(config.clone()).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    node.shutdown().await;
+    // An active task with a worktree of its own (its first stage not started yet).
+    h.submit("GC-2", "one").await;
+    let access = RepoAccess {
+        url: config.repo.url.clone(),
+        ..Default::default()
+    };
+    let root = config.workspace_root.clone();
+    let ws2 = workspace::path_for(&root, "GC-2").unwrap();
+    workspace::prepare(&root, &ws2, &access, "GC-2", "baton/GC-2", "main", None).unwrap();
+    let ws1 = workspace::path_for(&root, "GC-1").unwrap();
+    let logs1 = config.log_dir.join("GC-1");
+    assert!(ws1.join("one.txt").exists() && logs1.exists());
+
+    let store = &h.db.store;
+    let now = baton::clock::Clock::system().now_ms();
+    // Not yet past retention.worktrees (7 days by default): nothing to remove.
+    let report = baton::retention::run_once(store, &config, now, false, false)
+        .await
+        .unwrap();
+    assert!(report.is_empty(), "{report:?}");
+
+    let later = now + 8 * 24 * 3600 * 1000;
+    let dry = baton::retention::run_once(store, &config, later, true, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        dry.worktrees
+            .iter()
+            .map(|r| r.task.as_str())
+            .collect::<Vec<_>>(),
+        ["GC-1"]
+    );
+    assert!(dry.logs.is_empty(), "logs are kept 30 days: {dry:?}");
+    assert!(dry.freed() > 0 && ws1.exists(), "a dry run removes nothing");
+
+    let much_later = now + 31 * 24 * 3600 * 1000;
+    let report = baton::retention::run_once(store, &config, much_later, false, true)
+        .await
+        .unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.worktrees.len(), 1);
+    assert_eq!(report.logs.len(), 1);
+    assert!(
+        report.render().contains("removed worktree of GC-1"),
+        "{}",
+        report.render()
+    );
+    assert!(!ws1.exists() && !logs1.exists());
+    assert!(ws2.exists(), "an active task's worktree was touched");
+    let mirror = git2::Repository::open_bare(root.join(workspace::MIRROR_DIR)).unwrap();
+    assert!(
+        mirror.find_worktree("GC-1").is_err(),
+        "the worktree is still registered"
+    );
+    assert!(mirror.find_worktree("GC-2").is_ok());
+    // GC-1's branch was on the remote, so it left the mirror too; its work did not.
+    assert!(
+        mirror
+            .find_branch("baton/GC-1", git2::BranchType::Local)
+            .is_err()
+    );
+    assert!(remote_log(&h.root.join("remote.git"), "baton/GC-1")[0].starts_with("one(GC-1)"));
+
+    // The command: a dry run reports, as text and as JSON.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("--config")
+        .arg(h.root.join("baton.toml"))
+        .args(["gc", "--dry-run", "--json"])
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["dry_run"], true);
+    assert_eq!(doc["worktrees"].as_array().unwrap().len(), 0, "{doc}");
+}
+on_both!(
+    gc_removes_only_what_ended_tasks_left,
+    gc_removes_only_what_ended_tasks_left
+);

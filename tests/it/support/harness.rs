@@ -158,13 +158,15 @@ pub async fn wait_for_activity(rx: &mut UnboundedReceiver<ProbeEvent>) {
     .await
 }
 
-/// Waits until the Advancer ended the task; returns its final status.
+/// Waits until a task ended: by a claim (the Advancer), or once its delivery was done
+/// or refused (the EffectWorker); returns its final status.
 pub async fn wait_task_end(rx: &mut UnboundedReceiver<ProbeEvent>) -> TaskStatus {
     wait_for(rx, |ev| match ev {
         ProbeEvent::Advancer {
             outcome: Ok(ClaimOutcome::Won(w)),
             ..
         } => w.task_status,
+        ProbeEvent::EffectWorker { result, .. } => result.ended.first().map(|(_, s)| *s),
         _ => None,
     })
     .await

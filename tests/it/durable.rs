@@ -1,0 +1,691 @@
+//! Durable work (ADR 0010): a stage's work is done only when it is on the remote, and
+//! nothing builds on work that is not. The store's rules on both databases; hosts that
+//! die before their push, and one that comes back, on PostgreSQL with two nodes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use baton::clock::Clock;
+use baton::config::{Config, EnvOverrides, Secrets};
+use baton::model::{
+    Claim, ClaimOutcome, Decider, EffectKind, EffectStatus, EventKind, EventSource, JobStatus,
+    TaskStatus, Verdict,
+};
+use baton::service::ServeOptions;
+use baton::store::{EffectOutcome, Retried};
+
+use crate::on_both;
+use crate::support::git_http::GitHttp;
+use crate::support::harness::*;
+use crate::support::{Backend, TestDb};
+
+const NOW: i64 = 1_800_000_000_000;
+const TOKEN: &str = "durable-token";
+
+fn passed(job: &entity::jobs::Model, run_id: i64, commit: &str) -> Claim {
+    Claim {
+        job_id: job.id,
+        run_id,
+        verdict: Verdict::Passed,
+        decided_by: Decider::Monitor,
+        commit_sha: Some(commit.into()),
+        feedback: None,
+        usage: None,
+    }
+}
+
+async fn pending_push(db: &TestDb, task_id: i64) -> entity::effects::Model {
+    db.store
+        .pinned_pushes()
+        .await
+        .unwrap()
+        .iter()
+        .find(|(t, _)| *t == task_id)
+        .expect("a pending push");
+    let detail = db.store.task(task_id).await.unwrap();
+    let d = db
+        .store
+        .task_detail(&crate::support::key(&detail.key))
+        .await
+        .unwrap();
+    d.effects
+        .into_iter()
+        .find(|e| e.kind == EffectKind::Push && e.status == EffectStatus::Pending)
+        .unwrap()
+}
+
+/// The store's rules: the next stage waits on another host for the push of the previous
+/// one; a task is done only once its last push is; the work of a dead host is redone
+/// once, from the last commit on the remote.
+async fn the_next_stage_waits_for_the_push_and_done_waits_for_delivery(db: TestDb) {
+    let policy = crate::store::policy();
+    let a = db.store.register_node("host-a", 1, NOW).await.unwrap();
+    let b = db.store.register_node("host-b", 2, NOW).await.unwrap();
+    let dir = db.dir.path().to_path_buf();
+    let s = crate::support::submit(&db.store, "DW-1", "analyst", NOW).await;
+    let d = db
+        .store
+        .dispatch(&b, &dir, None, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    let won = db
+        .store
+        .claim(&passed(&d.job, d.run.id, "c1"), &policy, NOW)
+        .await
+        .unwrap();
+    assert!(matches!(won, ClaimOutcome::Won(_)));
+    let push = pending_push(&db, s.task.id).await;
+    assert_eq!(push.host.as_deref(), Some("host-b"));
+
+    // Host A does not start the developer on a checkout without the analyst's commit.
+    assert!(
+        db.store
+            .dispatch(&a, &dir, None, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Once the push is done, it may.
+    assert!(db.store.lease_effect(&push, &b, 60_000, NOW).await.unwrap());
+    let done = EffectOutcome::Done {
+        external_ref: Some("c1".into()),
+    };
+    let f = db
+        .store
+        .finish_effect(&push, &b, done, Vec::new(), NOW)
+        .await
+        .unwrap();
+    assert!(f.recorded && f.task_ended.is_none(), "{f:?}");
+    let d = db
+        .store
+        .dispatch(&a, &dir, None, NOW)
+        .await
+        .unwrap()
+        .expect("the developer");
+    assert_eq!(d.job.stage, "developer");
+
+    // The developer passes, and the reviewer: the pipeline ended, but the task is done
+    // only once the last push is.
+    let won = db
+        .store
+        .claim(&passed(&d.job, d.run.id, "c2"), &policy, NOW)
+        .await
+        .unwrap();
+    let ClaimOutcome::Won(w) = won else {
+        panic!("{won:?}")
+    };
+    let review = w.next_job.unwrap();
+    let push2 = pending_push(&db, s.task.id).await;
+    let f = {
+        assert!(
+            db.store
+                .lease_effect(&push2, &a, 60_000, NOW)
+                .await
+                .unwrap()
+        );
+        let done = EffectOutcome::Done { external_ref: None };
+        db.store
+            .finish_effect(&push2, &a, done, Vec::new(), NOW)
+            .await
+            .unwrap()
+    };
+    assert_eq!(f.task_ended, None, "the reviewer has not run");
+    let d = db
+        .store
+        .dispatch(&a, &dir, None, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.job.id, review.id);
+    let won = db
+        .store
+        .claim(&passed(&d.job, d.run.id, "c3"), &policy, NOW)
+        .await
+        .unwrap();
+    let ClaimOutcome::Won(w) = won else {
+        panic!("{won:?}")
+    };
+    assert_eq!(w.task_status, None, "done before its push");
+    assert_eq!(
+        db.store.task(s.task.id).await.unwrap().status,
+        TaskStatus::Active
+    );
+    let push3 = pending_push(&db, s.task.id).await;
+    assert!(
+        db.store
+            .lease_effect(&push3, &a, 60_000, NOW)
+            .await
+            .unwrap()
+    );
+    let done = EffectOutcome::Done { external_ref: None };
+    let f = db
+        .store
+        .finish_effect(&push3, &a, done, Vec::new(), NOW)
+        .await
+        .unwrap();
+    assert_eq!(f.task_ended, Some(TaskStatus::Done));
+    let events = db.store.events(s.task.id).await.unwrap();
+    let kinds = kinds(&events);
+    let awaiting = kinds
+        .iter()
+        .position(|k| *k == EventKind::AwaitingDelivery)
+        .unwrap();
+    let done_at = kinds
+        .iter()
+        .position(|k| *k == EventKind::TaskDone)
+        .unwrap();
+    assert!(awaiting < done_at, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == EventKind::TaskDone).count(),
+        1
+    );
+}
+on_both!(
+    the_next_stage_waits_for_the_push_and_done_waits_for_delivery,
+    the_next_stage_waits_for_the_push_and_done_waits_for_delivery
+);
+
+async fn work_lost_with_its_host_is_redone_once(db: TestDb) {
+    let policy = crate::store::policy();
+    let a = db.store.register_node("host-a", 1, NOW).await.unwrap();
+    let b = db.store.register_node("host-b", 2, NOW).await.unwrap();
+    let dir = db.dir.path().to_path_buf();
+    let s = crate::support::submit(&db.store, "DW-2", "analyst", NOW).await;
+    // The analyst on A, pushed; the developer on B, not pushed; the reviewer queued.
+    let d = db
+        .store
+        .dispatch(&a, &dir, None, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    db.store
+        .claim(&passed(&d.job, d.run.id, "c1"), &policy, NOW)
+        .await
+        .unwrap();
+    let push1 = pending_push(&db, s.task.id).await;
+    db.store
+        .lease_effect(&push1, &a, 60_000, NOW)
+        .await
+        .unwrap();
+    let done = EffectOutcome::Done { external_ref: None };
+    db.store
+        .finish_effect(&push1, &a, done, Vec::new(), NOW)
+        .await
+        .unwrap();
+    let d = db
+        .store
+        .dispatch(&b, &dir, None, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    let dev_job = d.job.clone();
+    db.store
+        .claim(&passed(&d.job, d.run.id, "c2"), &policy, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store.last_commit(s.task.id).await.unwrap().as_deref(),
+        Some("c2")
+    );
+
+    // Host B dies: two nodes recover at once; one decision is applied.
+    let (r1, r2) = tokio::join!(
+        db.store.recover(s.task.id, "host-b", &policy, NOW),
+        db.store.recover(s.task.id, "host-b", &policy, NOW),
+    );
+    let recovered: Vec<_> = [r1.unwrap(), r2.unwrap()].into_iter().flatten().collect();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    let r = &recovered[0];
+    assert_eq!(r.lost_stage, "developer");
+    assert_eq!(r.cancelled_jobs.len(), 1, "the queued reviewer");
+    let jobs = db.store.jobs_of(s.task.id).await.unwrap();
+    let redo = jobs.iter().find(|j| Some(j.id) == r.job_id).unwrap();
+    assert_eq!(
+        (redo.stage.as_str(), redo.iteration, redo.recovery),
+        ("developer", 2, true)
+    );
+    assert_eq!(redo.status, JobStatus::Queued);
+    let reviewer = jobs.iter().find(|j| j.stage == "reviewer").unwrap();
+    assert_eq!(reviewer.status, JobStatus::Cancelled);
+    assert!(
+        jobs.iter()
+            .any(|j| j.id == dev_job.id && j.status == JobStatus::Done)
+    );
+    // The redo starts from the analyst's commit, the last one on the remote.
+    assert_eq!(
+        db.store.last_commit(s.task.id).await.unwrap().as_deref(),
+        Some("c1")
+    );
+    let d = db
+        .store
+        .task_detail(&crate::support::key("DW-2"))
+        .await
+        .unwrap();
+    let closed: Vec<_> = d
+        .effects
+        .iter()
+        .filter(|e| e.status == EffectStatus::Cancelled)
+        .collect();
+    assert_eq!(closed.len(), 1);
+    assert!(closed[0].last_error.as_deref().unwrap().contains("host-b"));
+    let recovered_events: Vec<_> = d
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskRecovered)
+        .collect();
+    assert_eq!(recovered_events.len(), 1);
+    assert!(
+        recovered_events[0]
+            .detail
+            .contains("\"decided_by\":\"recovery\""),
+        "{}",
+        recovered_events[0].detail
+    );
+    // Nothing waits for host B any more: a later pass does nothing.
+    assert!(
+        db.store
+            .recover(s.task.id, "host-b", &policy, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The redo is dispatched on A.
+    let d = db
+        .store
+        .dispatch(&a, &dir, None, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.job.id, redo.id);
+}
+on_both!(
+    work_lost_with_its_host_is_redone_once,
+    work_lost_with_its_host_is_redone_once
+);
+
+/// The harness's remote served over https behind a token, with its `[repo]` pointing
+/// there; `host`'s config file says so too (for a `baton serve` of that host).
+fn private_host(h: &Harness, host: &str, stages: &str, url: &str) -> Config {
+    h.host_config(host, stages);
+    let path = h.root.join("hosts").join(host).join("baton.toml");
+    let local = format!("url = \"{}\"", h.root.join("remote.git").display());
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &local,
+        &format!("url = \"{url}\"\ntoken_env = \"BATON_TEST_REPO_TOKEN\""),
+    );
+    std::fs::write(&path, &text).unwrap();
+    Config::from_toml(&text, &h.root, &EnvOverrides::default()).unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+fn secrets() -> ServeOptions {
+    ServeOptions {
+        secrets: Some(Secrets {
+            repo_token: Some(TOKEN.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The commits on the remote's `branch`, newest first: (id, summary).
+fn remote_commits(remote: &Path, branch: &str) -> Vec<(String, String)> {
+    let repo = git2::Repository::open_bare(remote).unwrap();
+    let Ok(tip) = repo.find_reference(&format!("refs/heads/{branch}")) else {
+        return Vec::new();
+    };
+    let mut walk = repo.revwalk().unwrap();
+    walk.push(tip.target().unwrap()).unwrap();
+    walk.map(|id| {
+        let c = repo.find_commit(id.unwrap()).unwrap();
+        (
+            c.id().to_string(),
+            c.summary().ok().flatten().unwrap_or_default().to_string(),
+        )
+    })
+    .collect()
+}
+
+const STAGES: &str = r#"
+[pipelines.default]
+stages = ["analyst", "developer"]
+[stages.analyst]
+command = ["sh", "AGENT"]
+gate.artifacts = ["analysis.md"]
+[stages.developer]
+command = ["sh", "AGENT"]
+gate.artifacts = ["dev.md"]
+[effects]
+push = true
+backoff_initial = "200ms"
+backoff_max = "1s"
+max_attempts = 100
+"#;
+
+/// On host-b the analyst leaves the remote's switch (`SWITCH`) on as it ends; the
+/// developer notes whether it found the analyst's work, and on host-b works for two
+/// minutes (it dies with its host first).
+const AGENT: &str = r#"
+case "$BATON_STAGE" in
+  analyst)
+    echo "analysis by $BATON_WORKSPACE" > analysis.md
+    case "$BATON_WORKSPACE" in *host-b*) touch "ROOT/SWITCH" ;; esac ;;
+  developer)
+    if [ -f analysis.md ]; then echo "developer found the analysis" >> ROOT/starts.txt
+    else echo "developer MISSING the analysis" >> ROOT/starts.txt; fi
+    case "$BATON_WORKSPACE" in *host-b*) [ SWITCH = outage ] && sleep 120 ;; esac
+    echo developed > dev.md ;;
+esac
+"#;
+
+/// Host B runs the analyst (and perhaps the developer) and dies before its push reaches
+/// the remote: while the push is in flight (`hold`), or between attempts of a remote
+/// that refuses it for a while (`outage`). Host A redoes the lost work from the remote:
+/// every stage's commit ends on the remote, none built on a checkout that lacked one.
+async fn a_host_that_dies_before_its_push_loses_nothing(switch: &str) {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let h = Harness::new(db);
+    let server = GitHttp::start(&h.root, TOKEN).await;
+    let agent = h.agent(
+        "agent",
+        &AGENT
+            .replace("ROOT", &h.root.display().to_string())
+            .replace("SWITCH", switch),
+    );
+    let stages = STAGES.replace("AGENT", &agent);
+    let url = server.url("remote.git");
+    let config_a = private_host(&h, "host-a", &stages, &url);
+    private_host(&h, "host-b", &stages, &url);
+    let s = h.submit("DIE-1", "analyst").await;
+    let key = crate::support::key("DIE-1");
+
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .arg("--config")
+        .arg(h.root.join("hosts/host-b/baton.toml"))
+        .arg("serve")
+        .env_remove("BATON_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .env("BATON_TEST_REPO_TOKEN", TOKEN)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Waiting on another process: nothing here can send a probe event.
+    let deadline = std::time::Instant::now() + PROBE_WAIT;
+    loop {
+        let d = h.db.store.task_detail(&key).await.unwrap();
+        let push = d.effects.iter().find(|e| e.kind == EffectKind::Push);
+        let dev = d.jobs.iter().find(|j| j.stage == "developer");
+        let ready = match switch {
+            // The analyst's push is in flight and the developer ended: its push waits.
+            "hold" => {
+                push.is_some_and(|p| p.attempts >= 1)
+                    && d.events
+                        .iter()
+                        .any(|e| e.kind == EventKind::AwaitingDelivery)
+            }
+            // The analyst's push failed once; the developer's agent runs.
+            _ => {
+                push.is_some_and(|p| p.last_error.is_some())
+                    && dev
+                        .is_some_and(|j| d.runs.iter().any(|r| r.job_id == j.id && r.pid.is_some()))
+            }
+        };
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host-b never got there: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Host B dies with its agents; the remote is healthy again.
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    for r in d
+        .runs
+        .iter()
+        .filter(|r| r.pid.is_some() && r.exit_code.is_none())
+    {
+        baton::agent::signal_group(r.pid.unwrap(), nix::sys::signal::Signal::SIGKILL);
+    }
+    let lost: Vec<String> = d.runs.iter().filter_map(|r| r.commit_sha.clone()).collect();
+    assert!(!lost.is_empty());
+    let _ = std::fs::remove_file(h.root.join(switch));
+
+    let (node_a, mut rx) = h.start_with(config_a, secrets()).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    wait_effects_settled(&mut rx, &h.db.store, "DIE-1").await;
+    node_a.shutdown().await;
+
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    assert_eq!(d.task.status, TaskStatus::Done);
+    // Every stage's commit is on the remote: the analyst's and developer's, redone by A.
+    let on_remote = remote_commits(&h.root.join("remote.git"), "baton/DIE-1");
+    let summaries: Vec<&str> = on_remote.iter().map(|(_, s)| s.as_str()).collect();
+    assert!(
+        summaries[0].starts_with("developer(DIE-1)"),
+        "{summaries:?}"
+    );
+    assert!(summaries[1].starts_with("analyst(DIE-1)"), "{summaries:?}");
+    for sha in &lost {
+        assert!(
+            !on_remote.iter().any(|(id, _)| id == sha),
+            "host-b's unpushed commit {sha} cannot be on the remote"
+        );
+    }
+    // One recovery, back to the analyst, which did not count as an iteration.
+    let recoveries: Vec<_> = d
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskRecovered)
+        .collect();
+    assert_eq!(recoveries.len(), 1, "{:?}", kinds(&d.events));
+    assert!(
+        recoveries[0].detail.contains("\"lost_stage\":\"analyst\""),
+        "{}",
+        recoveries[0].detail
+    );
+    let redo = d.jobs.iter().find(|j| j.recovery).expect("a recovery job");
+    assert_eq!(redo.stage, "analyst");
+    assert!(
+        d.effects
+            .iter()
+            .filter(|e| e.kind == EffectKind::Push)
+            .all(|e| { matches!(e.status, EffectStatus::Done | EffectStatus::Cancelled) })
+    );
+    // No developer ever ran on a checkout without the analysis.
+    let starts = std::fs::read_to_string(h.root.join("starts.txt")).unwrap();
+    assert!(!starts.contains("MISSING"), "{starts}");
+    assert_eq!(s.task.key, "DIE-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_dies_while_pushing_loses_nothing() {
+    a_host_that_dies_before_its_push_loses_nothing("hold").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_dies_during_an_outage_of_the_remote_loses_nothing() {
+    a_host_that_dies_before_its_push_loses_nothing("outage").await;
+}
+
+/// A host that stops while its push waits (the remote refused it for a while) and comes
+/// back within its adoption window performs the push itself: meanwhile no other host
+/// starts the next stage without the commit, and nothing is recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_pinned_to_a_host_that_comes_back_is_performed_by_it() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let h = Harness::new(db);
+    let server = GitHttp::start(&h.root, TOKEN).await;
+    // On host-b the analyst turns the outage on, and the developer's first attempt fails.
+    let agent = h.agent(
+        "agent",
+        &format!(
+            r#"
+case "$BATON_STAGE $BATON_WORKSPACE $BATON_ATTEMPT" in
+  analyst*host-b*) echo analysis > analysis.md; touch "{root}/outage" ;;
+  analyst*) echo analysis > analysis.md ;;
+  developer*host-b*" 1") exit 1 ;;
+  developer*)
+    [ -f analysis.md ] || echo "developer MISSING the analysis" >> {root}/starts.txt
+    echo developed > dev.md ;;
+esac
+"#,
+            root = h.root.display()
+        ),
+    );
+    let stages = STAGES.replace("AGENT", &agent);
+    let url = server.url("remote.git");
+    let mut config_a = private_host(&h, "host-a", &stages, &url);
+    let mut config_b = private_host(&h, "host-b", &stages, &url);
+    // The developer's retry waits long enough for host B to be gone by then.
+    for c in [&mut config_a, &mut config_b] {
+        c.retry.backoff_initial = Duration::from_secs(3);
+        c.retry.backoff_max = Duration::from_secs(3);
+    }
+    h.submit("BACK-1", "analyst").await;
+    let key = crate::support::key("BACK-1");
+
+    let (node_b, mut rx_b) = h.start_with(config_b.clone(), secrets()).await;
+    // The developer's first attempt failed on host B: it is queued for a retry.
+    wait_for(&mut rx_b, |ev| match ev {
+        baton::actors::ProbeEvent::Advancer {
+            outcome: Ok(ClaimOutcome::Won(w)),
+            ..
+        } => (w.job_status == JobStatus::Queued).then_some(()),
+        _ => None,
+    })
+    .await;
+    node_b.shutdown().await;
+
+    // Host A sees the retry come due, but the analyst's commit is only on host B.
+    let (node_a, mut rx_a) = h.start_with(config_a, secrets()).await;
+    for _ in 0..10 {
+        wait_for(&mut rx_a, |ev| {
+            matches!(ev, baton::actors::ProbeEvent::Reaper { .. }).then_some(())
+        })
+        .await;
+    }
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    let dev = d.jobs.iter().find(|j| j.stage == "developer").unwrap();
+    assert!(
+        dev.not_before <= Clock::system().now_ms(),
+        "the retry is due"
+    );
+    assert_eq!(dev.status, JobStatus::Queued);
+    assert!(
+        !d.events.iter().any(|e| e.kind == EventKind::TaskRecovered),
+        "host-b is not dead"
+    );
+    let push = d
+        .effects
+        .iter()
+        .find(|e| e.kind == EffectKind::Push)
+        .unwrap();
+    assert_eq!(
+        (push.status, push.host.as_deref()),
+        (EffectStatus::Pending, Some("host-b"))
+    );
+    assert!(
+        !d.runs.iter().any(|r| r.node_id == node_a.node_id),
+        "host-a started a stage without the analyst's commit"
+    );
+    let shown = baton::present::render_detail(&d, Clock::system().now_ms());
+    assert!(shown.contains("waits for"), "{shown}");
+
+    // The remote is back, and so is host B: it pushes; the developer follows.
+    std::fs::remove_file(h.root.join("outage")).unwrap();
+    let (node_b, mut rx_b) = h.start_with(config_b, secrets()).await;
+    let status = tokio::select! {
+        s = wait_task_end(&mut rx_b) => s,
+        s = wait_task_end(&mut rx_a) => s,
+    };
+    assert_eq!(status, TaskStatus::Done);
+    node_b.shutdown().await;
+    node_a.shutdown().await;
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    assert!(!d.events.iter().any(|e| e.kind == EventKind::TaskRecovered));
+    let on_remote = remote_commits(&h.root.join("remote.git"), "baton/BACK-1");
+    for r in d.runs.iter().filter(|r| r.commit_sha.is_some()) {
+        let sha = r.commit_sha.as_deref().unwrap();
+        assert!(
+            on_remote.iter().any(|(id, _)| id == sha),
+            "{sha} is not on the remote"
+        );
+    }
+    let starts = std::fs::read_to_string(h.root.join("starts.txt")).unwrap_or_default();
+    assert!(!starts.contains("MISSING"), "{starts}");
+}
+
+/// The last push is refused for good (the remote's pre-receive hook declines it): the
+/// task fails with the reason, never `done`; once the hook is gone, `baton retry`
+/// delivers it and the task is done.
+async fn a_push_refused_for_good_fails_the_task_until_retried(db: TestDb) {
+    let h = Harness::new(db);
+    let server = GitHttp::start(&h.root, TOKEN).await;
+    let hook = h.root.join("remote.git/hooks/pre-receive");
+    std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\necho 'branch protection: no pushes today' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = h.config(
+        r#"
+[pipelines.default]
+stages = ["one"]
+[stages.one]
+command = ["sh", "-c", "echo one > one.txt"]
+[effects]
+push = true
+"#,
+    );
+    config.repo.url = server.url("remote.git");
+    h.submit("REF-1", "one").await;
+    let (node, mut rx) = h.start_with(config, secrets()).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Failed);
+    let key = crate::support::key("REF-1");
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    assert!(!d.events.iter().any(|e| e.kind == EventKind::TaskDone));
+    let shown = baton::present::render_detail(&d, 0);
+    assert!(
+        shown.contains("failed: the work did not reach the remote"),
+        "{shown}"
+    );
+    assert!(shown.contains("pre-receive hook declined"), "{shown}");
+
+    // The cause is fixed: a retry delivers the work, and only then is the task done.
+    std::fs::remove_file(&hook).unwrap();
+    let r = baton::tasks::retry(
+        &h.db.store,
+        &key,
+        baton::model::Origin::Cli,
+        Clock::system().now_ms(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r,
+        Retried::Delivery {
+            effects: 1,
+            status: TaskStatus::Active
+        }
+    );
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    node.shutdown().await;
+    let on_remote = remote_commits(&h.root.join("remote.git"), "baton/REF-1");
+    assert!(on_remote[0].1.starts_with("one(REF-1)"), "{on_remote:?}");
+    let _ = EventSource::Cli;
+}
+on_both!(
+    a_push_refused_for_good_fails_the_task_until_retried,
+    a_push_refused_for_good_fails_the_task_until_retried
+);
