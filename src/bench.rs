@@ -3,6 +3,8 @@
 //! raw rate at which this machine spawns and reaps `true` at the same concurrency.
 //! Figures, not verdicts: shared machines are noisy, so compare ratios.
 
+pub mod workspaces;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Context;

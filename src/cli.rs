@@ -108,6 +108,19 @@ pub enum Command {
         /// Database to use instead of a temp SQLite file (e.g. a scratch PostgreSQL database).
         #[arg(long)]
         database_url: Option<String>,
+        /// Measure instead what a task's checkout costs on a large generated repository:
+        /// a clone per task against the mirror and a worktree per task.
+        #[arg(long)]
+        large_repo: bool,
+        /// With --large-repo: the generated repository's commits.
+        #[arg(long, default_value_t = 20_000, requires = "large_repo")]
+        commits: usize,
+        /// With --large-repo: KiB of incompressible data each commit adds.
+        #[arg(long, default_value_t = 10, requires = "large_repo")]
+        blob_kib: usize,
+        /// With --large-repo: the tasks measured after the first.
+        #[arg(long, default_value_t = 10, requires = "large_repo")]
+        later_tasks: usize,
     },
     /// Starts an agent in its own session and records its exit status (internal).
     #[command(hide = true)]
@@ -394,9 +407,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return crate::demo::run(keep).await;
         }
         Command::Bench {
+            large_repo: true,
+            commits,
+            blob_kib,
+            later_tasks,
+            ..
+        } => {
+            let args = crate::bench::workspaces::LargeRepoArgs {
+                commits,
+                blob_kib,
+                later_tasks,
+            };
+            tokio::task::spawn_blocking(move || crate::bench::workspaces::run(args)).await??;
+        }
+        Command::Bench {
             tasks,
             concurrency,
             database_url,
+            ..
         } => {
             crate::bench::run(crate::bench::BenchArgs {
                 tasks,
