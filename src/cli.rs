@@ -418,7 +418,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 blob_kib,
                 later_tasks,
             };
-            tokio::task::spawn_blocking(move || crate::bench::workspaces::run(args)).await??;
+            crate::bench::workspaces::run(args).await?;
         }
         Command::Bench {
             tasks,

@@ -52,7 +52,7 @@ impl CheckoutFigures {
 }
 
 /// Returns (clone per task, mirror and worktree) for each remote measured.
-pub fn run(args: LargeRepoArgs) -> anyhow::Result<Vec<(CheckoutFigures, CheckoutFigures)>> {
+pub async fn run(args: LargeRepoArgs) -> anyhow::Result<Vec<(CheckoutFigures, CheckoutFigures)>> {
     let tmp = tempfile::Builder::new()
         .prefix("baton-bench-repo-")
         .tempdir()?;
@@ -62,7 +62,9 @@ pub fn run(args: LargeRepoArgs) -> anyhow::Result<Vec<(CheckoutFigures, Checkout
         args.commits, args.blob_kib
     );
     let started = Instant::now();
-    generate(&remote, args.commits, args.blob_kib * 1024)?;
+    let made = remote.clone();
+    let blob = args.blob_kib * 1024;
+    tokio::task::spawn_blocking(move || generate(&made, args.commits, blob)).await??;
     println!(
         "  {} on disk, made in {:.1}s",
         human_bytes(workspace::disk_usage(&remote)),
@@ -77,8 +79,13 @@ pub fn run(args: LargeRepoArgs) -> anyhow::Result<Vec<(CheckoutFigures, Checkout
         ("git:// on loopback", daemon.url("remote.git")),
     ] {
         let dir = tmp.path().join(transport.replace([' ', ':', '/'], "-"));
-        results.push((transport, compare(&dir, &url, args.later_tasks)?));
+        let later = args.later_tasks;
+        let figures = tokio::task::spawn_blocking(move || compare(&dir, &url, later)).await??;
+        results.push((transport, figures));
     }
+    let url = daemon.url("remote.git");
+    println!("{url}: a node, submit to the agent's start");
+    let starts = submit_to_start(&tmp.path().join("node"), &url, args.later_tasks).await?;
     println!(
         "\nresults ({} later tasks after the first)",
         args.later_tasks
@@ -103,6 +110,16 @@ pub fn run(args: LargeRepoArgs) -> anyhow::Result<Vec<(CheckoutFigures, Checkout
         let disk = before.later_disk as f64 / (after.later_disk.max(1)) as f64;
         println!(
             "  {transport:<20} later tasks ready {speedup:.1}x sooner, {disk:.1}x less disk each"
+        );
+    }
+    if let Some((first, later)) = starts.split_first() {
+        let max = later.iter().max().copied().unwrap_or_default();
+        let mean = later.iter().sum::<Duration>() / later.len().max(1) as u32;
+        println!(
+            "  a node on git://: submit to agent start {:.2}s for the first task, {:.3}s mean / {:.3}s max for the later ones",
+            first.as_secs_f64(),
+            mean.as_secs_f64(),
+            max.as_secs_f64()
         );
     }
     Ok(results.into_iter().map(|(_, r)| r).collect())
@@ -189,6 +206,65 @@ impl Drop for GitDaemon {
         crate::agent::signal_group(self.child.id() as i32, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
     }
+}
+
+/// A node with a one-stage pipeline of `true` on `url`: submits `later` + 1 tasks one
+/// after another and returns, for each, the time from its submit to its agent's start
+/// (the `run_started` event).
+async fn submit_to_start(dir: &Path, url: &str, later: usize) -> anyhow::Result<Vec<Duration>> {
+    use crate::model::{EventKind, Origin, TaskKey};
+    std::fs::create_dir_all(dir)?;
+    let toml = format!(
+        r#"
+database_url = "sqlite://{db}?mode=rwc"
+[repo]
+url = "{url}"
+[pipelines.default]
+stages = ["one"]
+[stages.one]
+command = ["true"]
+[effects]
+push = false
+[http]
+listen = "127.0.0.1:0"
+"#,
+        db = dir.join("bench.db").display(),
+    );
+    let config = crate::config::Config::from_toml(&toml, dir, &Default::default())
+        .map_err(|p| anyhow::anyhow!("bench config: {p:?}"))?;
+    let node = crate::service::Node::start(
+        config.clone(),
+        crate::service::ServeOptions {
+            dispatcher_interval: Some(Duration::from_millis(20)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let store = node.store.clone();
+    let clock = crate::clock::Clock::system();
+    let mut out = Vec::new();
+    for i in 0..=later {
+        let key = TaskKey::parse(format!("NODE-{i}")).map_err(anyhow::Error::msg)?;
+        let request = crate::tasks::SubmitRequest::new(key);
+        let submitted =
+            crate::tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let started = loop {
+            let events = store.events(submitted.task.id).await?;
+            if let Some(e) = events.iter().find(|e| e.kind == EventKind::RunStarted) {
+                break e.at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "NODE-{i} never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let took = (started - submitted.task.created_at).max(0) as u64;
+        out.push(Duration::from_millis(took));
+        print!(".");
+        let _ = std::io::stdout().flush();
+    }
+    println!();
+    node.shutdown().await;
+    Ok(out)
 }
 
 /// Makes each task's checkout in turn, timing it and measuring the disk of `dir` it added.

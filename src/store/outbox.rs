@@ -235,15 +235,7 @@ impl Store {
             }
         };
         for e in &failed {
-            effects::Entity::update_many()
-                .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
-                .col_expr(effects::Column::Attempts, Expr::value(0))
-                .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
-                .col_expr(
-                    effects::Column::LeasedBy,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+            pending_again(now)
                 .filter(effects::Column::Id.eq(e.id))
                 .exec(&txn)
                 .await?;
@@ -371,6 +363,20 @@ impl Store {
     }
 }
 
+/// An update that makes effects pending again as new: no attempt yet, due at `now`, no
+/// lease. The caller says which.
+pub(super) fn pending_again(now: i64) -> sea_orm::UpdateMany<effects::Entity> {
+    effects::Entity::update_many()
+        .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
+        .col_expr(effects::Column::Attempts, Expr::value(0))
+        .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
+        .col_expr(
+            effects::Column::LeasedBy,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+}
+
 /// Writes one effect to the outbox within the caller's transaction; a second write of the
 /// same idempotency key is a no-op.
 pub(super) async fn insert_effect<C: ConnectionTrait>(
@@ -408,18 +414,10 @@ pub(super) async fn insert_effect<C: ConnectionTrait>(
     // The same effect again (a pull request keyed by its task, a later pass of the
     // stage): one that failed for good is made pending again; one done or under way
     // is left as it is.
-    effects::Entity::update_many()
-        .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
-        .col_expr(effects::Column::Attempts, Expr::value(0))
-        .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
+    pending_again(now)
         .col_expr(effects::Column::RunId, Expr::value(run_id))
         .col_expr(effects::Column::Payload, Expr::value(payload))
         .col_expr(effects::Column::Host, Expr::value(host))
-        .col_expr(
-            effects::Column::LeasedBy,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(effects::Column::UpdatedAt, Expr::value(now))
         .filter(effects::Column::IdempotencyKey.eq(key))
         .filter(effects::Column::Status.eq(EffectStatus::Failed))
         .exec(db)

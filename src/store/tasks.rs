@@ -354,15 +354,7 @@ impl Store {
             });
         }
         if let Some(last) = super::delivery::pipeline_end(&txn, task.id).await? {
-            let again = effects::Entity::update_many()
-                .col_expr(effects::Column::Status, Expr::value(EffectStatus::Pending))
-                .col_expr(effects::Column::Attempts, Expr::value(0))
-                .col_expr(effects::Column::NextAttemptAt, Expr::value(now))
-                .col_expr(
-                    effects::Column::LeasedBy,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(effects::Column::UpdatedAt, Expr::value(now))
+            let again = super::outbox::pending_again(now)
                 .filter(effects::Column::TaskId.eq(task.id))
                 .filter(effects::Column::Kind.is_in([EffectKind::Push, EffectKind::PullRequest]))
                 .filter(effects::Column::Status.eq(EffectStatus::Failed))

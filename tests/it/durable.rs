@@ -2,7 +2,6 @@
 //! nothing builds on work that is not. The store's rules on both databases; hosts that
 //! die before their push, and one that comes back, on PostgreSQL with two nodes.
 
-use std::path::Path;
 use std::time::Duration;
 
 use baton::clock::Clock;
@@ -22,160 +21,121 @@ use crate::support::{Backend, TestDb};
 const NOW: i64 = 1_800_000_000_000;
 const TOKEN: &str = "durable-token";
 
-fn passed(job: &entity::jobs::Model, run_id: i64, commit: &str) -> Claim {
-    Claim {
-        job_id: job.id,
-        run_id,
-        verdict: Verdict::Passed,
-        decided_by: Decider::Monitor,
-        commit_sha: Some(commit.into()),
-        feedback: None,
-        usage: None,
+/// Two hosts on one database, each with one node, and the store's operations as a node
+/// of either does them.
+struct TwoHosts {
+    db: TestDb,
+    policy: baton::policy::Policy,
+    a: String,
+    b: String,
+}
+
+impl TwoHosts {
+    async fn new(db: TestDb) -> TwoHosts {
+        let a = db.store.register_node("host-a", 1, NOW).await.unwrap();
+        let b = db.store.register_node("host-b", 2, NOW).await.unwrap();
+        let policy = crate::store::policy();
+        TwoHosts { db, policy, a, b }
     }
-}
 
-async fn pending_push(db: &TestDb, task_id: i64) -> entity::effects::Model {
-    db.store
-        .pinned_pushes()
-        .await
-        .unwrap()
-        .iter()
-        .find(|(t, _)| *t == task_id)
-        .expect("a pending push");
-    let detail = db.store.task(task_id).await.unwrap();
-    let d = db
-        .store
-        .task_detail(&crate::support::key(&detail.key))
-        .await
-        .unwrap();
-    d.effects
-        .into_iter()
-        .find(|e| e.kind == EffectKind::Push && e.status == EffectStatus::Pending)
-        .unwrap()
-}
+    async fn take(&self, node: &str) -> Option<baton::store::Dispatched> {
+        let dir = self.db.dir.path();
+        self.db.store.dispatch(node, dir, None, NOW).await.unwrap()
+    }
 
-/// The store's rules: the next stage waits on another host for the push of the previous
-/// one; a task is done only once its last push is; the work of a dead host is redone
-/// once, from the last commit on the remote.
-async fn the_next_stage_waits_for_the_push_and_done_waits_for_delivery(db: TestDb) {
-    let policy = crate::store::policy();
-    let a = db.store.register_node("host-a", 1, NOW).await.unwrap();
-    let b = db.store.register_node("host-b", 2, NOW).await.unwrap();
-    let dir = db.dir.path().to_path_buf();
-    let s = crate::support::submit(&db.store, "DW-1", "analyst", NOW).await;
-    let d = db
-        .store
-        .dispatch(&b, &dir, None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
-    let won = db
-        .store
-        .claim(&passed(&d.job, d.run.id, "c1"), &policy, NOW)
-        .await
-        .unwrap();
-    assert!(matches!(won, ClaimOutcome::Won(_)));
-    let push = pending_push(&db, s.task.id).await;
-    assert_eq!(push.host.as_deref(), Some("host-b"));
-
-    // Host A does not start the developer on a checkout without the analyst's commit.
-    assert!(
-        db.store
-            .dispatch(&a, &dir, None, NOW)
+    /// The run of `d` passed with `commit`.
+    async fn pass(&self, d: &baton::store::Dispatched, commit: &str) -> ClaimOutcome {
+        let claim = Claim {
+            job_id: d.job.id,
+            run_id: d.run.id,
+            verdict: Verdict::Passed,
+            decided_by: Decider::Monitor,
+            commit_sha: Some(commit.into()),
+            feedback: None,
+            usage: None,
+        };
+        self.db
+            .store
+            .claim(&claim, &self.policy, NOW)
             .await
             .unwrap()
-            .is_none()
-    );
-    // Once the push is done, it may.
-    assert!(db.store.lease_effect(&push, &b, 60_000, NOW).await.unwrap());
-    let done = EffectOutcome::Done {
-        external_ref: Some("c1".into()),
-    };
-    let f = db
-        .store
-        .finish_effect(&push, &b, done, Vec::new(), NOW)
-        .await
-        .unwrap();
-    assert!(f.recorded && f.task_ended.is_none(), "{f:?}");
-    let d = db
-        .store
-        .dispatch(&a, &dir, None, NOW)
-        .await
-        .unwrap()
-        .expect("the developer");
-    assert_eq!(d.job.stage, "developer");
+    }
 
-    // The developer passes, and the reviewer: the pipeline ended, but the task is done
-    // only once the last push is.
-    let won = db
-        .store
-        .claim(&passed(&d.job, d.run.id, "c2"), &policy, NOW)
-        .await
-        .unwrap();
-    let ClaimOutcome::Won(w) = won else {
-        panic!("{won:?}")
-    };
-    let review = w.next_job.unwrap();
-    let push2 = pending_push(&db, s.task.id).await;
-    let f = {
+    /// The task's pending push.
+    async fn pending_push(&self, key: &str) -> entity::effects::Model {
+        let d = self.db.store.task_detail(&crate::support::key(key)).await;
+        d.unwrap()
+            .effects
+            .into_iter()
+            .find(|e| e.kind == EffectKind::Push && e.status == EffectStatus::Pending)
+            .expect("a pending push")
+    }
+
+    /// `node` performs the task's pending push.
+    async fn push(&self, key: &str, node: &str) -> baton::store::FinishedEffect {
+        let e = self.pending_push(key).await;
         assert!(
-            db.store
-                .lease_effect(&push2, &a, 60_000, NOW)
+            self.db
+                .store
+                .lease_effect(&e, node, 60_000, NOW)
                 .await
                 .unwrap()
         );
         let done = EffectOutcome::Done { external_ref: None };
-        db.store
-            .finish_effect(&push2, &a, done, Vec::new(), NOW)
+        let store = &self.db.store;
+        store
+            .finish_effect(&e, node, done, Vec::new(), NOW)
             .await
             .unwrap()
+    }
+}
+
+/// The store's rules: the next stage waits on another host for the push of the previous
+/// one, and a task is done only once its last push is.
+async fn the_next_stage_waits_for_the_push_and_done_waits_for_delivery(db: TestDb) {
+    let t = TwoHosts::new(db).await;
+    let s = crate::support::submit(&t.db.store, "DW-1", "analyst", NOW).await;
+    let d = t.take(&t.b).await.unwrap();
+    assert!(matches!(t.pass(&d, "c1").await, ClaimOutcome::Won(_)));
+    let push = t.pending_push("DW-1").await;
+    assert_eq!(push.host.as_deref(), Some("host-b"));
+
+    // Host A does not start the developer on a checkout without the analyst's commit.
+    assert!(t.take(&t.a).await.is_none());
+    // Once the push is done, it may.
+    let f = t.push("DW-1", &t.b).await;
+    assert!(f.recorded && f.task_ended.is_none(), "{f:?}");
+    let d = t.take(&t.a).await.expect("the developer");
+    assert_eq!(d.job.stage, "developer");
+
+    // The developer passes, and the reviewer: the pipeline ended, but the task is done
+    // only once the last push is.
+    let ClaimOutcome::Won(w) = t.pass(&d, "c2").await else {
+        panic!("the developer's claim lost")
     };
-    assert_eq!(f.task_ended, None, "the reviewer has not run");
-    let d = db
-        .store
-        .dispatch(&a, &dir, None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let review = w.next_job.unwrap();
+    assert_eq!(
+        t.push("DW-1", &t.a).await.task_ended,
+        None,
+        "the reviewer has not run"
+    );
+    let d = t.take(&t.a).await.unwrap();
     assert_eq!(d.job.id, review.id);
-    let won = db
-        .store
-        .claim(&passed(&d.job, d.run.id, "c3"), &policy, NOW)
-        .await
-        .unwrap();
-    let ClaimOutcome::Won(w) = won else {
-        panic!("{won:?}")
+    let ClaimOutcome::Won(w) = t.pass(&d, "c3").await else {
+        panic!("the reviewer's claim lost")
     };
     assert_eq!(w.task_status, None, "done before its push");
+    let task = t.db.store.task(s.task.id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Active);
     assert_eq!(
-        db.store.task(s.task.id).await.unwrap().status,
-        TaskStatus::Active
+        t.push("DW-1", &t.a).await.task_ended,
+        Some(TaskStatus::Done)
     );
-    let push3 = pending_push(&db, s.task.id).await;
-    assert!(
-        db.store
-            .lease_effect(&push3, &a, 60_000, NOW)
-            .await
-            .unwrap()
-    );
-    let done = EffectOutcome::Done { external_ref: None };
-    let f = db
-        .store
-        .finish_effect(&push3, &a, done, Vec::new(), NOW)
-        .await
-        .unwrap();
-    assert_eq!(f.task_ended, Some(TaskStatus::Done));
-    let events = db.store.events(s.task.id).await.unwrap();
+    let events = t.db.store.events(s.task.id).await.unwrap();
     let kinds = kinds(&events);
-    let awaiting = kinds
-        .iter()
-        .position(|k| *k == EventKind::AwaitingDelivery)
-        .unwrap();
-    let done_at = kinds
-        .iter()
-        .position(|k| *k == EventKind::TaskDone)
-        .unwrap();
-    assert!(awaiting < done_at, "{kinds:?}");
+    let awaiting = kinds.iter().position(|k| *k == EventKind::AwaitingDelivery);
+    let done_at = kinds.iter().position(|k| *k == EventKind::TaskDone);
+    assert!(awaiting.unwrap() < done_at.unwrap(), "{kinds:?}");
     assert_eq!(
         kinds.iter().filter(|k| **k == EventKind::TaskDone).count(),
         1
@@ -186,66 +146,43 @@ on_both!(
     the_next_stage_waits_for_the_push_and_done_waits_for_delivery
 );
 
+/// The work of a dead host is redone once, from the last commit on the remote, whoever
+/// races to recover it.
 async fn work_lost_with_its_host_is_redone_once(db: TestDb) {
-    let policy = crate::store::policy();
-    let a = db.store.register_node("host-a", 1, NOW).await.unwrap();
-    let b = db.store.register_node("host-b", 2, NOW).await.unwrap();
-    let dir = db.dir.path().to_path_buf();
-    let s = crate::support::submit(&db.store, "DW-2", "analyst", NOW).await;
+    let t = TwoHosts::new(db).await;
+    let s = crate::support::submit(&t.db.store, "DW-2", "analyst", NOW).await;
+    let store = &t.db.store;
     // The analyst on A, pushed; the developer on B, not pushed; the reviewer queued.
-    let d = db
-        .store
-        .dispatch(&a, &dir, None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
-    db.store
-        .claim(&passed(&d.job, d.run.id, "c1"), &policy, NOW)
-        .await
-        .unwrap();
-    let push1 = pending_push(&db, s.task.id).await;
-    db.store
-        .lease_effect(&push1, &a, 60_000, NOW)
-        .await
-        .unwrap();
-    let done = EffectOutcome::Done { external_ref: None };
-    db.store
-        .finish_effect(&push1, &a, done, Vec::new(), NOW)
-        .await
-        .unwrap();
-    let d = db
-        .store
-        .dispatch(&b, &dir, None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
+    let d = t.take(&t.a).await.unwrap();
+    t.pass(&d, "c1").await;
+    t.push("DW-2", &t.a).await;
+    let d = t.take(&t.b).await.unwrap();
     let dev_job = d.job.clone();
-    db.store
-        .claim(&passed(&d.job, d.run.id, "c2"), &policy, NOW)
-        .await
-        .unwrap();
+    t.pass(&d, "c2").await;
     assert_eq!(
-        db.store.last_commit(s.task.id).await.unwrap().as_deref(),
+        store.last_commit(s.task.id).await.unwrap().as_deref(),
         Some("c2")
     );
 
     // Host B dies: two nodes recover at once; one decision is applied.
     let (r1, r2) = tokio::join!(
-        db.store.recover(s.task.id, "host-b", &policy, NOW),
-        db.store.recover(s.task.id, "host-b", &policy, NOW),
+        store.recover(s.task.id, "host-b", &t.policy, NOW),
+        store.recover(s.task.id, "host-b", &t.policy, NOW),
     );
     let recovered: Vec<_> = [r1.unwrap(), r2.unwrap()].into_iter().flatten().collect();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
     let r = &recovered[0];
     assert_eq!(r.lost_stage, "developer");
     assert_eq!(r.cancelled_jobs.len(), 1, "the queued reviewer");
-    let jobs = db.store.jobs_of(s.task.id).await.unwrap();
+    let jobs = store.jobs_of(s.task.id).await.unwrap();
     let redo = jobs.iter().find(|j| Some(j.id) == r.job_id).unwrap();
-    assert_eq!(
-        (redo.stage.as_str(), redo.iteration, redo.recovery),
-        ("developer", 2, true)
+    let shape = (
+        redo.stage.as_str(),
+        redo.iteration,
+        redo.recovery,
+        redo.status,
     );
-    assert_eq!(redo.status, JobStatus::Queued);
+    assert_eq!(shape, ("developer", 2, true, JobStatus::Queued));
     let reviewer = jobs.iter().find(|j| j.stage == "reviewer").unwrap();
     assert_eq!(reviewer.status, JobStatus::Cancelled);
     assert!(
@@ -254,11 +191,10 @@ async fn work_lost_with_its_host_is_redone_once(db: TestDb) {
     );
     // The redo starts from the analyst's commit, the last one on the remote.
     assert_eq!(
-        db.store.last_commit(s.task.id).await.unwrap().as_deref(),
+        store.last_commit(s.task.id).await.unwrap().as_deref(),
         Some("c1")
     );
-    let d = db
-        .store
+    let d = store
         .task_detail(&crate::support::key("DW-2"))
         .await
         .unwrap();
@@ -269,35 +205,22 @@ async fn work_lost_with_its_host_is_redone_once(db: TestDb) {
         .collect();
     assert_eq!(closed.len(), 1);
     assert!(closed[0].last_error.as_deref().unwrap().contains("host-b"));
-    let recovered_events: Vec<_> = d
+    let events: Vec<_> = d
         .events
         .iter()
         .filter(|e| e.kind == EventKind::TaskRecovered)
         .collect();
-    assert_eq!(recovered_events.len(), 1);
+    assert_eq!(events.len(), 1);
     assert!(
-        recovered_events[0]
-            .detail
-            .contains("\"decided_by\":\"recovery\""),
+        events[0].detail.contains("\"decided_by\":\"recovery\""),
         "{}",
-        recovered_events[0].detail
+        events[0].detail
     );
     // Nothing waits for host B any more: a later pass does nothing.
-    assert!(
-        db.store
-            .recover(s.task.id, "host-b", &policy, NOW)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    let again = store.recover(s.task.id, "host-b", &t.policy, NOW).await;
+    assert!(again.unwrap().is_none());
     // The redo is dispatched on A.
-    let d = db
-        .store
-        .dispatch(&a, &dir, None, NOW)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(d.job.id, redo.id);
+    assert_eq!(t.take(&t.a).await.unwrap().job.id, redo.id);
 }
 on_both!(
     work_lost_with_its_host_is_redone_once,
@@ -326,24 +249,6 @@ fn secrets() -> ServeOptions {
         }),
         ..Default::default()
     }
-}
-
-/// The commits on the remote's `branch`, newest first: (id, summary).
-fn remote_commits(remote: &Path, branch: &str) -> Vec<(String, String)> {
-    let repo = git2::Repository::open_bare(remote).unwrap();
-    let Ok(tip) = repo.find_reference(&format!("refs/heads/{branch}")) else {
-        return Vec::new();
-    };
-    let mut walk = repo.revwalk().unwrap();
-    walk.push(tip.target().unwrap()).unwrap();
-    walk.map(|id| {
-        let c = repo.find_commit(id.unwrap()).unwrap();
-        (
-            c.id().to_string(),
-            c.summary().ok().flatten().unwrap_or_default().to_string(),
-        )
-    })
-    .collect()
 }
 
 const STAGES: &str = r#"
@@ -596,8 +501,25 @@ esac
         !d.runs.iter().any(|r| r.node_id == node_a.node_id),
         "host-a started a stage without the analyst's commit"
     );
-    let shown = baton::present::render_detail(&d, Clock::system().now_ms());
-    assert!(shown.contains("waits for"), "{shown}");
+    let now = Clock::system().now_ms();
+    let shown = baton::present::render_detail(&d, now);
+    assert!(shown.contains("waits for host host-b"), "{shown}");
+    let doc = baton::present::detail_json(&d, now);
+    let waiting = &doc["effects"][0]["waiting"];
+    assert_eq!(waiting["on"], "host", "{doc}");
+    // The dashboard's overview says the same.
+    let overview: serde_json::Value =
+        reqwest::get(format!("http://{}/api/v1/overview", node_a.http_addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let listed = &overview["waiting_effects"][0];
+    assert_eq!(
+        (&listed["task"], &listed["waiting"]["on"]),
+        (&"BACK-1".into(), &"host".into())
+    );
 
     // The remote is back, and so is host B: it pushes; the developer follows.
     std::fs::remove_file(h.root.join("outage")).unwrap();

@@ -4,7 +4,6 @@
 //! lost a stage loses no task silently. On PostgreSQL, how baton scales past one machine
 //! (and on SQLite where the scenario is not about several nodes).
 
-use std::path::Path;
 use std::time::Duration;
 
 use baton::actors::ProbeEvent;
@@ -20,24 +19,6 @@ use crate::support::{Backend, TestDb};
 /// A PostgreSQL database for a test of several nodes; under CI it must be there.
 async fn postgres() -> Option<TestDb> {
     TestDb::new(Backend::Postgres).await
-}
-
-/// The commit messages of `branch` on the bare remote, newest first.
-fn remote_log(remote: &Path, branch: &str) -> Vec<String> {
-    let repo = git2::Repository::open_bare(remote).unwrap();
-    let mut walk = repo.revwalk().unwrap();
-    walk.push(
-        repo.find_reference(&format!("refs/heads/{branch}"))
-            .unwrap()
-            .target()
-            .unwrap(),
-    )
-    .unwrap();
-    walk.map(|id| {
-        let c = repo.find_commit(id.unwrap()).unwrap();
-        c.summary().ok().flatten().unwrap_or_default().to_string()
-    })
-    .collect()
 }
 
 /// Waits until `check` holds, looking again after each message of the node's actors.

@@ -13,23 +13,6 @@ use crate::on_both;
 use crate::support::TestDb;
 use crate::support::harness::*;
 
-/// The commit messages of `branch` on the bare remote, newest first.
-fn remote_log(remote: &Path, branch: &str) -> Vec<String> {
-    let repo = git2::Repository::open_bare(remote).unwrap();
-    let mut walk = repo.revwalk().unwrap();
-    let tip = repo
-        .find_reference(&format!("refs/heads/{branch}"))
-        .unwrap()
-        .target()
-        .unwrap();
-    walk.push(tip).unwrap();
-    walk.map(|id| {
-        let c = repo.find_commit(id.unwrap()).unwrap();
-        c.summary().ok().flatten().unwrap_or_default().to_string()
-    })
-    .collect()
-}
-
 fn seeded() -> (tempfile::TempDir, RepoAccess) {
     let dir = tempfile::tempdir().unwrap();
     let remote = dir.path().join("remote.git");

@@ -233,3 +233,29 @@ case "$BATON_STAGE" in
   reviewer) if [ "$BATON_ITERATION" = 1 ]; then echo CHANGES_REQUESTED > "$d/review.md"; else echo APPROVED > "$d/review.md"; fi ;;
 esac
 "#;
+
+/// The commits on the remote's `branch`, newest first: (id, summary).
+pub fn remote_commits(remote: &std::path::Path, branch: &str) -> Vec<(String, String)> {
+    let repo = git2::Repository::open_bare(remote).unwrap();
+    let Ok(tip) = repo.find_reference(&format!("refs/heads/{branch}")) else {
+        return Vec::new();
+    };
+    let mut walk = repo.revwalk().unwrap();
+    walk.push(tip.target().unwrap()).unwrap();
+    walk.map(|id| {
+        let c = repo.find_commit(id.unwrap()).unwrap();
+        (
+            c.id().to_string(),
+            c.summary().ok().flatten().unwrap_or_default().to_string(),
+        )
+    })
+    .collect()
+}
+
+/// The commit summaries on the remote's `branch`, newest first.
+pub fn remote_log(remote: &std::path::Path, branch: &str) -> Vec<String> {
+    remote_commits(remote, branch)
+        .into_iter()
+        .map(|(_, summary)| summary)
+        .collect()
+}
