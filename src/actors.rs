@@ -56,6 +56,11 @@ pub enum ProbeEvent {
         result: reaper::ReapResult,
         claims: Vec<(Claim, ClaimOutcome)>,
     },
+    /// A tier-2 claim sent by a finalizer of the Reaper, after the stage's gate command.
+    ReaperFinalizer {
+        claim: Claim,
+        outcome: ClaimOutcome,
+    },
     Advancer {
         claim: Claim,
         outcome: Result<ClaimOutcome, String>,

@@ -7,11 +7,15 @@
 mod env;
 mod remotes;
 mod retention;
+mod stages;
 mod validate;
 
 pub use env::{EnvOverrides, Secret, SecretVar, Secrets};
 pub use remotes::{ForgeSettings, PlaneSettings, PlaneStates};
 pub use retention::{RETENTION_MAX, RetentionSettings};
+pub use stages::{
+    GATE_TIMEOUT_DEFAULT, GateSettings, PipelineSettings, StageSettings, VerdictSettings,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -232,84 +236,6 @@ impl Default for RepoSettings {
             before_stage: Vec::new(),
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PipelineSettings {
-    pub stages: Vec<String>,
-    /// Bound on how often a reject loop may enter one stage.
-    #[serde(default = "default_max_iterations")]
-    pub max_iterations: i32,
-}
-
-fn default_max_iterations() -> i32 {
-    3
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_stage_timeout() -> Duration {
-    Duration::from_secs(3600)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StageSettings {
-    /// The agent's argv, with placeholders.
-    pub command: Vec<String>,
-    /// Past this the agent is killed and the attempt failed.
-    #[serde(default = "default_stage_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Auto-commit the workspace after the run.
-    #[serde(default = "default_true")]
-    pub commit: bool,
-    /// The stage a rejection loops back to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_reject: Option<String>,
-    #[serde(default)]
-    pub gate: GateSettings,
-    /// The prompt template (minijinja), given inline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<String>,
-    /// The prompt template in a file, relative to the config file's folder.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_file: Option<PathBuf>,
-    /// The template's text, from `prompt` or read from `prompt_file` at load.
-    #[serde(skip)]
-    pub template: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct GateSettings {
-    pub exit_zero: bool,
-    /// Files that must exist in the workspace after the run.
-    pub artifacts: Vec<String>,
-    /// A command run in the workspace that must exit 0.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub command: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<VerdictSettings>,
-}
-
-impl Default for GateSettings {
-    fn default() -> Self {
-        GateSettings {
-            exit_zero: true,
-            artifacts: Vec::new(),
-            command: None,
-            verdict: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VerdictSettings {
-    pub file: String,
-    pub approve: String,
-    pub reject: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -591,6 +517,11 @@ impl Config {
                 .unwrap_or_default(),
             branch_prefix: self.repo.branch_prefix.clone(),
             base_branch: self.repo.base_branch.clone(),
+            stage_limits: self
+                .stages
+                .iter()
+                .filter_map(|(k, s)| s.max_concurrent.map(|n| (k.clone(), n)))
+                .collect(),
         }
     }
 }

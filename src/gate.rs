@@ -2,8 +2,8 @@
 //! Monitor normally, the Reaper in recovery): it reads the workspace and may run the
 //! gate command, but writes nothing to the database.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use crate::config::{GateSettings, StageSettings};
 use crate::model::Verdict;
@@ -22,15 +22,28 @@ pub struct Vars {
 }
 
 impl Vars {
-    /// The run's environment, as its agent and its gate command get it.
-    pub fn env(&self) -> std::collections::BTreeMap<String, String> {
-        std::collections::BTreeMap::from([
+    /// The run's environment, as its agent and its gate command get it: the stage's
+    /// `env` (resolved), then the `BATON_*` variables, `BATON_ITERATION` and
+    /// `TRACEPARENT`, which a stage cannot override.
+    pub fn env(
+        &self,
+        stage_env: BTreeMap<String, String>,
+        iteration: i32,
+        trace_parent: Option<String>,
+    ) -> BTreeMap<String, String> {
+        let mut env = stage_env;
+        env.extend([
             ("BATON_TASK".to_string(), self.task.clone()),
             ("BATON_STAGE".to_string(), self.stage.clone()),
             ("BATON_RUN_ID".to_string(), self.run_id.to_string()),
             ("BATON_ATTEMPT".to_string(), self.attempt.to_string()),
+            ("BATON_ITERATION".to_string(), iteration.to_string()),
             ("BATON_WORKSPACE".to_string(), self.workspace.clone()),
-        ])
+        ]);
+        if let Some(tp) = trace_parent {
+            env.insert("TRACEPARENT".to_string(), tp);
+        }
+        env
     }
 
     pub fn expand(&self, s: &str) -> String {
@@ -65,16 +78,14 @@ impl From<Verdict> for Judgement {
     }
 }
 
-/// Evaluates the gate of `stage` for a run that exited with `exit_code`.
-///
-/// `grace` is `reaper.finalize_grace`: the gate command is bounded by half of it (or the
-/// stage timeout, when shorter), so that a finalizing monitor is never reaped.
+/// Evaluates the gate of `stage` for a run that exited with `exit_code`. The gate
+/// command is bounded by `gate.timeout` ([ADR 0009](../docs/adr/0009-gates.md)): a
+/// finalizing Monitor is protected by being alive, not by a clock.
 pub async fn evaluate(
     stage: &StageSettings,
     workspace: &Path,
     vars: &Vars,
     exit_code: i32,
-    grace: Duration,
     run: &GateRun<'_>,
 ) -> Judgement {
     let gate: &GateSettings = &stage.gate;
@@ -110,16 +121,14 @@ pub async fn evaluate(
     }
     if let Some(cmd) = &gate.command {
         let argv: Vec<String> = cmd.iter().map(|a| vars.expand(a)).collect();
-        let timeout = gate_timeout(stage, grace);
-        let env = vars.env();
         let ran = crate::workspace::run_hook(
             "gate command",
             &argv,
             workspace,
             run.log,
-            &env,
+            run.env,
             run.hidden,
-            timeout,
+            stage.gate.timeout,
         )
         .await;
         if let Err(why) = ran {
@@ -149,9 +158,6 @@ pub struct GateRun<'a> {
     pub log: &'a Path,
     /// baton's secrets (and database URLs): never in the command's environment.
     pub hidden: &'a [String],
-}
-
-/// How long the gate command may run.
-pub fn gate_timeout(stage: &StageSettings, grace: Duration) -> Duration {
-    stage.timeout.min(grace / 2)
+    /// The run's environment ([`Vars::env`]), as its agent got it.
+    pub env: &'a BTreeMap<String, String>,
 }

@@ -46,6 +46,9 @@ pub struct Policy {
     pub plane_states: PlaneStateNames,
     pub branch_prefix: String,
     pub base_branch: String,
+    /// Stage -> how many of its agents may run at once across the database
+    /// (`stages.X.max_concurrent`); dispatch skips a stage at its bound.
+    pub stage_limits: HashMap<String, u32>,
 }
 
 /// Everything one decision looks at.

@@ -128,6 +128,7 @@ pub async fn run_hook(
         .spawn()
         .map_err(|e| format!("cannot start {name} ({program:?}): {e}"))?;
     let pid = child.id().map(|p| p as i32);
+    let started = std::time::Instant::now();
     let status = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => status,
         Ok(Err(e)) => return Err(format!("{name} failed: {e}")),
@@ -135,17 +136,29 @@ pub async fn run_hook(
             if let Some(pid) = pid {
                 crate::agent::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
             }
-            let _ = writeln!(file, "==== baton: {name} stopped: it ran too long");
+            let _ = writeln!(
+                file,
+                "==== baton: {name} stopped after {}: it ran too long",
+                humantime::format_duration(timeout)
+            );
             return Err(format!(
                 "{name} ran longer than {}",
                 humantime::format_duration(timeout)
             ));
         }
     };
-    let _ = writeln!(file, "==== baton: {name} ended: {status}");
+    let took = std::time::Duration::from_millis(started.elapsed().as_millis() as u64);
+    let _ = writeln!(
+        file,
+        "==== baton: {name} ended: {status} after {}",
+        humantime::format_duration(took)
+    );
     match status.code() {
         Some(0) => Ok(()),
-        Some(code) => Err(format!("{name} exited with code {code}")),
+        Some(code) => Err(format!(
+            "{name} exited with code {code} after {}",
+            humantime::format_duration(took)
+        )),
         None => Err(format!("{name} was ended by a signal ({status})")),
     }
 }

@@ -220,6 +220,20 @@ impl Actor for Monitor {
     }
 }
 
+/// The run's environment (the stage's `env`, the `BATON_*` variables, `TRACEPARENT`), as
+/// its agent and its gate command get it.
+fn run_env(
+    ctx: &super::Ctx,
+    d: &Dispatched,
+    v: &Vars,
+    span: &tracing::Span,
+) -> BTreeMap<String, String> {
+    // The agent's spans join the run's span, in the task's trace.
+    let trace_parent = crate::telemetry::trace_parent_of(span, d.task.trace_parent.as_deref());
+    let stage_env = ctx.config.stage_env(&d.job.stage);
+    v.env(stage_env, d.job.iteration, Some(trace_parent))
+}
+
 fn vars(d: &Dispatched, workspace: &std::path::Path) -> Vars {
     Vars {
         task: d.task.key.clone(),
@@ -286,17 +300,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
                 );
                 v.prompt = Some(text);
             }
-            env.insert("BATON_TASK".into(), d.task.key.clone());
-            env.insert("BATON_STAGE".into(), d.job.stage.clone());
-            env.insert("BATON_RUN_ID".into(), d.run.id.to_string());
-            env.insert("BATON_ATTEMPT".into(), d.job.attempt.to_string());
-            env.insert("BATON_ITERATION".into(), d.job.iteration.to_string());
-            env.insert("BATON_WORKSPACE".into(), v.workspace.clone());
-            // The agent's spans join the run's span, in the task's trace.
-            env.insert(
-                "TRACEPARENT".into(),
-                crate::telemetry::trace_parent_of(&state.span, d.task.trace_parent.as_deref()),
-            );
+            env.extend(run_env(&ctx, &d, &v, &state.span));
             let spec = AgentSpec {
                 argv: stage.command.iter().map(|a| v.expand(a)).collect(),
                 cwd: ws.clone(),
@@ -428,20 +432,16 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
             (Some(stage), Some(ws)) => {
                 let log = PathBuf::from(&d.run.log_path);
                 let hidden = ctx.config.hidden_vars();
+                let v = vars(&d, ws);
+                let env = run_env(&ctx, &d, &v, &state.span);
                 let run = gate::GateRun {
                     log: &log,
                     hidden: &hidden,
+                    env: &env,
                 };
-                gate::evaluate(
-                    stage,
-                    ws,
-                    &vars(&d, ws),
-                    code,
-                    ctx.config.reaper.finalize_grace,
-                    &run,
-                )
-                .instrument(tracing::info_span!("gate"))
-                .await
+                gate::evaluate(stage, ws, &v, code, &run)
+                    .instrument(tracing::info_span!("gate"))
+                    .await
             }
             _ => Verdict::Failed {
                 reason: "no workspace".into(),

@@ -135,6 +135,9 @@ pub async fn run_once(ctx: &Ctx, interval: Duration) -> Result<PollResult, PollE
             title: Some(item.name.clone()),
             description: Some(item.description()),
             plane_issue_id: Some(item.id.clone()),
+            pipeline: ctx
+                .config
+                .pipeline_for_labels(&crate::effects::plane::LabelRef::names(&item.labels)),
             ..SubmitRequest::new(key.clone())
         };
         match tasks::submit(&ctx.store, &ctx.config, request, Origin::Webhook, ctx.now()).await {

@@ -4,7 +4,9 @@
 //! - Tier 1, lost agent: no exit recorded and the agent is gone (pid dead on this host,
 //!   or the run's node silent for longer than `reaper.heartbeat_timeout`).
 //! - Tier 2, unfinished finalization: exit recorded at least `reaper.finalize_grace` ago
-//!   and the job still runs with that run. The gate is evaluated READ-ONLY.
+//!   and the job still runs with that run. The gate is evaluated READ-ONLY; a gate
+//!   command runs in a finalizer of its own, so that a long test suite never stalls the
+//!   pass (one finalizer per run: the run is watched while it lives).
 //! - Timeout: an unwatched agent of this host past its stage timeout is killed.
 //!
 //! - Recovery: a push pinned to a dead host can never be performed; its task goes back to
@@ -61,6 +63,8 @@ pub struct ReapResult {
     pub n_won: usize,
     /// Tasks sent back to a stage whose work was lost with a dead host (ADR 0010).
     pub n_recovered: usize,
+    /// Tier-2 runs whose gate command runs in a finalizer of its own (ADR 0009).
+    pub n_finalizers: usize,
 }
 
 impl ReapResult {
@@ -155,6 +159,14 @@ pub async fn run_once(
                 result.n_in_grace += 1;
                 None
             }
+            Some(_) if has_gate_command(ctx, &rj) => {
+                // A gate command may run for `gate.timeout` (30m by default): it runs in a
+                // finalizer of its own, not in this pass, and the run is watched meanwhile.
+                result.n_tier2 += 1;
+                result.n_finalizers += 1;
+                spawn_finalizer(ctx, advancer, rj.clone(), run.clone());
+                None
+            }
             Some(_) => {
                 result.n_tier2 += 1;
                 let (judgement, commit) = read_only_gate(ctx, &rj).await;
@@ -178,39 +190,85 @@ pub async fn run_once(
         let Some((tier, judgement, commit_sha)) = decision else {
             continue;
         };
-        let Judgement {
-            verdict,
-            verdict_text,
-        } = judgement;
-        let log = PathBuf::from(&run.log_path);
-        let (feedback, usage) = read_handoff(&verdict, verdict_text, rj.job.attempt, &log).await;
-        let claim = Claim {
-            job_id: rj.job.id,
-            run_id: run.id,
-            verdict,
-            decided_by: Decider::Reaper(tier),
-            commit_sha,
-            feedback,
-            usage,
-        };
-        // The claim is sent from within the task's trace; the Advancer's span follows it.
-        let span = crate::task_span!("reap", rj.task, rj.job, run.id);
-        span.in_scope(|| tracing::info!(tier = tier.as_str(), "reaping"));
-        if let Some(outcome) = send_claim(advancer, claim.clone()).instrument(span).await {
-            if matches!(outcome, ClaimOutcome::Won(_)) {
-                result.n_won += 1;
-                ctx.metrics
-                    .reaps
-                    .add(1, &[crate::telemetry::kv("tier", tier.as_str())]);
-                if let Some(u) = claim.usage {
-                    ctx.metrics.record_usage(&rj.job.stage, u);
-                }
-            }
+        if let Some((claim, outcome)) =
+            claim_for(ctx, advancer, &rj, &run, tier, judgement, commit_sha).await
+        {
+            result.n_won += usize::from(matches!(outcome, ClaimOutcome::Won(_)));
             claims.push((claim, outcome));
         }
     }
     result.n_recovered = recover_lost_work(ctx, &hosts).await?;
     Ok((result, claims))
+}
+
+/// Sends the Reaper's claim for a run, from within the task's trace, and counts a win.
+async fn claim_for(
+    ctx: &Ctx,
+    advancer: &ActorRef<AdvancerMsg>,
+    rj: &RunningJob,
+    run: &entity::agent_runs::Model,
+    tier: ReapTier,
+    judgement: Judgement,
+    commit_sha: Option<String>,
+) -> Option<(Claim, ClaimOutcome)> {
+    let Judgement {
+        verdict,
+        verdict_text,
+    } = judgement;
+    let log = PathBuf::from(&run.log_path);
+    let (feedback, usage) = read_handoff(&verdict, verdict_text, rj.job.attempt, &log).await;
+    let claim = Claim {
+        job_id: rj.job.id,
+        run_id: run.id,
+        verdict,
+        decided_by: Decider::Reaper(tier),
+        commit_sha,
+        feedback,
+        usage,
+    };
+    // The claim is sent from within the task's trace; the Advancer's span follows it.
+    let span = crate::task_span!("reap", rj.task, rj.job, run.id);
+    span.in_scope(|| tracing::info!(tier = tier.as_str(), "reaping"));
+    let outcome = send_claim(advancer, claim.clone()).instrument(span).await?;
+    if matches!(outcome, ClaimOutcome::Won(_)) {
+        ctx.metrics
+            .reaps
+            .add(1, &[crate::telemetry::kv("tier", tier.as_str())]);
+        if let Some(u) = claim.usage {
+            ctx.metrics.record_usage(&rj.job.stage, u);
+        }
+    }
+    Some((claim, outcome))
+}
+
+/// True when the run's stage has a gate command: the part of a gate that may take long.
+fn has_gate_command(ctx: &Ctx, rj: &RunningJob) -> bool {
+    ctx.config
+        .stages
+        .get(&rj.job.stage)
+        .is_some_and(|s| s.gate.command.is_some())
+}
+
+/// Finalizes a tier-2 run whose gate runs a command, outside the Reaper's pass: one
+/// finalizer per run (the run is watched while it lives, so later passes leave it alone),
+/// reported to the probe as a `ReaperFinalizer` event.
+fn spawn_finalizer(
+    ctx: &Ctx,
+    advancer: &ActorRef<AdvancerMsg>,
+    rj: RunningJob,
+    run: entity::agent_runs::Model,
+) {
+    ctx.watched.insert(run.id, rj.job.id);
+    let (ctx, advancer) = (ctx.clone(), advancer.clone());
+    tokio::spawn(async move {
+        let (judgement, commit) = read_only_gate(&ctx, &rj).await;
+        let tier = ReapTier::Unfinished;
+        let sent = claim_for(&ctx, &advancer, &rj, &run, tier, judgement, commit).await;
+        ctx.watched.remove(run.id);
+        if let Some((claim, outcome)) = sent {
+            ctx.report(ProbeEvent::ReaperFinalizer { claim, outcome });
+        }
+    });
 }
 
 /// The tasks whose pushes wait for a dead host: that host's commits exist nowhere else,
@@ -356,12 +414,14 @@ async fn read_only_gate(ctx: &Ctx, rj: &RunningJob) -> (Judgement, Option<String
     };
     let log = PathBuf::from(&run.log_path);
     let hidden = ctx.config.hidden_vars();
+    let stage_env = ctx.config.stage_env(&rj.job.stage);
+    let env = vars.env(stage_env, rj.job.iteration, rj.task.trace_parent.clone());
     let gate_run = gate::GateRun {
         log: &log,
         hidden: &hidden,
+        env: &env,
     };
-    let grace = ctx.config.reaper.finalize_grace;
-    let verdict = gate::evaluate(stage, &ws, &vars, code, grace, &gate_run).await;
+    let verdict = gate::evaluate(stage, &ws, &vars, code, &gate_run).await;
     let commit = workspace::head_commit_of_run(&ws, run.id);
     (verdict, commit)
 }

@@ -14,13 +14,20 @@ impl Config {
             toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
         let secrets = self.secret_vars();
         out.push_str("\n# secrets (values are never shown)\n");
-        if secrets.is_empty() {
+        if secrets.is_empty() && self.stage_env_references().is_empty() {
             out.push_str("# none configured\n");
         }
         for SecretVar { key, var, .. } in secrets {
             let state = match std::env::var_os(&var) {
                 Some(v) if !v.is_empty() => "set",
                 _ => "NOT SET",
+            };
+            out.push_str(&format!("# {key}: ${var} is {state}\n"));
+        }
+        for (key, var) in self.stage_env_references() {
+            let state = match std::env::var_os(&var) {
+                Some(v) if !v.is_empty() => "set",
+                _ => "NOT SET: the stage's agents run without it",
             };
             out.push_str(&format!("# {key}: ${var} is {state}\n"));
         }
@@ -72,11 +79,37 @@ impl Config {
     }
 
     /// The variables an agent (or anything else baton starts) must not inherit: the
-    /// secrets, and the database URL overrides, which may carry a password.
+    /// secrets, the database URL overrides, which may carry a password, and the variables
+    /// a stage's `env` takes its values from (only that stage gets them, under its name).
     pub fn hidden_vars(&self) -> Vec<String> {
         let mut v: Vec<String> = DATABASE_URL_VARS.iter().map(|s| s.to_string()).collect();
         v.extend(self.secret_vars().into_iter().map(|s| s.var));
+        v.extend(self.stage_env_references().into_iter().map(|(_, var)| var));
+        v.sort();
+        v.dedup();
         v
+    }
+
+    /// Every `"${NAME}"` value of a stage's `env`: (its key path, NAME).
+    pub fn stage_env_references(&self) -> Vec<(String, String)> {
+        self.stages
+            .iter()
+            .flat_map(|(name, stage)| {
+                stage.env.iter().filter_map(move |(key, value)| {
+                    let var = super::StageSettings::env_reference(value)?;
+                    Some((format!("stages.{name}.env.{key}"), var.to_string()))
+                })
+            })
+            .collect()
+    }
+
+    /// The environment `stage` adds for its agent and gate, its references read from
+    /// baton's environment now.
+    pub fn stage_env(&self, stage: &str) -> std::collections::BTreeMap<String, String> {
+        self.stages
+            .get(stage)
+            .map(|s| s.resolved_env(|var| std::env::var(var).ok().filter(|v| !v.is_empty())))
+            .unwrap_or_default()
     }
 }
 

@@ -158,3 +158,39 @@ fn empty_command_and_unknown_placeholder_are_problems() {
             .any(|p| p.key == "stages.developer.command" && p.message.contains("{tsak}"))
     );
 }
+
+#[test]
+fn stage_env_concurrency_and_gate_timeout_are_checked() {
+    let text = GOOD.replace(
+        "timeout = \"45m\"",
+        "timeout = \"45m\"\nmax_concurrent = 0\ngate.timeout = \"0s\"\n\
+         env = { MODEL = \"opus\", BATON_STAGE = \"x\", \"bad-name\" = \"y\", KEY = \"${UNCLOSED\" }",
+    );
+    let problems = load(&text).unwrap_err();
+    let mut keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "stages.developer.env.BATON_STAGE",
+            "stages.developer.env.KEY",
+            "stages.developer.env.bad-name",
+            "stages.developer.gate.timeout",
+            "stages.developer.max_concurrent",
+        ],
+        "{problems:?}"
+    );
+    let good = GOOD.replace(
+        "timeout = \"45m\"",
+        "timeout = \"45m\"\nmax_concurrent = 2\nenv = { MODEL = \"opus\", KEY = \"${SRC_KEY}\" }",
+    );
+    let c = load(&good).unwrap();
+    assert_eq!(c.stages["developer"].gate.timeout, GATE_TIMEOUT_DEFAULT);
+    assert_eq!(c.policy().stage_limits.get("developer"), Some(&2));
+    assert!(c.hidden_vars().contains(&"SRC_KEY".to_string()));
+    let env = c.stages["developer"].resolved_env(|v| (v == "SRC_KEY").then(|| "k".to_string()));
+    assert_eq!(
+        env.into_iter().collect::<Vec<_>>(),
+        [("KEY".into(), "k".into()), ("MODEL".into(), "opus".into())]
+    );
+}

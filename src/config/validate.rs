@@ -223,6 +223,40 @@ impl Config {
             if let Some(msg) = check_duration(stage.timeout) {
                 problem(&format!("stages.{name}.timeout"), msg);
             }
+            if let Some(msg) = check_duration(stage.gate.timeout) {
+                problem(&format!("stages.{name}.gate.timeout"), msg);
+            }
+            for (var, value) in &stage.env {
+                let key = format!("stages.{name}.env.{var}");
+                let valid_name = !var.is_empty()
+                    && !var.starts_with(|c: char| c.is_ascii_digit())
+                    && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid_name {
+                    problem(
+                        &key,
+                        "is not a variable name (letters, digits and _)".into(),
+                    );
+                } else if var.starts_with("BATON_") || var == "TRACEPARENT" {
+                    problem(
+                        &key,
+                        "is set by baton for every run; choose another name".into(),
+                    );
+                }
+                if (value.starts_with("${") && !value.ends_with('}'))
+                    || crate::config::StageSettings::env_reference(value).is_some_and(str::is_empty)
+                {
+                    problem(
+                        &key,
+                        format!("{value:?} is neither a literal nor \"${{NAME}}\""),
+                    );
+                }
+            }
+            if stage.max_concurrent == Some(0) {
+                problem(
+                    &format!("stages.{name}.max_concurrent"),
+                    "must be at least 1 (leave it out for no bound)".into(),
+                );
+            }
             if let Some(target) = &stage.on_reject {
                 let key = format!("stages.{name}.on_reject");
                 for (pname, pipeline) in &self.pipelines {

@@ -24,6 +24,9 @@ pub struct WorkItem {
     pub id: String,
     #[serde(default)]
     pub name: String,
+    /// Listed with `expand=labels`: label objects (a read without it gives their ids).
+    #[serde(default)]
+    pub labels: Vec<LabelRef>,
     pub sequence_id: Option<i64>,
     /// The state's id (the API's lists and reads give the id, not the object).
     #[serde(default)]
@@ -32,6 +35,28 @@ pub struct WorkItem {
     pub description_stripped: Option<String>,
     #[serde(default)]
     pub description_html: Option<String>,
+}
+
+/// A work item's label as Plane gives it: an object (webhooks give `id`, `name`,
+/// `color`; the API with `expand=labels` every field) or, unexpanded, its id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum LabelRef {
+    Object { name: Option<String> },
+    Id(String),
+}
+
+impl LabelRef {
+    /// The names of `labels` that have one.
+    pub fn names(labels: &[LabelRef]) -> Vec<String> {
+        labels
+            .iter()
+            .filter_map(|l| match l {
+                LabelRef::Object { name } => name.clone(),
+                LabelRef::Id(_) => None,
+            })
+            .collect()
+    }
 }
 
 impl WorkItem {
@@ -184,7 +209,8 @@ pub async fn work_items_page(
     let mut req = http
         .get(format!("{}/work-items/", project_url(plane)))
         .header("X-API-Key", key)
-        .query(&[("per_page", PAGE_SIZE.to_string())]);
+        .query(&[("per_page", PAGE_SIZE.to_string())])
+        .query(&[("expand", "labels")]);
     if let Some(c) = cursor {
         req = req.query(&[("cursor", c)]);
     }

@@ -53,6 +53,9 @@ struct WorkItem {
     identifier: Option<String>,
     description_stripped: Option<String>,
     description_html: Option<String>,
+    /// `{id, name, color}` objects in Plane's deliveries.
+    #[serde(default)]
+    labels: Vec<crate::effects::plane::LabelRef>,
 }
 
 /// A state given by id or inline.
@@ -249,10 +252,12 @@ async fn handle(st: &HttpState, delivery: &Delivery, now: i64) -> Result<Value, 
     let Some(issue_id) = item.id.clone().filter(|s| !s.is_empty()) else {
         return ignored("the work item has no id");
     };
+    let labels = crate::effects::plane::LabelRef::names(&item.labels);
     let request = SubmitRequest {
         title: item.name.clone(),
         description: item.description(),
         plane_issue_id: Some(issue_id.clone()),
+        pipeline: st.config.pipeline_for_labels(&labels),
         ..SubmitRequest::new(key.clone())
     };
     match tasks::submit(&st.store, &st.config, request, Origin::Webhook, now).await {

@@ -30,6 +30,7 @@ fn policy() -> Policy {
         },
         branch_prefix: "baton/".into(),
         base_branch: "main".into(),
+        stage_limits: HashMap::new(),
     }
 }
 

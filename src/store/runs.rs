@@ -57,6 +57,19 @@ impl Store {
         now: i64,
     ) -> StoreResult<Option<Dispatched>> {
         let mut skip: Vec<i64> = Vec::new();
+        let limits = policy.map(|p| &p.stage_limits).filter(|l| !l.is_empty());
+        // Stages at their bound (`max_concurrent`) are skipped, not waited for.
+        let mut full: Vec<String> = match limits {
+            Some(limits) => {
+                let running = self.running_by_stage(limits.keys(), &self.db).await?;
+                limits
+                    .iter()
+                    .filter(|(stage, n)| running.get(*stage).copied().unwrap_or(0) >= **n as u64)
+                    .map(|(stage, _)| stage.clone())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let hostname = nodes::Entity::find_by_id(node_id.to_string())
             .one(&self.db)
             .await?
@@ -86,6 +99,7 @@ impl Store {
                 .filter(jobs::Column::NotBefore.lte(now))
                 .filter(jobs::Column::TaskId.in_subquery(active))
                 .filter(jobs::Column::TaskId.not_in_subquery(elsewhere))
+                .filter(jobs::Column::Stage.is_not_in(full.clone()))
                 .filter(jobs::Column::Id.is_not_in(skip.clone()))
                 .order_by_asc(jobs::Column::TaskId)
                 .order_by_asc(jobs::Column::Id)
@@ -117,6 +131,19 @@ impl Store {
                     continue;
                 }
             };
+            if let Some(limit) = limits.and_then(|l| l.get(&job.stage)) {
+                // Counted again under a lock of the stage, so that two dispatchers never
+                // both take its last place.
+                if self.is_postgres() {
+                    stage_lock(&txn, &job.stage).await?;
+                }
+                let running = self.running_by_stage([&job.stage], &txn).await?;
+                if running.get(&job.stage).copied().unwrap_or(0) >= u64::from(*limit) {
+                    txn.rollback().await?;
+                    full.push(job.stage.clone());
+                    continue;
+                }
+            }
             let taken = jobs::Entity::update_many()
                 .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
                 .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
@@ -171,6 +198,25 @@ impl Store {
             return Ok(Some(Dispatched { task, job, run }));
         }
         Ok(None)
+    }
+
+    /// How many jobs of each of `stages` are running, across the database.
+    async fn running_by_stage<'a, C: sea_orm::ConnectionTrait>(
+        &self,
+        stages: impl IntoIterator<Item = &'a String>,
+        db: &C,
+    ) -> StoreResult<HashMap<String, u64>> {
+        let stages: Vec<String> = stages.into_iter().cloned().collect();
+        let mut out = HashMap::new();
+        for job in jobs::Entity::find()
+            .filter(jobs::Column::Status.eq(JobStatus::Running))
+            .filter(jobs::Column::Stage.is_in(stages))
+            .all(db)
+            .await?
+        {
+            *out.entry(job.stage).or_insert(0) += 1;
+        }
+        Ok(out)
     }
 
     /// Records the agent's pid (and the prompt it was given) once it is started, with the
@@ -453,4 +499,21 @@ fn run_event(task_id: i64, run: &agent_runs::Model, kind: EventKind) -> NewEvent
         source: EventSource::Monitor,
         detail: json!({}),
     }
+}
+
+/// PostgreSQL's transaction-scoped advisory lock of a stage: dispatchers of several nodes
+/// take a bounded stage's places one at a time.
+async fn stage_lock(txn: &sea_orm::DatabaseTransaction, stage: &str) -> StoreResult<()> {
+    use sea_orm::ConnectionTrait;
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("baton.stage:{stage}").as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    let stmt = sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1)",
+        [i64::from_be_bytes(key).into()],
+    );
+    txn.query_one_raw(stmt).await?;
+    Ok(())
 }

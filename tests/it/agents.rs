@@ -513,16 +513,26 @@ on_both!(
 
 async fn the_poll_submits_a_work_item_whose_delivery_was_lost_once(db: TestDb) {
     let plane = plane().await;
+    // Listed with `expand=labels`, a work item's labels are whole label objects.
+    let mut seven = work_item(7, "st-ready");
+    seven["labels"] = json!([{
+        "id": "lb-1", "created_at": "2026-11-24T08:00:00Z", "updated_at": "2026-11-24T08:00:00Z",
+        "deleted_at": null, "name": "Bug", "description": "", "color": "#ff4444",
+        "sort_order": 65535.0, "external_source": null, "external_id": null,
+        "created_by": "u-1", "updated_by": null, "workspace": "ws-uuid",
+        "project": "proj-uuid", "parent": null,
+    }]);
     Mock::given(method("GET"))
         .and(path(
             "/api/v1/workspaces/team/projects/proj-uuid/work-items/",
         ))
+        .and(wiremock::matchers::query_param("expand", "labels"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
             "total_count": 2, "next_cursor": "100:1:0", "prev_cursor": "100:-1:1",
             "next_page_results": false, "prev_page_results": false, "count": 2,
             "total_pages": 1, "total_results": 2, "extra_stats": null,
             "grouped_by": null, "sub_grouped_by": null,
-            "results": [work_item(7, "st-ready"), work_item(8, "st-backlog")],
+            "results": [seven, work_item(8, "st-backlog")],
         })))
         .mount(&plane)
         .await;
@@ -531,6 +541,9 @@ async fn the_poll_submits_a_work_item_whose_delivery_was_lost_once(db: TestDb) {
         r#"
 [pipelines.default]
 stages = ["developer"]
+[pipelines.bugfix]
+stages = ["developer"]
+plane_labels = ["bug"]
 [stages.developer]
 command = ["true"]
 commit = false
@@ -591,6 +604,7 @@ commit = false
         ("PROJ-7", "Item 7", Some("issue-7"))
     );
     assert_eq!(t.description.as_deref(), Some("Make item 7 fast & small."));
+    assert_eq!(t.pipeline, "bugfix", "the pipeline of its label");
 }
 on_both!(
     the_poll_submits_a_work_item_whose_delivery_was_lost_once,

@@ -11,6 +11,7 @@ mod nodes;
 mod pipeline;
 mod reaper_windows;
 mod restarts;
+mod stages;
 mod store;
 mod support;
 mod traces;

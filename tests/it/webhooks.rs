@@ -34,6 +34,14 @@ stages = ["analyst", "developer"]
 command = ["true"]
 [stages.developer]
 command = ["true"]
+[pipelines.bug]
+stages = ["developer"]
+plane_labels = ["bug"]
+priority = 10
+[pipelines.docs]
+stages = ["analyst"]
+plane_labels = ["bug", "docs"]
+priority = 1
 [plane]
 api_url = "PLANE_URL"
 workspace = "team"
@@ -358,4 +366,69 @@ async fn a_delivery_is_answered_503_and_forgotten_while_plane_cannot_name_the_pr
 on_both!(
     a_delivery_is_answered_503_and_forgotten_while_plane_cannot_name_the_project,
     a_delivery_is_answered_503_and_forgotten_while_plane_cannot_name_the_project
+);
+
+/// A work item's labels, as Plane's deliveries give them (`{id, name, color}` objects),
+/// choose its pipeline: of the pipelines naming one of them, the highest priority wins;
+/// none matching, `default`.
+async fn a_labelled_work_item_runs_the_pipeline_of_its_label(db: TestDb) {
+    let hook = start(db).await;
+    let labelled = |seq: i64, labels: serde_json::Value| {
+        serde_json::to_vec(&json!({
+            "event": "issue",
+            "action": "updated",
+            "webhook_id": "wh-1",
+            "workspace_id": "ws-1",
+            "data": {
+                "id": format!("issue-{seq}"),
+                "name": "Labelled",
+                "sequence_id": seq,
+                "project_detail": {"identifier": "PROJ"},
+                "state": {"id": "st-ready", "name": "Ready for agents"},
+                "labels": labels,
+            },
+            "activity": {"field": "state", "actor": {"id": "u-1"}},
+        }))
+        .unwrap()
+    };
+    let cases = [
+        (
+            1,
+            json!([{"id": "l-1", "name": "Bug", "color": "#ff4444"}]),
+            "bug",
+        ),
+        (
+            2,
+            json!([{"id": "l-2", "name": "docs", "color": "#00ff00"}]),
+            "docs",
+        ),
+        (
+            3,
+            json!([{"id": "l-3", "name": "frontend", "color": "#0000ff"}]),
+            "default",
+        ),
+        (4, json!([]), "default"),
+    ];
+    for (seq, labels, pipeline) in cases {
+        let body = labelled(seq, labels);
+        let (status, doc) = hook
+            .post(body.clone(), Some(sign(&body)), &format!("d-{seq}"))
+            .await;
+        assert_eq!(
+            (status, doc["status"].as_str()),
+            (202, Some("submitted")),
+            "{doc}"
+        );
+        let task = hook
+            .db
+            .store
+            .task_by_key(&crate::support::key(&format!("PROJ-{seq}")))
+            .await
+            .unwrap();
+        assert_eq!(task.pipeline, pipeline, "labels of PROJ-{seq}");
+    }
+}
+on_both!(
+    a_labelled_work_item_runs_the_pipeline_of_its_label,
+    a_labelled_work_item_runs_the_pipeline_of_its_label
 );
