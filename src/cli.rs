@@ -64,6 +64,9 @@ pub enum Command {
         /// The Plane work item (its UUID) that the task reports to.
         #[arg(long)]
         plane_issue: Option<String>,
+        /// Print the new task and its first job as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Tasks with their jobs and runs.
     Status {
@@ -78,15 +81,29 @@ pub enum Command {
     },
     /// The task's events in order.
     History {
+        /// The task's key, e.g. ORCH-65.
         key: TaskKey,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Cancel a task and kill its agent.
-    Cancel { key: TaskKey },
-    /// Re-queue a failed or cancelled task at the stage where it stopped.
-    Retry { key: TaskKey },
+    Cancel {
+        /// The task's key, e.g. ORCH-65.
+        key: TaskKey,
+        /// Print what was cancelled as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-queue a failed or cancelled task at the stage where it stopped (or deliver its
+    /// work again, when only its push or pull request failed).
+    Retry {
+        /// The task's key, e.g. ORCH-65.
+        key: TaskKey,
+        /// Print the new job (or the delivery retried) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply the database migrations.
     Migrate,
     /// The self-contained tour: a temp dir, SQLite, a git repo with a bare remote and a
@@ -175,6 +192,10 @@ pub enum ConfigCommand {
         /// repo.network_timeout) and say exactly what failed.
         #[arg(long)]
         remote: bool,
+        /// Print the effective settings (secrets redacted) as JSON; the further checks
+        /// (remote, Plane states, in-flight tasks) then write to standard error.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -205,20 +226,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let clock = Clock::system();
     match cli.command {
         Command::Config {
-            command: ConfigCommand::Check { remote },
+            command: ConfigCommand::Check { remote, json },
         } => {
             let config = load_config(&cli.config)?;
-            println!("# {} is valid; effective settings:\n", cli.config.display());
-            print!("{}", config.render_effective());
-            if remote {
-                check_remote(&config).await?;
+            if json {
+                let doc = json!({"valid": true, "path": cli.config, "effective": config.effective_json()});
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!("# {} is valid; effective settings:\n", cli.config.display());
+                print!("{}", config.render_effective());
             }
-            check_plane_states(&config).await?;
-            check_orphans(&config).await?;
+            if remote {
+                check_remote(&config, json).await?;
+            }
+            check_plane_states(&config, json).await?;
+            check_orphans(&config, json).await?;
         }
         Command::Migrate => {
             let config = load_config(&cli.config)?;
-            let store = Store::connect(&config.database_url).await?;
+            let store =
+                Store::connect_with(&config.database_url, crate::store::COMMAND_CONNECT_TIMEOUT)
+                    .await?;
             let applied = store.migrate().await?;
             if applied.is_empty() {
                 println!("database is up to date");
@@ -235,6 +263,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             description,
             description_file,
             plane_issue,
+            json: as_json,
         } => {
             let config = load_config(&cli.config)?;
             let description = match description_file {
@@ -251,6 +280,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let submitted =
                 tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
+            if as_json {
+                let doc = json!({"task": submitted.task, "job": submitted.job});
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "submitted {} (pipeline {}, first stage {}, job {})",
                 submitted.task.key, submitted.task.pipeline, submitted.job.stage, submitted.job.id
@@ -268,9 +302,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ = tick.tick() => {}
                 }
                 let screen = render_watch(&store, key.as_ref(), &clock).await?;
-                print!("\x1b[2J\x1b[H{screen}");
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
+                use std::io::{IsTerminal, Write};
+                let mut out = std::io::stdout().lock();
+                // A terminal is redrawn in place; a pipe or a file gets one screen after
+                // another, without screen codes.
+                let clear = if out.is_terminal() {
+                    "\x1b[2J\x1b[H"
+                } else {
+                    "\n"
+                };
+                // A reader that went away (`| head`) ends the watch; it is not an error.
+                if write!(out, "{clear}{screen}")
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    break;
+                }
             }
         }
         Command::Status { key, json, .. } => {
@@ -306,11 +353,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", present::render_history(&events));
             }
         }
-        Command::Cancel { key } => {
+        Command::Cancel { key, json: as_json } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
             let host = config.node.host();
             let cancelled = tasks::cancel(&store, &key, Origin::Cli, clock.now_ms(), &host).await?;
+            if as_json {
+                let runs: Vec<_> = cancelled
+                    .runs
+                    .iter()
+                    .map(|(run_id, stop)| json!({"run_id": run_id, "stop": stop}))
+                    .collect();
+                let doc = json!({"task": key, "status": "cancelled", "runs": runs});
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("cancelled {key}");
             for (run_id, stop) in cancelled.runs {
                 match stop {
@@ -328,10 +385,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Retry { key } => {
+        Command::Retry { key, json: as_json } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
-            match tasks::retry(&store, &key, Origin::Cli, clock.now_ms()).await? {
+            let retried = tasks::retry(&store, &key, Origin::Cli, clock.now_ms()).await?;
+            if as_json {
+                let doc = match &retried {
+                    crate::store::Retried::Job(job) => json!({"task": key, "job": job}),
+                    crate::store::Retried::Delivery { effects, status } => json!({
+                        "task": key, "delivery": {"effects_retried": effects, "status": status}
+                    }),
+                };
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            match retried {
                 crate::store::Retried::Job(job) => println!(
                     "re-queued {key} at stage {} (job {}, iteration {})",
                     job.stage, job.id, job.iteration
@@ -444,15 +512,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// With Plane configured and reachable, every state name the config uses must exist in
 /// the project; when Plane cannot be asked, says so and goes on.
-async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
+/// A line of a check's report: on standard output, or on standard error when standard
+/// output carries a JSON document.
+fn say(json: bool, line: String) {
+    if json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+async fn check_plane_states(config: &Config, json: bool) -> anyhow::Result<()> {
     let Some(plane) = &config.plane else {
         return Ok(());
     };
     let secrets = crate::config::Secrets::from_env(config);
     let Some(key) = secrets.plane_api_key.as_deref() else {
-        println!(
-            "# ${} is not set: Plane state names were not checked",
-            plane.api_key_env
+        say(
+            json,
+            format!(
+                "# ${} is not set: Plane state names were not checked",
+                plane.api_key_env
+            ),
         );
         return Ok(());
     };
@@ -463,9 +544,12 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
     let states = match crate::effects::plane::list_states(&http, plane, key).await {
         Ok(states) => states,
         Err(e) => {
-            println!(
-                "# Plane at {} could not be asked ({e}): state names were not checked",
-                plane.api_url
+            say(
+                json,
+                format!(
+                    "# Plane at {} could not be asked ({e}): state names were not checked",
+                    plane.api_url
+                ),
             );
             return Ok(());
         }
@@ -490,9 +574,12 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
         .map(|(k, v)| format!("  - {k}: Plane has no state named {v:?}"))
         .collect();
     if missing.is_empty() {
-        println!(
-            "# Plane state names checked against the project: all {} exist",
-            names.len()
+        say(
+            json,
+            format!(
+                "# Plane state names checked against the project: all {} exist",
+                names.len()
+            ),
         );
         return Ok(());
     }
@@ -504,7 +591,7 @@ async fn check_plane_states(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Reaches repo.url as a node would: its credentials, its network timeout.
-async fn check_remote(config: &Config) -> anyhow::Result<()> {
+async fn check_remote(config: &Config, json: bool) -> anyhow::Result<()> {
     crate::workspace::set_network_timeout(config.repo.network_timeout);
     let access = config.repo_access(&crate::config::Secrets::from_env(config));
     let base = config.repo.base_branch.clone();
@@ -517,24 +604,30 @@ async fn check_remote(config: &Config) -> anyhow::Result<()> {
             config.repo.url
         );
     }
-    println!(
-        "# repo.url {} is reachable: {} branch(es), {base} among them",
-        config.repo.url,
-        heads
-            .iter()
-            .filter(|h| h.starts_with("refs/heads/"))
-            .count()
+    say(
+        json,
+        format!(
+            "# repo.url {} is reachable: {} branch(es), {base} among them",
+            config.repo.url,
+            heads
+                .iter()
+                .filter(|h| h.starts_with("refs/heads/"))
+                .count()
+        ),
     );
     Ok(())
 }
 
 /// The in-flight tasks this config would orphan, when the database can be asked.
-async fn check_orphans(config: &Config) -> anyhow::Result<()> {
+async fn check_orphans(config: &Config, json: bool) -> anyhow::Result<()> {
     // A check must not create an SQLite file that does not exist yet.
     if let Some(rest) = config.database_url.strip_prefix("sqlite://") {
         let file = rest.split('?').next().unwrap_or_default();
         if !file.is_empty() && !file.starts_with(':') && !Path::new(file).exists() {
-            println!("# no database at {file} yet: no in-flight task to check");
+            say(
+                json,
+                format!("# no database at {file} yet: no in-flight task to check"),
+            );
             return Ok(());
         }
     }
@@ -546,17 +639,27 @@ async fn check_orphans(config: &Config) -> anyhow::Result<()> {
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            println!("# in-flight tasks were not checked against this config: {e}");
+            say(
+                json,
+                format!("# in-flight tasks were not checked against this config: {e}"),
+            );
             return Ok(());
         }
         Err(_) => {
-            println!("# in-flight tasks were not checked: the database did not answer in 10s");
+            say(
+                json,
+                "# in-flight tasks were not checked: the database did not answer in 10s"
+                    .to_string(),
+            );
             return Ok(());
         }
     };
     let orphans = tasks::orphans(&store, config).await?;
     if orphans.is_empty() {
-        println!("# every in-flight task's pipeline and stage are in this config");
+        say(
+            json,
+            "# every in-flight task's pipeline and stage are in this config".to_string(),
+        );
         return Ok(());
     }
     anyhow::bail!(

@@ -112,6 +112,15 @@ pub async fn serve(
     Ok((addr, handle))
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme in any case.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 /// Bearer-token check for everything but health and the webhook.
 async fn require_token(State(st): State<HttpState>, req: Request, next: Next) -> Response {
     if let Some(token) = st.secrets.api_token.as_deref() {
@@ -119,7 +128,7 @@ async fn require_token(State(st): State<HttpState>, req: Request, next: Next) ->
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or_default();
         // Constant-time: compare MACs of both under a fixed key.
         let mac = |k: &str| {
@@ -133,7 +142,7 @@ async fn require_token(State(st): State<HttpState>, req: Request, next: Next) ->
         {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (Authorization: Bearer ...)",
+                "missing or wrong API token: send it as a bearer token (\"Authorization: Bearer <token>\", the value of the variable http.token_env names); in the dashboard, open /#token=<token>",
             )
             .into_response();
         }

@@ -412,6 +412,21 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// No text panics the key parser (a key of euro signs once did), and what it
+        /// accepts is a safe file and branch name.
+        #[test]
+        fn no_text_panics_the_task_key_parser(text in "\\PC{0,100}") {
+            if let Ok(key) = TaskKey::parse(text.clone()) {
+                proptest::prop_assert!(key.as_str().len() <= 64);
+                proptest::prop_assert!(key
+                    .as_str()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+            }
+        }
+    }
+
     #[test]
     fn task_keys_are_checked_once_and_never_panic() {
         assert_eq!(TaskKey::parse("ORCH-65").unwrap().as_str(), "ORCH-65");

@@ -59,6 +59,10 @@ pub enum ServeError {
     )]
     Orphaned(Vec<crate::tasks::Orphan>),
     #[error(
+        "http.token_env names ${0}, which is not set (or empty): the API would answer anyone; set it, or remove http.token_env to run without a token"
+    )]
+    MissingApiToken(String),
+    #[error(
         "effects.push is off and other hosts serve this database ({}): a stage's work would exist only on the host that ran it, and the next stage could start on another; turn effects.push on, or serve from one host",
         .0.join(", ")
     )]
@@ -121,6 +125,14 @@ impl Node {
             })?;
         }
         let clock = opts.clock.clone().unwrap_or_else(Clock::system);
+        // Safe by default: a token the config asks for must be there.
+        let secrets = opts
+            .secrets
+            .clone()
+            .unwrap_or_else(|| crate::config::Secrets::from_env(&config));
+        if let (Some(var), None) = (&config.http.token_env, &secrets.api_token) {
+            return Err(ServeError::MissingApiToken(var.clone()));
+        }
         crate::workspace::set_network_timeout(config.repo.network_timeout);
         let store = Store::open(&config.database_url).await?;
         let orphans = crate::tasks::orphans(&store, &config).await?;
@@ -152,10 +164,6 @@ impl Node {
             clock.clone(),
             config.node.heartbeat_interval,
         ));
-        let secrets = opts
-            .secrets
-            .clone()
-            .unwrap_or_else(|| crate::config::Secrets::from_env(&config));
         let config = Arc::new(config);
         let ctx_clock = clock.clone();
         let ctx = Ctx {

@@ -45,13 +45,17 @@ pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSumma
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a caller waits for a pooled connection before the operation fails.
 pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a command (not the service) waits for the database to answer at all.
+pub const COMMAND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The direct connection that finds why a pool could not connect.
+const CONNECT_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot open database {url}: {source}; check database_url (or BATON_DATABASE_URL) and that the server is up"
+        "cannot open database {url}: {reason}; check database_url (or BATON_DATABASE_URL) and that the server is up"
     )]
-    Connect { url: String, source: DbErr },
+    Connect { url: String, reason: String },
     #[error("database error: {0}")]
     Db(#[from] DbErr),
     #[error(
@@ -84,17 +88,60 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Replaces the password of a URL such as `postgres://user:secret@host/db` with `***`.
+/// Replaces the passwords of a database URL with `***`: the userinfo's
+/// (`postgres://user:secret@host/db`) and a `password=` query parameter's
+/// (`...?password=secret`, any case).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_string();
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_string(),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+    let Some(query) = query else {
+        return base;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+/// Why a database could not be opened, in one sentence. A pool that timed out hides the
+/// cause (sqlx retries until it gives up), so one direct connection is tried for it.
+async fn connect_failure(url: &str, e: DbErr) -> String {
+    let pooled = match &e {
+        DbErr::Conn(inner) => inner.to_string(),
+        other => other.to_string(),
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return pooled;
+    }
+    use sea_orm::sqlx::Connection;
+    let direct = tokio::time::timeout(
+        CONNECT_PROBE_TIMEOUT,
+        sea_orm::sqlx::postgres::PgConnection::connect(url),
+    )
+    .await;
+    match direct {
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {}s", CONNECT_PROBE_TIMEOUT.as_secs()),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            pooled
+        }
     }
 }
 
@@ -169,12 +216,15 @@ impl Store {
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
                     .foreign_keys(true)
             });
-        let db = Database::connect(opts)
-            .await
-            .map_err(|source| StoreError::Connect {
-                url: redact_url(url),
-                source,
-            })?;
+        let db = match Database::connect(opts).await {
+            Ok(db) => db,
+            Err(e) => {
+                return Err(StoreError::Connect {
+                    url: redact_url(url),
+                    reason: connect_failure(url, e).await,
+                });
+            }
+        };
         let write_lock = url
             .starts_with("sqlite:")
             .then(|| Arc::new(tokio::sync::Mutex::new(())));
@@ -192,7 +242,7 @@ impl Store {
     /// be exactly this version's (only `baton migrate` and `baton serve` change it, so a
     /// newer command never upgrades it under older running nodes).
     pub async fn open_current(url: &str) -> StoreResult<Store> {
-        let store = Store::connect(url).await?;
+        let store = Store::connect_with(url, COMMAND_CONNECT_TIMEOUT).await?;
         store.check_schema().await?;
         Ok(store)
     }

@@ -99,7 +99,8 @@ pub async fn submit(
 }
 
 /// What a cancel did to the task's agents.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "agent", rename_all = "snake_case")]
 pub enum AgentStop {
     /// The agent ran on this host and was terminated (TERM, then KILL after a grace).
     Terminated { pid: i32 },

@@ -34,6 +34,23 @@ impl Config {
         out
     }
 
+    /// The effective settings as JSON (`config check --json`), secrets redacted, with
+    /// the state of every variable the config names for a secret or a stage's `env`.
+    pub fn effective_json(&self) -> serde_json::Value {
+        let mut shown = self.clone();
+        shown.database_url = redact_url(&self.database_url);
+        let is_set = |var: &str| std::env::var_os(var).is_some_and(|v| !v.is_empty());
+        let secrets: Vec<serde_json::Value> =
+            self.secret_vars()
+                .into_iter()
+                .map(|s| serde_json::json!({"key": s.key, "var": s.var, "set": is_set(&s.var)}))
+                .chain(self.stage_env_references().into_iter().map(
+                    |(key, var)| serde_json::json!({"key": key, "var": var, "set": is_set(&var)}),
+                ))
+                .collect();
+        serde_json::json!({"settings": shown, "secrets": secrets})
+    }
+
     /// Every environment variable that holds one of baton's own secrets: the one list
     /// that reading, redacting and keeping them from agents all use.
     pub fn secret_vars(&self) -> Vec<SecretVar> {

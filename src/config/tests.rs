@@ -194,3 +194,33 @@ fn stage_env_concurrency_and_gate_timeout_are_checked() {
         [("KEY".into(), "k".into()), ("MODEL".into(), "opus".into())]
     );
 }
+
+proptest::proptest! {
+    /// No config text panics the loader: it loads, or names its problems.
+    #[test]
+    fn no_text_panics_the_config_loader(text in "\\PC{0,300}") {
+        let _ = load(&text);
+    }
+
+    /// Nor does any line added to a good config, in any script.
+    #[test]
+    fn no_line_panics_the_config_loader(line in "[a-z_.]{1,20} = \\PC{0,40}", at in 0usize..20) {
+        let mut lines: Vec<&str> = GOOD.lines().collect();
+        let at = at.min(lines.len());
+        lines.insert(at, &line);
+        let _ = load(&lines.join("\n"));
+    }
+
+    /// A database URL's password is never shown, in its userinfo or its query.
+    #[test]
+    fn redaction_hides_every_password(pw in "[A-Za-z0-9%!]{6,20}") {
+        for url in [
+            format!("postgres://baton:{pw}@db:5432/baton"),
+            format!("postgres://baton@db/baton?sslmode=require&password={pw}"),
+            format!("postgres://baton:{pw}@db/baton?PASSWORD={pw}"),
+        ] {
+            let shown = crate::store::redact_url(&url);
+            proptest::prop_assert!(!shown.contains(&pw), "{}", shown);
+        }
+    }
+}

@@ -138,6 +138,16 @@ pub fn signature_valid(secret: &[u8], body: &[u8], signature: &str) -> bool {
     mac.verify_slice(&expected).is_ok()
 }
 
+/// A delivery's body, read into the fields baton uses; a clear 400 for anything else.
+fn parse_delivery(body: &[u8]) -> Result<Delivery, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => serde_json::from_value(v)
+            .map_err(|e| ApiError::bad_request(format!("the body is not a Plane delivery: {e}"))),
+        Ok(_) => Err(ApiError::bad_request("the body is JSON but not an object")),
+        Err(e) => Err(ApiError::bad_request(format!("the body is not JSON: {e}"))),
+    }
+}
+
 fn accepted(detail: Value) -> Response {
     (StatusCode::ACCEPTED, axum::Json(detail)).into_response()
 }
@@ -168,12 +178,7 @@ pub(super) async fn plane(
             "X-Plane-Signature does not match the body",
         ));
     }
-    let delivery: Delivery = match serde_json::from_slice::<Value>(&body) {
-        Ok(v @ Value::Object(_)) => serde_json::from_value(v)
-            .map_err(|e| ApiError::bad_request(format!("the body is not a Plane delivery: {e}")))?,
-        Ok(_) => return Err(ApiError::bad_request("the body is JSON but not an object")),
-        Err(e) => return Err(ApiError::bad_request(format!("the body is not JSON: {e}"))),
-    };
+    let delivery = parse_delivery(&body)?;
     let id = header("x-plane-delivery")
         .filter(|d| !d.is_empty() && d.len() <= DELIVERY_ID_LEN_MAX)
         .ok_or_else(|| ApiError::bad_request("missing or oversized X-Plane-Delivery"))?
@@ -359,6 +364,42 @@ async fn key_of(st: &HttpState, item: &WorkItem) -> Result<Option<TaskKey>, ApiE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// No body panics the parser: it is read, or refused with a 400.
+        #[test]
+        fn no_body_panics_the_parser(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Err(e) = parse_delivery(&body) {
+                proptest::prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            }
+        }
+
+        /// Deliveries of any shape, with text of any script where Plane sends text.
+        #[test]
+        fn no_delivery_panics_its_reading(
+            name in "\\PC{0,80}",
+            identifier in "\\PC{0,80}",
+            seq in proptest::option::of(proptest::num::i64::ANY),
+            html in "\\PC{0,200}",
+            label in "\\PC{0,40}",
+        ) {
+            let body = json!({
+                "event": "issue", "action": "updated",
+                "data": {
+                    "id": name, "name": name, "sequence_id": seq,
+                    "identifier": identifier, "project_identifier": identifier,
+                    "project_detail": {"identifier": identifier},
+                    "state": {"id": name, "name": name, "group": label},
+                    "description_html": html,
+                    "labels": [{"id": label, "name": label, "color": "#000"}, label],
+                },
+            });
+            let delivery = parse_delivery(body.to_string().as_bytes()).unwrap();
+            let item = delivery.data.unwrap();
+            let _ = item.description();
+            let _ = crate::effects::plane::LabelRef::names(&item.labels);
+        }
+    }
 
     #[test]
     fn signatures_are_checked() {

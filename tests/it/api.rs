@@ -137,6 +137,15 @@ echo "agent of $BATON_TASK finished""#,
         401,
         "bearer",
     );
+    // The scheme is case-insensitive, as HTTP says.
+    let lower = api
+        .http
+        .get(format!("{}/api/v1/tasks", api.base))
+        .header("authorization", format!("bearer  {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status().as_u16(), 200);
     // Bad paths and queries get the envelope too.
     assert_error(&api.get("/api/v1/runs/abc/log").await, 400, "");
     assert_error(&api.get("/api/v1/runs/1/log?bytes=lots").await, 400, "");
@@ -336,4 +345,37 @@ echo "agent of $BATON_TASK finished""#,
 on_both!(
     the_api_answers_and_refuses_as_documented,
     the_api_answers_and_refuses_as_documented
+);
+
+/// Safe by default: a config that asks for an API token whose variable is unset does not
+/// start a node that would answer anyone.
+async fn serve_refuses_to_start_without_the_token_it_asks_for(db: TestDb) {
+    let h = Harness::new(db);
+    let mut config =
+        h.config("[pipelines.default]\nstages = [\"one\"]\n[stages.one]\ncommand = [\"true\"]\n");
+    config.http.token_env = Some("BATON_TEST_UNSET_API_TOKEN".into());
+    let started = baton::service::Node::start(
+        config,
+        ServeOptions {
+            secrets: Some(Secrets::default()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let Err(e) = started else {
+        panic!("a node started without its API token")
+    };
+    assert!(
+        e.to_string()
+            .contains("$BATON_TEST_UNSET_API_TOKEN, which is not set"),
+        "{e}"
+    );
+    assert!(
+        h.db.store.nodes().await.unwrap().is_empty(),
+        "the refused node registered"
+    );
+}
+on_both!(
+    serve_refuses_to_start_without_the_token_it_asks_for,
+    serve_refuses_to_start_without_the_token_it_asks_for
 );

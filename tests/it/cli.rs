@@ -102,7 +102,7 @@ fn config_check_redacts_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.toml");
     let toml = format!(
-        "database_url = \"postgres://baton:hunter2@db.example/baton\"\n{}\n[http]\ntoken_env = \"BATON_TEST_TOKEN_XYZ\"\n",
+        "database_url = \"postgres://baton:hunter2@db.example/baton?sslmode=require&password=hunter3\"\n{}\n[http]\ntoken_env = \"BATON_TEST_TOKEN_XYZ\"\n",
         crate::store::PIPELINE_TOML
     );
     std::fs::write(&config, toml).unwrap();
@@ -115,13 +115,18 @@ fn config_check_redacts_secrets() {
         .unwrap();
     let t = text(&o);
     assert!(o.status.success(), "{t}");
-    assert!(!t.contains("hunter2") && !t.contains("sekrit-value"), "{t}");
-    assert!(t.contains("postgres://baton:***@db.example/baton"), "{t}");
+    assert!(!t.contains("hunter") && !t.contains("sekrit-value"), "{t}");
+    assert!(
+        t.contains("postgres://baton:***@db.example/baton?sslmode=require&password=***"),
+        "{t}"
+    );
     assert!(t.contains("$BATON_TEST_TOKEN_XYZ is set"), "{t}");
 }
 
+/// Through a pipe, `status --watch` writes one screen after another without screen codes,
+/// and a reader that goes away (`| head`) ends it cleanly, not with a panic.
 #[test]
-fn status_watch_redraws_in_place() {
+fn status_watch_writes_screens_to_a_pipe_and_ends_with_its_reader() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("baton.toml");
@@ -133,14 +138,15 @@ fn status_watch_redraws_in_place() {
         .env_remove("BATON_DATABASE_URL")
         .env_remove("DATABASE_URL")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut out = child.stdout.take().unwrap();
-    // Read until the screen was drawn twice: the clear sequence, the table, again.
+    // Read until the screen was written twice.
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while String::from_utf8_lossy(&seen)
-        .matches("\x1b[2J\x1b[H")
+        .matches("baton status -- ")
         .count()
         < 2
     {
@@ -152,14 +158,59 @@ fn status_watch_redraws_in_place() {
         );
         seen.extend_from_slice(&buf[..n]);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = String::from_utf8_lossy(&seen);
-    let last = text.rsplit("\x1b[2J\x1b[H").next().unwrap();
+    let text = String::from_utf8_lossy(&seen).to_string();
+    assert!(!text.contains('\x1b'), "screen codes in a pipe: {text:?}");
+    let last = text.rsplit("baton status -- ").next().unwrap();
     assert!(
         last.contains("W-1") && last.contains("analyst") && last.contains("running agents: 0"),
         "{last}"
     );
+    // The reader goes away: the next screen cannot be written, and the watch ends.
+    drop(out);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watch outlived its reader"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `--json` on the commands that change tasks, and on `config check`.
+#[test]
+fn commands_answer_in_json_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(&config, crate::store::PIPELINE_TOML).unwrap();
+    assert!(baton(&config, &["migrate"]).status.success());
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = baton(&config, args);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+    };
+    let submitted = json(&["submit", "J-1", "--json"]);
+    assert_eq!(submitted["task"]["key"], "J-1");
+    assert_eq!(submitted["job"]["stage"], "analyst");
+    let cancelled = json(&["cancel", "J-1", "--json"]);
+    assert_eq!(cancelled["status"], "cancelled");
+    let retried = json(&["retry", "J-1", "--json"]);
+    assert_eq!(retried["job"]["stage"], "analyst");
+    let checked = json(&["config", "check", "--json"]);
+    assert_eq!(checked["valid"], true);
+    assert!(checked["effective"]["settings"]["pipelines"]["default"].is_object());
 }
 
 #[test]
