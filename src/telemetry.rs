@@ -64,13 +64,22 @@ impl Drop for Telemetry {
 pub fn init_logs(default_filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour());
     let registry = tracing_subscriber::registry().with(filter);
     let _ = if json {
         registry.with(fmt.json()).try_init()
     } else {
         registry.with(fmt).try_init()
     };
+}
+
+/// Colour in text logs only on a terminal, and never with `NO_COLOR` set (no-color.org):
+/// under systemd or in a file, lines carry no escape codes.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Logs, traces and metrics for `baton serve`.
@@ -98,7 +107,9 @@ pub fn init_service(settings: &TelemetrySettings, json: bool) -> Result<Telemetr
 
     let filter = tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour());
     let otel = tracer_provider.as_ref().map(|p| {
         use opentelemetry::trace::TracerProvider;
         tracing_opentelemetry::layer().with_tracer(p.tracer("baton"))
@@ -253,7 +264,11 @@ pub fn trace_parent_of(span: &tracing::Span, fallback: Option<&str>) -> String {
 #[macro_export]
 macro_rules! task_span {
     ($name:literal, $task:expr, $job:expr, $run_id:expr) => {{
+        // A root in the process: a task's work never sits inside another task's span
+        // (ractor runs a handler inside its sender's span), so each log line carries
+        // its own task's fields only; the task's trace is joined below.
         let span = tracing::info_span!(
+            parent: None,
             $name,
             task = %$task.key,
             stage = %$job.stage,

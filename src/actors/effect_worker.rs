@@ -111,6 +111,7 @@ pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreErro
         }
         let ctx = ctx.clone();
         let span = tracing::info_span!(
+            parent: None,
             "effect",
             task = %task.key,
             kind = %effect.kind,

@@ -105,6 +105,7 @@ impl Actor for Reaper {
                 // `reap` span in its task's trace.
                 if result.did_work() {
                     tracing::info_span!(
+                        parent: None,
                         "reaper.pass",
                         tier1 = result.n_tier1,
                         tier2 = result.n_tier2,

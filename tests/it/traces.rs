@@ -181,3 +181,86 @@ async fn spans_are_exported_over_otlp_http() {
         "the span is not in the export"
     );
 }
+
+/// Logs an operator can read: each line carries its own task's fields only (no task's
+/// span sits inside another's), JSON lines carry them as fields of their span, and text
+/// written to a file or a pipe has no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_log_line_carries_its_own_task_only() {
+    let db = crate::support::TestDb::new(crate::support::Backend::Sqlite)
+        .await
+        .unwrap();
+    let h = crate::support::harness::Harness::new(db);
+    h.config(
+        "[pipelines.default]\nstages = [\"one\", \"two\"]\n[stages.one]\ncommand = [\"sh\", \"-c\", \"echo 1 > one.txt\"]\n[stages.two]\ncommand = [\"sh\", \"-c\", \"echo 2 > two.txt\"]\n[effects]\npush = true\n",
+    );
+    let config = h.root.join("baton.toml");
+    let mut lines_of = Vec::new();
+    for (json, keys) in [(true, ["LOG-1", "LOG-2"]), (false, ["LOG-3", "LOG-4"])] {
+        for key in keys {
+            h.submit(key, "one").await;
+        }
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_baton"));
+        cmd.arg("--config").arg(&config);
+        if json {
+            cmd.arg("--log-json");
+        }
+        let log = h.root.join(format!("serve-{json}.log"));
+        let mut serve = cmd
+            .arg("serve")
+            .env_remove("BATON_DATABASE_URL")
+            .env_remove("DATABASE_URL")
+            .env_remove("NO_COLOR")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + crate::support::harness::PROBE_WAIT;
+        for key in keys {
+            loop {
+                let t =
+                    h.db.store
+                        .task_by_key(&crate::support::key(key))
+                        .await
+                        .unwrap();
+                if t.status == baton::model::TaskStatus::Done {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{key} never ended");
+                // Waiting on another process: nothing here can send a probe event.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(serve.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        serve.wait().unwrap();
+        lines_of.push((json, keys, std::fs::read_to_string(&log).unwrap()));
+    }
+    for (json, keys, text) in lines_of {
+        assert!(!text.contains('\x1b'), "colour codes in a file: {text}");
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            let tasks: std::collections::HashSet<String> = if json {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let spans = v["spans"].as_array().cloned().unwrap_or_default();
+                spans
+                    .iter()
+                    .chain([&v["span"], &v["fields"]])
+                    .filter_map(|s| s["task"].as_str().map(str::to_string))
+                    .collect()
+            } else {
+                keys.iter()
+                    .filter(|k| line.contains(&format!("task={k}")))
+                    .map(|k| k.to_string())
+                    .collect()
+            };
+            assert!(tasks.len() <= 1, "a line of several tasks: {line}");
+            seen.extend(tasks);
+        }
+        for key in keys {
+            assert!(seen.contains(key), "no line of {key}: {text}");
+        }
+    }
+}
