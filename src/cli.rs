@@ -417,8 +417,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gc { dry_run, json } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
-            let report =
+            let mut report =
                 crate::retention::run_once(&store, &config, clock.now_ms(), dry_run, true).await?;
+            // The database's history goes in batches: passes until one removes less.
+            let mut last = report.history;
+            while !dry_run && last.tasks == crate::retention::HISTORY_BATCH {
+                let more =
+                    crate::retention::run_once(&store, &config, clock.now_ms(), false, false)
+                        .await?;
+                last = more.history;
+                let h = &mut report.history;
+                h.tasks += last.tasks;
+                h.events += last.events;
+                h.runs += last.runs;
+                h.effects += last.effects;
+                h.deliveries += last.deliveries;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

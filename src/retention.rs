@@ -15,8 +15,11 @@ use serde::Serialize;
 use crate::clock::ms;
 use crate::config::Config;
 use crate::model::{TaskKey, TaskStatus};
-use crate::store::{Store, StoreError};
+use crate::store::{HistoryPruned, Store, StoreError};
 use crate::workspace::{self, MIRROR_DIR, MirrorGc};
+
+/// Tasks whose history one pass removes, at most (`baton gc` runs passes until done).
+pub const HISTORY_BATCH: u64 = 200;
 
 /// The file whose age says when the mirror was last garbage-collected.
 const MIRROR_GC_STAMP: &str = ".mirror.gc-stamp";
@@ -37,6 +40,8 @@ pub struct GcReport {
     pub logs: Vec<Removed>,
     /// The mirror's size before and after its garbage collection, when it ran.
     pub mirror: Option<(u64, u64)>,
+    /// What was removed from the database (in a dry run: the tasks whose history would be).
+    pub history: HistoryPruned,
     /// What could not be removed, and why; the next pass tries again.
     pub errors: Vec<String>,
 }
@@ -54,7 +59,10 @@ impl GcReport {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.worktrees.is_empty() && self.logs.is_empty() && self.mirror.is_none()
+        self.worktrees.is_empty()
+            && self.logs.is_empty()
+            && self.mirror.is_none()
+            && self.history == HistoryPruned::default()
     }
 
     /// The report as `baton gc` prints it.
@@ -80,6 +88,13 @@ impl GcReport {
                 "garbage-collected the mirror: {} -> {}\n",
                 human_bytes(before),
                 human_bytes(after)
+            ));
+        }
+        let h = &self.history;
+        if h.tasks > 0 || h.deliveries > 0 {
+            out.push_str(&format!(
+                "{verb} the history of {} ended task(s): {} event(s), {} run(s), {} effect(s); {} webhook deliveries\n",
+                h.tasks, h.events, h.runs, h.effects, h.deliveries
             ));
         }
         for e in &self.errors {
@@ -223,6 +238,16 @@ pub async fn run_once(
             path,
             bytes,
         });
+    }
+
+    let ended_before = now - ms(retention.history);
+    if dry_run {
+        report.history.tasks = store.prunable_tasks(ended_before).await?;
+    } else {
+        let deliveries_before = now - ms(retention.deliveries);
+        report.history = store
+            .prune_history(ended_before, deliveries_before, HISTORY_BATCH, now)
+            .await?;
     }
 
     if mirror_gc && !dry_run {

@@ -16,11 +16,13 @@
 //! - [`delivery`]: durable work: a task done only once delivered, a refused delivery,
 //!   the recovery of work lost with its host.
 //! - [`nodes`]: the node rows.
+//! - [`retention`]: history removed after `retention.history`, in small batches.
 
 mod claim;
 mod delivery;
 mod nodes;
 mod outbox;
+mod retention;
 mod runs;
 mod tasks;
 
@@ -38,6 +40,7 @@ use crate::model::{EventKind, EventSource};
 
 pub use delivery::Recovered;
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
+pub use retention::HistoryPruned;
 pub use runs::{Dispatched, RunningJob};
 pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
 

@@ -19,6 +19,9 @@ pub struct Model {
     pub trace_parent: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// When the retention pass removed the task's events, runs and settled effects (it
+    /// had ended longer ago than `retention.history`); the task and its jobs stay.
+    pub history_pruned_at: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,6 +7,7 @@ mod m20261124_000002_effect_nodes_and_deliveries;
 mod m20261124_000003_prompts_feedback_usage;
 mod m20261124_000004_effect_lease_holder;
 mod m20261203_000005_durable_work;
+mod m20261203_000006_history_retention;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_prompts_feedback_usage::Migration),
             Box::new(m20261124_000004_effect_lease_holder::Migration),
             Box::new(m20261203_000005_durable_work::Migration),
+            Box::new(m20261203_000006_history_retention::Migration),
         ]
     }
 }

@@ -1,6 +1,7 @@
 //! The Janitor: every `retention.interval`, one retention pass
 //! ([`crate::retention::run_once`]): the worktrees and run logs of tasks that ended long
-//! enough ago, and the mirror's garbage collection when it is due. Each node cleans its
+//! enough ago, the mirror's garbage collection when it is due, and a batch of the
+//! database's history (events, runs, settled effects, webhook deliveries). Each node cleans its
 //! own disk (a second node is a second host with its own workspaces).
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -68,6 +69,10 @@ pub async fn run_once(ctx: &Ctx) -> Result<GcReport, crate::store::StoreError> {
             logs = report.logs.len(),
             mirror_gc = report.mirror.is_some(),
             freed_bytes = report.freed(),
+            history_tasks = report.history.tasks,
+            events = report.history.events,
+            runs = report.history.runs,
+            deliveries = report.history.deliveries,
             "retention pass removed what ended tasks left"
         );
     }

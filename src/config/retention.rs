@@ -1,5 +1,5 @@
-//! `[retention]`: how long what grows with history is kept on disk (task worktrees, run
-//! logs) and how often the mirror is garbage-collected. Nothing of an active task is
+//! `[retention]`: how long what grows with history is kept: on disk (task worktrees, run
+//! logs, the mirror's garbage) and in the database (events, runs, webhook deliveries). Nothing of an active task is
 //! ever removed, whatever these say.
 
 use std::time::Duration;
@@ -25,6 +25,13 @@ pub struct RetentionSettings {
     /// How often the service's retention pass runs.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// The events, runs and settled effects of a task that ended longer ago than this are
+    /// removed from the database (the task and its jobs stay).
+    #[serde(with = "humantime_serde")]
+    pub history: Duration,
+    /// Webhook deliveries are remembered this long, to recognise a redelivery.
+    #[serde(with = "humantime_serde")]
+    pub deliveries: Duration,
 }
 
 impl Default for RetentionSettings {
@@ -34,18 +41,22 @@ impl Default for RetentionSettings {
             logs: Duration::from_secs(30 * 24 * 3600),
             mirror_gc: Duration::from_secs(24 * 3600),
             interval: Duration::from_secs(3600),
+            history: Duration::from_secs(90 * 24 * 3600),
+            deliveries: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 impl RetentionSettings {
     /// Every period with its key, for validation.
-    pub(super) fn periods(&self) -> [(&'static str, Duration); 4] {
+    pub(super) fn periods(&self) -> [(&'static str, Duration); 6] {
         [
             ("retention.worktrees", self.worktrees),
             ("retention.logs", self.logs),
             ("retention.mirror_gc", self.mirror_gc),
             ("retention.interval", self.interval),
+            ("retention.history", self.history),
+            ("retention.deliveries", self.deliveries),
         ]
     }
 }

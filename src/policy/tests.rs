@@ -46,6 +46,7 @@ fn task(plane: bool) -> tasks::Model {
         trace_parent: None,
         created_at: 0,
         updated_at: 0,
+        history_pruned_at: None,
     }
 }
 

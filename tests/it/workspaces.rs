@@ -436,6 +436,61 @@ push = true
     );
     assert!(remote_log(&h.root.join("remote.git"), "baton/GC-1")[0].starts_with("one(GC-1)"));
 
+    // The database keeps a task's history for retention.history (90 days by default):
+    // then its events, runs and settled effects go; the task and its jobs stay. An active
+    // task's history is never touched. Webhook deliveries go after their window (7 days).
+    let key1 = crate::support::key("GC-1");
+    let before = store.task_detail(&key1).await.unwrap();
+    assert!(!before.events.is_empty() && !before.runs.is_empty());
+    assert_eq!(report.history.tasks, 0, "{report:?}");
+    store
+        .record_delivery("old-delivery", baton::model::EventSource::Webhook, now)
+        .await
+        .unwrap();
+    let past_history = now + 91 * 24 * 3600 * 1000;
+    let dry = baton::retention::run_once(store, &config, past_history, true, false)
+        .await
+        .unwrap();
+    assert_eq!(dry.history.tasks, 1);
+    assert_eq!(
+        store.task_detail(&key1).await.unwrap().events.len(),
+        before.events.len()
+    );
+    let report = baton::retention::run_once(store, &config, past_history, false, false)
+        .await
+        .unwrap();
+    let pruned = report.history;
+    let counts = (pruned.tasks, pruned.runs as usize, pruned.deliveries);
+    assert_eq!(counts, (1, before.runs.len(), 1), "{pruned:?}");
+    assert_eq!(pruned.events as usize, before.events.len());
+    let after = store.task_detail(&key1).await.unwrap();
+    assert!(after.events.is_empty() && after.runs.is_empty() && after.effects.is_empty());
+    assert_eq!(after.jobs.len(), before.jobs.len(), "the jobs stay");
+    assert!(after.task.history_pruned_at.is_some());
+    let active = store
+        .task_detail(&crate::support::key("GC-2"))
+        .await
+        .unwrap();
+    assert!(
+        !active.events.is_empty(),
+        "an active task's history was pruned"
+    );
+    // A delivery seen again after its window counts as new.
+    assert!(
+        store
+            .record_delivery(
+                "old-delivery",
+                baton::model::EventSource::Webhook,
+                past_history
+            )
+            .await
+            .unwrap()
+    );
+    let again = baton::retention::run_once(store, &config, past_history, false, false)
+        .await
+        .unwrap();
+    assert_eq!(again.history.tasks, 0, "pruned once");
+
     // The command: a dry run reports, as text and as JSON.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
         .arg("--config")
