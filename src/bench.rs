@@ -3,6 +3,7 @@
 //! raw rate at which this machine spawns and reaps `true` at the same concurrency.
 //! Figures, not verdicts: shared machines are noisy, so compare ratios.
 
+pub mod history;
 pub mod workspaces;
 
 use std::time::{Duration, Instant};

@@ -78,6 +78,9 @@ pub enum Command {
         /// Redraw every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Every task, not only the active ones and the last 20 others.
+        #[arg(long, conflicts_with = "key")]
+        all: bool,
     },
     /// The task's events in order.
     History {
@@ -138,6 +141,16 @@ pub enum Command {
         /// With --large-repo: the tasks measured after the first.
         #[arg(long, default_value_t = 10, requires = "large_repo")]
         later_tasks: usize,
+        /// Measure instead what the dashboard's, the API's and the CLI's reads cost with
+        /// --small and then --large finished tasks in the database.
+        #[arg(long, conflicts_with = "large_repo")]
+        history: bool,
+        /// With --history: the finished tasks of the first measure.
+        #[arg(long, default_value_t = 1_000, requires = "history")]
+        small: usize,
+        /// With --history: the finished tasks of the second measure.
+        #[arg(long, default_value_t = 100_000, requires = "history")]
+        large: usize,
     },
     /// Starts an agent in its own session and records its exit status (internal).
     #[command(hide = true)]
@@ -320,7 +333,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Status { key, json, .. } => {
+        Command::Status { key, json, all, .. } => {
             let config = load_config(&cli.config)?;
             let store = open_store(&config).await?;
             if let Some(key) = key {
@@ -332,7 +345,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     print!("{}", present::render_detail(&detail, clock.now_ms()));
                 }
             } else {
-                let tasks = store.list_tasks(None).await?;
+                let tasks = status_tasks(&store, all).await?;
                 if json {
                     let doc = json!({ "tasks": tasks });
                     println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -487,6 +500,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { keep } => {
             return crate::demo::run(keep).await;
+        }
+        Command::Bench {
+            history: true,
+            small,
+            large,
+            database_url,
+            ..
+        } => {
+            let args = crate::bench::history::HistoryArgs {
+                small,
+                large: large.max(small),
+                database_url,
+            };
+            crate::bench::history::run(args).await?;
         }
         Command::Bench {
             large_repo: true,
@@ -703,6 +730,57 @@ fn read_description(path: &Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// How many ended tasks `baton status` shows after the active ones.
+const STATUS_RECENT: u64 = 20;
+
+/// The tasks `baton status` lists: the active ones and the last 20 others, newest first;
+/// with `all`, every task, read a page at a time.
+async fn status_tasks(store: &Store, all: bool) -> anyhow::Result<Vec<crate::store::TaskSummary>> {
+    use crate::model::TaskStatus;
+    use crate::store::TaskFilter;
+    let mut out = Vec::new();
+    if all {
+        let mut after = None;
+        loop {
+            let (page, next) = store.task_page(&TaskFilter::default(), 500, after).await?;
+            out.extend(page);
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
+    let active = TaskFilter {
+        status: Some(TaskStatus::Active),
+        ..Default::default()
+    };
+    let (active, _) = store.task_page(&active, u32::MAX.into(), None).await?;
+    out.extend(active);
+    let mut after = None;
+    let mut ended = 0;
+    // The newest tasks that are not active, a page at a time, until 20.
+    while ended < STATUS_RECENT {
+        let (page, next) = store
+            .task_page(&TaskFilter::default(), STATUS_RECENT * 2, after)
+            .await?;
+        for t in page
+            .into_iter()
+            .filter(|t| t.task.status != TaskStatus::Active)
+        {
+            if ended < STATUS_RECENT {
+                ended += 1;
+                out.push(t);
+            }
+        }
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    out.sort_by_key(|t| std::cmp::Reverse(t.task.id));
+    Ok(out)
+}
+
 /// One screen of `baton status --watch`.
 pub async fn render_watch(
     store: &Store,
@@ -719,7 +797,7 @@ pub async fn render_watch(
             &store.task_detail(key).await?,
             clock.now_ms(),
         )),
-        None => out.push_str(&present::render_tasks(&store.list_tasks(None).await?)),
+        None => out.push_str(&present::render_tasks(&status_tasks(store, false).await?)),
     }
     let running: Vec<_> = store
         .running_jobs()

@@ -24,6 +24,7 @@ mod nodes;
 mod outbox;
 mod retention;
 mod runs;
+mod seed;
 mod tasks;
 
 use std::sync::Arc;
@@ -42,7 +43,7 @@ pub use delivery::Recovered;
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
 pub use retention::HistoryPruned;
 pub use runs::{Dispatched, RunningJob};
-pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
+pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskFilter, TaskSummary};
 
 /// How long an SQLite writer waits for another before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -58,24 +58,56 @@ pub(super) async fn dashboard() -> Response {
         .into_response()
 }
 
+/// The page size of `GET /api/v1/tasks` when none is asked for, and the largest one.
+pub const TASK_PAGE_DEFAULT: u64 = 50;
+pub const TASK_PAGE_MAX: u64 = 500;
+
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     status: Option<TaskStatus>,
+    pipeline: Option<String>,
+    stage: Option<String>,
+    /// Keys that start with this.
+    key: Option<String>,
+    limit: Option<u64>,
+    /// The `next` cursor of the previous page.
+    after: Option<i64>,
 }
 
+/// A page of tasks, newest first, filtered; `next` is the cursor of the following page.
 pub(super) async fn list_tasks(
     State(st): State<HttpState>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult {
     let Query(q) = q.map_err(ApiError::rejected)?;
-    let tasks: Vec<_> = st
-        .store
-        .list_tasks(None)
-        .await?
-        .into_iter()
-        .filter(|t| q.status.is_none_or(|s| t.task.status == s))
-        .collect();
-    Ok(axum::Json(json!({"tasks": tasks})).into_response())
+    let limit = q.limit.unwrap_or(TASK_PAGE_DEFAULT);
+    if !(1..=TASK_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit {limit} is not between 1 and {TASK_PAGE_MAX}"
+        )));
+    }
+    if let Some(p) = q.pipeline.as_deref()
+        && !st.config.pipelines.contains_key(p)
+    {
+        let known: Vec<&String> = st.config.pipelines.keys().collect();
+        return Err(ApiError::bad_request(format!(
+            "unknown pipeline {p:?}; the config defines: {known:?}"
+        )));
+    }
+    if let Some(s) = q.stage.as_deref()
+        && !st.config.stages.contains_key(s)
+    {
+        return Err(ApiError::bad_request(format!("unknown stage {s:?}")));
+    }
+    let filter = crate::store::TaskFilter {
+        status: q.status,
+        pipeline: q.pipeline,
+        stage: q.stage,
+        key_prefix: q.key,
+    };
+    let (tasks, next) = st.store.task_page(&filter, limit, q.after).await?;
+    Ok(axum::Json(json!({"tasks": tasks, "next": next})).into_response())
 }
 
 pub(super) async fn task_detail(State(st): State<HttpState>, KeyPath(key): KeyPath) -> ApiResult {
@@ -223,12 +255,23 @@ async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
     buf
 }
 
+/// The overview's active tasks, at most, and the recent ones it shows beside them.
+const OVERVIEW_ACTIVE_MAX: u64 = 500;
+const OVERVIEW_RECENT: u64 = 50;
+
 /// Tasks by status with their pipeline's stages and states, running agents with their
 /// age, recent reaps and failed effects: the dashboard's one request.
 pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
     let now = st.clock.now_ms();
-    let (tasks, running, reaps, failed, pending) = tokio::try_join!(
-        st.store.list_tasks(None),
+    let active = crate::store::TaskFilter {
+        status: Some(TaskStatus::Active),
+        ..Default::default()
+    };
+    let all = crate::store::TaskFilter::default();
+    let (active, recent, counts, running, reaps, failed, pending) = tokio::try_join!(
+        st.store.task_page(&active, OVERVIEW_ACTIVE_MAX, None),
+        st.store.task_page(&all, OVERVIEW_RECENT, None),
+        st.store.task_counts(),
         st.store.running_jobs(),
         st.store.recent_events(&[EventKind::Reaped], 20),
         st.store.failed_effects(20),
@@ -242,7 +285,14 @@ pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
             Some(json!({"id": e.id, "task": key, "kind": e.kind, "waiting": w}))
         })
         .collect();
-    let tasks: Vec<_> = tasks.into_iter().take(200).collect();
+    // The active tasks, then the most recent others: a page, however long the history.
+    let mut tasks = active.0;
+    tasks.extend(
+        recent
+            .0
+            .into_iter()
+            .filter(|t| t.task.status != TaskStatus::Active),
+    );
     let job_ids: Vec<i64> = tasks
         .iter()
         .flat_map(|t| t.jobs.iter().map(|j| j.id))
@@ -307,7 +357,7 @@ pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
         })
         .collect();
     let doc = json!({
-        "now": now, "tasks": tasks, "running": running, "reaps": reaps, "failed_effects": failed,
+        "now": now, "counts": counts, "tasks": tasks, "running": running, "reaps": reaps, "failed_effects": failed,
         "waiting_effects": waiting,
     });
     Ok(axum::Json(doc).into_response())

@@ -379,3 +379,96 @@ on_both!(
     serve_refuses_to_start_without_the_token_it_asks_for,
     serve_refuses_to_start_without_the_token_it_asks_for
 );
+
+/// `GET /api/v1/tasks` pages by cursor, newest first, filters by status, pipeline, stage
+/// and key prefix, and answers 400 to what it does not know.
+async fn the_task_list_pages_and_filters(db: TestDb) {
+    let h = Harness::new(db);
+    let config = h.config(
+        "[pipelines.default]\nstages = [\"one\", \"two\"]\n[stages.one]\ncommand = [\"true\"]\n[stages.two]\ncommand = [\"true\"]\n",
+    );
+    for i in 0..7 {
+        h.submit(&format!("PAGE-{i}"), if i % 2 == 0 { "one" } else { "two" })
+            .await;
+    }
+    h.submit("OTHER_1", "one").await;
+    // Served without running anything: no dispatcher may move the jobs.
+    let state = baton::http::HttpState {
+        effector: baton::effects::Effector::new(
+            Arc::new(config.clone()),
+            h.db.store.clone(),
+            Secrets::default(),
+        ),
+        config: Arc::new(config),
+        store: h.db.store.clone(),
+        clock: baton::clock::Clock::system(),
+        secrets: Secrets::default(),
+        hostname: baton::hostname(),
+        registry: None,
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, _) = baton::http::serve(state, "127.0.0.1:0", async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let api = Api {
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+    };
+    let keys = |v: &Value| -> Vec<String> {
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task"]["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/tasks?limit=3&key=PAGE-".to_string();
+    loop {
+        let (status, page) = api.call("GET", &path, None, None).await;
+        assert_eq!(status, 200, "{page}");
+        assert!(keys(&page).len() <= 3);
+        seen.extend(keys(&page));
+        match page["next"].as_i64() {
+            Some(next) => path = format!("/api/v1/tasks?limit=3&key=PAGE-&after={next}"),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..7).rev().map(|i| format!("PAGE-{i}")).collect();
+    assert_eq!(seen, expected, "every task once, newest first");
+    let (_, at_two) = api.call("GET", "/api/v1/tasks?stage=two", None, None).await;
+    assert_eq!(keys(&at_two), ["PAGE-5", "PAGE-3", "PAGE-1"]);
+    let (_, all) = api
+        .call(
+            "GET",
+            "/api/v1/tasks?status=active&pipeline=default",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(keys(&all).len(), 8);
+    let (_, underscore) = api
+        .call("GET", "/api/v1/tasks?key=OTHER_", None, None)
+        .await;
+    assert_eq!(keys(&underscore), ["OTHER_1"]);
+    for (bad, needle) in [
+        ("/api/v1/tasks?limit=0", "limit"),
+        ("/api/v1/tasks?limit=501", "limit"),
+        ("/api/v1/tasks?status=finished", "status"),
+        ("/api/v1/tasks?pipeline=nope", "unknown pipeline"),
+        ("/api/v1/tasks?stage=nope", "unknown stage"),
+        ("/api/v1/tasks?colour=blue", "colour"),
+    ] {
+        assert_error(&api.call("GET", bad, None, None).await, 400, needle);
+    }
+    let (_, overview) = api.call("GET", "/api/v1/overview", None, None).await;
+    assert_eq!(overview["counts"]["active"], 8, "{overview}");
+    drop(stop);
+}
+on_both!(
+    the_task_list_pages_and_filters,
+    the_task_list_pages_and_filters
+);
