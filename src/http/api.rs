@@ -112,7 +112,19 @@ pub(super) async fn list_tasks(
 
 pub(super) async fn task_detail(State(st): State<HttpState>, KeyPath(key): KeyPath) -> ApiResult {
     let detail = st.store.task_detail(&key).await?;
-    Ok(axum::Json(present::detail_json(&detail, st.clock.now_ms())).into_response())
+    let mut doc = present::detail_json(&detail, st.clock.now_ms());
+    // Where the task's work shows outside baton: its pull request, its Plane work item.
+    let pull_request = detail
+        .effects
+        .iter()
+        .find(|e| e.kind == crate::model::EffectKind::PullRequest)
+        .and_then(|e| e.external_ref.clone());
+    let plane = match (&st.config.plane, &detail.task.plane_issue_id) {
+        (Some(p), Some(issue)) => Some(p.work_item_url(issue)),
+        _ => None,
+    };
+    doc["links"] = json!({"pull_request": pull_request, "plane": plane});
+    Ok(axum::Json(doc).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -347,11 +359,16 @@ pub(super) async fn overview(State(st): State<HttpState>) -> ApiResult {
             json!({"at": e.at, "task_id": e.task_id, "run_id": e.run_id, "detail": detail})
         })
         .collect();
+    let keys = st
+        .store
+        .tasks_by_ids(failed.iter().map(|e| e.task_id))
+        .await?;
     let failed: Vec<Value> = failed
         .iter()
         .map(|e| {
             json!({
                 "id": e.id, "task_id": e.task_id, "kind": e.kind,
+                "task": keys.get(&e.task_id).map(|t| t.key.clone()),
                 "attempts": e.attempts, "last_error": e.last_error,
             })
         })

@@ -303,6 +303,14 @@ impl Store {
             .await?)
     }
 
+    /// Tasks by id, in one query (for the edges).
+    pub async fn tasks_by_ids(
+        &self,
+        ids: impl IntoIterator<Item = i64>,
+    ) -> StoreResult<HashMap<i64, tasks::Model>> {
+        self.tasks_by_id(ids).await
+    }
+
     /// Tasks by id, in one query.
     pub(super) async fn tasks_by_id(
         &self,

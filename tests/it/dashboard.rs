@@ -118,6 +118,7 @@ async fn dashboard_shows_tasks_and_updates_without_a_reload() {
         r#"if [ "$BATON_TASK" = DASH-2 ]; then
   while [ ! -f "$BATON_WORKSPACE/../../go" ]; do sleep 0.05; done
 fi
+if [ "$BATON_TASK" = DASH-3 ]; then echo "DASH-3 cannot be done"; exit 1; fi
 echo done"#,
     );
     let port = free_port();
@@ -149,6 +150,7 @@ echo done"#,
     );
     h.submit("DASH-1", "developer").await;
     h.submit("DASH-2", "developer").await;
+    h.submit("DASH-3", "developer").await;
     let status = |key: &'static str| {
         let store = h.db.store.clone();
         async move {
@@ -160,8 +162,10 @@ echo done"#,
         }
     };
     let deadline = Instant::now() + WAIT;
-    while status("DASH-1").await != baton::model::TaskStatus::Done {
-        assert!(Instant::now() < deadline, "DASH-1 never finished");
+    while status("DASH-1").await != baton::model::TaskStatus::Done
+        || status("DASH-3").await != baton::model::TaskStatus::Failed
+    {
+        assert!(Instant::now() < deadline, "DASH-1 or DASH-3 never ended");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -240,4 +244,45 @@ echo done"#,
     let refreshes = page.eval("window.batonRefreshes").await.as_u64().unwrap();
     assert!(refreshes >= 2, "{refreshes} refreshes");
     assert_eq!(status("DASH-2").await, baton::model::TaskStatus::Done);
+
+    // A failed task's page says why, and its retry button re-queues it.
+    page.wait_until(&task_status("DASH-3", "failed")).await;
+    page.eval("document.querySelector('[data-open=\"DASH-3\"]').click()")
+        .await;
+    page.wait_until(
+        "document.getElementById('detail-body').innerText.includes('failed: attempt 3 of 3')",
+    )
+    .await;
+    page.wait_until(
+        "document.getElementById('log-tail').innerText.includes('DASH-3 cannot be done')",
+    )
+    .await;
+    let jobs_before =
+        h.db.store
+            .jobs_of(
+                h.db.store
+                    .task_by_key(&crate::support::key("DASH-3"))
+                    .await
+                    .unwrap()
+                    .id,
+            )
+            .await
+            .unwrap()
+            .len();
+    page.eval("document.querySelector('[data-act=\"retry\"]').click()")
+        .await;
+    page.wait_until("document.getElementById('action').innerText === 'retry DASH-3: done'")
+        .await;
+    let task =
+        h.db.store
+            .task_by_key(&crate::support::key("DASH-3"))
+            .await
+            .unwrap();
+    let jobs_after = h.db.store.jobs_of(task.id).await.unwrap().len();
+    assert_eq!(jobs_after, jobs_before + 1, "the retry queued no job");
+    assert_eq!(
+        page.eval("window.batonLoadedAt").await,
+        loaded_at,
+        "the action reloaded the page"
+    );
 }
