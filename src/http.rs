@@ -55,6 +55,23 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
 }
 
+impl HttpState {
+    /// The state of a listener that serves the API without a node's actors (tools and
+    /// tests): its own effector, this machine's host name, no metrics registry, ready.
+    pub fn standalone(config: Arc<Config>, store: Store, secrets: Secrets, clock: Clock) -> Self {
+        HttpState {
+            effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
+            config,
+            store,
+            clock,
+            secrets,
+            hostname: crate::hostname(),
+            registry: None,
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
 pub fn router(state: HttpState) -> Router {
     let api = Router::new()
         .route("/readyz", get(api::readyz))

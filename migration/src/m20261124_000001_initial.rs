@@ -52,7 +52,12 @@ fn text_null(name: &'static str) -> ColumnDef {
     ColumnDef::new(Alias::new(name)).text().null().to_owned()
 }
 
-fn index(table: &'static str, name: &'static str, cols: &[&'static str]) -> IndexCreateStatement {
+/// An index `name` on `table`'s `cols`, in order; later migrations use it too.
+pub(crate) fn index(
+    table: &'static str,
+    name: &'static str,
+    cols: &[&'static str],
+) -> IndexCreateStatement {
     let mut stmt = Index::create();
     stmt.name(name).table(Alias::new(table));
     for col in cols {

@@ -1,20 +1,14 @@
 //! Retention of history: `tasks.history_pruned_at` marks a task whose events, runs and
 //! settled effects were removed, and the indexes that keep the retention pass and the
-//! polled reads from scanning what grows with history.
+//! polled reads (a page of tasks of one status, events of one kind) from scanning what
+//! grows with history.
 
 use sea_orm_migration::prelude::*;
 
+use crate::m20261124_000001_initial::index;
+
 #[derive(DeriveMigrationName)]
 pub struct Migration;
-
-fn index(table: &'static str, name: &'static str, cols: &[&'static str]) -> IndexCreateStatement {
-    let mut stmt = Index::create();
-    stmt.name(name).table(Alias::new(table));
-    for c in cols {
-        stmt.col(Alias::new(*c));
-    }
-    stmt.to_owned()
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -34,6 +28,8 @@ impl MigrationTrait for Migration {
         for idx in [
             // The retention pass: ended tasks by when they ended.
             index("tasks", "tasks_status_updated", &["status", "updated_at"]),
+            // A page of the tasks of one status, newest first.
+            index("tasks", "tasks_status_id", &["status", "id"]),
             // Webhook deliveries past their dedupe window.
             index(
                 "webhook_deliveries",
@@ -51,6 +47,7 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         for (table, name) in [
             ("tasks", "tasks_status_updated"),
+            ("tasks", "tasks_status_id"),
             ("webhook_deliveries", "webhook_deliveries_received"),
             ("events", "events_kind"),
         ] {

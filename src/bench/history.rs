@@ -63,20 +63,12 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<Vec<(String, f64, f64)>> {
         .await?;
     }
     // Only the HTTP listener: no actor moves anything while reads are timed.
-    let state = crate::http::HttpState {
-        effector: crate::effects::Effector::new(
-            Arc::new(config.clone()),
-            store.clone(),
-            Secrets::default(),
-        ),
-        config: Arc::new(config),
-        store: store.clone(),
-        clock: clock.clone(),
-        secrets: Secrets::default(),
-        hostname: crate::hostname(),
-        registry: None,
-        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    };
+    let state = crate::http::HttpState::standalone(
+        Arc::new(config),
+        store.clone(),
+        Secrets::default(),
+        clock.clone(),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, _) = crate::http::serve(state, "127.0.0.1:0", async {
         let _ = stopped.await;
@@ -99,6 +91,7 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<Vec<(String, f64, f64)>> {
                 println!("  {written} of {target}");
             }
         }
+        store.analyze().await?;
         println!("  done in {:.1}s", started.elapsed().as_secs_f64());
         let mut row = Vec::new();
         for (what, read) in READS {

@@ -15,6 +15,14 @@ const STAGES: [&str; 4] = ["s1", "s2", "s3", "s4"];
 const SEED_BATCH: usize = 250;
 
 impl Store {
+    /// Refreshes the planner's statistics (`ANALYZE`), as autovacuum would have after a
+    /// history grown over months rather than written at once.
+    pub async fn analyze(&self) -> StoreResult<()> {
+        use sea_orm::ConnectionTrait;
+        self.db.execute_unprepared("ANALYZE").await?;
+        Ok(())
+    }
+
     /// Writes `count` done tasks (keys `HIST-{first}` on), each with four done jobs, a
     /// passed run and three events per job, and a done push per run.
     pub async fn seed_history(&self, first: usize, count: usize, now: i64) -> StoreResult<()> {

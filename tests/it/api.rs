@@ -393,20 +393,12 @@ async fn the_task_list_pages_and_filters(db: TestDb) {
     }
     h.submit("OTHER_1", "one").await;
     // Served without running anything: no dispatcher may move the jobs.
-    let state = baton::http::HttpState {
-        effector: baton::effects::Effector::new(
-            Arc::new(config.clone()),
-            h.db.store.clone(),
-            Secrets::default(),
-        ),
-        config: Arc::new(config),
-        store: h.db.store.clone(),
-        clock: baton::clock::Clock::system(),
-        secrets: Secrets::default(),
-        hostname: baton::hostname(),
-        registry: None,
-        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    };
+    let state = baton::http::HttpState::standalone(
+        Arc::new(config),
+        h.db.store.clone(),
+        Secrets::default(),
+        baton::clock::Clock::system(),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, _) = baton::http::serve(state, "127.0.0.1:0", async {
         let _ = stopped.await;

@@ -245,6 +245,12 @@ echo done"#,
     assert!(refreshes >= 2, "{refreshes} refreshes");
     assert_eq!(status("DASH-2").await, baton::model::TaskStatus::Done);
 
+    // The list of all tasks filters by status, through the API's pages.
+    page.eval("document.getElementById('f-status').value = 'failed'; document.querySelector('#filters button').click()")
+        .await;
+    page.wait_until("document.getElementById('list').innerText.includes('DASH-3') && !document.getElementById('list').innerText.includes('DASH-1')")
+        .await;
+
     // A failed task's page says why, and its retry button re-queues it.
     page.wait_until(&task_status("DASH-3", "failed")).await;
     page.eval("document.querySelector('[data-open=\"DASH-3\"]').click()")

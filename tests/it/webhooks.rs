@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use baton::clock::Clock;
 use baton::config::{Config, EnvOverrides, Secrets};
-use baton::effects::Effector;
 use baton::http::HttpState;
 use hmac::{Hmac, Mac};
 use serde_json::json;
@@ -58,16 +57,7 @@ trigger_state = "Ready for agents"
         plane_api_key: Some("plane-key".into()),
         ..Default::default()
     };
-    let state = HttpState {
-        effector: Effector::new(config.clone(), db.store.clone(), secrets.clone()),
-        config,
-        store: db.store.clone(),
-        clock: Clock::system(),
-        secrets,
-        hostname: baton::hostname(),
-        registry: None,
-        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    };
+    let state = HttpState::standalone(config, db.store.clone(), secrets, Clock::system());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, _) = baton::http::serve(state, "127.0.0.1:0", async {
         let _ = stopped.await;
