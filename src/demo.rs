@@ -183,7 +183,7 @@ pub async fn run(keep: bool) -> anyhow::Result<ExitCode> {
 fn print_events(events: &[entity::events::Model], started: tokio::time::Instant) {
     for e in events {
         println!(
-            "  {:>6.1}s  {:<16} {:<10} {}",
+            "  {:>6.1}s  {:<17} {:<10} {}",
             started.elapsed().as_secs_f32(),
             e.kind,
             e.source,

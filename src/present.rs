@@ -173,7 +173,7 @@ pub fn render_history(events: &[events::Model]) -> String {
         .iter()
         .map(|e| {
             format!(
-                "{}  {:<16} {:<10} job={:<5} run={:<5} {}\n",
+                "{}  {:<17} {:<10} job={:<5} run={:<5} {}\n",
                 fmt_time(e.at),
                 e.kind,
                 e.source,
