@@ -611,3 +611,29 @@ on_both!(
     a_push_refused_for_good_fails_the_task_until_retried,
     a_push_refused_for_good_fails_the_task_until_retried
 );
+
+/// Without pushing, a stage's work stays on its host: a second host refuses to serve.
+async fn without_pushing_a_second_host_refuses_to_serve(db: TestDb) {
+    let h = Harness::new(db);
+    let stages = "[pipelines.default]\nstages = [\"one\"]\n[stages.one]\ncommand = [\"true\"]\n[effects]\npush = false\n";
+    let config_a = h.host_config("host-a", stages);
+    let config_b = h.host_config("host-b", stages);
+    let (node_a, _rx) = h.start(config_a).await;
+    let refused = baton::service::Node::start(config_b, ServeOptions::default()).await;
+    let Err(e) = refused else {
+        panic!("a second host served without pushing")
+    };
+    assert!(
+        e.to_string()
+            .contains("effects.push is off and other hosts serve this database (host-a)"),
+        "{e}"
+    );
+    // Another boot of the same host is no second host.
+    let again = h.start(h.host_config("host-a", stages)).await;
+    again.0.shutdown().await;
+    node_a.shutdown().await;
+}
+on_both!(
+    without_pushing_a_second_host_refuses_to_serve,
+    without_pushing_a_second_host_refuses_to_serve
+);
