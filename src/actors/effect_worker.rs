@@ -1,6 +1,7 @@
 //! The EffectWorker: drains the outbox. Each pass takes, of every task, its first
 //! pending effect that is due (effects of one task run in order), performs up to
-//! `effects.concurrency` of them at once, and records each outcome: done, retried with
+//! `effects.concurrency` tasks' effects at once (each task's due effects one after
+//! another, in the same pass), and records each outcome: done, retried with
 //! exponential backoff and jitter (or when the remote asked, on 429), or failed after
 //! `effects.max_attempts`. Pending effects survive restarts: they are rows.
 
@@ -110,6 +111,57 @@ pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreErro
             continue;
         }
         let ctx = ctx.clone();
+        set.spawn(async move {
+            let _permit = permit;
+            drain_task(&ctx, effect, task).await
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        let Ok(attempts) =
+            joined.map_err(|e| tracing::error!(error = %e, "an effect task panicked"))
+        else {
+            continue;
+        };
+        for (outcome, task_id, recorded) in attempts {
+            match recorded {
+                Ok(f) if f.recorded => {
+                    match outcome {
+                        EffectOutcome::Done { .. } => result.n_done += 1,
+                        EffectOutcome::Retry { .. } => result.n_retried += 1,
+                        EffectOutcome::Failed { .. } => result.n_failed += 1,
+                    }
+                    if let Some(status) = f.task_ended {
+                        result.ended.push((task_id, status));
+                    }
+                }
+                // Another worker took the effect over since; its attempt is recorded.
+                Ok(_) => result.n_superseded += 1,
+                // The lease runs out and the effect is taken again; remotes deduplicate.
+                Err(e) => tracing::warn!(error = %e, "cannot record an effect's outcome"),
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// One attempt's outcome, the task's id, and how recording it went.
+type Attempt = (
+    EffectOutcome,
+    i64,
+    Result<FinishedEffect, crate::store::StoreError>,
+);
+
+/// Performs `effect` (leased), then, while each is done, the task's next effects that are
+/// due on this host, in order, in this same pass: a task's push, pull request, comment
+/// and state go out together instead of one a tick.
+async fn drain_task(
+    ctx: &Ctx,
+    first: entity::effects::Model,
+    task: entity::tasks::Model,
+) -> Vec<Attempt> {
+    let mut attempts = Vec::new();
+    let mut effect = first;
+    loop {
         let span = tracing::info_span!(
             parent: None,
             "effect",
@@ -120,58 +172,75 @@ pub async fn run_once(ctx: &Ctx) -> Result<EffectResult, crate::store::StoreErro
             attempt = effect.attempts + 1,
         );
         crate::telemetry::join_task_trace(&span, task.trace_parent.as_deref());
-        set.spawn(async move {
-            let _permit = permit;
-            let outcome = match ctx.effector.perform(&effect, &task).await {
-                Ok(external_ref) => EffectOutcome::Done { external_ref },
-                Err(err) => outcome_of_error(&ctx, &effect, err),
-            };
-            match &outcome {
-                EffectOutcome::Done { external_ref } => {
-                    tracing::info!(task = %task.key, kind = %effect.kind, effect_id = effect.id, external_ref = external_ref.as_deref(), "effect done")
-                }
-                EffectOutcome::Retry { error, at } => {
-                    tracing::warn!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, retry_in_ms = at - ctx.now(), "effect will be retried")
-                }
-                EffectOutcome::Failed { error } => {
-                    tracing::error!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, "effect failed")
-                }
-            }
-            ctx.metrics.effects.add(
-                1,
-                &[
-                    crate::telemetry::kv("kind", effect.kind.as_str()),
-                    crate::telemetry::kv("outcome", outcome.label()),
-                ],
-            );
-            let on_failed = ctx.policy.delivery_failed_effects(&task);
-            let recorded = ctx.store.finish_effect(&effect, &ctx.node_id, outcome.clone(), on_failed, ctx.now()).await;
-            if let Ok(FinishedEffect { task_ended: Some(status), .. }) = &recorded {
-                tracing::info!(task = %task.key, status = %status, "task ended with its delivery");
-            }
-            (outcome, effect.task_id, recorded)
-        }.instrument(span));
+        let (outcome, recorded) = perform_one(ctx, &effect, &task).instrument(span).await;
+        let done = matches!(outcome, EffectOutcome::Done { .. })
+            && recorded.as_ref().is_ok_and(|f| f.recorded);
+        attempts.push((outcome, task.id, recorded));
+        if !done {
+            return attempts;
+        }
+        let next = ctx
+            .store
+            .next_effect_of_task(task.id, &ctx.hostname, ctx.now())
+            .await;
+        let Ok(Some(next)) = next else {
+            return attempts;
+        };
+        let leased = ctx
+            .store
+            .lease_effect(&next, &ctx.node_id, ms(EFFECT_LEASE), ctx.now())
+            .await;
+        if !leased.unwrap_or(false) {
+            return attempts;
+        }
+        effect = next;
     }
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok((outcome, task_id, Ok(f))) if f.recorded => {
-                match outcome {
-                    EffectOutcome::Done { .. } => result.n_done += 1,
-                    EffectOutcome::Retry { .. } => result.n_retried += 1,
-                    EffectOutcome::Failed { .. } => result.n_failed += 1,
-                }
-                if let Some(status) = f.task_ended {
-                    result.ended.push((task_id, status));
-                }
-            }
-            // Another worker took the effect over since; its attempt is the one recorded.
-            Ok((_, _, Ok(_))) => result.n_superseded += 1,
-            // The lease runs out and the effect is taken again; remotes deduplicate.
-            Ok((_, _, Err(e))) => tracing::warn!(error = %e, "cannot record an effect's outcome"),
-            Err(e) => tracing::error!(error = %e, "an effect task panicked"),
+}
+
+/// Performs one leased effect and records its outcome under the lease.
+async fn perform_one(
+    ctx: &Ctx,
+    effect: &entity::effects::Model,
+    task: &entity::tasks::Model,
+) -> (
+    EffectOutcome,
+    Result<FinishedEffect, crate::store::StoreError>,
+) {
+    let outcome = match ctx.effector.perform(effect, task).await {
+        Ok(external_ref) => EffectOutcome::Done { external_ref },
+        Err(err) => outcome_of_error(ctx, effect, err),
+    };
+    match &outcome {
+        EffectOutcome::Done { external_ref } => {
+            tracing::info!(task = %task.key, kind = %effect.kind, effect_id = effect.id, external_ref = external_ref.as_deref(), "effect done")
+        }
+        EffectOutcome::Retry { error, at } => {
+            tracing::warn!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, retry_in_ms = at - ctx.now(), "effect will be retried")
+        }
+        EffectOutcome::Failed { error } => {
+            tracing::error!(task = %task.key, kind = %effect.kind, effect_id = effect.id, error = %error, "effect failed")
         }
     }
-    Ok(result)
+    ctx.metrics.effects.add(
+        1,
+        &[
+            crate::telemetry::kv("kind", effect.kind.as_str()),
+            crate::telemetry::kv("outcome", outcome.label()),
+        ],
+    );
+    let on_failed = ctx.policy.delivery_failed_effects(task);
+    let recorded = ctx
+        .store
+        .finish_effect(effect, &ctx.node_id, outcome.clone(), on_failed, ctx.now())
+        .await;
+    if let Ok(FinishedEffect {
+        task_ended: Some(status),
+        ..
+    }) = &recorded
+    {
+        tracing::info!(task = %task.key, status = %status, "task ended with its delivery");
+    }
+    (outcome, recorded)
 }
 
 /// The lease holders whose leases no longer protect anything: nodes of dead hosts, and

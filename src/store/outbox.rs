@@ -85,6 +85,25 @@ impl Store {
             .collect())
     }
 
+    /// The task's first pending effect, when it is due and this host may perform it: what
+    /// a worker that just finished the one before it takes next.
+    pub async fn next_effect_of_task(
+        &self,
+        task_id: i64,
+        hostname: &str,
+        now: i64,
+    ) -> StoreResult<Option<effects::Model>> {
+        let first = effects::Entity::find()
+            .filter(effects::Column::TaskId.eq(task_id))
+            .filter(effects::Column::Status.eq(EffectStatus::Pending))
+            .order_by_asc(effects::Column::Id)
+            .one(&self.db)
+            .await?;
+        Ok(first.filter(|e| {
+            e.next_attempt_at <= now && e.host.as_deref().is_none_or(|h| h == hostname)
+        }))
+    }
+
     /// Takes an effect for `lease_ms`: another worker (this node after a crash, or
     /// another node) takes it again only after the lease. False when someone else has.
     pub async fn lease_effect(

@@ -592,10 +592,28 @@ async fn crash_between_push_and_comment_duplicates_nothing(db: TestDb) {
         .expect(0)
         .mount(&fx.server)
         .await;
-    // First life: the push is performed, then baton dies.
+    // First life: the push is performed and recorded, then baton dies.
     let first = fx.effector();
-    effect_worker::run_once(&fx.ctx).await.unwrap();
-    assert_eq!(fx.effect(EffectKind::Push).await.status, EffectStatus::Done);
+    let push = fx.effect(EffectKind::Push).await;
+    let node = fx.ctx.node_id.clone();
+    assert!(
+        fx.ctx
+            .store
+            .lease_effect(&push, &node, 120_000, fx.ctx.now())
+            .await
+            .unwrap()
+    );
+    let task = fx.ctx.store.task(fx.task_id).await.unwrap();
+    let pushed = first.perform(&push, &task).await.unwrap();
+    let done = baton::store::EffectOutcome::Done {
+        external_ref: pushed,
+    };
+    let f = fx
+        .ctx
+        .store
+        .finish_effect(&push, &node, done, Vec::new(), fx.ctx.now())
+        .await;
+    assert!(f.unwrap().recorded);
     drop(first);
     // Second life: it opens the PR at GitHub but dies before recording it.
     let second = fx.effector();
@@ -613,7 +631,10 @@ async fn crash_between_push_and_comment_duplicates_nothing(db: TestDb) {
     // Third life, after the lease ran out: the PR is found, not opened again; the
     // comment is posted once.
     fx.ctx.clock.advance(EFFECT_LEASE + Duration::from_secs(1));
-    fx.drain().await;
+    // One pass performs every due effect of the task, in order: the pull request, then
+    // the comment.
+    let r = effect_worker::run_once(&fx.ctx).await.unwrap();
+    assert_eq!((r.n_done, r.n_retried, r.n_failed), (2, 0, 0), "{r:?}");
     let effects = fx.effects().await;
     assert!(
         effects.iter().all(|e| e.status == EffectStatus::Done),
@@ -650,9 +671,25 @@ async fn a_lease_of_an_earlier_boot_is_taken_at_once_and_fences_its_holder(db: T
             .await
             .unwrap()
     );
-    // Taken at once, not after the two minutes of its lease.
+    // A live node of another host holds the pull request's lease.
+    let pr = fx.effect(EffectKind::PullRequest).await;
+    let other = fx
+        .ctx
+        .store
+        .register_node("another-host", 1, fx.ctx.now())
+        .await
+        .unwrap();
+    assert!(
+        fx.ctx
+            .store
+            .lease_effect(&pr, &other, 120_000, fx.ctx.now())
+            .await
+            .unwrap()
+    );
+    // The push is taken at once, not after the two minutes of its lease; the pull
+    // request after it is left to its live holder.
     let r = effect_worker::run_once(&fx.ctx).await.unwrap();
-    assert_eq!(r.n_done, 1, "{r:?}");
+    assert_eq!((r.n_done, r.n_failed), (1, 0), "{r:?}");
     assert_eq!(fx.effect(EffectKind::Push).await.status, EffectStatus::Done);
     // The old holder's late word changes nothing.
     let recorded = fx
@@ -674,20 +711,6 @@ async fn a_lease_of_an_earlier_boot_is_taken_at_once_and_fences_its_holder(db: T
     let push = fx.effect(EffectKind::Push).await;
     assert_eq!((push.status, push.last_error), (EffectStatus::Done, None));
     // A live node's lease is respected until it runs out.
-    let pr = fx.effect(EffectKind::PullRequest).await;
-    let other = fx
-        .ctx
-        .store
-        .register_node("another-host", 1, fx.ctx.now())
-        .await
-        .unwrap();
-    assert!(
-        fx.ctx
-            .store
-            .lease_effect(&pr, &other, 120_000, fx.ctx.now())
-            .await
-            .unwrap()
-    );
     let r = effect_worker::run_once(&fx.ctx).await.unwrap();
     assert_eq!(r.n_done, 0, "took a live node's lease: {r:?}");
 }
