@@ -172,7 +172,7 @@ impl Actor for Monitor {
             }
             MonitorMsg::Heartbeat => {
                 let ctx = &state.args.ctx;
-                match ctx.store.heartbeat_run(d.job.id, d.run.id, ctx.now()).await {
+                match ctx.store.run_is_current(d.job.id, d.run.id).await {
                     Ok(true) => {}
                     Ok(false) if state.cause != EndCause::Cancelled => {
                         tracing::info!(task = %d.task.key, run_id = d.run.id, "job no longer runs with this run (cancelled); stopping the agent");

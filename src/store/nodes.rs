@@ -29,9 +29,22 @@ impl Store {
         Ok(nodes::Entity::find().all(&self.db).await?)
     }
 
+    /// Heartbeats a node and, in one statement more, every run of it whose exit is not
+    /// recorded yet: one write per node per interval, however many agents it runs.
     pub async fn heartbeat_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
         self.set_node_time(node_id, nodes::Column::HeartbeatAt, now)
-            .await
+            .await?;
+        let _write = self.lock_writes().await;
+        entity::agent_runs::Entity::update_many()
+            .col_expr(
+                entity::agent_runs::Column::HeartbeatAt,
+                sea_orm::sea_query::Expr::value(now),
+            )
+            .filter(entity::agent_runs::Column::NodeId.eq(node_id))
+            .filter(entity::agent_runs::Column::ExitedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     /// Marks a node as stopped cleanly.

@@ -289,16 +289,10 @@ impl Store {
         Ok(())
     }
 
-    /// Heartbeats a run and tells whether its job still runs with it as current run
-    /// (false after a cancel or a claim by someone else).
-    pub async fn heartbeat_run(&self, job_id: i64, run_id: i64, now: i64) -> StoreResult<bool> {
-        let write = self.lock_writes().await;
-        agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
-            .filter(agent_runs::Column::Id.eq(run_id))
-            .exec(&self.db)
-            .await?;
-        drop(write);
+    /// Tells whether the job still runs with `run_id` as its current run (false after a
+    /// cancel or a claim by someone else). A read only: the run's heartbeat is written
+    /// with its node's (`heartbeat_node`), one write for all the node's runs.
+    pub async fn run_is_current(&self, job_id: i64, run_id: i64) -> StoreResult<bool> {
         let job = jobs::Entity::find_by_id(job_id).one(&self.db).await?;
         Ok(job.is_some_and(|j| j.status == JobStatus::Running && j.current_run_id == Some(run_id)))
     }

@@ -558,6 +558,11 @@ on_both!(record_exit_counts_once, record_exit_counts_once);
 async fn cancel_and_retry(db: TestDb) {
     let s = submit(&db.store, "X-1").await;
     let d = take(&db, NOW).await;
+    // The node's heartbeat is its live runs' too: one write for all of them.
+    db.store.heartbeat_node("n1", NOW + 5).await.unwrap();
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(run.heartbeat_at, NOW + 5);
+    assert!(db.store.run_is_current(d.job.id, d.run.id).await.unwrap());
     let runs = db
         .store
         .cancel(&crate::support::key("X-1"), EventSource::Cli, NOW)
@@ -570,10 +575,7 @@ async fn cancel_and_retry(db: TestDb) {
         TaskStatus::Cancelled
     );
     assert!(
-        !db.store
-            .heartbeat_run(d.job.id, d.run.id, NOW)
-            .await
-            .unwrap(),
+        !db.store.run_is_current(d.job.id, d.run.id).await.unwrap(),
         "the monitor learns of the cancel"
     );
     // The cancelled run's claim loses.
