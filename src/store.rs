@@ -13,6 +13,7 @@
 //!   Reaper's view of running jobs.
 //! - [`claim`]: the fenced claim, which applies a [`crate::policy::Transition`].
 //! - [`outbox`]: effects and webhook deliveries.
+//! - [`pages`]: the polled reads: a page of tasks by cursor, counts by status.
 //! - [`delivery`]: durable work: a task done only once delivered, a refused delivery,
 //!   the recovery of work lost with its host.
 //! - [`nodes`]: the node rows.
@@ -22,6 +23,7 @@ mod claim;
 mod delivery;
 mod nodes;
 mod outbox;
+mod pages;
 mod retention;
 mod runs;
 mod seed;
@@ -41,9 +43,10 @@ use crate::model::{EventKind, EventSource};
 
 pub use delivery::Recovered;
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
+pub use pages::TaskFilter;
 pub use retention::HistoryPruned;
 pub use runs::{Dispatched, RunningJob};
-pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskFilter, TaskSummary};
+pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
 
 /// How long an SQLite writer waits for another before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);

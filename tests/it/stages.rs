@@ -180,7 +180,7 @@ command = ["sh", "{two}"]
     ));
     h.submit("ENV-1", "one").await;
     let config = h.root.join("baton.toml");
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
         .arg("--config")
         .arg(&config)
         .arg("serve")
@@ -191,22 +191,8 @@ command = ["sh", "{two}"]
         .spawn()
         .unwrap();
     let key = crate::support::key("ENV-1");
-    let deadline = std::time::Instant::now() + PROBE_WAIT;
-    let task = loop {
-        let t = h.db.store.task_by_key(&key).await.unwrap();
-        if t.status != TaskStatus::Active {
-            break t;
-        }
-        assert!(std::time::Instant::now() < deadline, "ENV-1 never ended");
-        // Waiting on another process: nothing here can send a probe event.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serve.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    serve.wait().unwrap();
+    let task = task_end_elsewhere(&h.db.store, "ENV-1").await;
+    stop_serve(serve);
     assert_eq!(task.status, TaskStatus::Done);
     let one = std::fs::read_to_string(h.root.join("one-env.txt")).unwrap();
     assert_eq!(one.trim(), "opus|s3cr3t-value|unset");

@@ -206,7 +206,7 @@ async fn each_log_line_carries_its_own_task_only() {
             cmd.arg("--log-json");
         }
         let log = h.root.join(format!("serve-{json}.log"));
-        let mut serve = cmd
+        let serve = cmd
             .arg("serve")
             .env_remove("BATON_DATABASE_URL")
             .env_remove("DATABASE_URL")
@@ -214,28 +214,11 @@ async fn each_log_line_carries_its_own_task_only() {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + crate::support::harness::PROBE_WAIT;
         for key in keys {
-            loop {
-                let t =
-                    h.db.store
-                        .task_by_key(&crate::support::key(key))
-                        .await
-                        .unwrap();
-                if t.status == baton::model::TaskStatus::Done {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "{key} never ended");
-                // Waiting on another process: nothing here can send a probe event.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            let t = crate::support::harness::task_end_elsewhere(&h.db.store, key).await;
+            assert_eq!(t.status, baton::model::TaskStatus::Done);
         }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(serve.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        serve.wait().unwrap();
+        crate::support::harness::stop_serve(serve);
         lines_of.push((json, keys, std::fs::read_to_string(&log).unwrap()));
     }
     for (json, keys, text) in lines_of {

@@ -259,3 +259,27 @@ pub fn remote_log(remote: &std::path::Path, branch: &str) -> Vec<String> {
         .map(|(_, summary)| summary)
         .collect()
 }
+
+/// Waits until the task `key` ended, when another process (a `baton serve`) drives it:
+/// nothing there can send a probe event, so the database is looked at every 50 ms.
+pub async fn task_end_elsewhere(store: &Store, key: &str) -> entity::tasks::Model {
+    let deadline = std::time::Instant::now() + PROBE_WAIT;
+    loop {
+        let t = store.task_by_key(&crate::support::key(key)).await.unwrap();
+        if t.status != TaskStatus::Active {
+            return t;
+        }
+        assert!(std::time::Instant::now() < deadline, "{key} never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops a `baton serve` process as systemd would (SIGTERM) and waits for it.
+pub fn stop_serve(mut serve: std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    serve.wait().unwrap()
+}
