@@ -96,6 +96,10 @@ impl Watched {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
+    /// Every watched run, as (run id, job id).
+    pub fn runs(&self) -> Vec<(i64, i64)> {
+        self.lock().iter().map(|(r, j)| (*r, *j)).collect()
+    }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -200,6 +200,45 @@ fn group_alive(pgid: i32) -> bool {
 
 extern "C" fn ignore_signal(_: nix::libc::c_int) {}
 
+/// The file name of the shim's own binary, installed beside `baton`.
+pub const SHIM_BIN: &str = "baton-shim";
+
+/// The binary that starts agents: `baton-shim` beside `exe` when it is there (a small
+/// program, quick to start), else `exe` itself (`baton shim`). Both take the same
+/// arguments.
+pub fn shim_exe_beside(exe: &Path) -> PathBuf {
+    let small = exe.with_file_name(SHIM_BIN);
+    if small.is_file() {
+        small
+    } else {
+        exe.to_path_buf()
+    }
+}
+
+/// Runs the shim from its command line, `[shim] --log LOG -- PROGRAM [ARGS...]` (the
+/// arguments after the program's name), read without clap: the shim starts once a stage
+/// and should cost what a small program costs. Returns the agent's exit code, or 2 for
+/// a command line it cannot read.
+pub fn shim_cli(args: &[String]) -> u8 {
+    let args = match args.first().map(String::as_str) {
+        Some("shim") => &args[1..],
+        _ => args,
+    };
+    let parsed = match args {
+        [flag, log, sep, argv @ ..] if flag == "--log" && sep == "--" && !argv.is_empty() => {
+            Some((Path::new(log), argv))
+        }
+        _ => None,
+    };
+    match parsed {
+        Some((log, argv)) => shim_main(log, argv).clamp(0, 255) as u8,
+        None => {
+            eprintln!("usage: baton-shim --log LOG -- PROGRAM [ARGS...]");
+            2
+        }
+    }
+}
+
 /// The body of `baton shim --log LOG -- ARGV...`: runs synchronously, never returns
 /// before the agent ended, and always tries to write the exit file.
 pub fn shim_main(log: &Path, argv: &[String]) -> i32 {

@@ -1,135 +1,305 @@
-//! `baton bench`: pushes N tasks through a 4-stage pipeline of `true` agents and prints
-//! what it measured, next to a baseline taken in the same run on the same machine: the
-//! raw rate at which this machine spawns and reaps `true` at the same concurrency.
+//! `baton bench`: pushes N tasks through a 4-stage pipeline of `true` agents on a real node
+//! and prints what it measured, next to a baseline taken in the same run on the same
+//! machine: the raw rate at which this machine spawns and reaps `true` at the same
+//! concurrency. For each number of slots it runs with the auto-commit off and then on;
+//! then it measures advance latency with one task at a time on an idle node.
 //! Figures, not verdicts: shared machines are noisy, so compare ratios.
 
 pub mod history;
+pub mod idle;
 pub mod workspaces;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::clock::Clock;
 use crate::config::{Config, EnvOverrides};
-use crate::model::{Origin, TaskKey, TaskStatus};
+use crate::model::{Origin, TaskKey};
 use crate::service::{Node, ServeOptions};
+use crate::store::Store;
 use crate::tasks::{self, SubmitRequest};
 
 pub struct BenchArgs {
     pub tasks: usize,
-    pub concurrency: usize,
+    /// The node's slots (`max_concurrent_jobs`), one measure each.
+    pub slots: Vec<usize>,
+    /// Tasks pushed one at a time through an idle node, for advance latency.
+    pub latency_tasks: usize,
     /// Defaults to an SQLite file in a temp folder.
     pub database_url: Option<String>,
 }
 
-/// What one run measured.
+/// What one throughput run measured.
 #[derive(Debug, Clone)]
-pub struct BenchReport {
+pub struct Throughput {
+    pub slots: usize,
+    pub commits: bool,
     pub stages: usize,
     pub elapsed: Duration,
     pub stages_per_sec: f64,
     pub baseline_per_sec: f64,
     pub ratio: f64,
-    pub advance_p50_ms: i64,
-    pub advance_p99_ms: i64,
+    /// The CPU time of baton's own process (user + system) per stage; the shims and
+    /// agents are other processes.
+    pub cpu_ms_per_stage: f64,
+    pub advance: Latency,
+}
+
+/// Advance latency (an agent's recorded exit to the next stage's agent start), with where
+/// a stage's time goes.
+#[derive(Debug, Clone, Default)]
+pub struct Latency {
+    pub p50_ms: i64,
+    pub p99_ms: i64,
+    pub samples: usize,
+    /// Mean agent time (started to exit recorded), finalization (exit to claim won) and
+    /// next start (claim won to the next agent started), in ms.
+    pub agent_ms: f64,
+    pub finalize_ms: f64,
+    pub start_ms: f64,
+}
+
+/// Everything one `baton bench` measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub throughput: Vec<Throughput>,
+    /// One task at a time, auto-commit off.
+    pub idle_latency: Latency,
     pub peak_rss_kib: u64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
-    let tmp = tempfile::Builder::new().prefix("baton-bench-").tempdir()?;
+    let (tmp, database) = bench_dir("baton-bench-", args.database_url.as_deref())?;
     let root = tmp.path();
-    let stages = args.tasks * 4;
-
+    let mut bench = Bench {
+        root: root.to_path_buf(),
+        database: database.clone(),
+        runs: 0,
+    };
+    let mut throughput = Vec::new();
+    for &slots in &args.slots {
+        let stages = args.tasks * STAGES.len();
+        println!("baseline: spawning and reaping `true` {stages} times, {slots} at a time");
+        let baseline_per_sec = spawn_baseline(stages, slots).await?;
+        println!("  {baseline_per_sec:.1} processes/s");
+        for commits in [false, true] {
+            println!(
+                "baton: {} tasks x {} stages of `true`, {slots} slots, auto-commit {}",
+                args.tasks,
+                STAGES.len(),
+                if commits { "on" } else { "off" }
+            );
+            let run = bench.node_run(slots, commits, args.tasks, false).await?;
+            let t = Throughput {
+                slots,
+                commits,
+                stages: run.stages,
+                elapsed: run.elapsed,
+                stages_per_sec: run.stages as f64 / run.elapsed.as_secs_f64(),
+                baseline_per_sec,
+                ratio: run.stages as f64 / run.elapsed.as_secs_f64() / baseline_per_sec,
+                cpu_ms_per_stage: run.cpu.as_secs_f64() * 1000.0 / run.stages.max(1) as f64,
+                advance: run.latency,
+            };
+            println!(
+                "  {:.1} stages/s, ratio {:.3}, baton CPU {:.2} ms/stage, advance p50 {} ms p99 {} ms",
+                t.stages_per_sec, t.ratio, t.cpu_ms_per_stage, t.advance.p50_ms, t.advance.p99_ms
+            );
+            throughput.push(t);
+        }
+    }
     println!(
-        "baseline: spawning and reaping `true` {stages} times, {} at a time",
-        args.concurrency
+        "baton: {} tasks x {} stages, one task at a time, auto-commit off",
+        args.latency_tasks,
+        STAGES.len()
     );
-    let baseline_per_sec = spawn_baseline(stages, args.concurrency).await?;
-    println!("  {baseline_per_sec:.1} processes/s");
+    let idle = bench.node_run(1, false, args.latency_tasks, true).await?;
+    let report = BenchReport {
+        throughput,
+        idle_latency: idle.latency,
+        peak_rss_kib: peak_rss_kib(),
+    };
+    print_report(&report, &database);
+    Ok(report)
+}
 
+/// A bench's temp folder, with a seeded bare remote (`remote.git`) in it, and its
+/// database: `database_url`, else an SQLite file in the folder.
+pub(crate) fn bench_dir(
+    prefix: &str,
+    database_url: Option<&str>,
+) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let root = tmp.path();
     crate::workspace::seed_remote(&root.join("seed"), &root.join("remote.git"))
         .context("seed the remote")?;
-    let db = args
-        .database_url
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", root.join("bench.db").display()));
-    let toml = format!(
+    let database = match database_url {
+        Some(url) => url.to_string(),
+        None => format!("sqlite://{}?mode=rwc", root.join("bench.db").display()),
+    };
+    Ok((tmp, database))
+}
+
+const STAGES: [&str; 4] = ["s1", "s2", "s3", "s4"];
+
+struct Bench {
+    root: std::path::PathBuf,
+    database: String,
+    /// Node runs so far: each uses task keys and a workspace root of its own.
+    runs: usize,
+}
+
+struct NodeRun {
+    stages: usize,
+    elapsed: Duration,
+    cpu: Duration,
+    latency: Latency,
+}
+
+impl Bench {
+    /// Starts a node on `tasks` submitted tasks and waits until they all ended. With
+    /// `one_at_a_time`, each task is submitted after the one before ended.
+    async fn node_run(
+        &mut self,
+        slots: usize,
+        commits: bool,
+        tasks: usize,
+        one_at_a_time: bool,
+    ) -> anyhow::Result<NodeRun> {
+        self.runs += 1;
+        let dir = self.root.join(format!("run{}", self.runs));
+        std::fs::create_dir_all(&dir)?;
+        let command = r#"["true"]"#;
+        let config = node_config(
+            &dir,
+            &self.database,
+            slots,
+            &self.root,
+            &STAGES,
+            command,
+            commits,
+        )?;
+        let store = Store::open(&config.database_url).await?;
+        let clock = Clock::system();
+        let keys: Vec<TaskKey> = (0..tasks)
+            .map(|i| TaskKey::parse(format!("BENCH{}-{i}", self.runs)))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let submit = |key: TaskKey| {
+            let (store, config, clock) = (store.clone(), config.clone(), clock.clone());
+            async move {
+                let request = SubmitRequest::new(key);
+                tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await
+            }
+        };
+        if !one_at_a_time {
+            for key in &keys {
+                submit(key.clone()).await?;
+            }
+        }
+        let cpu_before = cpu_time();
+        let started = Instant::now();
+        let node = Node::start(
+            config.clone(),
+            ServeOptions {
+                dispatcher_interval: Some(Duration::from_millis(50)),
+                ..Default::default()
+            },
+        )
+        .await?;
+        if one_at_a_time {
+            for key in &keys {
+                submit(key.clone()).await?;
+                wait_idle(&store, None).await?;
+            }
+        } else {
+            wait_idle(&store, Some(tasks)).await?;
+        }
+        let elapsed = started.elapsed();
+        let cpu = cpu_time().saturating_sub(cpu_before);
+        node.shutdown().await;
+        let latency = latency(&store, &keys).await?;
+        store.close().await;
+        Ok(NodeRun {
+            stages: tasks * STAGES.len(),
+            elapsed,
+            cpu,
+            latency,
+        })
+    }
+}
+
+/// A node's config for a bench: `stages` in one pipeline, each running `command` (a TOML
+/// array), the auto-commit on or off, nothing pushed, on the bench's bare remote.
+pub(crate) fn node_config(
+    dir: &Path,
+    database: &str,
+    slots: usize,
+    bench_root: &Path,
+    stages: &[&str],
+    command: &str,
+    commits: bool,
+) -> anyhow::Result<Config> {
+    let names: Vec<String> = stages.iter().map(|s| format!("{s:?}")).collect();
+    let mut toml = format!(
         r#"
-database_url = "{db}"
-max_concurrent_jobs = {conc}
+database_url = "{database}"
+max_concurrent_jobs = {slots}
+workspace_root = "{ws}"
+log_dir = "{logs}"
 [repo]
 url = "{remote}"
 [pipelines.default]
-stages = ["s1", "s2", "s3", "s4"]
-[stages.s1]
-command = ["true"]
-[stages.s2]
-command = ["true"]
-[stages.s3]
-command = ["true"]
-[stages.s4]
-command = ["true"]
+stages = [{names}]
 [effects]
 push = false
 plane_comment = false
 [http]
 listen = "127.0.0.1:0"
 "#,
-        conc = args.concurrency,
-        remote = root.join("remote.git").display(),
+        ws = dir.join("workspaces").display(),
+        logs = dir.join("logs").display(),
+        remote = bench_root.join("remote.git").display(),
+        names = names.join(", "),
     );
-    let config = Config::from_toml(&toml, root, &EnvOverrides::default())
-        .map_err(|p| anyhow::anyhow!("bench config: {p:?}"))?;
-    let store = crate::store::Store::open(&config.database_url).await?;
-    let clock = Clock::system();
-    for i in 0..args.tasks {
-        let key = TaskKey::parse(format!("BENCH-{i}")).map_err(anyhow::Error::msg)?;
-        let request = SubmitRequest::new(key);
-        tasks::submit(&store, &config, request, Origin::Cli, clock.now_ms()).await?;
+    for s in stages {
+        toml.push_str(&format!(
+            "[stages.{s}]\ncommand = {command}\ncommit = {commits}\ntimeout = \"24h\"\n"
+        ));
     }
-    println!(
-        "baton: {} tasks x 4 stages of `true`, max_concurrent_jobs = {}",
-        args.tasks, args.concurrency
-    );
-    let started = Instant::now();
-    let node = Node::start(
-        config,
-        ServeOptions {
-            dispatcher_interval: Some(Duration::from_millis(50)),
-            ..Default::default()
-        },
-    )
-    .await?;
+    Config::from_toml(&toml, dir, &EnvOverrides::default())
+        .map_err(|p| anyhow::anyhow!("bench config: {p:?}"))
+}
+
+/// Waits until no job is queued or running (and, with `total`, shows progress).
+async fn wait_idle(store: &Store, total: Option<usize>) -> anyhow::Result<()> {
     let mut last_print = Instant::now();
     loop {
-        let tasks = store.list_tasks(None).await?;
-        let open = tasks
-            .iter()
-            .filter(|t| t.task.status == TaskStatus::Active)
-            .count();
-        if open == 0 {
-            break;
+        let (queued, running) = store.queue_depth().await?;
+        if queued + running == 0 {
+            return Ok(());
         }
-        if last_print.elapsed() > Duration::from_secs(2) {
-            println!("  {} of {} tasks finished", tasks.len() - open, tasks.len());
+        if let Some(total) = total
+            && last_print.elapsed() > Duration::from_secs(2)
+        {
+            println!("  {queued} jobs queued, {running} running ({total} tasks)");
             last_print = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let elapsed = started.elapsed();
-    node.shutdown().await;
+}
 
-    // Advance latency: an agent's recorded exit to the next stage's agent start.
+/// Advance latency and the mean phases of a stage, from the events of `keys`' tasks.
+async fn latency(store: &Store, keys: &[TaskKey]) -> anyhow::Result<Latency> {
     let mut latencies = Vec::new();
-    // Where a stage's time goes: agent (started -> exit recorded), finalization (exit ->
-    // claim won), start of the next (claim won -> next agent started).
     let (mut agent, mut finalize, mut start) = (Vec::new(), Vec::new(), Vec::new());
-    for t in store.list_tasks(None).await? {
-        let events = store.events(t.task.id).await?;
+    for key in keys {
+        let task = store.task_by_key(key).await?;
         let (mut exited, mut started_at, mut won): (Option<i64>, Option<i64>, Option<i64>) =
             (None, None, None);
-        for e in events {
+        for e in store.events(task.id).await? {
             match e.kind.as_str() {
                 "run_exited" => {
                     if let Some(s) = started_at.take() {
@@ -156,63 +326,53 @@ listen = "127.0.0.1:0"
             }
         }
     }
-    let mean = |v: &[i64]| {
-        if v.is_empty() {
-            0.0
-        } else {
-            v.iter().sum::<i64>() as f64 / v.len() as f64
-        }
-    };
-    println!(
-        "  mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms",
-        mean(&agent),
-        mean(&finalize),
-        mean(&start)
-    );
+    let mean = |v: &[i64]| v.iter().sum::<i64>() as f64 / v.len().max(1) as f64;
     latencies.sort_unstable();
     let pct = |p: f64| -> i64 {
-        if latencies.is_empty() {
-            return 0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i]
+        let i = ((latencies.len().max(1) as f64 - 1.0) * p).round() as usize;
+        latencies.get(i).copied().unwrap_or(0)
     };
-    let stages_per_sec = stages as f64 / elapsed.as_secs_f64();
-    let report = BenchReport {
-        stages,
-        elapsed,
-        stages_per_sec,
-        baseline_per_sec,
-        ratio: stages_per_sec / baseline_per_sec,
-        advance_p50_ms: pct(0.50),
-        advance_p99_ms: pct(0.99),
-        peak_rss_kib: peak_rss_kib(),
+    Ok(Latency {
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        samples: latencies.len(),
+        agent_ms: mean(&agent),
+        finalize_ms: mean(&finalize),
+        start_ms: mean(&start),
+    })
+}
+
+fn print_report(r: &BenchReport, database: &str) {
+    let db = if database.starts_with("sqlite") {
+        "SQLite"
+    } else {
+        "PostgreSQL"
     };
-    store.close().await;
+    println!("\nresults ({db})");
     println!(
-        "\nresults ({})",
-        if db.starts_with("sqlite") {
-            "SQLite"
-        } else {
-            "PostgreSQL"
-        }
+        "  slots  commits  stages  wall     stages/s  raw spawn/s  ratio  baton CPU/stage  advance p50/p99"
     );
-    println!("  stages             {}", report.stages);
-    println!("  wall time          {:.2}s", report.elapsed.as_secs_f64());
-    println!("  stages/s           {:.1}", report.stages_per_sec);
+    for t in &r.throughput {
+        println!(
+            "  {:>5}  {:>7}  {:>6}  {:>6.2}s  {:>8.1}  {:>11.1}  {:>5.3}  {:>12.2} ms  {} / {} ms",
+            t.slots,
+            if t.commits { "on" } else { "off" },
+            t.stages,
+            t.elapsed.as_secs_f64(),
+            t.stages_per_sec,
+            t.baseline_per_sec,
+            t.ratio,
+            t.cpu_ms_per_stage,
+            t.advance.p50_ms,
+            t.advance.p99_ms
+        );
+    }
+    let l = &r.idle_latency;
     println!(
-        "  raw spawn rate     {:.1}/s (baseline, same concurrency)",
-        report.baseline_per_sec
+        "  one task at a time: advance latency p50 {} ms, p99 {} ms ({} samples); mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms",
+        l.p50_ms, l.p99_ms, l.samples, l.agent_ms, l.finalize_ms, l.start_ms
     );
-    println!("  ratio              {:.3}", report.ratio);
-    println!(
-        "  advance latency    p50 {} ms, p99 {} ms ({} samples)",
-        report.advance_p50_ms,
-        report.advance_p99_ms,
-        latencies.len()
-    );
-    println!("  peak RSS           {} MiB", report.peak_rss_kib / 1024);
-    Ok(report)
+    println!("  peak RSS           {} MiB", r.peak_rss_kib / 1024);
 }
 
 /// Spawns and reaps `true` `n` times with `concurrency` at once; returns processes/s.
@@ -234,13 +394,31 @@ async fn spawn_baseline(n: usize, concurrency: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The CPU time (user + system) this process has used so far.
+pub(crate) fn cpu_time() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| {
+                Duration::from_secs(tv.tv_sec() as u64) + Duration::from_micros(tv.tv_usec() as u64)
+            };
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or_default()
+}
+
 /// The peak resident set size of this process (VmHWM), in KiB.
-fn peak_rss_kib() -> u64 {
+pub(crate) fn peak_rss_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+/// A `kB` figure of `/proc/self/status`.
+pub(crate) fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })

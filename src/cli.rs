@@ -124,14 +124,24 @@ pub enum Command {
         keep: bool,
     },
     /// Push N tasks through a 4-stage pipeline of `true` agents and print the figures
-    /// (stages/s against this machine's raw spawn rate, advance latency, peak RSS).
+    /// (stages/s against this machine's raw spawn rate, baton's CPU time per stage,
+    /// advance latency, peak RSS), for each number of slots, auto-commit off and on.
     Bench {
         /// How many tasks to push through.
         #[arg(long, default_value_t = 100)]
         tasks: usize,
-        /// Agents run at once (max_concurrent_jobs).
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
+        /// Agents run at once (max_concurrent_jobs): one measure for each.
+        #[arg(long, alias = "concurrency", value_delimiter = ',', default_values_t = [2, 8])]
+        slots: Vec<usize>,
+        /// Tasks pushed one at a time through an idle node, for advance latency.
+        #[arg(long, default_value_t = 25)]
+        latency_tasks: usize,
+        /// Measure instead what supervising N sleeping agents costs a node (CPU, memory).
+        #[arg(long, conflicts_with_all = ["large_repo", "history"])]
+        idle: Option<usize>,
+        /// With --idle: how long the node is watched once every agent runs.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "idle")]
+        window: std::time::Duration,
         /// Database to use instead of a temp SQLite file (e.g. a scratch PostgreSQL database).
         #[arg(long)]
         database_url: Option<String>,
@@ -537,14 +547,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::bench::workspaces::run(args).await?;
         }
         Command::Bench {
+            idle: Some(agents),
+            window,
+            database_url,
+            ..
+        } => {
+            let args = crate::bench::idle::IdleArgs {
+                agents,
+                window,
+                database_url,
+            };
+            crate::bench::idle::run(args).await?;
+        }
+        Command::Bench {
             tasks,
-            concurrency,
+            slots,
+            latency_tasks,
             database_url,
             ..
         } => {
             crate::bench::run(crate::bench::BenchArgs {
                 tasks,
-                concurrency,
+                slots,
+                latency_tasks,
                 database_url,
             })
             .await?;

@@ -1,12 +1,13 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = baton::cli::Cli::parse();
-    // The shim runs before any runtime or logging: it only starts and waits for an agent.
-    if let baton::cli::Command::Shim { log, argv } = &cli.command {
-        let code = baton::agent::shim_main(log, argv);
-        return std::process::ExitCode::from(code.clamp(0, 255) as u8);
+    // The shim runs before any argument parsing, runtime or logging: it only starts and
+    // waits for an agent (`baton-shim` does the same in a smaller binary).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "shim") {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return std::process::ExitCode::from(baton::agent::shim_cli(&args));
     }
+    let cli = baton::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

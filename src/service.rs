@@ -166,29 +166,32 @@ impl Node {
         ));
         let config = Arc::new(config);
         let ctx_clock = clock.clone();
-        let ctx = Ctx {
-            policy: Arc::new(config.policy()),
-            effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
-            config,
-            store: store.clone(),
-            clock,
-            node_id: node_id.clone(),
-            hostname,
-            watched: Watched::default(),
-            probe: opts.probe.clone(),
-            secrets,
-            metrics: opts
-                .metrics
-                .clone()
-                .unwrap_or_else(|| Arc::new(crate::telemetry::Metrics::global())),
-            shim_exe: match opts.shim_exe.clone() {
-                Some(p) => p,
-                None => std::env::current_exe().map_err(|source| ServeError::Io {
-                    path: "the baton executable".into(),
-                    source,
-                })?,
-            },
-        };
+        let ctx =
+            Ctx {
+                policy: Arc::new(config.policy()),
+                effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
+                config,
+                store: store.clone(),
+                clock,
+                node_id: node_id.clone(),
+                hostname,
+                watched: Watched::default(),
+                probe: opts.probe.clone(),
+                secrets,
+                metrics: opts
+                    .metrics
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(crate::telemetry::Metrics::global())),
+                shim_exe: match opts.shim_exe.clone() {
+                    Some(p) => p,
+                    None => crate::agent::shim_exe_beside(&std::env::current_exe().map_err(
+                        |source| ServeError::Io {
+                            path: "the baton executable".into(),
+                            source,
+                        },
+                    )?),
+                },
+            };
         let (http_stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let http_state = crate::http::HttpState {

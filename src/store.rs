@@ -45,7 +45,7 @@ pub use delivery::Recovered;
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
 pub use pages::TaskFilter;
 pub use retention::HistoryPruned;
-pub use runs::{Dispatched, RunningJob};
+pub use runs::{Dispatched, RunningJob, Started};
 pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
 
 /// How long an SQLite writer waits for another before giving up.

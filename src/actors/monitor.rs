@@ -1,5 +1,6 @@
 //! The Monitor: one per running job. It prepares the workspace, starts the agent through
-//! the shim, heartbeats the run, enforces the stage timeout, and when the agent ends it
+//! the shim, enforces the stage timeout (a one-shot timer; the node's heartbeat and its
+//! check for cancelled runs are the Supervisor's, one for all its runs), and when the agent ends it
 //! records the exit FIRST, then evaluates the gate, auto-commits, and sends the claim to
 //! the Advancer. A Monitor that fails is not restarted: its run is left to the Reaper.
 
@@ -18,8 +19,12 @@ use crate::config::StageSettings;
 use crate::gate::{self, Judgement, Vars};
 use crate::model::{Claim, ClaimOutcome, Decider, Verdict};
 use crate::prompt::PROMPT_ARG_MAX;
-use crate::store::Dispatched;
+use crate::store::{Dispatched, Started};
 use crate::workspace;
+
+/// How long after its start an agent's start is recorded (with its exit instead, when
+/// it ends sooner): short stages cost one write less.
+pub const RUN_STARTED_RECORD_DELAY: Duration = Duration::from_millis(250);
 
 /// How often an adopted agent (not baton's child) is checked for its end.
 pub const MONITOR_ADOPTED_POLL_DEFAULT: Duration = Duration::from_millis(200);
@@ -37,8 +42,11 @@ pub enum MonitorMode {
 pub enum MonitorMsg {
     /// Prepare and start (or adopt) the agent.
     Start,
-    /// Heartbeat the run; learn of a cancel.
-    Heartbeat,
+    /// The job no longer runs with this run (a cancel, a claim by another): the
+    /// Supervisor's check of the node's runs found it.
+    NotCurrent,
+    /// Record the agent's start, unless its exit came first.
+    RecordStart,
     /// The stage timeout passed.
     Timeout,
     /// The agent ended (None: it ended without leaving an exit status).
@@ -51,7 +59,8 @@ pub enum MonitorMsg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorEvent {
     Start,
-    Heartbeat,
+    NotCurrent,
+    RecordStart,
     Timeout,
     /// The agent ended, with its exit code when it left one.
     Exited(Option<i32>),
@@ -66,7 +75,8 @@ impl MonitorMsg {
     fn event(&self) -> MonitorEvent {
         match self {
             MonitorMsg::Start => MonitorEvent::Start,
-            MonitorMsg::Heartbeat => MonitorEvent::Heartbeat,
+            MonitorMsg::NotCurrent => MonitorEvent::NotCurrent,
+            MonitorMsg::RecordStart => MonitorEvent::RecordStart,
             MonitorMsg::Timeout => MonitorEvent::Timeout,
             MonitorMsg::Exited(s) => MonitorEvent::Exited(s.as_ref().map(|s| s.code)),
             MonitorMsg::Stop { kill } => MonitorEvent::Stop { kill: *kill },
@@ -101,6 +111,8 @@ pub struct MonitorState {
     stage: Option<StageSettings>,
     workspace: Option<PathBuf>,
     pid: Option<i32>,
+    /// The agent's start, until it is recorded.
+    started: Option<Started>,
     cause: EndCause,
     timers: Vec<tokio::task::AbortHandle>,
     /// The span of the agent's run, in the task's trace; finalization runs inside it.
@@ -135,6 +147,7 @@ impl Actor for Monitor {
             stage,
             workspace: None,
             pid: None,
+            started: None,
             cause: EndCause::Running,
             timers: Vec::new(),
             span,
@@ -170,22 +183,25 @@ impl Actor for Monitor {
                 let span = state.span.clone();
                 start(&myself, state).instrument(span).await
             }
-            MonitorMsg::Heartbeat => {
-                let ctx = &state.args.ctx;
-                match ctx.store.run_is_current(d.job.id, d.run.id).await {
-                    Ok(true) => {}
-                    Ok(false) if state.cause != EndCause::Cancelled => {
-                        tracing::info!(task = %d.task.key, run_id = d.run.id, "job no longer runs with this run (cancelled); stopping the agent");
-                        state.cause = EndCause::Cancelled;
-                        if let Some(pid) = state.pid {
-                            tokio::spawn(agent::terminate_group(
-                                pid,
-                                agent::AGENT_KILL_GRACE_DEFAULT,
-                            ));
-                        }
+            MonitorMsg::NotCurrent => {
+                if state.cause != EndCause::Cancelled {
+                    tracing::info!(task = %d.task.key, run_id = d.run.id, "job no longer runs with this run (cancelled); stopping the agent");
+                    state.cause = EndCause::Cancelled;
+                    if let Some(pid) = state.pid {
+                        tokio::spawn(agent::terminate_group(pid, agent::AGENT_KILL_GRACE_DEFAULT));
                     }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, run_id = d.run.id, "heartbeat failed"),
+                }
+            }
+            MonitorMsg::RecordStart => {
+                if let Some(started) = state.started.take()
+                    && let Err(e) = state
+                        .args
+                        .ctx
+                        .store
+                        .run_started(&d.run, d.task.id, &started)
+                        .await
+                {
+                    tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's start");
                 }
             }
             MonitorMsg::Timeout => {
@@ -212,6 +228,13 @@ impl Actor for Monitor {
                     // The waiter sends Exited; finalize then records the stop.
                 } else {
                     state.cause = EndCause::Detached;
+                    // The next boot adopts the agent by its recorded pid.
+                    if let Some(started) = state.started.take() {
+                        let store = &state.args.ctx.store;
+                        if let Err(e) = store.run_started(&d.run, d.task.id, &started).await {
+                            tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's start");
+                        }
+                    }
                     myself.stop(Some("node shutdown".into()));
                 }
             }
@@ -318,13 +341,18 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             };
             let pid = child.id().map(|p| p as i32).unwrap_or(0);
             state.pid = Some(pid);
-            if let Err(e) = ctx
-                .store
-                .run_started(&d.run, d.task.id, pid, v.prompt.as_deref(), ctx.now())
-                .await
-            {
-                tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's pid");
-            }
+            // The start is recorded a moment later, or with the exit if the agent ends
+            // first: the shim's pid file names the agent meanwhile.
+            state.started = Some(Started {
+                pid,
+                prompt: v.prompt.clone(),
+                at: ctx.now(),
+            });
+            state.timers.push(
+                myself
+                    .send_after(RUN_STARTED_RECORD_DELAY, || MonitorMsg::RecordStart)
+                    .abort_handle(),
+            );
             tracing::info!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, pid, "agent started");
             let me = myself.clone();
             let log = log_path.clone();
@@ -336,7 +364,12 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             state.timers.push(waiter.abort_handle());
         }
         MonitorMode::Adopt => {
-            let pid = d.run.pid.unwrap_or(0);
+            // A start not recorded yet: the shim's pid file names the agent.
+            let pid = d
+                .run
+                .pid
+                .or_else(|| agent::Identity::of_run(&log_path).map(|id| id.pid))
+                .unwrap_or(0);
             state.pid = Some(pid);
             if let Err(e) = ctx
                 .store
@@ -357,11 +390,6 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             state.timers.push(waiter.abort_handle());
         }
     }
-    state.timers.push(
-        myself
-            .send_interval(ctx.config.node.heartbeat_interval, || MonitorMsg::Heartbeat)
-            .abort_handle(),
-    );
     let elapsed = Duration::from_millis((ctx.now() - d.run.started_at).max(0) as u64);
     let left = stage.timeout.saturating_sub(elapsed);
     state.timers.push(
@@ -401,9 +429,10 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         (exit_at - d.run.started_at).max(0) as f64 / 1000.0,
         &[crate::telemetry::kv("stage", d.job.stage.clone())],
     );
+    let started = state.started.take();
     if let Err(e) = ctx
         .store
-        .record_exit(d.task.id, &d.run, code, detail, exit_at)
+        .record_start_and_exit(d.task.id, &d.run, started.as_ref(), code, detail, exit_at)
         .await
     {
         tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");

@@ -54,6 +54,10 @@ pub enum SupervisorMsg {
         stop_agents: bool,
         reply: RpcReplyPort<()>,
     },
+    /// Every `node.heartbeat_interval`: one read tells which of this node's runs no
+    /// longer run their job (a cancel, a claim by another), and their Monitors are told.
+    /// One query a node, not a timer and a query an agent.
+    CheckRuns,
 }
 
 pub struct SupervisorArgs {
@@ -80,6 +84,7 @@ pub struct SupervisorState {
     effect_worker: Option<ActorRef<EffectWorkerMsg>>,
     advancer: ActorRef<AdvancerMsg>,
     monitors: HashMap<ActorId, (ActorRef<MonitorMsg>, i64)>,
+    _check: super::Ticker,
     shutting_down: bool,
 }
 
@@ -96,6 +101,7 @@ impl Actor for Supervisor {
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let ctx = args.ctx;
+        let ctx_interval = ctx.config.node.heartbeat_interval;
         let cell = myself.get_cell();
         let (dispatcher, _) = Actor::spawn_linked(
             None,
@@ -173,6 +179,7 @@ impl Actor for Supervisor {
             advancer,
             monitors: HashMap::new(),
             shutting_down: false,
+            _check: super::Ticker::start(&myself, ctx_interval, || SupervisorMsg::CheckRuns),
         })
     }
 
@@ -230,6 +237,22 @@ impl Actor for Supervisor {
                         state.ctx.watched.remove(run_id);
                         tracing::error!(error = %e, run_id, "cannot start a monitor; the Reaper will finalize the run");
                     }
+                }
+            }
+            SupervisorMsg::CheckRuns => {
+                if state.shutting_down || state.monitors.is_empty() {
+                    return Ok(());
+                }
+                let runs: Vec<(i64, i64)> = state.ctx.watched.runs();
+                match state.ctx.store.runs_not_current(&runs).await {
+                    Ok(gone) => {
+                        for (m, run_id) in state.monitors.values() {
+                            if gone.contains(run_id) {
+                                let _ = m.send_message(MonitorMsg::NotCurrent);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot check the node's runs"),
                 }
             }
             SupervisorMsg::Shutdown { stop_agents, reply } => {

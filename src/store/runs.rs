@@ -220,29 +220,16 @@ impl Store {
     }
 
     /// Records the agent's pid (and the prompt it was given) once it is started, with the
-    /// `run_started` event.
+    /// `run_started` event. A Monitor defers this (the shim's pid file names the agent
+    /// meanwhile) and, for an agent that ends first, writes it with the exit.
     pub async fn run_started(
         &self,
         run: &agent_runs::Model,
         task_id: i64,
-        pid: i32,
-        prompt: Option<&str>,
-        now: i64,
+        started: &Started,
     ) -> StoreResult<()> {
-        let detail = json!({"pid": pid, "attempt": run.attempt, "log": run.log_path});
         let (_write, txn) = self.write_txn().await?;
-        agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::Pid, Expr::value(pid))
-            .col_expr(
-                agent_runs::Column::Prompt,
-                Expr::value(prompt.map(str::to_string)),
-            )
-            .col_expr(agent_runs::Column::HeartbeatAt, Expr::value(now))
-            .filter(agent_runs::Column::Id.eq(run.id))
-            .exec(&txn)
-            .await?;
-        let ev = run_event(task_id, run, EventKind::RunStarted).detail(detail);
-        append(&txn, ev, now).await?;
+        write_started(&txn, run, task_id, started).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -289,12 +276,29 @@ impl Store {
         Ok(())
     }
 
-    /// Tells whether the job still runs with `run_id` as its current run (false after a
-    /// cancel or a claim by someone else). A read only: the run's heartbeat is written
-    /// with its node's (`heartbeat_node`), one write for all the node's runs.
-    pub async fn run_is_current(&self, job_id: i64, run_id: i64) -> StoreResult<bool> {
-        let job = jobs::Entity::find_by_id(job_id).one(&self.db).await?;
-        Ok(job.is_some_and(|j| j.status == JobStatus::Running && j.current_run_id == Some(run_id)))
+    /// Of `runs` (run id, job id), those whose job no longer runs with them as its current
+    /// run (after a cancel or a claim by someone else). Reads only, a few hundred jobs a
+    /// query: the runs' heartbeat is written with their node's (`heartbeat_node`).
+    pub async fn runs_not_current(&self, runs: &[(i64, i64)]) -> StoreResult<Vec<i64>> {
+        let mut gone = Vec::new();
+        for chunk in runs.chunks(500) {
+            let ids: Vec<i64> = chunk.iter().map(|(_, job)| *job).collect();
+            let current: HashMap<i64, Option<i64>> = jobs::Entity::find()
+                .filter(jobs::Column::Id.is_in(ids))
+                .filter(jobs::Column::Status.eq(JobStatus::Running))
+                .all(&self.db)
+                .await?
+                .into_iter()
+                .map(|j| (j.id, j.current_run_id))
+                .collect();
+            gone.extend(
+                chunk
+                    .iter()
+                    .filter(|(run, job)| current.get(job) != Some(&Some(*run)))
+                    .map(|(run, _)| *run),
+            );
+        }
+        Ok(gone)
     }
 
     /// Records the agent's exit, FIRST, before any finalization. Only the first record
@@ -304,10 +308,28 @@ impl Store {
         task_id: i64,
         run: &agent_runs::Model,
         exit_code: i32,
+        detail: serde_json::Value,
+        now: i64,
+    ) -> StoreResult<bool> {
+        self.record_start_and_exit(task_id, run, None, exit_code, detail, now)
+            .await
+    }
+
+    /// [`Store::record_exit`], with the agent's start first in the same transaction when
+    /// it was not recorded yet: one write for an agent that ended before its start was.
+    pub async fn record_start_and_exit(
+        &self,
+        task_id: i64,
+        run: &agent_runs::Model,
+        started: Option<&Started>,
+        exit_code: i32,
         mut detail: serde_json::Value,
         now: i64,
     ) -> StoreResult<bool> {
         let (_write, txn) = self.write_txn().await?;
+        if let Some(started) = started {
+            write_started(&txn, run, task_id, started).await?;
+        }
         let n = agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::ExitCode, Expr::value(exit_code))
             .col_expr(agent_runs::Column::ExitedAt, Expr::value(now))
@@ -470,6 +492,15 @@ impl Store {
     }
 
     /// Counts of queued and running jobs.
+    /// How many runs have a started agent (their pid recorded) and no exit yet.
+    pub async fn live_runs(&self) -> StoreResult<u64> {
+        Ok(agent_runs::Entity::find()
+            .filter(agent_runs::Column::Pid.is_not_null())
+            .filter(agent_runs::Column::ExitedAt.is_null())
+            .count(&self.db)
+            .await?)
+    }
+
     pub async fn queue_depth(&self) -> StoreResult<(u64, u64)> {
         let count = |status: JobStatus| {
             jobs::Entity::find()
@@ -481,6 +512,36 @@ impl Store {
             count(JobStatus::Running).await?,
         ))
     }
+}
+
+/// An agent's start, as its Monitor saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub pid: i32,
+    /// The rendered prompt the agent was given.
+    pub prompt: Option<String>,
+    /// When the agent was started.
+    pub at: i64,
+}
+
+async fn write_started(
+    txn: &sea_orm::DatabaseTransaction,
+    run: &agent_runs::Model,
+    task_id: i64,
+    started: &Started,
+) -> StoreResult<()> {
+    let detail = json!({"pid": started.pid, "attempt": run.attempt, "log": run.log_path});
+    agent_runs::Entity::update_many()
+        .col_expr(agent_runs::Column::Pid, Expr::value(started.pid))
+        .col_expr(
+            agent_runs::Column::Prompt,
+            Expr::value(started.prompt.clone()),
+        )
+        .filter(agent_runs::Column::Id.eq(run.id))
+        .exec(txn)
+        .await?;
+    let ev = run_event(task_id, run, EventKind::RunStarted).detail(detail);
+    append(txn, ev, started.at).await
 }
 
 /// An event of a run, written by its Monitor.

@@ -3,11 +3,17 @@
 //! branch. The mirror is guarded by baton's own file lock (`.mirror.lock`), which also
 //! serializes fetches into it; git's own lock files record no owner, so a task's are
 //! cleared only while the task has no live run (the caller's promise).
+//!
+//! Fetches are shared: a preparation is served by any fetch into the mirror that began
+//! after the preparation did, so stages that start together cost one fetch, not one each.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+use std::time::Instant;
 
-use git2::{BranchType, FetchOptions, Oid, Repository, WorktreeAddOptions, WorktreePruneOptions};
+use git2::{BranchType, FetchOptions, Oid, Repository, WorktreePruneOptions};
 use nix::fcntl::{Flock, FlockArg};
 
 use super::{RepoAccess, WorkspaceError, git};
@@ -105,6 +111,25 @@ fn fetch(repo: &Repository, access: &RepoAccess) -> Result<(), WorkspaceError> {
         .map_err(git(format!("fetch {}", access.url)))
 }
 
+/// When the last fetch into each mirror of this process that succeeded began.
+static FETCHED: LazyLock<Mutex<HashMap<PathBuf, Instant>>> = LazyLock::new(Default::default);
+
+/// Fetches into the mirror unless a fetch that began at or after `due` already did: that
+/// one saw everything the remote had at `due`. Called under the mirror's lock.
+fn fetch_since(repo: &Repository, access: &RepoAccess, due: Instant) -> Result<(), WorkspaceError> {
+    let key = repo.path().to_path_buf();
+    let fetched = FETCHED.lock().ok().and_then(|m| m.get(&key).copied());
+    if fetched.is_some_and(|at| at >= due) {
+        return Ok(());
+    }
+    let began = Instant::now();
+    fetch(repo, access)?;
+    if let Ok(mut m) = FETCHED.lock() {
+        m.insert(key, began);
+    }
+    Ok(())
+}
+
 /// Removes a lock file git left behind, when there is one.
 fn clear_lock(path: &Path) {
     if path.exists() {
@@ -113,7 +138,8 @@ fn clear_lock(path: &Path) {
     }
 }
 
-/// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch.
+/// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch (one that
+/// began after this call did: several preparations waiting on the mirror share it).
 ///
 /// - A branch new to this host starts from `start_commit` (the task's last recorded stage
 ///   commit) when there is one, else from the remote's branch, else from `base_branch`.
@@ -129,6 +155,7 @@ pub fn prepare(
     base_branch: &str,
     start_commit: Option<&str>,
 ) -> Result<Prepared, WorkspaceError> {
+    let due = Instant::now();
     std::fs::create_dir_all(root).map_err(|source| WorkspaceError::Io {
         path: root.to_path_buf(),
         source,
@@ -151,7 +178,7 @@ pub fn prepare(
             .join("HEAD.lock"),
     );
     clear_lock(&mirror.path().join(format!("refs/heads/{branch}.lock")));
-    fetch(&mirror, access)?;
+    fetch_since(&mirror, access, due)?;
 
     let start = match start_commit {
         Some(sha) => {
@@ -258,15 +285,48 @@ fn ensure_worktree(
             source,
         })?;
     }
-    let reference = mirror
+    mirror
         .find_reference(&format!("refs/heads/{branch}"))
         .map_err(git(format!("find branch {branch}")))?;
-    let mut opts = WorktreeAddOptions::new();
-    opts.reference(Some(&reference));
-    mirror
-        .worktree(task_key, path, Some(&opts))
-        .map_err(git(format!("add the worktree {}", path.display())))?;
+    add_worktree(mirror, path, task_key, branch)?;
     Ok(true)
+}
+
+/// Adds the worktree `name` at `path` on `branch`, laid out as `git worktree add` lays it
+/// out (`worktrees/NAME/{commondir,gitdir,HEAD}` in the mirror, a `.git` file in the
+/// checkout), and checks the branch out. libgit2's own add first opens every other
+/// worktree of the mirror to see whether the branch is checked out there, so a host's
+/// Nth task would cost N repository opens; a task's branch is only ever in its own.
+fn add_worktree(
+    mirror: &Repository,
+    path: &Path,
+    name: &str,
+    branch: &str,
+) -> Result<(), WorkspaceError> {
+    let admin = mirror.path().join("worktrees").join(name);
+    let path = &std::path::absolute(path).map_err(|source| WorkspaceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let write = |file: PathBuf, text: String| {
+        std::fs::write(&file, text).map_err(|source| WorkspaceError::Io { path: file, source })
+    };
+    for dir in [&admin, &path.to_path_buf()] {
+        std::fs::create_dir_all(dir).map_err(|source| WorkspaceError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    write(admin.join("commondir"), "../..\n".into())?;
+    write(
+        admin.join("gitdir"),
+        format!("{}\n", path.join(".git").display()),
+    )?;
+    write(admin.join("HEAD"), format!("ref: refs/heads/{branch}\n"))?;
+    write(path.join(".git"), format!("gitdir: {}\n", admin.display()))?;
+    let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
+    repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
+        .map_err(git(format!("check out {branch} in {}", path.display())))
 }
 
 /// Puts the worktree on `branch` at `tip`: the files first (refusing to overwrite local

@@ -562,7 +562,12 @@ async fn cancel_and_retry(db: TestDb) {
     db.store.heartbeat_node("n1", NOW + 5).await.unwrap();
     let run = db.store.run(d.run.id).await.unwrap().unwrap();
     assert_eq!(run.heartbeat_at, NOW + 5);
-    assert!(db.store.run_is_current(d.job.id, d.run.id).await.unwrap());
+    let watched = [(d.run.id, d.job.id), (d.run.id + 1000, d.job.id)];
+    assert_eq!(
+        db.store.runs_not_current(&watched).await.unwrap(),
+        vec![d.run.id + 1000],
+        "a run the job does not run with is not current"
+    );
     let runs = db
         .store
         .cancel(&crate::support::key("X-1"), EventSource::Cli, NOW)
@@ -574,8 +579,9 @@ async fn cancel_and_retry(db: TestDb) {
         db.store.task(s.task.id).await.unwrap().status,
         TaskStatus::Cancelled
     );
-    assert!(
-        !db.store.run_is_current(d.job.id, d.run.id).await.unwrap(),
+    assert_eq!(
+        db.store.runs_not_current(&watched[..1]).await.unwrap(),
+        vec![d.run.id],
         "the monitor learns of the cancel"
     );
     // The cancelled run's claim loses.
