@@ -368,4 +368,21 @@ mod tests {
         std::fs::write(exit_file(&log), r#"{"code":0}"#).unwrap();
         assert_eq!(live_agent(&log, Some(std::process::id() as i32)), None);
     }
+
+    #[test]
+    fn the_shim_refuses_a_command_line_it_cannot_read_and_is_found_beside_baton() {
+        for bad in [
+            vec![],
+            vec!["shim".to_string()],
+            vec!["--log".into(), "x.log".into(), "--".into()],
+            vec!["--log".into(), "x.log".into(), "true".into()],
+        ] {
+            assert_eq!(shim_cli(&bad), 2, "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let baton = dir.path().join("baton");
+        assert_eq!(shim_exe_beside(&baton), baton, "no baton-shim: baton shim");
+        std::fs::write(dir.path().join(SHIM_BIN), "").unwrap();
+        assert_eq!(shim_exe_beside(&baton), dir.path().join(SHIM_BIN));
+    }
 }

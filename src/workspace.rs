@@ -174,12 +174,13 @@ pub fn commit_all(path: &Path, message: &str) -> Result<Option<String>, Workspac
     index
         .update_all(["*"], None)
         .map_err(git("stage deletions"))?;
-    index.write().map_err(git("write the index"))?;
     let tree_id = index.write_tree().map_err(git("write the tree"))?;
     let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
     if parent.as_ref().is_some_and(|p| p.tree_id() == tree_id) {
+        // Nothing to commit: the index file is left as it was (a file less per stage).
         return Ok(None);
     }
+    index.write().map_err(git("write the index"))?;
     let tree = repo.find_tree(tree_id).map_err(git("find the tree"))?;
     let sig = Signature::now("baton", "baton@localhost").map_err(git("make a signature"))?;
     let parents: Vec<&git2::Commit> = parent.iter().collect();

@@ -13,7 +13,7 @@ use sea_orm::{
 use serde_json::json;
 
 use super::outbox::insert_effect;
-use super::{NewEvent, Store, StoreResult, append, must};
+use super::{NewEvent, Store, StoreResult, append};
 use crate::model::{
     EffectKind, EffectStatus, EventKind, EventSource, JobStatus, TaskStatus, Usage,
 };
@@ -114,17 +114,17 @@ impl Store {
             if self.is_postgres() {
                 task_q = task_q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
             }
-            let active_task = task_q
+            let task = task_q
                 .one(&txn)
                 .await?
-                .is_some_and(|t| t.status == TaskStatus::Active);
+                .filter(|t| t.status == TaskStatus::Active);
             let mut q = jobs::Entity::find_by_id(candidate.id)
                 .filter(jobs::Column::Status.eq(JobStatus::Queued));
             if self.is_postgres() {
                 q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
             }
-            let job = match q.one(&txn).await? {
-                Some(job) if active_task => job,
+            let (job, task) = match (q.one(&txn).await?, task) {
+                (Some(job), Some(task)) => (job, task),
                 _ => {
                     txn.rollback().await?;
                     skip.push(candidate.id);
@@ -155,11 +155,7 @@ impl Store {
             if taken == 0 {
                 continue;
             }
-            let task = must(
-                tasks::Entity::find_by_id(job.task_id).one(&txn).await?,
-                || format!("task {}", job.task_id),
-            )?;
-            let run = agent_runs::ActiveModel {
+            let mut run = agent_runs::ActiveModel {
                 job_id: Set(job.id),
                 attempt: Set(job.attempt),
                 node_id: Set(node_id.to_string()),
@@ -171,26 +167,31 @@ impl Store {
             }
             .insert(&txn)
             .await?;
-            let log_path = log_dir
+            // The log's name holds the run's id, known only now.
+            run.log_path = log_dir
                 .join(&task.key)
                 .join(format!("{}-{}-{}.log", run.id, job.stage, job.attempt))
                 .to_string_lossy()
                 .into_owned();
-            let run = agent_runs::ActiveModel {
-                id: Set(run.id),
-                log_path: Set(log_path),
-                ..Default::default()
-            }
-            .update(&txn)
-            .await?;
+            agent_runs::Entity::update_many()
+                .col_expr(
+                    agent_runs::Column::LogPath,
+                    Expr::value(run.log_path.clone()),
+                )
+                .filter(agent_runs::Column::Id.eq(run.id))
+                .exec(&txn)
+                .await?;
             jobs::Entity::update_many()
                 .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
                 .filter(jobs::Column::Id.eq(job.id))
                 .exec(&txn)
                 .await?;
-            let job = must(jobs::Entity::find_by_id(job.id).one(&txn).await?, || {
-                format!("job {}", job.id)
-            })?;
+            let job = jobs::Model {
+                status: JobStatus::Running,
+                updated_at: now,
+                current_run_id: Some(run.id),
+                ..job
+            };
             if let Some(effect) = policy.and_then(|p| p.start_effect(&task)) {
                 insert_effect(&txn, task.id, run.id, effect, None, now).await?;
             }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use git2::{BranchType, FetchOptions, Oid, Repository, WorktreePruneOptions};
 use nix::fcntl::{Flock, FlockArg};
@@ -97,35 +97,61 @@ fn open_mirror(root: &Path, access: &RepoAccess) -> Result<Repository, Workspace
     }
 }
 
-/// Fetches every branch of the remote into the mirror's `origin/*`.
-fn fetch(repo: &Repository, access: &RepoAccess) -> Result<(), WorkspaceError> {
+/// Fetches every branch of the remote into the mirror's `origin/*`; with `prune`, a
+/// branch gone from the remote leaves `origin/*` too.
+fn fetch(repo: &Repository, access: &RepoAccess, prune: bool) -> Result<(), WorkspaceError> {
     let mut remote = repo
         .find_remote(ORIGIN)
         .map_err(git("find the mirror's remote"))?;
     let next = std::cell::Cell::new(0);
     let mut opts = FetchOptions::new();
     opts.remote_callbacks(access.callbacks(&next));
-    opts.prune(git2::FetchPrune::On);
+    // Pruning lists every reference of the mirror (a branch per task it ever ran), so it
+    // is not done on every fetch.
+    opts.prune(if prune {
+        git2::FetchPrune::On
+    } else {
+        git2::FetchPrune::Off
+    });
+    // Nothing reads FETCH_HEAD: not writing it saves two files per fetch.
+    opts.update_fetchhead(false);
     remote
         .fetch::<&str>(&[], Some(&mut opts), None)
         .map_err(git(format!("fetch {}", access.url)))
 }
 
-/// When the last fetch into each mirror of this process that succeeded began.
-static FETCHED: LazyLock<Mutex<HashMap<PathBuf, Instant>>> = LazyLock::new(Default::default);
+/// How often a fetch also prunes the branches the remote no longer has.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+
+/// The last fetches into a mirror of this process that succeeded.
+#[derive(Debug, Clone, Copy)]
+struct Fetched {
+    /// When the last one began.
+    began: Instant,
+    /// When the last one that pruned began.
+    pruned: Instant,
+}
+
+static FETCHED: LazyLock<Mutex<HashMap<PathBuf, Fetched>>> = LazyLock::new(Default::default);
 
 /// Fetches into the mirror unless a fetch that began at or after `due` already did: that
-/// one saw everything the remote had at `due`. Called under the mirror's lock.
+/// one saw everything the remote had at `due`. Prunes on the first fetch of this process
+/// and then every [`PRUNE_EVERY`]. Called under the mirror's lock.
 fn fetch_since(repo: &Repository, access: &RepoAccess, due: Instant) -> Result<(), WorkspaceError> {
     let key = repo.path().to_path_buf();
-    let fetched = FETCHED.lock().ok().and_then(|m| m.get(&key).copied());
-    if fetched.is_some_and(|at| at >= due) {
+    let last = FETCHED.lock().ok().and_then(|m| m.get(&key).copied());
+    if last.is_some_and(|f| f.began >= due) {
         return Ok(());
     }
     let began = Instant::now();
-    fetch(repo, access)?;
+    let prune = last.is_none_or(|f| began.duration_since(f.pruned) >= PRUNE_EVERY);
+    fetch(repo, access, prune)?;
+    let pruned = match last {
+        Some(f) if !prune => f.pruned,
+        _ => began,
+    };
     if let Ok(mut m) = FETCHED.lock() {
-        m.insert(key, began);
+        m.insert(key, Fetched { began, pruned });
     }
     Ok(())
 }
@@ -245,8 +271,8 @@ pub fn prepare(
             (tip, moved)
         }
     };
-    let created = ensure_worktree(&mirror, path, task_key, branch)?;
-    checkout(path, branch, tip)?;
+    let (worktree, created) = ensure_worktree(&mirror, path, task_key, branch)?;
+    checkout(&worktree, branch, tip)?;
     Ok(Prepared {
         path: path.to_path_buf(),
         created,
@@ -269,9 +295,9 @@ fn ensure_worktree(
     path: &Path,
     task_key: &str,
     branch: &str,
-) -> Result<bool, WorkspaceError> {
-    if Repository::open(path).is_ok() {
-        return Ok(false);
+) -> Result<(Repository, bool), WorkspaceError> {
+    if let Ok(repo) = Repository::open(path) {
+        return Ok((repo, false));
     }
     if let Ok(wt) = mirror.find_worktree(task_key) {
         let mut opts = WorktreePruneOptions::new();
@@ -288,8 +314,7 @@ fn ensure_worktree(
     mirror
         .find_reference(&format!("refs/heads/{branch}"))
         .map_err(git(format!("find branch {branch}")))?;
-    add_worktree(mirror, path, task_key, branch)?;
-    Ok(true)
+    Ok((add_worktree(mirror, path, task_key, branch)?, true))
 }
 
 /// Adds the worktree `name` at `path` on `branch`, laid out as `git worktree add` lays it
@@ -302,7 +327,7 @@ fn add_worktree(
     path: &Path,
     name: &str,
     branch: &str,
-) -> Result<(), WorkspaceError> {
+) -> Result<Repository, WorkspaceError> {
     let admin = mirror.path().join("worktrees").join(name);
     let path = &std::path::absolute(path).map_err(|source| WorkspaceError::Io {
         path: path.to_path_buf(),
@@ -326,13 +351,13 @@ fn add_worktree(
     write(path.join(".git"), format!("gitdir: {}\n", admin.display()))?;
     let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
-        .map_err(git(format!("check out {branch} in {}", path.display())))
+        .map_err(git(format!("check out {branch} in {}", path.display())))?;
+    Ok(repo)
 }
 
 /// Puts the worktree on `branch` at `tip`: the files first (refusing to overwrite local
 /// changes), then the branch.
-fn checkout(path: &Path, branch: &str, tip: Oid) -> Result<(), WorkspaceError> {
-    let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
+fn checkout(repo: &Repository, branch: &str, tip: Oid) -> Result<(), WorkspaceError> {
     let refname = format!("refs/heads/{branch}");
     let commit = repo
         .find_commit(tip)
@@ -354,4 +379,63 @@ fn checkout(path: &Path, branch: &str, tip: Oid) -> Result<(), WorkspaceError> {
     repo.set_head(&refname)
         .map_err(git(format!("switch to {branch}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preparation_is_served_by_a_fetch_that_began_after_it_and_only_by_such_a_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote.git");
+        crate::workspace::seed_remote(&dir.path().join("seed"), &remote).unwrap();
+        let access = RepoAccess {
+            url: remote.display().to_string(),
+            ..Default::default()
+        };
+        let bare = Repository::open_bare(&remote).unwrap();
+        let head = bare.head().unwrap().peel_to_commit().unwrap();
+        bare.branch("old", &head, false).unwrap();
+        let root = dir.path().join("ws");
+        std::fs::create_dir_all(&root).unwrap();
+        let mirror = open_mirror(&root, &access).unwrap();
+        let has = |name: &str| {
+            mirror
+                .find_branch(&format!("origin/{name}"), BranchType::Remote)
+                .is_ok()
+        };
+        assert!(has("old"));
+        bare.find_branch("old", BranchType::Local)
+            .unwrap()
+            .delete()
+            .unwrap();
+        let first = Instant::now();
+        fetch_since(&mirror, &access, first).unwrap();
+        assert!(
+            !has("old"),
+            "the first fetch prunes what the remote deleted"
+        );
+        // The remote moves after the first preparation began and was served.
+        bare.branch("late", &head, false).unwrap();
+        // A preparation due no later than that fetch shares it: no fetch of its own.
+        fetch_since(&mirror, &access, first).unwrap();
+        assert!(
+            !has("late"),
+            "a second fetch ran for a preparation already served"
+        );
+        // One due after it fetches, and sees what the remote has now.
+        fetch_since(&mirror, &access, Instant::now()).unwrap();
+        assert!(
+            has("late"),
+            "a preparation missed what the remote had when it began"
+        );
+        // Pruning waits for PRUNE_EVERY: a fetch soon after keeps a deleted branch's ref.
+        bare.find_branch("late", BranchType::Local)
+            .unwrap()
+            .delete()
+            .unwrap();
+        fetch_since(&mirror, &access, Instant::now()).unwrap();
+        assert!(has("late"), "every fetch pruned");
+    }
 }

@@ -114,7 +114,7 @@ url = "{remote}"
             ServeOptions {
                 probe: Some(tx),
                 dispatcher_interval: Some(Duration::from_millis(100)),
-                shim_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_baton"))),
+                shim_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_baton-shim"))),
                 ..opts
             },
         )
