@@ -354,18 +354,28 @@ impl Store {
 
 /// Appends an event within the caller's transaction.
 async fn append<C: ConnectionTrait>(db: &C, ev: NewEvent, now: i64) -> StoreResult<()> {
-    events::Entity::insert(events::ActiveModel {
+    append_all(db, vec![(ev, now)]).await
+}
+
+/// Appends events (each with its time), in order, in one statement within the caller's
+/// transaction.
+async fn append_all<C: ConnectionTrait>(db: &C, evs: Vec<(NewEvent, i64)>) -> StoreResult<()> {
+    if evs.is_empty() {
+        return Ok(());
+    }
+    let rows = evs.into_iter().map(|(ev, at)| events::ActiveModel {
         task_id: Set(ev.task_id),
         job_id: Set(ev.job_id),
         run_id: Set(ev.run_id),
         kind: Set(ev.kind),
         source: Set(ev.source),
         detail: Set(ev.detail.to_string()),
-        at: Set(now),
+        at: Set(at),
         ..Default::default()
-    })
-    .exec_without_returning(db)
-    .await?;
+    });
+    events::Entity::insert_many(rows)
+        .exec_without_returning(db)
+        .await?;
     Ok(())
 }
 

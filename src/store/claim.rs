@@ -12,7 +12,7 @@ use serde_json::json;
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
 use super::tasks::{insert_job, iterations, lock_task, set_task_status};
-use super::{NewEvent, Store, StoreResult, append, must};
+use super::{NewEvent, Store, StoreResult, append, append_all, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, JobChange, Policy, Transition};
 
@@ -27,19 +27,21 @@ impl Store {
         let (write, txn) = self.write_txn().await?;
         // The task's row first, then the job's: a cancel (which takes the task row) and
         // this claim never interleave, and the order never deadlocks.
-        let task_id = jobs::Entity::find_by_id(claim.job_id)
-            .one(&txn)
-            .await?
-            .map(|j| j.task_id);
-        let task = match task_id {
-            Some(id) => lock_task(&txn, id, self.is_postgres()).await?,
+        let first = jobs::Entity::find_by_id(claim.job_id).one(&txn).await?;
+        let task = match &first {
+            Some(j) => lock_task(&txn, j.task_id, self.is_postgres()).await?,
             None => None,
         };
-        let mut find = jobs::Entity::find_by_id(claim.job_id);
-        if self.is_postgres() {
-            find = find.lock(LockType::Update);
-        }
-        let job = find.one(&txn).await?;
+        // On PostgreSQL the job is read again under its row lock; SQLite's write
+        // transaction already excludes every other writer, so the first read stands.
+        let job = if self.is_postgres() {
+            jobs::Entity::find_by_id(claim.job_id)
+                .lock(LockType::Update)
+                .one(&txn)
+                .await?
+        } else {
+            first
+        };
         let fenced = job.as_ref().is_some_and(|j| {
             j.status == JobStatus::Running && j.current_run_id == Some(claim.run_id)
         }) && task
@@ -192,14 +194,10 @@ async fn apply(
         "verdict": claim.verdict, "decided_by": claim.decided_by,
         "attempt": job.attempt, "commit": claim.commit_sha, "tier": tier,
     });
-    append(txn, ev(EventKind::ClaimWon).detail(detail), now).await?;
+    // The decision's events, in order, written in one statement at the end.
+    let mut evs = vec![ev(EventKind::ClaimWon).detail(detail)];
     if tier.is_some() {
-        append(
-            txn,
-            ev(EventKind::Reaped).detail(json!({"tier": tier})),
-            now,
-        )
-        .await?;
+        evs.push(ev(EventKind::Reaped).detail(json!({"tier": tier})));
     }
 
     let mut next_job = None;
@@ -208,7 +206,7 @@ async fn apply(
         let nj = insert_job(txn, task.id, &next.stage, next.iteration, feedback, now).await?;
         let detail = json!({"stage": next.stage, "iteration": next.iteration, "after": job.stage});
         let queued = NewEvent::of(task.id, Some(&nj), EventKind::JobQueued, source);
-        append(txn, queued.detail(detail), now).await?;
+        evs.push(queued.detail(detail));
         next_job = Some(nj);
     }
     let job_status = decision.job.status();
@@ -221,7 +219,7 @@ async fn apply(
                 "next_attempt": attempt, "not_before": not_before,
                 "backoff_ms": not_before - now,
             });
-            append(txn, ev(EventKind::RetryScheduled).detail(detail), now).await?;
+            evs.push(ev(EventKind::RetryScheduled).detail(detail));
         }
         JobChange::Done | JobChange::Failed => {
             advances::Entity::insert(advances::ActiveModel {
@@ -238,7 +236,7 @@ async fn apply(
                 "to_job": next_job.as_ref().map(|j| j.id),
                 "to_stage": next_job.as_ref().map(|j| j.stage.clone()),
             });
-            append(txn, ev(EventKind::JobAdvanced).detail(detail), now).await?;
+            evs.push(ev(EventKind::JobAdvanced).detail(detail));
         }
     }
     // A task is done only once its work is on the remote: with a push or pull request
@@ -254,7 +252,7 @@ async fn apply(
         if delivering {
             task_status = None;
             let detail = json!({"stage": job.stage});
-            append(txn, ev(EventKind::AwaitingDelivery).detail(detail), now).await?;
+            evs.push(ev(EventKind::AwaitingDelivery).detail(detail));
         } else {
             set_task_status(txn, task.id, end.status, now).await?;
             let kind = match end.status {
@@ -262,7 +260,7 @@ async fn apply(
                 _ => EventKind::TaskFailed,
             };
             let detail = json!({"stage": job.stage, "reason": end.reason});
-            append(txn, ev(kind).detail(detail), now).await?;
+            evs.push(ev(kind).detail(detail));
         }
     }
 
@@ -280,6 +278,7 @@ async fn apply(
         let host = effect.on_run_host.then(|| run_host.clone()).flatten();
         insert_effect(txn, task.id, run.id, effect, host, now).await?;
     }
+    append_all(txn, evs.into_iter().map(|e| (e, now)).collect()).await?;
     Ok(ClaimWon {
         job_status,
         next_job,

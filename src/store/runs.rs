@@ -13,7 +13,7 @@ use sea_orm::{
 use serde_json::json;
 
 use super::outbox::insert_effect;
-use super::{NewEvent, Store, StoreResult, append};
+use super::{NewEvent, Store, StoreResult, append, append_all};
 use crate::model::{
     EffectKind, EffectStatus, EventKind, EventSource, JobStatus, TaskStatus, Usage,
 };
@@ -230,7 +230,8 @@ impl Store {
         started: &Started,
     ) -> StoreResult<()> {
         let (_write, txn) = self.write_txn().await?;
-        write_started(&txn, run, task_id, started).await?;
+        let ev = write_started(&txn, run, task_id, started).await?;
+        append(&txn, ev, started.at).await?;
         txn.commit().await?;
         Ok(())
     }
@@ -328,8 +329,12 @@ impl Store {
         now: i64,
     ) -> StoreResult<bool> {
         let (_write, txn) = self.write_txn().await?;
+        let mut evs = Vec::new();
         if let Some(started) = started {
-            write_started(&txn, run, task_id, started).await?;
+            evs.push((
+                write_started(&txn, run, task_id, started).await?,
+                started.at,
+            ));
         }
         let n = agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::ExitCode, Expr::value(exit_code))
@@ -341,13 +346,12 @@ impl Store {
             .rows_affected;
         if n == 1 {
             detail["exit_code"] = json!(exit_code);
-            append(
-                &txn,
+            evs.push((
                 run_event(task_id, run, EventKind::RunExited).detail(detail),
                 now,
-            )
-            .await?;
+            ));
         }
+        append_all(&txn, evs).await?;
         txn.commit().await?;
         Ok(n == 1)
     }
@@ -525,12 +529,13 @@ pub struct Started {
     pub at: i64,
 }
 
+/// Writes a run's pid and prompt; returns its `run_started` event for the caller to append.
 async fn write_started(
     txn: &sea_orm::DatabaseTransaction,
     run: &agent_runs::Model,
     task_id: i64,
     started: &Started,
-) -> StoreResult<()> {
+) -> StoreResult<NewEvent> {
     let detail = json!({"pid": started.pid, "attempt": run.attempt, "log": run.log_path});
     agent_runs::Entity::update_many()
         .col_expr(agent_runs::Column::Pid, Expr::value(started.pid))
@@ -541,8 +546,7 @@ async fn write_started(
         .filter(agent_runs::Column::Id.eq(run.id))
         .exec(txn)
         .await?;
-    let ev = run_event(task_id, run, EventKind::RunStarted).detail(detail);
-    append(txn, ev, started.at).await
+    Ok(run_event(task_id, run, EventKind::RunStarted).detail(detail))
 }
 
 /// An event of a run, written by its Monitor.
