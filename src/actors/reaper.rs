@@ -139,7 +139,10 @@ pub async fn run_once(
     };
     let mut result = ReapResult::default();
     let mut claims = Vec::new();
-    let running = ctx.store.running_jobs().await?;
+    let running = ctx
+        .store
+        .running_jobs_but(|run| ctx.watched.contains(run))
+        .await?;
     let hosts = liveness::by_host(&ctx.store.nodes().await?, now, windows);
     for rj in running {
         let Some(run) = rj.run.clone() else { continue };
