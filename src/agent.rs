@@ -174,6 +174,29 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// A handle that becomes readable when the process `pid` ends (a pidfd, Linux 5.3 and
+/// later), so that a Monitor waits for an agent that is not its child without waking
+/// up to look. `None` when none can be had (an older kernel, or the process is gone):
+/// the caller polls instead. The caller checks afterwards that `pid` is still the
+/// process it meant, since a pid may have been reused before the handle was opened.
+pub fn exit_watch(pid: i32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    if pid <= 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) };
+    // SAFETY: an `OwnedFd` stays open, and is the same descriptor, until it is dropped
+    // with the `AsyncFd` that owns it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .ok()
+}
+
 /// Sends `signal` to the agent's process group.
 pub fn signal_group(pid: i32, signal: Signal) -> bool {
     pid > 0 && killpg(Pid::from_raw(pid), signal).is_ok()
@@ -384,5 +407,19 @@ mod tests {
         assert_eq!(shim_exe_beside(&baton), baton, "no baton-shim: baton shim");
         std::fs::write(dir.path().join(SHIM_BIN), "").unwrap();
         assert_eq!(shim_exe_beside(&baton), dir.path().join(SHIM_BIN));
+    }
+
+    #[tokio::test]
+    async fn an_exit_watch_wakes_when_its_process_ends() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let watch = exit_watch(child.id() as i32).expect("a pidfd on Linux");
+        let ended = watch.readable().await.is_ok();
+        assert!(ended);
+        // Readable means ended: the exit status is there without waiting.
+        assert!(child.try_wait().unwrap().is_some(), "woke before the end");
+        assert!(exit_watch(0).is_none());
     }
 }

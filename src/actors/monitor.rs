@@ -382,8 +382,17 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             let me = myself.clone();
             let log = log_path.clone();
             let waiter = tokio::spawn(async move {
+                // Not our child: its end is awaited on a pidfd (no wake-up per agent),
+                // else polled.
                 while agent::live_agent(&log, Some(pid)).is_some() {
-                    tokio::time::sleep(MONITOR_ADOPTED_POLL_DEFAULT).await;
+                    match agent::exit_watch(pid) {
+                        Some(watch) if agent::live_agent(&log, Some(pid)).is_some() => {
+                            if watch.readable().await.is_err() {
+                                tokio::time::sleep(MONITOR_ADOPTED_POLL_DEFAULT).await;
+                            }
+                        }
+                        _ => tokio::time::sleep(MONITOR_ADOPTED_POLL_DEFAULT).await,
+                    }
                 }
                 let _ = me.send_message(MonitorMsg::Exited(agent::read_exit(&log)));
             });
