@@ -131,16 +131,19 @@ pub async fn cancel(
     let mut out = Vec::with_capacity(runs.len());
     for r in runs {
         let stop = match (r.run.pid, r.hostname) {
-            (Some(pid), Some(h)) if h == hostname => {
+            // The pid is recorded a moment after the start (or never, when baton died
+            // first): the shim's pid file names the agent meanwhile.
+            (pid, Some(h)) if h == hostname => {
                 // Only the run's very agent is stopped, never a process that reuses its pid.
                 let log = std::path::Path::new(&r.run.log_path);
-                match crate::agent::live_agent(log, Some(pid)) {
-                    Some(live) => {
+                match (crate::agent::live_agent(log, pid), pid) {
+                    (Some(live), _) => {
                         let grace = crate::agent::AGENT_KILL_GRACE_DEFAULT;
                         crate::agent::terminate_group(live, grace).await;
                         AgentStop::Terminated { pid: live }
                     }
-                    None => AgentStop::AlreadyGone { pid },
+                    (None, Some(pid)) => AgentStop::AlreadyGone { pid },
+                    (None, None) => AgentStop::NotStarted,
                 }
             }
             (Some(pid), host) => AgentStop::OtherHost { pid, host },

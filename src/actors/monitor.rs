@@ -201,7 +201,9 @@ impl Actor for Monitor {
                         .run_started(&d.run, d.task.id, &started)
                         .await
                 {
+                    // Kept, to be written with the exit.
                     tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's start");
+                    state.started = Some(started);
                 }
             }
             MonitorMsg::Timeout => {
@@ -371,6 +373,15 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
                 .or_else(|| agent::Identity::of_run(&log_path).map(|id| id.pid))
                 .unwrap_or(0);
             state.pid = Some(pid);
+            if d.run.pid.is_none() && pid > 0 {
+                // The earlier node died before it recorded the start: this one does.
+                state.started = Some(Started {
+                    pid,
+                    prompt: None,
+                    at: d.run.started_at,
+                });
+                let _ = myself.send_message(MonitorMsg::RecordStart);
+            }
             if let Err(e) = ctx
                 .store
                 .adopt_run(d.task.id, &d.run, &ctx.node_id, ctx.now())

@@ -633,3 +633,53 @@ async fn cancel_and_retry(db: TestDb) {
     ));
 }
 on_both!(cancel_and_retry, cancel_and_retry);
+
+/// A cancel right after an agent's start, before its Monitor recorded the pid (it does a
+/// moment later, or never when its node dies first): the shim's pid file names the
+/// agent, and the agent is stopped.
+async fn cancel_stops_an_agent_whose_pid_is_not_recorded_yet(db: TestDb) {
+    use baton::tasks::AgentStop;
+    let store = &db.store;
+    let node = store.register_node("host-a", 4242, NOW).await.unwrap();
+    submit(store, "PID-1").await;
+    let d = store
+        .dispatch(&node, db.dir.path(), None, NOW)
+        .await
+        .unwrap()
+        .expect("a due job");
+    assert!(d.run.pid.is_none());
+    let log = std::path::PathBuf::from(&d.run.log_path);
+    let mut shim = baton::agent::spawn(&baton::agent::AgentSpec {
+        argv: vec!["sleep".into(), "120".into()],
+        cwd: db.dir.path().to_path_buf(),
+        log_path: log.clone(),
+        env: Default::default(),
+        env_remove: Vec::new(),
+        shim_exe: env!("CARGO_BIN_EXE_baton-shim").into(),
+    })
+    .unwrap();
+    let pid = loop {
+        if let Some(id) = baton::agent::Identity::of_run(&log) {
+            break id.pid;
+        }
+        // Waiting on another process's file, which no probe can report.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    // Reaped as soon as it ends, as a Monitor's waiter does.
+    let shim = tokio::spawn(async move { shim.wait().await });
+    let key = crate::support::key("PID-1");
+    let cancelled = baton::tasks::cancel(store, &key, baton::model::Origin::Cli, NOW + 1, "host-a")
+        .await
+        .unwrap();
+    assert!(
+        matches!(cancelled.runs[..], [(_, AgentStop::Terminated { pid: p })] if p == pid),
+        "{:?}",
+        cancelled.runs
+    );
+    shim.await.unwrap().unwrap();
+    assert!(!baton::agent::alive(pid), "the agent still runs");
+}
+on_both!(
+    cancel_stops_an_agent_whose_pid_is_not_recorded_yet,
+    cancel_stops_an_agent_whose_pid_is_not_recorded_yet
+);
