@@ -169,14 +169,6 @@ pub enum Command {
         #[arg(long, default_value_t = 100_000, requires = "history")]
         large: usize,
     },
-    /// Starts an agent in its own session and records its exit status (internal).
-    #[command(hide = true)]
-    Shim {
-        #[arg(long)]
-        log: PathBuf,
-        #[arg(last = true, required = true)]
-        argv: Vec<String>,
-    },
     /// Remove the worktrees and run logs of tasks that ended longer ago than
     /// `[retention]` keeps them, and garbage-collect the mirror; prints what it removed
     /// and the space freed. Nothing of an active task is touched.
@@ -573,11 +565,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 database_url,
             })
             .await?;
-        }
-        Command::Shim { log, argv } => {
-            return Ok(ExitCode::from(
-                crate::agent::shim_main(&log, &argv).clamp(0, 255) as u8,
-            ));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -166,32 +166,34 @@ impl Node {
         ));
         let config = Arc::new(config);
         let ctx_clock = clock.clone();
-        let ctx =
-            Ctx {
-                policy: Arc::new(config.policy()),
-                effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
-                config,
-                store: store.clone(),
-                clock,
-                node_id: node_id.clone(),
-                hostname,
-                watched: Watched::default(),
-                probe: opts.probe.clone(),
-                secrets,
-                metrics: opts
-                    .metrics
-                    .clone()
-                    .unwrap_or_else(|| Arc::new(crate::telemetry::Metrics::global())),
-                shim_exe: match opts.shim_exe.clone() {
-                    Some(p) => p,
-                    None => crate::agent::shim_exe_beside(&std::env::current_exe().map_err(
-                        |source| ServeError::Io {
-                            path: "the baton executable".into(),
-                            source,
-                        },
-                    )?),
-                },
-            };
+        // Agents start through `baton-shim` beside this binary (else `baton shim`).
+        let shim_exe = match opts.shim_exe.clone() {
+            Some(p) => p,
+            None => {
+                let exe = std::env::current_exe().map_err(|source| ServeError::Io {
+                    path: "the baton executable".into(),
+                    source,
+                })?;
+                crate::agent::shim_exe_beside(&exe)
+            }
+        };
+        let ctx = Ctx {
+            policy: Arc::new(config.policy()),
+            effector: Effector::new(config.clone(), store.clone(), secrets.clone()),
+            config,
+            store: store.clone(),
+            clock,
+            node_id: node_id.clone(),
+            hostname,
+            watched: Watched::default(),
+            probe: opts.probe.clone(),
+            secrets,
+            metrics: opts
+                .metrics
+                .clone()
+                .unwrap_or_else(|| Arc::new(crate::telemetry::Metrics::global())),
+            shim_exe,
+        };
         let (http_stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let http_state = crate::http::HttpState {

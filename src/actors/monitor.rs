@@ -192,20 +192,7 @@ impl Actor for Monitor {
                     }
                 }
             }
-            MonitorMsg::RecordStart => {
-                if let Some(started) = state.started.take()
-                    && let Err(e) = state
-                        .args
-                        .ctx
-                        .store
-                        .run_started(&d.run, d.task.id, &started)
-                        .await
-                {
-                    // Kept, to be written with the exit.
-                    tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's start");
-                    state.started = Some(started);
-                }
-            }
+            MonitorMsg::RecordStart => record_start(state).await,
             MonitorMsg::Timeout => {
                 if let Some(pid) = state.pid {
                     tracing::warn!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, pid, "stage timeout: stopping the agent");
@@ -231,12 +218,7 @@ impl Actor for Monitor {
                 } else {
                     state.cause = EndCause::Detached;
                     // The next boot adopts the agent by its recorded pid.
-                    if let Some(started) = state.started.take() {
-                        let store = &state.args.ctx.store;
-                        if let Err(e) = store.run_started(&d.run, d.task.id, &started).await {
-                            tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's start");
-                        }
-                    }
+                    record_start(state).await;
                     myself.stop(Some("node shutdown".into()));
                 }
             }
@@ -417,6 +399,25 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             .send_after(left, || MonitorMsg::Timeout)
             .abort_handle(),
     );
+}
+
+/// Records the agent's start if it is not yet; one that cannot be is kept, to be
+/// written with the exit.
+async fn record_start(state: &mut MonitorState) {
+    let Some(started) = state.started.take() else {
+        return;
+    };
+    let d = &state.args.dispatched;
+    if let Err(e) = state
+        .args
+        .ctx
+        .store
+        .run_started(&d.run, d.task.id, &started)
+        .await
+    {
+        tracing::warn!(error = %e, run_id = d.run.id, "cannot record the agent's start");
+        state.started = Some(started);
+    }
 }
 
 /// The run cannot start (no stage, no workspace, no agent): finalized as a failed
