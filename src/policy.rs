@@ -86,6 +86,15 @@ impl Iterations {
         }
     }
 
+    /// Of a task's jobs.
+    pub fn of_jobs<'a>(jobs: impl IntoIterator<Item = &'a jobs::Model>) -> Iterations {
+        let mut out = Iterations::default();
+        for job in jobs {
+            out.add(job);
+        }
+        out
+    }
+
     /// Counts one job.
     pub fn add(&mut self, job: &jobs::Model) {
         let e = self.highest.entry(job.stage.clone()).or_insert(0);

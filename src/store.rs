@@ -29,6 +29,7 @@ mod runs;
 mod seed;
 mod tasks;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSumma
 
 /// How long an SQLite writer waits for another before giving up.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pooled connection unused this long is pinged before it is handed out again.
+const STALE_CONNECTION: Duration = Duration::from_secs(30);
 /// How long a caller waits for a pooled connection before the operation fails.
 pub const POOL_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a command (not the service) waits for the database to answer at all.
@@ -198,6 +201,9 @@ pub struct Store {
     /// SQLite only: writers of this process take turns here rather than in SQLite's
     /// busy handler, which sleeps in steps of milliseconds while it waits.
     write_lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// The hostname of each node id this process dispatched for: a node's row never
+    /// changes its hostname, so dispatch reads it once rather than per job.
+    node_hosts: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 /// Turns on SQLite's query planner stability guarantee for a new connection. Without it,
@@ -241,6 +247,10 @@ impl Store {
         opts.sqlx_logging(false)
             .max_connections(if url.starts_with("sqlite:") { 4 } else { 10 })
             .connect_timeout(acquire_timeout)
+            // A pooled connection is checked before it is handed out only after a while
+            // unused (a server restart or a firewall drops those): a check on every
+            // checkout was a round trip per statement, to the server or to SQLite's thread.
+            .test_before_acquire_if_idle_for(STALE_CONNECTION)
             .acquire_timeout(acquire_timeout)
             .map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
@@ -263,7 +273,11 @@ impl Store {
         let write_lock = url
             .starts_with("sqlite:")
             .then(|| Arc::new(tokio::sync::Mutex::new(())));
-        Ok(Store { db, write_lock })
+        Ok(Store {
+            db,
+            write_lock,
+            node_hosts: Arc::default(),
+        })
     }
 
     /// Opens the database and applies every pending migration.

@@ -5,7 +5,7 @@
 //! its own; only the arbiter's `claim_lost` event records that it lost.
 
 use entity::{advances, agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, LockType};
+use sea_orm::sea_query::{Expr, LockType, Query};
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, Set};
 use serde_json::json;
 
@@ -14,7 +14,7 @@ use super::outbox::insert_effect;
 use super::tasks::{insert_job, iterations, lock_task, set_task_status};
 use super::{NewEvent, Store, StoreResult, append, append_all, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
-use crate::policy::{ClaimInput, JobChange, Policy, Transition};
+use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
 impl Store {
     /// The fenced claim; see the module's documentation.
@@ -27,7 +27,17 @@ impl Store {
         let (write, txn) = self.write_txn().await?;
         // The task's row first, then the job's: a cancel (which takes the task row) and
         // this claim never interleave, and the order never deadlocks.
-        let first = jobs::Entity::find_by_id(claim.job_id).one(&txn).await?;
+        // On SQLite the job comes with its task's other jobs (the iterations the policy
+        // counts) in one read.
+        let siblings = if self.is_postgres() {
+            None
+        } else {
+            Some(jobs_with_siblings(&txn, claim.job_id).await?)
+        };
+        let first = match &siblings {
+            Some(all) => all.iter().find(|j| j.id == claim.job_id).cloned(),
+            None => jobs::Entity::find_by_id(claim.job_id).one(&txn).await?,
+        };
         let task = match &first {
             Some(j) => lock_task(&txn, j.task_id, self.is_postgres()).await?,
             None => None,
@@ -52,17 +62,14 @@ impl Store {
             drop(write);
             return self.record_loss(claim, now).await;
         };
-        let run = must(
-            agent_runs::Entity::find_by_id(claim.run_id)
-                .one(&txn)
-                .await?,
-            || format!("run {}", claim.run_id),
-        )?;
-        let iterations = iterations(&txn, task.id).await?;
+        let iterations = match &siblings {
+            Some(all) => Iterations::of_jobs(all),
+            None => iterations(&txn, task.id).await?,
+        };
         let decision = policy.decide(ClaimInput {
             task: &task,
             job: &job,
-            run_id: run.id,
+            run_id: claim.run_id,
             verdict: &claim.verdict,
             commit_sha: claim.commit_sha.as_deref(),
             feedback: claim.feedback.as_deref(),
@@ -78,7 +85,7 @@ impl Store {
             drop(write);
             return self.record_loss(claim, now).await;
         }
-        let won = apply(&txn, claim, &task, &job, &run, decision, now).await?;
+        let won = apply(&txn, claim, &task, &job, decision, now).await?;
         txn.commit().await?;
         Ok(ClaimOutcome::Won(won))
     }
@@ -118,6 +125,22 @@ impl Store {
             ClaimOutcome::Lost
         })
     }
+}
+
+/// Every job of the task of job `job_id` (none when that job is gone).
+async fn jobs_with_siblings(
+    txn: &DatabaseTransaction,
+    job_id: i64,
+) -> StoreResult<Vec<jobs::Model>> {
+    let task = Query::select()
+        .column(jobs::Column::TaskId)
+        .from(jobs::Entity)
+        .and_where(jobs::Column::Id.eq(job_id))
+        .to_owned();
+    Ok(jobs::Entity::find()
+        .filter(jobs::Column::TaskId.in_subquery(task))
+        .all(txn)
+        .await?)
 }
 
 /// The fenced write: it must change exactly the row read before. False when it did not.
@@ -163,12 +186,12 @@ async fn apply(
     claim: &Claim,
     task: &tasks::Model,
     job: &jobs::Model,
-    run: &agent_runs::Model,
     decision: Transition,
     now: i64,
 ) -> StoreResult<ClaimWon> {
     let usage = claim.usage.unwrap_or_default();
-    agent_runs::Entity::update_many()
+    // The run's outcome, returning the run (its node names the host of its effects).
+    let run = agent_runs::Entity::update_many()
         .col_expr(
             agent_runs::Column::Outcome,
             Expr::value(claim.verdict.outcome()),
@@ -184,9 +207,11 @@ async fn apply(
             Expr::value(usage.cost_microusd),
         )
         .col_expr(agent_runs::Column::Turns, Expr::value(usage.turns))
-        .filter(agent_runs::Column::Id.eq(run.id))
-        .exec(txn)
-        .await?;
+        .filter(agent_runs::Column::Id.eq(claim.run_id))
+        .exec_with_returning(txn)
+        .await?
+        .pop();
+    let run = must(run, || format!("run {}", claim.run_id))?;
     let source = claim.decided_by.source();
     let tier = claim.decided_by.tier();
     let ev = |kind| NewEvent::of(task.id, Some(job), kind, source).run(claim.run_id);

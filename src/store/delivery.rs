@@ -321,17 +321,21 @@ pub(super) async fn pushes_with_jobs<C: ConnectionTrait>(
 /// The runs whose commits were lost with their host (their push was closed unperformed,
 /// and no later push of the task was done): the next stage never starts from them.
 pub(super) async fn lost_runs<C: ConnectionTrait>(db: &C, task_id: i64) -> StoreResult<Vec<i64>> {
-    let pushes = pushes_with_jobs(db, task_id).await?;
+    let pushes = effects::Entity::find()
+        .filter(effects::Column::TaskId.eq(task_id))
+        .filter(effects::Column::Kind.eq(EffectKind::Push))
+        .all(db)
+        .await?;
     let last_done = pushes
         .iter()
-        .filter(|(e, _)| e.status == EffectStatus::Done)
-        .map(|(e, _)| e.id)
+        .filter(|e| e.status == EffectStatus::Done)
+        .map(|e| e.id)
         .max()
         .unwrap_or(0);
     Ok(pushes
         .iter()
-        .filter(|(e, _)| e.status == EffectStatus::Cancelled && e.id > last_done)
-        .map(|(e, _)| e.run_id)
+        .filter(|e| e.status == EffectStatus::Cancelled && e.id > last_done)
+        .map(|e| e.run_id)
         .collect())
 }
 

@@ -70,10 +70,7 @@ impl Store {
             }
             None => Vec::new(),
         };
-        let hostname = nodes::Entity::find_by_id(node_id.to_string())
-            .one(&self.db)
-            .await?
-            .map(|n| n.hostname);
+        let hostname = self.node_host(node_id).await?;
         for _ in 0..8 {
             let (_write, txn) = self.write_txn().await?;
             // The dispatchable jobs: queued, due, of an active task.
@@ -118,12 +115,18 @@ impl Store {
                 .one(&txn)
                 .await?
                 .filter(|t| t.status == TaskStatus::Active);
-            let mut q = jobs::Entity::find_by_id(candidate.id)
-                .filter(jobs::Column::Status.eq(JobStatus::Queued));
-            if self.is_postgres() {
-                q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-            }
-            let (job, task) = match (q.one(&txn).await?, task) {
+            // On PostgreSQL the job is read again under its row lock; SQLite's write
+            // transaction already excludes every other writer, so the candidate stands.
+            let job = if self.is_postgres() {
+                jobs::Entity::find_by_id(candidate.id)
+                    .filter(jobs::Column::Status.eq(JobStatus::Queued))
+                    .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                    .one(&txn)
+                    .await?
+            } else {
+                Some(candidate.clone())
+            };
+            let (job, task) = match (job, task) {
                 (Some(job), Some(task)) => (job, task),
                 _ => {
                     txn.rollback().await?;
@@ -143,17 +146,6 @@ impl Store {
                     full.push(job.stage.clone());
                     continue;
                 }
-            }
-            let taken = jobs::Entity::update_many()
-                .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
-                .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
-                .filter(jobs::Column::Id.eq(job.id))
-                .filter(jobs::Column::Status.eq(JobStatus::Queued))
-                .exec(&txn)
-                .await?
-                .rows_affected;
-            if taken == 0 {
-                continue;
             }
             let mut run = agent_runs::ActiveModel {
                 job_id: Set(job.id),
@@ -181,11 +173,21 @@ impl Store {
                 .filter(agent_runs::Column::Id.eq(run.id))
                 .exec(&txn)
                 .await?;
-            jobs::Entity::update_many()
+            // The job is taken only if it is still queued; the run goes with it if not.
+            let taken = jobs::Entity::update_many()
+                .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
+                .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
                 .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
                 .filter(jobs::Column::Id.eq(job.id))
+                .filter(jobs::Column::Status.eq(JobStatus::Queued))
                 .exec(&txn)
-                .await?;
+                .await?
+                .rows_affected;
+            if taken == 0 {
+                txn.rollback().await?;
+                skip.push(job.id);
+                continue;
+            }
             let job = jobs::Model {
                 status: JobStatus::Running,
                 updated_at: now,
@@ -199,6 +201,26 @@ impl Store {
             return Ok(Some(Dispatched { task, job, run }));
         }
         Ok(None)
+    }
+
+    /// The hostname of node `node_id`, read once per process; `None` while it has no row.
+    async fn node_host(&self, node_id: &str) -> StoreResult<Option<String>> {
+        if let Some(h) = self
+            .node_hosts
+            .lock()
+            .ok()
+            .and_then(|m| m.get(node_id).cloned())
+        {
+            return Ok(Some(h));
+        }
+        let host = nodes::Entity::find_by_id(node_id.to_string())
+            .one(&self.db)
+            .await?
+            .map(|n| n.hostname);
+        if let (Some(h), Ok(mut m)) = (&host, self.node_hosts.lock()) {
+            m.insert(node_id.to_string(), h.clone());
+        }
+        Ok(host)
     }
 
     /// How many jobs of each of `stages` are running, across the database.
@@ -330,20 +352,33 @@ impl Store {
     ) -> StoreResult<bool> {
         let (_write, txn) = self.write_txn().await?;
         let mut evs = Vec::new();
-        if let Some(started) = started {
-            evs.push((
-                write_started(&txn, run, task_id, started).await?,
-                started.at,
-            ));
-        }
-        let n = agent_runs::Entity::update_many()
+        let mut exit = agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::ExitCode, Expr::value(exit_code))
-            .col_expr(agent_runs::Column::ExitedAt, Expr::value(now))
+            .col_expr(agent_runs::Column::ExitedAt, Expr::value(now));
+        if let Some(started) = started {
+            // The start rides on the exit's statement, and on its own when the exit was
+            // recorded already.
+            exit = exit
+                .col_expr(agent_runs::Column::Pid, Expr::value(started.pid))
+                .col_expr(
+                    agent_runs::Column::Prompt,
+                    Expr::value(started.prompt.clone()),
+                );
+        }
+        let n = exit
             .filter(agent_runs::Column::Id.eq(run.id))
             .filter(agent_runs::Column::ExitedAt.is_null())
             .exec(&txn)
             .await?
             .rows_affected;
+        if let Some(started) = started {
+            let ev = if n == 1 {
+                started_event(run, task_id, started)
+            } else {
+                write_started(&txn, run, task_id, started).await?
+            };
+            evs.push((ev, started.at));
+        }
         if n == 1 {
             detail["exit_code"] = json!(exit_code);
             evs.push((
@@ -367,10 +402,14 @@ impl Store {
     /// The commit of the latest run of a task that made one, which the next stage builds
     /// on; a commit lost with its host (its push closed unperformed) is not one.
     pub async fn last_commit(&self, task_id: i64) -> StoreResult<Option<String>> {
-        let job_ids: Vec<i64> = self.jobs_of(task_id).await?.iter().map(|j| j.id).collect();
         let lost = super::delivery::lost_runs(&self.db, task_id).await?;
+        let job_ids = Query::select()
+            .column(jobs::Column::Id)
+            .from(jobs::Entity)
+            .and_where(jobs::Column::TaskId.eq(task_id))
+            .to_owned();
         Ok(agent_runs::Entity::find()
-            .filter(agent_runs::Column::JobId.is_in(job_ids))
+            .filter(agent_runs::Column::JobId.in_subquery(job_ids))
             .filter(agent_runs::Column::CommitSha.is_not_null())
             .filter(agent_runs::Column::Id.is_not_in(lost))
             .order_by_desc(agent_runs::Column::Id)
@@ -548,7 +587,6 @@ async fn write_started(
     task_id: i64,
     started: &Started,
 ) -> StoreResult<NewEvent> {
-    let detail = json!({"pid": started.pid, "attempt": run.attempt, "log": run.log_path});
     agent_runs::Entity::update_many()
         .col_expr(agent_runs::Column::Pid, Expr::value(started.pid))
         .col_expr(
@@ -558,7 +596,13 @@ async fn write_started(
         .filter(agent_runs::Column::Id.eq(run.id))
         .exec(txn)
         .await?;
-    Ok(run_event(task_id, run, EventKind::RunStarted).detail(detail))
+    Ok(started_event(run, task_id, started))
+}
+
+/// A run's `run_started` event.
+fn started_event(run: &agent_runs::Model, task_id: i64, started: &Started) -> NewEvent {
+    let detail = json!({"pid": started.pid, "attempt": run.attempt, "log": run.log_path});
+    run_event(task_id, run, EventKind::RunStarted).detail(detail)
 }
 
 /// An event of a run, written by its Monitor.

@@ -537,15 +537,11 @@ pub(super) async fn iterations<C: ConnectionTrait>(
     db: &C,
     task_id: i64,
 ) -> StoreResult<Iterations> {
-    let mut out = Iterations::default();
-    for j in jobs::Entity::find()
+    let jobs = jobs::Entity::find()
         .filter(jobs::Column::TaskId.eq(task_id))
         .all(db)
-        .await?
-    {
-        out.add(&j);
-    }
-    Ok(out)
+        .await?;
+    Ok(Iterations::of_jobs(&jobs))
 }
 
 pub(super) async fn set_task_status<C: ConnectionTrait>(

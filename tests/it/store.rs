@@ -555,6 +555,73 @@ async fn record_exit_counts_once(db: TestDb) {
 }
 on_both!(record_exit_counts_once, record_exit_counts_once);
 
+/// A start not yet recorded is written with the exit; when the exit was recorded already
+/// (by another writer), the start still is, and the exit stays the first one.
+async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
+    let started = |pid| baton::store::Started {
+        pid,
+        prompt: Some(format!("prompt {pid}")),
+        at: NOW + 1,
+    };
+    let s = submit(&db.store, "E-2").await;
+    let d = take(&db, NOW).await;
+    let first = db
+        .store
+        .record_start_and_exit(
+            s.task.id,
+            &d.run,
+            Some(&started(41)),
+            3,
+            serde_json::json!({}),
+            NOW + 5,
+        )
+        .await
+        .unwrap();
+    assert!(first);
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.pid, run.prompt.as_deref(), run.exit_code, run.exited_at),
+        (Some(41), Some("prompt 41"), Some(3), Some(NOW + 5))
+    );
+
+    let t = submit(&db.store, "E-3").await;
+    let e = take(&db, NOW).await;
+    assert!(
+        db.store
+            .record_exit(t.task.id, &e.run, 0, serde_json::json!({}), NOW + 5)
+            .await
+            .unwrap()
+    );
+    let again = db
+        .store
+        .record_start_and_exit(
+            t.task.id,
+            &e.run,
+            Some(&started(42)),
+            9,
+            serde_json::json!({}),
+            NOW + 9,
+        )
+        .await
+        .unwrap();
+    assert!(!again);
+    let run = db.store.run(e.run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.pid, run.exit_code, run.exited_at),
+        (Some(42), Some(0), Some(NOW + 5))
+    );
+    let events = db.store.events(t.task.id).await.unwrap();
+    let runs: Vec<&str> = kinds(&events)
+        .into_iter()
+        .filter(|k| k.starts_with("run_"))
+        .collect();
+    assert_eq!(runs, ["run_exited", "run_started"]);
+}
+on_both!(
+    a_pending_start_is_recorded_with_the_exit_or_after_it,
+    a_pending_start_is_recorded_with_the_exit_or_after_it
+);
+
 async fn cancel_and_retry(db: TestDb) {
     let s = submit(&db.store, "X-1").await;
     let d = take(&db, NOW).await;
