@@ -21,6 +21,7 @@
 
 mod claim;
 mod delivery;
+mod dispatch;
 mod nodes;
 mod outbox;
 mod pages;
@@ -43,10 +44,11 @@ use sea_orm::{
 use crate::model::{EventKind, EventSource};
 
 pub use delivery::Recovered;
+pub use dispatch::{Dispatched, Taker};
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
 pub use pages::TaskFilter;
 pub use retention::HistoryPruned;
-pub use runs::{Dispatched, RunningJob, Started};
+pub use runs::{RunningJob, Started};
 pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
 
 /// How long an SQLite writer waits for another before giving up.

@@ -10,7 +10,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::dispatcher::DispatcherMsg;
 use super::{Ctx, ProbeEvent};
-use crate::model::{Claim, ClaimOutcome, JobStatus};
+use crate::model::{Claim, ClaimOutcome, Decider, JobStatus};
+use crate::store::{Dispatched, Taker};
 
 /// How often a claim is tried when the database does not answer.
 const ADVANCER_CLAIM_TRIES: u32 = 5;
@@ -53,7 +54,12 @@ impl Actor for Advancer {
         state: &mut AdvancerArgs,
     ) -> Result<(), ActorProcessingErr> {
         let AdvancerMsg::Claim(claim, reply) = msg;
-        let outcome = advance_once(&state.ctx, &claim).await;
+        // A Monitor's run was this node's: its place goes to the task's next stage.
+        let hand_off = state.dispatcher.is_some() && claim.decided_by == Decider::Monitor;
+        let (outcome, handed) = match advance_once(&state.ctx, &claim, hand_off).await {
+            Ok((outcome, handed)) => (Ok(outcome), handed),
+            Err(e) => (Err(e), None),
+        };
         if let Ok(ClaimOutcome::Won(won)) = &outcome {
             if won.effects > 0
                 && let Some(w) = &state.effect_worker
@@ -63,10 +69,18 @@ impl Actor for Advancer {
                     .in_scope(|| w.send_message(super::effect_worker::EffectWorkerMsg::Kick));
             }
             // The run is finalized: its slot is free now, not when its Monitor has
-            // stopped, so the next stage can start at once.
+            // stopped, so the next stage can start at once; a job handed to this node
+            // takes the slot over before it is freed.
+            if let Some(next) = &handed {
+                state.ctx.watched.insert(next.run.id, next.job.id);
+            }
             state.ctx.watched.remove(claim.run_id);
             if let Some(d) = &state.dispatcher {
-                let _ = tracing::Span::none().in_scope(|| d.send_message(DispatcherMsg::Kick));
+                let msg = match handed {
+                    Some(next) => DispatcherMsg::Handed(Box::new(next)),
+                    None => DispatcherMsg::Kick,
+                };
+                let _ = tracing::Span::none().in_scope(|| d.send_message(msg));
             }
         }
         state.ctx.report(ProbeEvent::Advancer {
@@ -84,12 +98,24 @@ impl Actor for Advancer {
     skip_all,
     fields(job_id = claim.job_id, run_id = claim.run_id, decided_by = claim.decided_by.as_str(), outcome = tracing::field::Empty)
 )]
-pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, String> {
+pub async fn advance_once(
+    ctx: &Ctx,
+    claim: &Claim,
+    hand_off: bool,
+) -> Result<(ClaimOutcome, Option<Dispatched>), String> {
     let started = std::time::Instant::now();
-    let result = ctx.store.claim(claim, &ctx.policy, ctx.now()).await;
+    let taker = hand_off.then(|| Taker {
+        node_id: &ctx.node_id,
+        log_dir: &ctx.config.log_dir,
+        policy: Some(&ctx.policy),
+    });
+    let result = ctx
+        .store
+        .claim_and_take(claim, &ctx.policy, ctx.now(), taker)
+        .await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
-        Ok(outcome) => {
+        Ok((outcome, handed)) => {
             let m = &ctx.metrics;
             let by = crate::telemetry::kv("decided_by", claim.decided_by.as_str());
             let label = outcome.label();
@@ -108,13 +134,14 @@ pub async fn advance_once(ctx: &Ctx, claim: &Claim) -> Result<ClaimOutcome, Stri
                         verdict = %claim.verdict.outcome(),
                         job_status = %w.job_status,
                         next_stage = w.next_job.as_ref().map(|j| j.stage.as_str()),
+                        handed_off = handed.is_some(),
                         task_status = w.task_status.map(|s| s.as_str()),
                         "claim won"
                     )
                 }
                 other => tracing::info!(outcome = ?other, "claim lost"),
             }
-            Ok(outcome)
+            Ok((outcome, handed))
         }
         Err(e) => {
             tracing::warn!(error = %e, "claim not decided");

@@ -7,16 +7,20 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::supervisor::SupervisorMsg;
 use super::{Ctx, ProbeEvent, Ticker, pass_or_default};
+use crate::store::Dispatched;
 
 /// How often the Dispatcher looks for due jobs when nothing kicks it.
 pub const DISPATCHER_INTERVAL_DEFAULT: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DispatcherMsg {
     /// The periodic look.
     Tick,
     /// Look now: a claim queued a job, or a submit arrived.
     Kick,
+    /// Start the Monitor of a job a won claim took for this node (the hand-off): its
+    /// place is reserved already.
+    Handed(Box<Dispatched>),
 }
 
 pub struct DispatcherArgs {
@@ -64,7 +68,18 @@ impl Actor for Dispatcher {
         state: &mut DispatcherState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &state.args.ctx;
-        let result = pass_or_default("dispatcher", run_once(ctx, &state.args.supervisor).await);
+        let result = match &msg {
+            DispatcherMsg::Handed(d) => {
+                let ids = (d.job.id, d.run.id);
+                start(ctx, &state.args.supervisor, (**d).clone());
+                DispatchResult {
+                    dispatched: vec![ids],
+                }
+            }
+            DispatcherMsg::Tick | DispatcherMsg::Kick => {
+                pass_or_default("dispatcher", run_once(ctx, &state.args.supervisor).await)
+            }
+        };
         if msg == DispatcherMsg::Tick {
             record_gauges(ctx).await;
         }
@@ -95,23 +110,27 @@ pub async fn run_once(
         else {
             break;
         };
-        crate::task_span!("dispatch", d.task, d.job, d.run.id)
-            .in_scope(|| tracing::info!("dispatched"));
-        // Reserve the slot before the Monitor exists, so the count is right at once.
-        ctx.watched.insert(d.run.id, d.job.id);
         result.dispatched.push((d.job.id, d.run.id));
-        if supervisor
-            .send_message(SupervisorMsg::StartMonitor(
-                Box::new(d),
-                super::monitor::MonitorMode::Fresh,
-            ))
-            .is_err()
-        {
-            // The supervisor is stopping; the run is left to the Reaper's rules.
+        if !start(ctx, supervisor, d) {
             break;
         }
     }
     Ok(result)
+}
+
+/// Reserves the place of a taken job and asks the Supervisor for its Monitor; false when
+/// the Supervisor is stopping (the run is then left to the Reaper's rules).
+fn start(ctx: &Ctx, supervisor: &ActorRef<SupervisorMsg>, d: Dispatched) -> bool {
+    crate::task_span!("dispatch", d.task, d.job, d.run.id)
+        .in_scope(|| tracing::info!("dispatched"));
+    // Reserve the slot before the Monitor exists, so the count is right at once.
+    ctx.watched.insert(d.run.id, d.job.id);
+    supervisor
+        .send_message(SupervisorMsg::StartMonitor(
+            Box::new(d),
+            super::monitor::MonitorMode::Fresh,
+        ))
+        .is_ok()
 }
 
 /// The queue gauges: two counts, taken on the periodic tick only (a kick follows every

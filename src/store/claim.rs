@@ -11,8 +11,8 @@ use serde_json::json;
 
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
-use super::tasks::{insert_job, iterations, lock_task, set_task_status};
-use super::{NewEvent, Store, StoreResult, append, append_all, must};
+use super::tasks::{insert_job, set_task_status};
+use super::{Dispatched, NewEvent, Store, StoreResult, Taker, append, append_all, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
@@ -24,34 +24,31 @@ impl Store {
         policy: &Policy,
         now: i64,
     ) -> StoreResult<ClaimOutcome> {
+        Ok(self.claim_and_take(claim, policy, now, None).await?.0)
+    }
+
+    /// [`Store::claim`]; a won claim that queued a next job also takes it for `taker`,
+    /// in the same transaction, when dispatch would take it first (the hand-off, see
+    /// [`Store::hand_off`]).
+    pub async fn claim_and_take(
+        &self,
+        claim: &Claim,
+        policy: &Policy,
+        now: i64,
+        taker: Option<Taker<'_>>,
+    ) -> StoreResult<(ClaimOutcome, Option<Dispatched>)> {
         let (write, txn) = self.write_txn().await?;
-        // The task's row first, then the job's: a cancel (which takes the task row) and
-        // this claim never interleave, and the order never deadlocks.
-        // On SQLite the job comes with its task's other jobs (the iterations the policy
-        // counts) in one read.
-        let siblings = if self.is_postgres() {
-            None
-        } else {
-            Some(jobs_with_siblings(&txn, claim.job_id).await?)
+        // The task's row first, then its jobs' (the claimed one, and the others whose
+        // iterations the policy counts): a cancel (which takes the task row) and this
+        // claim never interleave, and the order never deadlocks. Two reads, locking on
+        // PostgreSQL; SQLite's write transaction already excludes every other writer.
+        let postgres = self.is_postgres();
+        let task = task_of_job(&txn, claim.job_id, postgres).await?;
+        let siblings = match &task {
+            Some(t) => jobs_of_task(&txn, t.id, postgres).await?,
+            None => Vec::new(),
         };
-        let first = match &siblings {
-            Some(all) => all.iter().find(|j| j.id == claim.job_id).cloned(),
-            None => jobs::Entity::find_by_id(claim.job_id).one(&txn).await?,
-        };
-        let task = match &first {
-            Some(j) => lock_task(&txn, j.task_id, self.is_postgres()).await?,
-            None => None,
-        };
-        // On PostgreSQL the job is read again under its row lock; SQLite's write
-        // transaction already excludes every other writer, so the first read stands.
-        let job = if self.is_postgres() {
-            jobs::Entity::find_by_id(claim.job_id)
-                .lock(LockType::Update)
-                .one(&txn)
-                .await?
-        } else {
-            first
-        };
+        let job = siblings.iter().find(|j| j.id == claim.job_id).cloned();
         let fenced = job.as_ref().is_some_and(|j| {
             j.status == JobStatus::Running && j.current_run_id == Some(claim.run_id)
         }) && task
@@ -60,12 +57,9 @@ impl Store {
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
             txn.rollback().await?;
             drop(write);
-            return self.record_loss(claim, now).await;
+            return Ok((self.record_loss(claim, now).await?, None));
         };
-        let iterations = match &siblings {
-            Some(all) => Iterations::of_jobs(all),
-            None => iterations(&txn, task.id).await?,
-        };
+        let iterations = Iterations::of_jobs(&siblings);
         let decision = policy.decide(ClaimInput {
             task: &task,
             job: &job,
@@ -83,11 +77,15 @@ impl Store {
         if !fence(&txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
             txn.rollback().await?;
             drop(write);
-            return self.record_loss(claim, now).await;
+            return Ok((self.record_loss(claim, now).await?, None));
         }
         let won = apply(&txn, claim, &task, &job, decision, now).await?;
+        let handed = match (&taker, &won.next_job) {
+            (Some(taker), Some(next)) => self.hand_off(&txn, taker, &task, next, now).await?,
+            _ => None,
+        };
         txn.commit().await?;
-        Ok(ClaimOutcome::Won(won))
+        Ok((ClaimOutcome::Won(won), handed))
     }
 
     /// Records a lost claim (the arbiter's own event) and tells the claimant which kind.
@@ -127,20 +125,35 @@ impl Store {
     }
 }
 
-/// Every job of the task of job `job_id` (none when that job is gone).
-async fn jobs_with_siblings(
+/// The task of job `job_id`, its row locked on PostgreSQL; `None` when either is gone.
+async fn task_of_job(
     txn: &DatabaseTransaction,
     job_id: i64,
-) -> StoreResult<Vec<jobs::Model>> {
-    let task = Query::select()
+    postgres: bool,
+) -> StoreResult<Option<tasks::Model>> {
+    let of_job = Query::select()
         .column(jobs::Column::TaskId)
         .from(jobs::Entity)
         .and_where(jobs::Column::Id.eq(job_id))
         .to_owned();
-    Ok(jobs::Entity::find()
-        .filter(jobs::Column::TaskId.in_subquery(task))
-        .all(txn)
-        .await?)
+    let mut q = tasks::Entity::find().filter(tasks::Column::Id.in_subquery(of_job));
+    if postgres {
+        q = q.lock(LockType::Update);
+    }
+    Ok(q.one(txn).await?)
+}
+
+/// Every job of task `task_id`, their rows locked on PostgreSQL.
+async fn jobs_of_task(
+    txn: &DatabaseTransaction,
+    task_id: i64,
+    postgres: bool,
+) -> StoreResult<Vec<jobs::Model>> {
+    let mut q = jobs::Entity::find().filter(jobs::Column::TaskId.eq(task_id));
+    if postgres {
+        q = q.lock(LockType::Update);
+    }
+    Ok(q.all(txn).await?)
 }
 
 /// The fenced write: it must change exactly the row read before. False when it did not.

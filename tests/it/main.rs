@@ -7,6 +7,7 @@ mod cli;
 mod dashboard;
 mod durable;
 mod effects;
+mod handoff;
 mod nodes;
 mod pipeline;
 mod reaper_windows;

@@ -1,0 +1,314 @@
+//! Dispatch: a due queued job taken for a node, with its run, in one transaction; and
+//! the hand-off, in which a won claim takes the next job of its task for the node of the
+//! run it finalized, in the claim's own transaction (ADR 0004).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use entity::{agent_runs, effects, jobs, nodes, tasks};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set,
+};
+
+use super::outbox::insert_effect;
+use super::{Store, StoreResult};
+use crate::model::{EffectKind, EffectStatus, JobStatus, TaskStatus};
+use crate::policy::Policy;
+
+/// A job taken by a dispatcher, with the run created for it in the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatched {
+    pub task: tasks::Model,
+    pub job: jobs::Model,
+    pub run: agent_runs::Model,
+}
+
+/// Who takes a job: the node whose agent will run it, the folder of its runs' logs, and
+/// the policy whose start effect and stage bounds apply (none in some tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Taker<'a> {
+    pub node_id: &'a str,
+    pub log_dir: &'a Path,
+    pub policy: Option<&'a Policy>,
+}
+
+impl Store {
+    /// Takes the first due queued job, marks it running and creates its run (which
+    /// becomes `current_run_id`), all in one transaction. Jobs of older tasks go first,
+    /// so that a task's next stage starts before new tasks are begun.
+    ///
+    /// The policy's start effect (the work item moving to Plane's `on_start` state) is
+    /// written in the same transaction; without a policy there is none.
+    pub async fn dispatch(
+        &self,
+        node_id: &str,
+        log_dir: &Path,
+        policy: Option<&Policy>,
+        now: i64,
+    ) -> StoreResult<Option<Dispatched>> {
+        let taker = Taker {
+            node_id,
+            log_dir,
+            policy,
+        };
+        let mut skip: Vec<i64> = Vec::new();
+        let limits = policy.map(|p| &p.stage_limits).filter(|l| !l.is_empty());
+        // Stages at their bound (`max_concurrent`) are skipped, not waited for.
+        let mut full: Vec<String> = match limits {
+            Some(limits) => {
+                let running = self.running_by_stage(limits.keys(), &self.db).await?;
+                limits
+                    .iter()
+                    .filter(|(stage, n)| running.get(*stage).copied().unwrap_or(0) >= **n as u64)
+                    .map(|(stage, _)| stage.clone())
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let hostname = self.node_host(node_id).await?;
+        for _ in 0..8 {
+            let (_write, txn) = self.write_txn().await?;
+            let Some(candidate) = candidate(&txn, hostname.as_deref(), &full, &skip, now).await?
+            else {
+                return Ok(None);
+            };
+            // The task's row first (as cancel and claim take it), then the job's; either
+            // held by another transaction is skipped, not waited for.
+            let mut task_q = tasks::Entity::find_by_id(candidate.task_id);
+            if self.is_postgres() {
+                task_q = task_q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+            }
+            let task = task_q
+                .one(&txn)
+                .await?
+                .filter(|t| t.status == TaskStatus::Active);
+            // On PostgreSQL the job is read again under its row lock; SQLite's write
+            // transaction already excludes every other writer, so the candidate stands.
+            let job = if self.is_postgres() {
+                jobs::Entity::find_by_id(candidate.id)
+                    .filter(jobs::Column::Status.eq(JobStatus::Queued))
+                    .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                    .one(&txn)
+                    .await?
+            } else {
+                Some(candidate.clone())
+            };
+            let (job, task) = match (job, task) {
+                (Some(job), Some(task)) => (job, task),
+                _ => {
+                    txn.rollback().await?;
+                    skip.push(candidate.id);
+                    continue;
+                }
+            };
+            if let Some(limit) = limits.and_then(|l| l.get(&job.stage)) {
+                // Counted again under a lock of the stage, so that two dispatchers never
+                // both take its last place.
+                if self.is_postgres() {
+                    stage_lock(&txn, &job.stage).await?;
+                }
+                let running = self.running_by_stage([&job.stage], &txn).await?;
+                if running.get(&job.stage).copied().unwrap_or(0) >= u64::from(*limit) {
+                    txn.rollback().await?;
+                    full.push(job.stage.clone());
+                    continue;
+                }
+            }
+            match take(&txn, &taker, task, job, now).await? {
+                Some(d) => {
+                    txn.commit().await?;
+                    return Ok(Some(d));
+                }
+                None => {
+                    txn.rollback().await?;
+                    skip.push(candidate.id);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The hand-off, inside a won claim's transaction: `next`, the job the claim queued,
+    /// is taken for `taker` when dispatch would take it first (it is due, its stage has
+    /// no bound, and no job of an older task waits), so that the node's freed place goes
+    /// to the task's next stage without a dispatch of its own.
+    pub(super) async fn hand_off(
+        &self,
+        txn: &DatabaseTransaction,
+        taker: &Taker<'_>,
+        task: &tasks::Model,
+        next: &jobs::Model,
+        now: i64,
+    ) -> StoreResult<Option<Dispatched>> {
+        if taker
+            .policy
+            .is_some_and(|p| p.stage_limits.contains_key(&next.stage))
+        {
+            return Ok(None);
+        }
+        let hostname = self.node_host(taker.node_id).await?;
+        match candidate(txn, hostname.as_deref(), &[], &[], now).await? {
+            Some(first) if first.id == next.id => take(txn, taker, task.clone(), first, now).await,
+            _ => Ok(None),
+        }
+    }
+
+    /// The hostname of node `node_id`, read once per process; `None` while it has no row.
+    async fn node_host(&self, node_id: &str) -> StoreResult<Option<String>> {
+        if let Some(h) = self
+            .node_hosts
+            .lock()
+            .ok()
+            .and_then(|m| m.get(node_id).cloned())
+        {
+            return Ok(Some(h));
+        }
+        let host = nodes::Entity::find_by_id(node_id.to_string())
+            .one(&self.db)
+            .await?
+            .map(|n| n.hostname);
+        if let (Some(h), Ok(mut m)) = (&host, self.node_hosts.lock()) {
+            m.insert(node_id.to_string(), h.clone());
+        }
+        Ok(host)
+    }
+
+    /// How many jobs of each of `stages` are running, across the database.
+    async fn running_by_stage<'a, C: ConnectionTrait>(
+        &self,
+        stages: impl IntoIterator<Item = &'a String>,
+        db: &C,
+    ) -> StoreResult<HashMap<String, u64>> {
+        let stages: Vec<String> = stages.into_iter().cloned().collect();
+        let mut out = HashMap::new();
+        for job in jobs::Entity::find()
+            .filter(jobs::Column::Status.eq(JobStatus::Running))
+            .filter(jobs::Column::Stage.is_in(stages))
+            .all(db)
+            .await?
+        {
+            *out.entry(job.stage).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+}
+
+/// The first dispatchable job for a node on `hostname`: queued, due, of an active task
+/// whose push does not wait for another host, of a stage not in `full`, not in `skip`;
+/// jobs of older tasks first.
+async fn candidate<C: ConnectionTrait>(
+    db: &C,
+    hostname: Option<&str>,
+    full: &[String],
+    skip: &[i64],
+    now: i64,
+) -> StoreResult<Option<jobs::Model>> {
+    let active = Query::select()
+        .column(tasks::Column::Id)
+        .from(tasks::Entity)
+        .and_where(tasks::Column::Status.eq(TaskStatus::Active))
+        .to_owned();
+    // A task whose push waits for another host: its last commit is only there, so its
+    // next stage runs there or after the push (ADR 0010).
+    let elsewhere = Query::select()
+        .column(effects::Column::TaskId)
+        .from(effects::Entity)
+        .and_where(effects::Column::Kind.eq(EffectKind::Push))
+        .and_where(effects::Column::Status.eq(EffectStatus::Pending))
+        .and_where(match hostname {
+            Some(h) => effects::Column::Host.ne(h),
+            None => effects::Column::Host.is_not_null(),
+        })
+        .to_owned();
+    Ok(jobs::Entity::find()
+        .filter(jobs::Column::Status.eq(JobStatus::Queued))
+        .filter(jobs::Column::NotBefore.lte(now))
+        .filter(jobs::Column::TaskId.in_subquery(active))
+        .filter(jobs::Column::TaskId.not_in_subquery(elsewhere))
+        .filter(jobs::Column::Stage.is_not_in(full.to_vec()))
+        .filter(jobs::Column::Id.is_not_in(skip.to_vec()))
+        .order_by_asc(jobs::Column::TaskId)
+        .order_by_asc(jobs::Column::Id)
+        .one(db)
+        .await?)
+}
+
+/// Takes queued `job` of `task` for `taker`: its run (which becomes `current_run_id`),
+/// the job running, the policy's start effect. `None` when the job is no longer queued;
+/// the caller then rolls back.
+async fn take(
+    txn: &DatabaseTransaction,
+    taker: &Taker<'_>,
+    task: tasks::Model,
+    job: jobs::Model,
+    now: i64,
+) -> StoreResult<Option<Dispatched>> {
+    let mut run = agent_runs::ActiveModel {
+        job_id: Set(job.id),
+        attempt: Set(job.attempt),
+        node_id: Set(taker.node_id.to_string()),
+        pid: Set(None),
+        started_at: Set(now),
+        heartbeat_at: Set(now),
+        log_path: Set(String::new()),
+        ..Default::default()
+    }
+    .insert(txn)
+    .await?;
+    // The log's name holds the run's id, known only now.
+    run.log_path = taker
+        .log_dir
+        .join(&task.key)
+        .join(format!("{}-{}-{}.log", run.id, job.stage, job.attempt))
+        .to_string_lossy()
+        .into_owned();
+    agent_runs::Entity::update_many()
+        .col_expr(
+            agent_runs::Column::LogPath,
+            Expr::value(run.log_path.clone()),
+        )
+        .filter(agent_runs::Column::Id.eq(run.id))
+        .exec(txn)
+        .await?;
+    // The job is taken only if it is still queued; the run goes with it if not.
+    let taken = jobs::Entity::update_many()
+        .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
+        .filter(jobs::Column::Id.eq(job.id))
+        .filter(jobs::Column::Status.eq(JobStatus::Queued))
+        .exec(txn)
+        .await?
+        .rows_affected;
+    if taken == 0 {
+        return Ok(None);
+    }
+    let job = jobs::Model {
+        status: JobStatus::Running,
+        updated_at: now,
+        current_run_id: Some(run.id),
+        ..job
+    };
+    if let Some(effect) = taker.policy.and_then(|p| p.start_effect(&task)) {
+        insert_effect(txn, task.id, run.id, effect, None, now).await?;
+    }
+    Ok(Some(Dispatched { task, job, run }))
+}
+
+/// PostgreSQL's transaction-scoped advisory lock of a stage: dispatchers of several nodes
+/// take a bounded stage's places one at a time.
+async fn stage_lock(txn: &DatabaseTransaction, stage: &str) -> StoreResult<()> {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("baton.stage:{stage}").as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    let stmt = sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1)",
+        [i64::from_be_bytes(key).into()],
+    );
+    txn.query_one_raw(stmt).await?;
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The hand-off: a won claim takes its task's next job for the claiming node, in the
+//! claim's own transaction, when dispatch would take that job first; otherwise the job
+//! stays queued for dispatch.
+
+use std::path::Path;
+
+use baton::config::{Config, EnvOverrides};
+use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, Verdict};
+use baton::policy::Policy;
+use baton::store::{Dispatched, Taker};
+
+use crate::on_both;
+use crate::store::{PIPELINE_TOML, policy};
+use crate::support::TestDb;
+
+const NOW: i64 = 1_800_000_000_000;
+
+fn passed(d: &Dispatched) -> Claim {
+    Claim {
+        job_id: d.job.id,
+        run_id: d.run.id,
+        verdict: Verdict::Passed,
+        decided_by: Decider::Monitor,
+        commit_sha: None,
+        feedback: None,
+        usage: None,
+    }
+}
+
+/// Dispatches the next due job on node `n1` (jobs the claims queued are due by then).
+async fn take(db: &TestDb) -> Dispatched {
+    db.store
+        .dispatch("n1", db.dir.path(), None, NOW + 5)
+        .await
+        .unwrap()
+        .expect("a due job")
+}
+
+/// Claims `d` as passed, handing off to node `n1`; returns the claim's next job and the
+/// job handed off, if any.
+async fn claim_handing_off(
+    db: &TestDb,
+    policy: &Policy,
+    d: &Dispatched,
+) -> (entity::jobs::Model, Option<Dispatched>) {
+    let taker = Taker {
+        node_id: "n1",
+        log_dir: db.dir.path(),
+        policy: Some(policy),
+    };
+    let (outcome, handed) = db
+        .store
+        .claim_and_take(&passed(d), policy, NOW + 1, Some(taker))
+        .await
+        .unwrap();
+    let ClaimOutcome::Won(won) = outcome else {
+        panic!("the claim must win: {outcome:?}");
+    };
+    (won.next_job.expect("a next stage"), handed)
+}
+
+async fn the_next_job_is_taken_for_the_claiming_node(db: TestDb) {
+    let policy = policy();
+    crate::support::submit(&db.store, "H-1", "analyst", NOW).await;
+    let d = take(&db).await;
+    let (next, handed) = claim_handing_off(&db, &policy, &d).await;
+    let handed = handed.expect("the next stage is handed off");
+    assert_eq!(handed.job.id, next.id);
+    assert_eq!(handed.job.stage, "developer");
+    assert_eq!(handed.run.node_id, "n1");
+    assert!(
+        handed
+            .run
+            .log_path
+            .ends_with(&format!("H-1/{}-developer-1.log", handed.run.id)),
+        "{}",
+        handed.run.log_path
+    );
+    // Written, not only returned: the job runs with that run, and nothing is left queued.
+    let job = db.store.job(next.id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.current_run_id),
+        (JobStatus::Running, Some(handed.run.id))
+    );
+    let run = db.store.run(handed.run.id).await.unwrap().unwrap();
+    assert_eq!(run, handed.run);
+    assert!(
+        db.store
+            .dispatch("n1", db.dir.path(), None, NOW + 2)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+on_both!(
+    the_next_job_is_taken_for_the_claiming_node,
+    the_next_job_is_taken_for_the_claiming_node
+);
+
+async fn an_older_tasks_waiting_job_goes_first(db: TestDb) {
+    let policy = policy();
+    crate::support::submit(&db.store, "H-1", "analyst", NOW).await;
+    crate::support::submit(&db.store, "H-2", "analyst", NOW).await;
+    let older = take(&db).await;
+    let newer = take(&db).await;
+    // The older task's next stage is queued by a claim that hands nothing off.
+    let ClaimOutcome::Won(w) = db
+        .store
+        .claim(&passed(&older), &policy, NOW + 1)
+        .await
+        .unwrap()
+    else {
+        panic!("the claim must win");
+    };
+    let older_next = w.next_job.unwrap();
+    let (newer_next, handed) = claim_handing_off(&db, &policy, &newer).await;
+    assert!(handed.is_none(), "{handed:?}");
+    let job = db.store.job(newer_next.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Queued);
+    // Dispatch takes the older task's job, then the newer one's.
+    assert_eq!(take(&db).await.job.id, older_next.id);
+    assert_eq!(take(&db).await.job.id, newer_next.id);
+}
+on_both!(
+    an_older_tasks_waiting_job_goes_first,
+    an_older_tasks_waiting_job_goes_first
+);
+
+async fn a_bounded_stage_is_left_to_dispatch(db: TestDb) {
+    let toml = PIPELINE_TOML.replace(
+        "[stages.developer]\n",
+        "[stages.developer]\nmax_concurrent = 1\n",
+    );
+    let policy = Config::from_toml(&toml, Path::new("/tmp"), &EnvOverrides::default())
+        .unwrap()
+        .policy();
+    assert_eq!(policy.stage_limits.get("developer"), Some(&1));
+    crate::support::submit(&db.store, "H-1", "analyst", NOW).await;
+    let d = take(&db).await;
+    let (next, handed) = claim_handing_off(&db, &policy, &d).await;
+    assert!(handed.is_none(), "{handed:?}");
+    assert_eq!(take(&db).await.job.id, next.id);
+}
+on_both!(
+    a_bounded_stage_is_left_to_dispatch,
+    a_bounded_stage_is_left_to_dispatch
+);
