@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
 
 use super::dispatcher::DispatcherMsg;
 use super::{Ctx, ProbeEvent};
@@ -54,8 +54,15 @@ impl Actor for Advancer {
         state: &mut AdvancerArgs,
     ) -> Result<(), ActorProcessingErr> {
         let AdvancerMsg::Claim(claim, reply) = msg;
-        // A Monitor's run was this node's: its place goes to the task's next stage.
-        let hand_off = state.dispatcher.is_some() && claim.decided_by == Decider::Monitor;
+        // A Monitor's run was this node's: its place goes to the task's next stage, while
+        // the Dispatcher runs (not once the node is stopping) and the node is within
+        // `max_concurrent_jobs` (adopted agents may have put it over).
+        let hand_off = claim.decided_by == Decider::Monitor
+            && state
+                .dispatcher
+                .as_ref()
+                .is_some_and(|d| d.get_status() == ActorStatus::Running)
+            && state.ctx.watched.len() <= state.ctx.config.max_concurrent_jobs;
         let (outcome, handed) = match advance_once(&state.ctx, &claim, hand_off).await {
             Ok((outcome, handed)) => (Ok(outcome), handed),
             Err(e) => (Err(e), None),
@@ -76,11 +83,20 @@ impl Actor for Advancer {
             }
             state.ctx.watched.remove(claim.run_id);
             if let Some(d) = &state.dispatcher {
-                let msg = match handed {
-                    Some(next) => DispatcherMsg::Handed(Box::new(next)),
-                    None => DispatcherMsg::Kick,
-                };
-                let _ = tracing::Span::none().in_scope(|| d.send_message(msg));
+                match handed {
+                    Some(next) => {
+                        let msg = DispatcherMsg::Handed(Box::new(next.clone()));
+                        let sent = tracing::Span::none().in_scope(|| d.send_message(msg));
+                        if sent.is_err() {
+                            // The Dispatcher stopped meanwhile: the job goes back to the queue.
+                            super::dispatcher::release(&state.ctx, &next).await;
+                        }
+                    }
+                    None => {
+                        let _ =
+                            tracing::Span::none().in_scope(|| d.send_message(DispatcherMsg::Kick));
+                    }
+                }
             }
         }
         state.ctx.report(ProbeEvent::Advancer {

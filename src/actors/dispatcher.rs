@@ -70,10 +70,13 @@ impl Actor for Dispatcher {
         let ctx = &state.args.ctx;
         let result = match &msg {
             DispatcherMsg::Handed(d) => {
-                let ids = (d.job.id, d.run.id);
-                start(ctx, &state.args.supervisor, (**d).clone());
-                DispatchResult {
-                    dispatched: vec![ids],
+                if start(ctx, &state.args.supervisor, (**d).clone()) {
+                    DispatchResult {
+                        dispatched: vec![(d.job.id, d.run.id)],
+                    }
+                } else {
+                    release(ctx, d).await;
+                    DispatchResult::default()
                 }
             }
             DispatcherMsg::Tick | DispatcherMsg::Kick => {
@@ -110,16 +113,17 @@ pub async fn run_once(
         else {
             break;
         };
-        result.dispatched.push((d.job.id, d.run.id));
-        if !start(ctx, supervisor, d) {
+        if !start(ctx, supervisor, d.clone()) {
+            release(ctx, &d).await;
             break;
         }
+        result.dispatched.push((d.job.id, d.run.id));
     }
     Ok(result)
 }
 
 /// Reserves the place of a taken job and asks the Supervisor for its Monitor; false when
-/// the Supervisor is stopping (the run is then left to the Reaper's rules).
+/// the Supervisor is gone (the caller releases the job).
 fn start(ctx: &Ctx, supervisor: &ActorRef<SupervisorMsg>, d: Dispatched) -> bool {
     crate::task_span!("dispatch", d.task, d.job, d.run.id)
         .in_scope(|| tracing::info!("dispatched"));
@@ -139,5 +143,22 @@ async fn record_gauges(ctx: &Ctx) {
     if let Ok((queued, running)) = ctx.store.queue_depth().await {
         ctx.metrics.queue_depth.record(queued, &[]);
         ctx.metrics.running_jobs.record(running, &[]);
+    }
+}
+
+/// Puts a job taken for this node back in the queue when its Monitor cannot start (the
+/// node is stopping), and frees its place: its agent never ran, so no attempt is spent.
+pub async fn release(ctx: &Ctx, d: &Dispatched) {
+    ctx.watched.remove(d.run.id);
+    let reason = "the node stopped before the run's agent started";
+    match ctx.store.release_run(d, reason, ctx.now()).await {
+        Ok(true) => {
+            tracing::info!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, "job put back in the queue: {reason}")
+        }
+        Ok(false) => {}
+        // The run is left to the Reaper's rules.
+        Err(e) => {
+            tracing::warn!(error = %e, run_id = d.run.id, "cannot put the job back in the queue")
+        }
     }
 }

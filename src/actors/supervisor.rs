@@ -208,8 +208,12 @@ impl Actor for Supervisor {
                         mode,
                     }));
                 if state.shutting_down {
-                    // Dispatched just before the shutdown: its run is left to adoption.
+                    // Taken just before the shutdown: a fresh run's agent never started, so
+                    // its job goes back to the queue; an adopted one is left to adoption.
                     state.ctx.watched.remove(d.run.id);
+                    if mode == MonitorMode::Fresh {
+                        super::dispatcher::release(&state.ctx, &d).await;
+                    }
                     return Ok(());
                 }
                 let run_id = d.run.id;

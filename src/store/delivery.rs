@@ -345,10 +345,15 @@ pub(super) async fn earliest_lost_job<C: ConnectionTrait>(
     task_id: i64,
 ) -> StoreResult<Option<jobs::Model>> {
     let lost = lost_runs(db, task_id).await?;
-    let Some(first) = lost.iter().min() else {
+    if lost.is_empty() {
         return Ok(None);
-    };
-    let Some(run) = agent_runs::Entity::find_by_id(*first).one(db).await? else {
+    }
+    let Some(run) = agent_runs::Entity::find()
+        .filter(agent_runs::Column::Id.is_in(lost))
+        .order_by_asc(agent_runs::Column::Id)
+        .one(db)
+        .await?
+    else {
         return Ok(None);
     };
     Ok(jobs::Entity::find_by_id(run.job_id).one(db).await?)

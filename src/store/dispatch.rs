@@ -1,6 +1,7 @@
-//! Dispatch: a due queued job taken for a node, with its run, in one transaction; and
-//! the hand-off, in which a won claim takes the next job of its task for the node of the
-//! run it finalized, in the claim's own transaction (ADR 0004).
+//! Dispatch: a due queued job taken for a node, with its run, in one transaction; the
+//! hand-off, in which a won claim takes the next job of its task for the node of the run
+//! it finalized, in the claim's own transaction (ADR 0001); and the release of a taken
+//! job whose Monitor cannot start.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,9 +13,14 @@ use sea_orm::{
     QueryOrder, QuerySelect, Set,
 };
 
+use serde_json::json;
+
 use super::outbox::insert_effect;
-use super::{Store, StoreResult};
-use crate::model::{EffectKind, EffectStatus, JobStatus, TaskStatus};
+use super::tasks::lock_task;
+use super::{NewEvent, Store, StoreResult, append, must};
+use crate::model::{
+    EffectKind, EffectStatus, EventKind, EventSource, JobStatus, RunOutcome, TaskStatus,
+};
 use crate::policy::Policy;
 
 /// A job taken by a dispatcher, with the run created for it in the same transaction.
@@ -150,9 +156,58 @@ impl Store {
         }
         let hostname = self.node_host(taker.node_id).await?;
         match candidate(txn, hostname.as_deref(), &[], &[], now).await? {
-            Some(first) if first.id == next.id => take(txn, taker, task.clone(), first, now).await,
+            Some(first) if first.id == next.id => {
+                // The job was queued by this transaction: nobody else can have taken it.
+                let taken = take(txn, taker, task.clone(), first, now).await?;
+                Ok(Some(must(taken, || {
+                    format!("the hand-off of job {}", next.id)
+                })?))
+            }
             _ => Ok(None),
         }
+    }
+
+    /// Puts back a job taken for this node whose Monitor cannot start (the node is
+    /// stopping): queued again with the same attempt, its run's outcome `cancelled` (its
+    /// agent never started), with a `job_queued` event saying why. Fenced like a claim:
+    /// nothing changes unless the job still runs with that run. True when it was put back.
+    pub async fn release_run(&self, d: &Dispatched, reason: &str, now: i64) -> StoreResult<bool> {
+        let (_write, txn) = self.write_txn().await?;
+        lock_task(&txn, d.task.id, self.is_postgres()).await?;
+        let released = jobs::Entity::update_many()
+            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Queued))
+            .col_expr(jobs::Column::CurrentRunId, Expr::value(Option::<i64>::None))
+            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+            .filter(jobs::Column::Id.eq(d.job.id))
+            .filter(jobs::Column::Status.eq(JobStatus::Running))
+            .filter(jobs::Column::CurrentRunId.eq(d.run.id))
+            .exec(&txn)
+            .await?
+            .rows_affected
+            == 1;
+        if released {
+            agent_runs::Entity::update_many()
+                .col_expr(
+                    agent_runs::Column::Outcome,
+                    Expr::value(RunOutcome::Cancelled),
+                )
+                .filter(agent_runs::Column::Id.eq(d.run.id))
+                .exec(&txn)
+                .await?;
+            let detail = json!({
+                "stage": d.job.stage, "attempt": d.job.attempt,
+                "released_run": d.run.id, "reason": reason,
+            });
+            let ev = NewEvent::of(
+                d.task.id,
+                Some(&d.job),
+                EventKind::JobQueued,
+                EventSource::Dispatcher,
+            );
+            append(&txn, ev.run(d.run.id).detail(detail), now).await?;
+        }
+        txn.commit().await?;
+        Ok(released)
     }
 
     /// The hostname of node `node_id`, read once per process; `None` while it has no row.
@@ -236,8 +291,8 @@ async fn candidate<C: ConnectionTrait>(
 }
 
 /// Takes queued `job` of `task` for `taker`: its run (which becomes `current_run_id`),
-/// the job running, the policy's start effect. `None` when the job is no longer queued;
-/// the caller then rolls back.
+/// the job running, the policy's start effect. `None` when the job is no longer queued:
+/// the run was written all the same, and the caller rolls back.
 async fn take(
     txn: &DatabaseTransaction,
     taker: &Taker<'_>,

@@ -1,15 +1,20 @@
 //! The hand-off: a won claim takes its task's next job for the claiming node, in the
 //! claim's own transaction, when dispatch would take that job first; otherwise the job
-//! stays queued for dispatch.
+//! stays queued for dispatch. A taken job whose Monitor cannot start is put back.
 
 use std::path::Path;
 
+use baton::actors::advancer::send_claim;
+use baton::actors::dispatcher::DispatcherMsg;
 use baton::config::{Config, EnvOverrides};
-use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, Verdict};
+use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, RunOutcome, Verdict};
 use baton::policy::Policy;
 use baton::store::{Dispatched, Taker};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::on_both;
+use crate::reaper_windows::claim_setup_with;
 use crate::store::{PIPELINE_TOML, policy};
 use crate::support::TestDb;
 
@@ -144,4 +149,113 @@ async fn a_bounded_stage_is_left_to_dispatch(db: TestDb) {
 on_both!(
     a_bounded_stage_is_left_to_dispatch,
     a_bounded_stage_is_left_to_dispatch
+);
+
+/// Stands in for the Dispatcher: forwards what it is told.
+struct DispatcherStub;
+
+impl Actor for DispatcherStub {
+    type Msg = DispatcherMsg;
+    type State = UnboundedSender<DispatcherMsg>;
+    type Arguments = UnboundedSender<DispatcherMsg>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<DispatcherMsg>,
+        tx: UnboundedSender<DispatcherMsg>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(tx)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<DispatcherMsg>,
+        msg: DispatcherMsg,
+        tx: &mut UnboundedSender<DispatcherMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tx.send(msg);
+        Ok(())
+    }
+}
+
+/// A Monitor's claim through the Advancer hands the next job to the running Dispatcher,
+/// which gets the job with its place reserved; once the Dispatcher has stopped (the node
+/// is shutting down), the next job stays queued.
+async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
+    let (tx, mut told) = unbounded_channel();
+    let (stub, handle) = Actor::spawn(None, DispatcherStub, tx).await.unwrap();
+    let s = claim_setup_with(&db, db.store.clone(), Some(stub.clone())).await;
+    s.ctx.watched.insert(s.run.id, s.job.id);
+    let first = Dispatched {
+        task: db.store.task(s.job.task_id).await.unwrap(),
+        job: s.job.clone(),
+        run: s.run.clone(),
+    };
+    let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&first)).await else {
+        panic!("the claim must win");
+    };
+    let next = w.next_job.unwrap();
+    let Some(DispatcherMsg::Handed(d)) = told.recv().await else {
+        panic!("the Dispatcher must be handed the next job");
+    };
+    assert_eq!(d.job.id, next.id);
+    assert_eq!(s.ctx.watched.runs(), [(d.run.id, next.id)]);
+    let job = db.store.job(next.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Running);
+
+    // The node stops: the next claim hands nothing off.
+    stub.stop(None);
+    handle.await.unwrap();
+    db.store
+        .record_exit(d.task.id, &d.run, 0, serde_json::json!({}), s.ctx.now())
+        .await
+        .unwrap();
+    let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&d)).await else {
+        panic!("the claim must win");
+    };
+    let last = w.next_job.unwrap();
+    let job = db.store.job(last.id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.current_run_id), (JobStatus::Queued, None));
+    assert!(s.ctx.watched.is_empty());
+}
+on_both!(
+    the_advancer_hands_off_only_while_the_dispatcher_runs,
+    the_advancer_hands_off_only_while_the_dispatcher_runs
+);
+
+/// A taken job released (its Monitor could not start) is queued again with the same
+/// attempt, its run cancelled, once: a second release, or one naming another run, does
+/// nothing.
+async fn a_released_job_is_queued_again_with_its_attempt(db: TestDb) {
+    crate::support::submit(&db.store, "H-1", "analyst", NOW).await;
+    let d = take(&db).await;
+    let reason = "the node stopped";
+    assert!(db.store.release_run(&d, reason, NOW + 6).await.unwrap());
+    assert!(!db.store.release_run(&d, reason, NOW + 7).await.unwrap());
+    let job = db.store.job(d.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.current_run_id, job.attempt),
+        (JobStatus::Queued, None, d.job.attempt)
+    );
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(run.outcome, Some(RunOutcome::Cancelled));
+    let events = db.store.events(d.task.id).await.unwrap();
+    let released: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind.as_str() == "job_queued" && e.run_id == Some(d.run.id))
+        .collect();
+    assert_eq!(released.len(), 1, "{events:?}");
+    assert!(
+        released[0].detail.contains(reason),
+        "{}",
+        released[0].detail
+    );
+    // Dispatch takes it again, as a new run of the same attempt.
+    let again = take(&db).await;
+    assert_eq!((again.job.id, again.job.attempt), (d.job.id, d.job.attempt));
+    assert_ne!(again.run.id, d.run.id);
+}
+on_both!(
+    a_released_job_is_queued_again_with_its_attempt,
+    a_released_job_is_queued_again_with_its_attempt
 );

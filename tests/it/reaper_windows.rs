@@ -20,15 +20,24 @@ use crate::on_both;
 use crate::support::TestDb;
 
 /// An Advancer with a probe over `store`, and a job dispatched with its exit recorded.
-struct ClaimSetup {
-    ctx: Ctx,
-    rx: UnboundedReceiver<ProbeEvent>,
-    advancer: ractor::ActorRef<baton::actors::advancer::AdvancerMsg>,
-    job: entity::jobs::Model,
-    run: entity::agent_runs::Model,
+pub struct ClaimSetup {
+    pub ctx: Ctx,
+    pub rx: UnboundedReceiver<ProbeEvent>,
+    pub advancer: ractor::ActorRef<baton::actors::advancer::AdvancerMsg>,
+    pub job: entity::jobs::Model,
+    pub run: entity::agent_runs::Model,
 }
 
 async fn claim_setup(db: &TestDb, store: Store) -> ClaimSetup {
+    claim_setup_with(db, store, None).await
+}
+
+/// [`claim_setup`], with the Advancer telling `dispatcher` what it hands off.
+pub async fn claim_setup_with(
+    db: &TestDb,
+    store: Store,
+    dispatcher: Option<ractor::ActorRef<baton::actors::dispatcher::DispatcherMsg>>,
+) -> ClaimSetup {
     let config = Config::from_toml(
         crate::store::PIPELINE_TOML,
         db.dir.path(),
@@ -73,7 +82,7 @@ async fn claim_setup(db: &TestDb, store: Store) -> ClaimSetup {
         Advancer,
         AdvancerArgs {
             ctx: ctx.clone(),
-            dispatcher: None,
+            dispatcher,
             effect_worker: None,
         },
     )
