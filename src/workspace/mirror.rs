@@ -56,6 +56,33 @@ pub(super) fn lock_mirror(root: &Path) -> Result<MirrorLock, WorkspaceError> {
     Ok(MirrorLock(lock))
 }
 
+/// The mirrors this process opened, by folder, each taken out by the preparation that
+/// holds the mirror's lock: opening one reads its configuration (and the user's and the
+/// system's), which every stage paid.
+static OPENED: LazyLock<Mutex<HashMap<PathBuf, Repository>>> = LazyLock::new(Default::default);
+
+/// The mirror as this process last left it, while its folder still holds what git
+/// opens a repository by (`HEAD`, `objects`, `refs`, as libgit2 checks); else opened
+/// (or made). Called under the mirror's lock; [`keep_mirror`] puts it back.
+fn take_mirror(root: &Path, access: &RepoAccess) -> Result<Repository, WorkspaceError> {
+    let path = root.join(MIRROR_DIR);
+    let kept = OPENED.lock().ok().and_then(|mut m| m.remove(&path));
+    let whole = || {
+        path.join("HEAD").is_file() && path.join("objects").is_dir() && path.join("refs").is_dir()
+    };
+    match kept {
+        Some(repo) if whole() => Ok(repo),
+        _ => open_mirror(root, access),
+    }
+}
+
+/// Keeps an opened mirror for the next preparation of this process.
+fn keep_mirror(root: &Path, repo: Repository) {
+    if let Ok(mut m) = OPENED.lock() {
+        m.insert(root.join(MIRROR_DIR), repo);
+    }
+}
+
 /// Opens the mirror, or makes it anew when it is missing or broken (a clone cut short).
 fn open_mirror(root: &Path, access: &RepoAccess) -> Result<Repository, WorkspaceError> {
     let path = root.join(MIRROR_DIR);
@@ -187,7 +214,7 @@ pub fn prepare(
         source,
     })?;
     let _lock = lock_mirror(root)?;
-    let mirror = open_mirror(root, access)?;
+    let mirror = take_mirror(root, access)?;
     // The task has no live run: locks of its worktree and branch are leftovers.
     clear_lock(
         &mirror
@@ -273,6 +300,7 @@ pub fn prepare(
     };
     let (worktree, created) = ensure_worktree(&mirror, path, task_key, branch)?;
     checkout(&worktree, branch, tip)?;
+    keep_mirror(root, mirror);
     Ok(Prepared {
         path: path.to_path_buf(),
         created,
@@ -437,5 +465,52 @@ mod tests {
             .unwrap();
         fetch_since(&mirror, &access, Instant::now()).unwrap();
         assert!(has("late"), "every fetch pruned");
+    }
+
+    /// A preparation keeps the mirror it opened for the next one, which builds on what a
+    /// fetch into the kept mirror brought; a mirror whose folder was removed is made anew.
+    #[test]
+    fn the_opened_mirror_is_kept_between_preparations_while_its_folder_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote.git");
+        crate::workspace::seed_remote(&dir.path().join("seed"), &remote).unwrap();
+        let access = RepoAccess {
+            url: remote.display().to_string(),
+            ..Default::default()
+        };
+        let root = dir.path().join("ws");
+        let key = root.join(MIRROR_DIR);
+        let kept = || OPENED.lock().unwrap().contains_key(&key);
+        let prep = |task: &str| {
+            prepare(
+                &root,
+                &root.join(task),
+                &access,
+                task,
+                &format!("baton/{task}"),
+                "main",
+                None,
+            )
+        };
+        prep("K-1").unwrap();
+        assert!(kept(), "the mirror was not kept");
+        // The remote gets the task's branch ahead (another host's stage); the kept
+        // mirror's fetch brings it, and the next preparation moves to it.
+        let bare = Repository::open_bare(&remote).unwrap();
+        let head = bare.head().unwrap().peel_to_commit().unwrap();
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        let ahead = bare
+            .commit(None, &sig, &sig, "ahead", &head.tree().unwrap(), &[&head])
+            .unwrap();
+        bare.reference("refs/heads/baton/K-2", ahead, true, "ahead")
+            .unwrap();
+        let p = prep("K-2").unwrap();
+        let wt = Repository::open(&p.path).unwrap();
+        assert_eq!(wt.head().unwrap().target(), Some(ahead));
+        // The mirror's folder goes: the kept handle is dropped and the mirror made anew.
+        std::fs::remove_dir_all(&key).unwrap();
+        std::fs::remove_dir_all(root.join("K-1")).unwrap();
+        let p = prep("K-1").unwrap();
+        assert!(p.created && key.join("HEAD").is_file());
     }
 }
