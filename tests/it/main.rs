@@ -12,6 +12,7 @@ mod nodes;
 mod pipeline;
 mod reaper_windows;
 mod restarts;
+mod runs;
 mod stages;
 mod store;
 mod support;

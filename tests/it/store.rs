@@ -41,13 +41,13 @@ pub fn policy() -> Policy {
     config.policy()
 }
 
-const NOW: i64 = 1_800_000_000_000;
+pub const NOW: i64 = 1_800_000_000_000;
 
-async fn submit(store: &Store, key: &str) -> baton::store::Submitted {
+pub async fn submit(store: &Store, key: &str) -> baton::store::Submitted {
     crate::support::submit(store, key, "analyst", NOW).await
 }
 
-fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> Claim {
+pub fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> Claim {
     Claim {
         job_id: job.id,
         run_id,
@@ -60,7 +60,7 @@ fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> Claim
 }
 
 /// Dispatches the next due job on node `n1`; there must be one.
-async fn take(db: &TestDb, now: i64) -> baton::store::Dispatched {
+pub async fn take(db: &TestDb, now: i64) -> baton::store::Dispatched {
     db.store
         .dispatch("n1", db.dir.path(), None, now)
         .await
@@ -68,7 +68,7 @@ async fn take(db: &TestDb, now: i64) -> baton::store::Dispatched {
         .expect("a due job")
 }
 
-fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
+pub fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
     events.iter().map(|e| e.kind.as_str()).collect()
 }
 
@@ -533,220 +533,4 @@ async fn eight_concurrent_claims_give_one_winner(db: TestDb) {
 on_both!(
     eight_concurrent_claims_give_one_winner,
     eight_concurrent_claims_give_one_winner
-);
-
-async fn record_exit_counts_once(db: TestDb) {
-    let s = submit(&db.store, "E-1").await;
-    let d = take(&db, NOW).await;
-    assert!(
-        db.store
-            .record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !db.store
-            .record_exit(s.task.id, &d.run, 1, serde_json::json!({}), NOW + 9)
-            .await
-            .unwrap()
-    );
-    let run = db.store.run(d.run.id).await.unwrap().unwrap();
-    assert_eq!((run.exit_code, run.exited_at), (Some(0), Some(NOW + 5)));
-}
-on_both!(record_exit_counts_once, record_exit_counts_once);
-
-/// A start not yet recorded is written with the exit; when the exit was recorded already
-/// (by another writer), the start still is, and the exit stays the first one.
-async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
-    let started = |pid| baton::store::Started {
-        pid,
-        prompt: Some(format!("prompt {pid}")),
-        at: NOW + 1,
-    };
-    let s = submit(&db.store, "E-2").await;
-    let d = take(&db, NOW).await;
-    let first = db
-        .store
-        .record_start_and_exit(
-            s.task.id,
-            &d.run,
-            Some(&started(41)),
-            3,
-            serde_json::json!({}),
-            NOW + 5,
-        )
-        .await
-        .unwrap();
-    assert!(first);
-    let run = db.store.run(d.run.id).await.unwrap().unwrap();
-    assert_eq!(
-        (run.pid, run.prompt.as_deref(), run.exit_code, run.exited_at),
-        (Some(41), Some("prompt 41"), Some(3), Some(NOW + 5))
-    );
-
-    let t = submit(&db.store, "E-3").await;
-    let e = take(&db, NOW).await;
-    assert!(
-        db.store
-            .record_exit(t.task.id, &e.run, 0, serde_json::json!({}), NOW + 5)
-            .await
-            .unwrap()
-    );
-    let again = db
-        .store
-        .record_start_and_exit(
-            t.task.id,
-            &e.run,
-            Some(&started(42)),
-            9,
-            serde_json::json!({}),
-            NOW + 9,
-        )
-        .await
-        .unwrap();
-    assert!(!again);
-    let run = db.store.run(e.run.id).await.unwrap().unwrap();
-    assert_eq!(
-        (run.pid, run.exit_code, run.exited_at),
-        (Some(42), Some(0), Some(NOW + 5))
-    );
-    let events = db.store.events(t.task.id).await.unwrap();
-    let runs: Vec<&str> = kinds(&events)
-        .into_iter()
-        .filter(|k| k.starts_with("run_"))
-        .collect();
-    assert_eq!(runs, ["run_exited", "run_started"]);
-}
-on_both!(
-    a_pending_start_is_recorded_with_the_exit_or_after_it,
-    a_pending_start_is_recorded_with_the_exit_or_after_it
-);
-
-async fn cancel_and_retry(db: TestDb) {
-    let s = submit(&db.store, "X-1").await;
-    let d = take(&db, NOW).await;
-    // The node's heartbeat is its live runs' too: one write for all of them.
-    db.store.heartbeat_node("n1", NOW + 5).await.unwrap();
-    let run = db.store.run(d.run.id).await.unwrap().unwrap();
-    assert_eq!(run.heartbeat_at, NOW + 5);
-    let watched = [(d.run.id, d.job.id), (d.run.id + 1000, d.job.id)];
-    assert_eq!(
-        db.store.runs_not_current(&watched).await.unwrap(),
-        vec![d.run.id + 1000],
-        "a run the job does not run with is not current"
-    );
-    let runs = db
-        .store
-        .cancel(&crate::support::key("X-1"), EventSource::Cli, NOW)
-        .await
-        .unwrap();
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].run.id, d.run.id);
-    assert_eq!(
-        db.store.task(s.task.id).await.unwrap().status,
-        TaskStatus::Cancelled
-    );
-    assert_eq!(
-        db.store.runs_not_current(&watched[..1]).await.unwrap(),
-        vec![d.run.id],
-        "the monitor learns of the cancel"
-    );
-    // The cancelled run's claim loses.
-    let out = db
-        .store
-        .claim(
-            &claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor),
-            &policy(),
-            NOW,
-        )
-        .await
-        .unwrap();
-    assert_eq!(out, ClaimOutcome::Lost);
-    assert!(
-        db.store
-            .cancel(&crate::support::key("X-1"), EventSource::Cli, NOW)
-            .await
-            .is_err(),
-        "cancelling twice is an error"
-    );
-    let baton::store::Retried::Job(job) = db
-        .store
-        .retry(&crate::support::key("X-1"), EventSource::Cli, NOW)
-        .await
-        .unwrap()
-    else {
-        panic!("a task that stopped at its first stage retries that stage")
-    };
-    assert_eq!(
-        (job.stage.as_str(), job.iteration, job.attempt),
-        ("analyst", 2, 1)
-    );
-    assert_eq!(
-        db.store.task(s.task.id).await.unwrap().status,
-        TaskStatus::Active
-    );
-    assert!(
-        db.store
-            .retry(&crate::support::key("X-1"), EventSource::Cli, NOW)
-            .await
-            .is_err(),
-        "an active task cannot be retried"
-    );
-    assert!(matches!(
-        db.store
-            .cancel(&crate::support::key("NOPE"), EventSource::Cli, NOW)
-            .await,
-        Err(baton::store::StoreError::NoSuchTask(_))
-    ));
-}
-on_both!(cancel_and_retry, cancel_and_retry);
-
-/// A cancel right after an agent's start, before its Monitor recorded the pid (it does a
-/// moment later, or never when its node dies first): the shim's pid file names the
-/// agent, and the agent is stopped.
-async fn cancel_stops_an_agent_whose_pid_is_not_recorded_yet(db: TestDb) {
-    use baton::tasks::AgentStop;
-    let store = &db.store;
-    let node = store.register_node("host-a", 4242, NOW).await.unwrap();
-    submit(store, "PID-1").await;
-    let d = store
-        .dispatch(&node, db.dir.path(), None, NOW)
-        .await
-        .unwrap()
-        .expect("a due job");
-    assert!(d.run.pid.is_none());
-    let log = std::path::PathBuf::from(&d.run.log_path);
-    let mut shim = baton::agent::spawn(&baton::agent::AgentSpec {
-        argv: vec!["sleep".into(), "120".into()],
-        cwd: db.dir.path().to_path_buf(),
-        log_path: log.clone(),
-        env: Default::default(),
-        env_remove: Vec::new(),
-        shim_exe: env!("CARGO_BIN_EXE_baton-shim").into(),
-    })
-    .unwrap();
-    let pid = loop {
-        if let Some(id) = baton::agent::Identity::of_run(&log) {
-            break id.pid;
-        }
-        // Waiting on another process's file, which no probe can report.
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    };
-    // Reaped as soon as it ends, as a Monitor's waiter does.
-    let shim = tokio::spawn(async move { shim.wait().await });
-    let key = crate::support::key("PID-1");
-    let cancelled = baton::tasks::cancel(store, &key, baton::model::Origin::Cli, NOW + 1, "host-a")
-        .await
-        .unwrap();
-    assert!(
-        matches!(cancelled.runs[..], [(_, AgentStop::Terminated { pid: p })] if p == pid),
-        "{:?}",
-        cancelled.runs
-    );
-    shim.await.unwrap().unwrap();
-    assert!(!baton::agent::alive(pid), "the agent still runs");
-}
-on_both!(
-    cancel_stops_an_agent_whose_pid_is_not_recorded_yet,
-    cancel_stops_an_agent_whose_pid_is_not_recorded_yet
 );
