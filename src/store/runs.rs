@@ -143,12 +143,7 @@ impl Store {
         if let Some(started) = started {
             // The start rides on the exit's statement, and on its own when the exit was
             // recorded already.
-            exit = exit
-                .col_expr(agent_runs::Column::Pid, Expr::value(started.pid))
-                .col_expr(
-                    agent_runs::Column::Prompt,
-                    Expr::value(started.prompt.clone()),
-                );
+            exit = with_start(exit, started);
         }
         let n = exit
             .filter(agent_runs::Column::Id.eq(run.id))
@@ -372,16 +367,24 @@ async fn write_started(
     task_id: i64,
     started: &Started,
 ) -> StoreResult<NewEvent> {
-    agent_runs::Entity::update_many()
+    with_start(agent_runs::Entity::update_many(), started)
+        .filter(agent_runs::Column::Id.eq(run.id))
+        .exec(txn)
+        .await?;
+    Ok(started_event(run, task_id, started))
+}
+
+/// An update of a run that also sets what its start recorded: the pid and the prompt.
+fn with_start(
+    update: sea_orm::UpdateMany<agent_runs::Entity>,
+    started: &Started,
+) -> sea_orm::UpdateMany<agent_runs::Entity> {
+    update
         .col_expr(agent_runs::Column::Pid, Expr::value(started.pid))
         .col_expr(
             agent_runs::Column::Prompt,
             Expr::value(started.prompt.clone()),
         )
-        .filter(agent_runs::Column::Id.eq(run.id))
-        .exec(txn)
-        .await?;
-    Ok(started_event(run, task_id, started))
 }
 
 /// A run's `run_started` event.

@@ -413,8 +413,8 @@ fn checkout(repo: &Repository, branch: &str, tip: Oid) -> Result<(), WorkspaceEr
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_preparation_is_served_by_a_fetch_that_began_after_it_and_only_by_such_a_one() {
+    /// A temporary folder with a seeded bare remote, and the access to it.
+    fn seeded() -> (tempfile::TempDir, PathBuf, RepoAccess) {
         let dir = tempfile::tempdir().unwrap();
         let remote = dir.path().join("remote.git");
         crate::workspace::seed_remote(&dir.path().join("seed"), &remote).unwrap();
@@ -422,6 +422,12 @@ mod tests {
             url: remote.display().to_string(),
             ..Default::default()
         };
+        (dir, remote, access)
+    }
+
+    #[test]
+    fn a_preparation_is_served_by_a_fetch_that_began_after_it_and_only_by_such_a_one() {
+        let (dir, remote, access) = seeded();
         let bare = Repository::open_bare(&remote).unwrap();
         let head = bare.head().unwrap().peel_to_commit().unwrap();
         bare.branch("old", &head, false).unwrap();
@@ -471,13 +477,7 @@ mod tests {
     /// fetch into the kept mirror brought; a mirror whose folder was removed is made anew.
     #[test]
     fn the_opened_mirror_is_kept_between_preparations_while_its_folder_is_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let remote = dir.path().join("remote.git");
-        crate::workspace::seed_remote(&dir.path().join("seed"), &remote).unwrap();
-        let access = RepoAccess {
-            url: remote.display().to_string(),
-            ..Default::default()
-        };
+        let (dir, remote, access) = seeded();
         let root = dir.path().join("ws");
         let key = root.join(MIRROR_DIR);
         let kept = || OPENED.lock().unwrap().contains_key(&key);

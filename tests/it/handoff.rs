@@ -15,21 +15,14 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::on_both;
 use crate::reaper_windows::claim_setup_with;
-use crate::store::{PIPELINE_TOML, policy};
+use crate::store::{PIPELINE_TOML, claim, policy};
 use crate::support::TestDb;
 
 const NOW: i64 = 1_800_000_000_000;
 
+/// `d`'s run passed, as its Monitor claims it.
 fn passed(d: &Dispatched) -> Claim {
-    Claim {
-        job_id: d.job.id,
-        run_id: d.run.id,
-        verdict: Verdict::Passed,
-        decided_by: Decider::Monitor,
-        commit_sha: None,
-        feedback: None,
-        usage: None,
-    }
+    claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor)
 }
 
 /// Dispatches the next due job on node `n1` (jobs the claims queued are due by then).
