@@ -3,7 +3,7 @@
 //! baton never starts an agent directly. It starts `baton shim`, which puts itself in a
 //! new session (so the agent has its own process group, which outlives baton and can be
 //! killed as a whole), starts the agent with its log file as stdout and stderr, waits
-//! for it, and writes the exit status to the run's exit file. So the exit code is known
+//! for it, and records the exit status in the run's status file. So the exit code is known
 //! even when baton was down when the agent ended, and a restarted baton can adopt the
 //! run instead of starting the agent again.
 
@@ -34,15 +34,79 @@ pub struct ExitStatus {
     pub error: Option<String>,
 }
 
-/// The exit file of a run: beside its log, with `.exit` in place of `.log`.
-pub fn exit_file(log_path: &Path) -> PathBuf {
-    log_path.with_extension("exit")
+/// The status file of a run: beside its log, with `.status` in place of `.log`. The shim
+/// appends one JSON line before the agent starts (its [`Identity`]) and one when the
+/// agent ended (its [`ExitStatus`]): one file created per run instead of a pid file and an
+/// exit file, each written aside and renamed. Only whole lines count, so a line read
+/// while it is being written, or cut short by a crash, is no line at all: the exit is
+/// complete or absent.
+pub fn status_file(log_path: &Path) -> PathBuf {
+    log_path.with_extension("status")
 }
 
-/// Reads the exit file the shim wrote, if it did.
+/// What a run's shim wrote about it: who leads the agent's process group, and how the
+/// agent ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunStatus {
+    pub identity: Option<Identity>,
+    pub exit: Option<ExitStatus>,
+}
+
+impl RunStatus {
+    /// Reads the status file of the run logging to `log`. Without one, reads the pid and
+    /// exit files a shim of an earlier release writes (`.pid` and `.exit` beside the log),
+    /// so that a node upgraded while its agents run still adopts them.
+    pub fn read(log: &Path) -> RunStatus {
+        match std::fs::read(status_file(log)) {
+            Ok(bytes) => RunStatus::parse(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RunStatus {
+                identity: std::fs::read(log.with_extension("pid"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok()),
+                exit: std::fs::read(log.with_extension("exit"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok()),
+            },
+            Err(_) => RunStatus::default(),
+        }
+    }
+
+    /// The first whole line that is an identity, and the first that is an exit.
+    fn parse(bytes: &[u8]) -> RunStatus {
+        let mut status = RunStatus::default();
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            let Some(line) = line.strip_suffix(b"\n") else {
+                break;
+            };
+            if status.identity.is_none() {
+                status.identity = serde_json::from_slice(line).ok();
+                if status.identity.is_some() {
+                    continue;
+                }
+            }
+            if status.exit.is_none() {
+                status.exit = serde_json::from_slice(line).ok();
+            }
+        }
+        status
+    }
+
+    /// Appends `record` to the status file of the run logging to `log`, as one line
+    /// written at once.
+    fn append(log: &Path, record: &impl Serialize) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(status_file(log))?
+            .write_all(&line)
+    }
+}
+
+/// The exit the shim wrote, if it did.
 pub fn read_exit(log_path: &Path) -> Option<ExitStatus> {
-    let text = std::fs::read_to_string(exit_file(log_path)).ok()?;
-    serde_json::from_str(&text).ok()
+    RunStatus::read(log_path).exit
 }
 
 /// A process as it can be told apart from a later one with the same pid: its start time
@@ -52,11 +116,6 @@ pub struct Identity {
     pub pid: i32,
     pub start_time: u64,
     pub boot_id: String,
-}
-
-/// The pid file of a run: beside its log, written by the shim before the agent starts.
-pub fn pid_file(log_path: &Path) -> PathBuf {
-    log_path.with_extension("pid")
 }
 
 fn boot_id() -> std::io::Result<String> {
@@ -86,15 +145,14 @@ impl Identity {
         })
     }
 
-    fn write(&self, log: &Path) -> std::io::Result<()> {
-        let tmp = pid_file(log).with_extension("pid.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
-        std::fs::rename(&tmp, pid_file(log))
+    /// Records this identity in the status file of the run logging to `log`.
+    pub fn record(&self, log: &Path) -> std::io::Result<()> {
+        RunStatus::append(log, self)
     }
 
-    /// The identity the shim of the run logging to `log` wrote, if it did.
+    /// The identity the shim of the run logging to `log` recorded, if it did.
     pub fn of_run(log: &Path) -> Option<Identity> {
-        serde_json::from_slice(&std::fs::read(pid_file(log)).ok()?).ok()
+        RunStatus::read(log).identity
     }
 
     /// True while this very process lives: same pid, same start time, same boot.
@@ -106,14 +164,15 @@ impl Identity {
 }
 
 /// The pid of a run's agent (its shim, the leader of its process group) while that very
-/// process still runs: an exit file means it ended; the shim's pid file names it even
-/// when baton never recorded the pid, and tells a stranger that reuses the pid after a
-/// reboot from it. Without a pid file, the recorded pid is trusted as it is.
+/// process still runs: a recorded exit means it ended; the recorded identity names it
+/// even when baton never recorded the pid, and tells a stranger that reuses the pid after
+/// a reboot from it. Without an identity, the recorded pid is trusted as it is.
 pub fn live_agent(log: &Path, recorded_pid: Option<i32>) -> Option<i32> {
-    if read_exit(log).is_some() {
+    let status = RunStatus::read(log);
+    if status.exit.is_some() {
         return None;
     }
-    match Identity::of_run(log) {
+    match status.identity {
         Some(id) => id.alive().then_some(id.pid),
         None => recorded_pid.filter(|p| alive(*p)),
     }
@@ -138,8 +197,7 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
     if let Some(dir) = spec.log_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let _ = std::fs::remove_file(exit_file(&spec.log_path));
-    let _ = std::fs::remove_file(pid_file(&spec.log_path));
+    let _ = std::fs::remove_file(status_file(&spec.log_path));
     let mut cmd = tokio::process::Command::new(&spec.shim_exe);
     cmd.arg("shim")
         .arg("--log")
@@ -263,13 +321,12 @@ pub fn shim_cli(args: &[String]) -> u8 {
 }
 
 /// The body of `baton shim --log LOG -- ARGV...`: runs synchronously, never returns
-/// before the agent ended, and always tries to write the exit file.
+/// before the agent ended, and always tries to record the exit.
 pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
     // Its own session: the agent gets a process group of its own that survives baton.
     let _ = nix::unistd::setsid();
-    // TERM and INT reach the whole group; the shim outlives them to write the exit
-    // file. A handler (unlike SIG_IGN) is reset to the default in the agent by exec.
+    // TERM and INT reach the whole group; the shim outlives them to record the exit. A handler (unlike SIG_IGN) is reset to the default in the agent by exec.
     let action = SigAction::new(
         SigHandler::Handler(ignore_signal),
         SaFlags::SA_RESTART,
@@ -284,18 +341,14 @@ pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
     // Who the agent's group leader is, durable before the agent can do any work: a baton
     // that dies before recording the pid, or a pid reused after a reboot, cannot fool
     // the next one.
-    if let Err(e) = Identity::of_self().and_then(|id| id.write(log)) {
-        eprintln!("baton shim: cannot write the pid file: {e}");
+    if let Err(e) = Identity::of_self().and_then(|id| id.record(log)) {
+        eprintln!("baton shim: cannot record the agent's identity: {e}");
     }
     let status = run_agent(log, argv);
-    let code = status.code;
-    let tmp = exit_file(log).with_extension("exit.tmp");
-    let written = std::fs::write(&tmp, serde_json::to_vec(&status).unwrap_or_default())
-        .and_then(|_| std::fs::rename(&tmp, exit_file(log)));
-    if let Err(e) = written {
-        eprintln!("baton shim: cannot write exit file: {e}");
+    if let Err(e) = RunStatus::append(log, &status) {
+        eprintln!("baton shim: cannot record the exit: {e}");
     }
-    code
+    status.code
 }
 
 fn run_agent(log: &Path, argv: &[String]) -> ExitStatus {
@@ -373,23 +426,62 @@ mod tests {
     }
 
     #[test]
-    fn the_exit_file_wins_and_the_pid_file_names_an_unrecorded_agent() {
+    fn the_recorded_exit_wins_and_the_identity_names_an_unrecorded_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = |name: &str| dir.path().join(format!("{name}.log"));
+        let me = Identity::of_self().unwrap();
+        // No status file, no recorded pid: no agent.
+        assert_eq!(live_agent(&log("1-dev-1"), None), None);
+        // The shim's identity names the agent even when baton never recorded its pid.
+        me.record(&log("1-dev-1")).unwrap();
+        assert_eq!(live_agent(&log("1-dev-1"), None), Some(me.pid));
+        // A recorded pid that the recorded identity contradicts is not trusted.
+        let stranger = Identity {
+            start_time: me.start_time + 1,
+            ..me.clone()
+        };
+        stranger.record(&log("2-dev-1")).unwrap();
+        assert_eq!(live_agent(&log("2-dev-1"), Some(me.pid)), None);
+        // A recorded exit means the agent ended, whatever else says.
+        let exit = ExitStatus {
+            code: 3,
+            signal: None,
+            error: None,
+        };
+        RunStatus::append(&log("1-dev-1"), &exit).unwrap();
+        assert_eq!(live_agent(&log("1-dev-1"), Some(me.pid)), None);
+        assert_eq!(
+            RunStatus::read(&log("1-dev-1")),
+            RunStatus {
+                identity: Some(me),
+                exit: Some(exit)
+            }
+        );
+    }
+
+    #[test]
+    fn only_whole_lines_count_and_an_earlier_shims_files_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("1-dev-1.log");
-        // No pid file, no recorded pid: no agent.
-        assert_eq!(live_agent(&log, None), None);
-        // The shim's pid file names the agent even when baton never recorded its pid.
-        Identity::of_self().unwrap().write(&log).unwrap();
-        assert_eq!(live_agent(&log, None), Some(std::process::id() as i32));
-        // A recorded pid that the pid file contradicts is not trusted.
-        let mut stranger = Identity::of_self().unwrap();
-        stranger.start_time += 1;
-        stranger.write(&log).unwrap();
-        assert_eq!(live_agent(&log, Some(std::process::id() as i32)), None);
-        // An exit file means the agent ended, whatever else says.
-        Identity::of_self().unwrap().write(&log).unwrap();
-        std::fs::write(exit_file(&log), r#"{"code":0}"#).unwrap();
-        assert_eq!(live_agent(&log, Some(std::process::id() as i32)), None);
+        let me = Identity::of_self().unwrap();
+        let identity = serde_json::to_string(&me).unwrap();
+        // An exit being written (or cut short): the agent has not ended.
+        std::fs::write(status_file(&log), format!("{identity}\n{{\"code\":0")).unwrap();
+        let read = RunStatus::read(&log);
+        assert_eq!((read.identity, read.exit), (Some(me.clone()), None));
+        assert_eq!(live_agent(&log, None), Some(me.pid));
+        // An identity being written: nothing yet.
+        std::fs::write(status_file(&log), &identity[..identity.len() / 2]).unwrap();
+        assert_eq!(RunStatus::read(&log), RunStatus::default());
+        // A shim of an earlier release wrote a pid file and an exit file.
+        let old = dir.path().join("2-dev-1.log");
+        std::fs::write(old.with_extension("pid"), &identity).unwrap();
+        assert_eq!(live_agent(&old, None), Some(me.pid));
+        std::fs::write(old.with_extension("exit"), r#"{"code":4,"signal":null}"#).unwrap();
+        let read = RunStatus::read(&old);
+        assert_eq!(read.identity, Some(me));
+        assert_eq!(read.exit.map(|e| e.code), Some(4));
+        assert_eq!(live_agent(&old, None), None);
     }
 
     #[test]

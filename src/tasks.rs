@@ -132,7 +132,7 @@ pub async fn cancel(
     for r in runs {
         let stop = match (r.run.pid, r.hostname) {
             // The pid is recorded a moment after the start (or never, when baton died
-            // first): the shim's pid file names the agent meanwhile.
+            // first): the shim's recorded identity names the agent meanwhile.
             (pid, Some(h)) if h == hostname => {
                 // Only the run's very agent is stopped, never a process that reuses its pid.
                 let log = std::path::Path::new(&r.run.log_path);

@@ -326,7 +326,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             let pid = child.id().map(|p| p as i32).unwrap_or(0);
             state.pid = Some(pid);
             // The start is recorded a moment later, or with the exit if the agent ends
-            // first: the shim's pid file names the agent meanwhile.
+            // first: the shim's recorded identity names the agent meanwhile.
             state.started = Some(Started {
                 pid,
                 prompt: v.prompt.clone(),
@@ -348,7 +348,7 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
             state.timers.push(waiter.abort_handle());
         }
         MonitorMode::Adopt => {
-            // A start not recorded yet: the shim's pid file names the agent.
+            // A start not recorded yet: the shim's recorded identity names the agent.
             let pid = d
                 .run
                 .pid

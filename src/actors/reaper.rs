@@ -54,7 +54,7 @@ pub struct ReapResult {
     pub n_tier1: usize,
     pub n_tier2: usize,
     pub n_timeout: usize,
-    /// Exits read from a shim's exit file for runs nobody watched.
+    /// Exits read from a shim's status file for runs nobody watched.
     pub n_exit_recorded: usize,
     /// Runs left alone because their exit is still inside the grace window.
     pub n_in_grace: usize,
@@ -313,8 +313,8 @@ async fn recover_lost_work(
 }
 
 /// A run of this host with no exit recorded: its agent past the stage timeout is stopped;
-/// an agent gone with an exit file gets its exit recorded (tier 2 later); one gone without
-/// is lost (tier 1). Runs of another live node of this host are left to it.
+/// an agent gone with an exit in its status file gets that exit recorded (tier 2 later);
+/// one gone without is lost (tier 1). Runs of another live node of this host are left to it.
 async fn own_host_run(
     ctx: &Ctx,
     rj: &RunningJob,

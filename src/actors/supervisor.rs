@@ -351,7 +351,7 @@ async fn stop_stale_agents(ctx: &Ctx) {
     };
     for (task_id, run) in stale {
         let log = std::path::Path::new(&run.log_path);
-        // Only an agent its pid file names is stopped: a bare pid recorded long ago may
+        // Only an agent its recorded identity names is stopped: a bare pid recorded long ago may
         // belong to a stranger by now.
         let identified = agent::Identity::of_run(log).filter(|id| id.alive());
         let stopped = match identified.map(|id| id.pid) {
@@ -412,7 +412,7 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
             continue;
         }
         let log = std::path::Path::new(&run.log_path);
-        // The exit file wins; else the very agent of this run (by its pid file's identity,
+        // The recorded exit wins; else the very agent of this run (by its recorded identity,
         // even when the pid was never recorded) must still run.
         let exit = agent::read_exit(log);
         let pid = agent::live_agent(log, run.pid).or_else(|| exit.as_ref().and(run.pid));

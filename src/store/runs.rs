@@ -28,7 +28,7 @@ pub struct RunningJob {
 
 impl Store {
     /// Records the agent's pid (and the prompt it was given) once it is started, with the
-    /// `run_started` event. A Monitor defers this (the shim's pid file names the agent
+    /// `run_started` event. A Monitor defers this (the shim's recorded identity names the agent
     /// meanwhile) and, for an agent that ends first, writes it with the exit.
     pub async fn run_started(
         &self,

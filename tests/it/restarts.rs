@@ -117,12 +117,12 @@ async fn restart_after_the_agent_exited_while_down_finalizes_once(db: TestDb) {
     let run = crash_serve_with_running_agent(&h).await;
     // The agent ends while no baton runs; its shim writes the exit status.
     std::fs::write(h.root.join("go"), "").unwrap();
-    let exit_file = baton::agent::exit_file(std::path::Path::new(&run.log_path));
+    let log = std::path::Path::new(&run.log_path);
     let deadline = std::time::Instant::now() + PROBE_WAIT;
-    while !exit_file.exists() {
+    while baton::agent::read_exit(log).is_none() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the shim never wrote the exit file"
+            "the shim never recorded the exit"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
