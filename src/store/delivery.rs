@@ -3,7 +3,7 @@
 //! of a host that died before pushing it is redone from the last stage on the remote.
 
 use entity::{advances, agent_runs, effects, jobs};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Cond, Expr, ExprTrait, Func, Query, SelectStatement, SubQueryStatement};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
 };
@@ -319,24 +319,33 @@ pub(super) async fn pushes_with_jobs<C: ConnectionTrait>(
 }
 
 /// The runs whose commits were lost with their host (their push was closed unperformed,
-/// and no later push of the task was done): the next stage never starts from them.
-pub(super) async fn lost_runs<C: ConnectionTrait>(db: &C, task_id: i64) -> StoreResult<Vec<i64>> {
-    let pushes = effects::Entity::find()
-        .filter(effects::Column::TaskId.eq(task_id))
-        .filter(effects::Column::Kind.eq(EffectKind::Push))
-        .all(db)
-        .await?;
-    let last_done = pushes
-        .iter()
-        .filter(|e| e.status == EffectStatus::Done)
-        .map(|e| e.id)
-        .max()
-        .unwrap_or(0);
-    Ok(pushes
-        .iter()
-        .filter(|e| e.status == EffectStatus::Cancelled && e.id > last_done)
-        .map(|e| e.run_id)
-        .collect())
+/// and no later push of the task was done): the next stage never starts from them. A
+/// subquery of their ids, so that a reader asks for what it needs in one statement.
+pub(super) fn lost_runs(task_id: i64) -> SelectStatement {
+    let pushes = |status: EffectStatus| {
+        Cond::all()
+            .add(effects::Column::TaskId.eq(task_id))
+            .add(effects::Column::Kind.eq(EffectKind::Push))
+            .add(effects::Column::Status.eq(status))
+    };
+    let last_done = Query::select()
+        .expr(Expr::col(effects::Column::Id).max())
+        .from(effects::Entity)
+        .cond_where(pushes(EffectStatus::Done))
+        .to_owned();
+    Query::select()
+        .column(effects::Column::RunId)
+        .from(effects::Entity)
+        .cond_where(pushes(EffectStatus::Cancelled))
+        .and_where(effects::Column::RunId.is_not_null())
+        .and_where(Expr::col(effects::Column::Id).gt(Func::coalesce([
+            Expr::SubQuery(
+                None,
+                Box::new(SubQueryStatement::SelectStatement(last_done)),
+            ),
+            Expr::val(0),
+        ])))
+        .to_owned()
 }
 
 /// The job of the earliest run whose work was lost, for a retry to start there.
@@ -344,12 +353,8 @@ pub(super) async fn earliest_lost_job<C: ConnectionTrait>(
     db: &C,
     task_id: i64,
 ) -> StoreResult<Option<jobs::Model>> {
-    let lost = lost_runs(db, task_id).await?;
-    if lost.is_empty() {
-        return Ok(None);
-    }
     let Some(run) = agent_runs::Entity::find()
-        .filter(agent_runs::Column::Id.is_in(lost))
+        .filter(agent_runs::Column::Id.in_subquery(lost_runs(task_id)))
         .order_by_asc(agent_runs::Column::Id)
         .one(db)
         .await?

@@ -182,7 +182,6 @@ impl Store {
     /// The commit of the latest run of a task that made one, which the next stage builds
     /// on; a commit lost with its host (its push closed unperformed) is not one.
     pub async fn last_commit(&self, task_id: i64) -> StoreResult<Option<String>> {
-        let lost = super::delivery::lost_runs(&self.db, task_id).await?;
         let job_ids = Query::select()
             .column(jobs::Column::Id)
             .from(jobs::Entity)
@@ -191,7 +190,7 @@ impl Store {
         Ok(agent_runs::Entity::find()
             .filter(agent_runs::Column::JobId.in_subquery(job_ids))
             .filter(agent_runs::Column::CommitSha.is_not_null())
-            .filter(agent_runs::Column::Id.is_not_in(lost))
+            .filter(agent_runs::Column::Id.not_in_subquery(super::delivery::lost_runs(task_id)))
             .order_by_desc(agent_runs::Column::Id)
             .one(&self.db)
             .await?
