@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use entity::{agent_runs, jobs, nodes, tasks};
 use sea_orm::sea_query::{Condition, Expr, Query};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde_json::json;
 
 use super::{NewEvent, Store, StoreResult, append, append_all};
@@ -192,9 +192,12 @@ impl Store {
             .filter(agent_runs::Column::CommitSha.is_not_null())
             .filter(agent_runs::Column::Id.not_in_subquery(super::delivery::lost_runs(task_id)))
             .order_by_desc(agent_runs::Column::Id)
+            .select_only()
+            .column(agent_runs::Column::CommitSha)
+            .into_tuple::<Option<String>>()
             .one(&self.db)
             .await?
-            .and_then(|r| r.commit_sha))
+            .flatten())
     }
 
     /// Every running job with its current run and the run's node.
