@@ -44,6 +44,14 @@ pub fn status_file(log_path: &Path) -> PathBuf {
     log_path.with_extension("status")
 }
 
+/// The pid file and the exit file a shim of an earlier release writes beside the log.
+fn legacy_files(log_path: &Path) -> [PathBuf; 2] {
+    [
+        log_path.with_extension("pid"),
+        log_path.with_extension("exit"),
+    ]
+}
+
 /// What a run's shim wrote about it: who leads the agent's process group, and how the
 /// agent ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,14 +67,13 @@ impl RunStatus {
     pub fn read(log: &Path) -> RunStatus {
         match std::fs::read(status_file(log)) {
             Ok(bytes) => RunStatus::parse(&bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RunStatus {
-                identity: std::fs::read(log.with_extension("pid"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok()),
-                exit: std::fs::read(log.with_extension("exit"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok()),
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let [pid, exit] = legacy_files(log).map(|f| std::fs::read(f).ok());
+                RunStatus {
+                    identity: pid.and_then(|b| serde_json::from_slice(&b).ok()),
+                    exit: exit.and_then(|b| serde_json::from_slice(&b).ok()),
+                }
+            }
             Err(_) => RunStatus::default(),
         }
     }
@@ -92,9 +99,14 @@ impl RunStatus {
     }
 
     /// Appends `record` to the status file of the run logging to `log`, as one line
-    /// written at once.
-    fn append(log: &Path, record: &impl Serialize) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    /// written at once. With `new_line`, the line starts on a line of its own even when
+    /// the line before was cut short (a failed write must not swallow the exit).
+    fn append(log: &Path, record: &impl Serialize, new_line: bool) -> std::io::Result<()> {
+        let mut line = Vec::with_capacity(128);
+        if new_line {
+            line.push(b'\n');
+        }
+        serde_json::to_writer(&mut line, record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         std::fs::OpenOptions::new()
             .create(true)
@@ -147,7 +159,7 @@ impl Identity {
 
     /// Records this identity in the status file of the run logging to `log`.
     pub fn record(&self, log: &Path) -> std::io::Result<()> {
-        RunStatus::append(log, self)
+        RunStatus::append(log, self, false)
     }
 
     /// The identity the shim of the run logging to `log` recorded, if it did.
@@ -197,7 +209,14 @@ pub fn spawn(spec: &AgentSpec) -> std::io::Result<tokio::process::Child> {
     if let Some(dir) = spec.log_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let _ = std::fs::remove_file(status_file(&spec.log_path));
+    // Nothing an earlier run at this path left (an earlier shim's files included) may
+    // pass for this one's.
+    for stale in [status_file(&spec.log_path)]
+        .into_iter()
+        .chain(legacy_files(&spec.log_path))
+    {
+        let _ = std::fs::remove_file(stale);
+    }
     let mut cmd = tokio::process::Command::new(&spec.shim_exe);
     cmd.arg("shim")
         .arg("--log")
@@ -326,7 +345,8 @@ pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
     // Its own session: the agent gets a process group of its own that survives baton.
     let _ = nix::unistd::setsid();
-    // TERM and INT reach the whole group; the shim outlives them to record the exit. A handler (unlike SIG_IGN) is reset to the default in the agent by exec.
+    // TERM and INT reach the whole group; the shim outlives them to record the exit.
+    // A handler (unlike SIG_IGN) is reset to the default in the agent by exec.
     let action = SigAction::new(
         SigHandler::Handler(ignore_signal),
         SaFlags::SA_RESTART,
@@ -341,11 +361,12 @@ pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
     // Who the agent's group leader is, durable before the agent can do any work: a baton
     // that dies before recording the pid, or a pid reused after a reboot, cannot fool
     // the next one.
-    if let Err(e) = Identity::of_self().and_then(|id| id.record(log)) {
+    let recorded = Identity::of_self().and_then(|id| id.record(log));
+    if let Err(e) = &recorded {
         eprintln!("baton shim: cannot record the agent's identity: {e}");
     }
     let status = run_agent(log, argv);
-    if let Err(e) = RunStatus::append(log, &status) {
+    if let Err(e) = RunStatus::append(log, &status, recorded.is_err()) {
         eprintln!("baton shim: cannot record the exit: {e}");
     }
     status.code
@@ -448,7 +469,7 @@ mod tests {
             signal: None,
             error: None,
         };
-        RunStatus::append(&log("1-dev-1"), &exit).unwrap();
+        RunStatus::append(&log("1-dev-1"), &exit, false).unwrap();
         assert_eq!(live_agent(&log("1-dev-1"), Some(me.pid)), None);
         assert_eq!(
             RunStatus::read(&log("1-dev-1")),
@@ -473,6 +494,14 @@ mod tests {
         // An identity being written: nothing yet.
         std::fs::write(status_file(&log), &identity[..identity.len() / 2]).unwrap();
         assert_eq!(RunStatus::read(&log), RunStatus::default());
+        // The identity's write failed halfway: the exit still gets a line of its own.
+        let exit = ExitStatus {
+            code: 5,
+            signal: None,
+            error: None,
+        };
+        RunStatus::append(&log, &exit, true).unwrap();
+        assert_eq!(RunStatus::read(&log).exit, Some(exit));
         // A shim of an earlier release wrote a pid file and an exit file.
         let old = dir.path().join("2-dev-1.log");
         std::fs::write(old.with_extension("pid"), &identity).unwrap();

@@ -337,7 +337,6 @@ pub(super) fn lost_runs(task_id: i64) -> SelectStatement {
         .column(effects::Column::RunId)
         .from(effects::Entity)
         .cond_where(pushes(EffectStatus::Cancelled))
-        .and_where(effects::Column::RunId.is_not_null())
         .and_where(Expr::col(effects::Column::Id).gt(Func::coalesce([
             Expr::SubQuery(
                 None,
