@@ -5,13 +5,13 @@
 //! its own; only the arbiter's `claim_lost` event records that it lost.
 
 use entity::{advances, agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, LockType, Query};
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, Set};
+use sea_orm::sea_query::{Expr, Query};
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, Set};
 use serde_json::json;
 
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
-use super::tasks::{insert_job, set_task_status};
+use super::tasks::{for_update, insert_job, set_task_status};
 use super::{Dispatched, NewEvent, Store, StoreResult, Taker, append, append_all, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
@@ -136,11 +136,8 @@ async fn task_of_job(
         .from(jobs::Entity)
         .and_where(jobs::Column::Id.eq(job_id))
         .to_owned();
-    let mut q = tasks::Entity::find().filter(tasks::Column::Id.in_subquery(of_job));
-    if postgres {
-        q = q.lock(LockType::Update);
-    }
-    Ok(q.one(txn).await?)
+    let q = tasks::Entity::find().filter(tasks::Column::Id.in_subquery(of_job));
+    Ok(for_update(q, postgres).one(txn).await?)
 }
 
 /// Every job of task `task_id`, their rows locked on PostgreSQL.
@@ -149,11 +146,8 @@ async fn jobs_of_task(
     task_id: i64,
     postgres: bool,
 ) -> StoreResult<Vec<jobs::Model>> {
-    let mut q = jobs::Entity::find().filter(jobs::Column::TaskId.eq(task_id));
-    if postgres {
-        q = q.lock(LockType::Update);
-    }
-    Ok(q.all(txn).await?)
+    let q = jobs::Entity::find().filter(jobs::Column::TaskId.eq(task_id));
+    Ok(for_update(q, postgres).all(txn).await?)
 }
 
 /// The fenced write: it must change exactly the row read before. False when it did not.

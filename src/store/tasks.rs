@@ -7,7 +7,8 @@ use entity::{agent_runs, effects, events, jobs, nodes, tasks};
 use sea_orm::QuerySelect;
 use sea_orm::sea_query::{Expr, LockType};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Select,
+    Set,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -485,13 +486,13 @@ async fn lock_task_by_key<C: ConnectionTrait>(
     key: &TaskKey,
     postgres: bool,
 ) -> StoreResult<tasks::Model> {
-    let mut q = tasks::Entity::find().filter(tasks::Column::Key.eq(key.as_str()));
-    if postgres {
-        q = q.lock(LockType::Update);
-    }
-    q.one(db)
-        .await?
-        .ok_or_else(|| StoreError::NoSuchTask(key.to_string()))
+    for_update(
+        tasks::Entity::find().filter(tasks::Column::Key.eq(key.as_str())),
+        postgres,
+    )
+    .one(db)
+    .await?
+    .ok_or_else(|| StoreError::NoSuchTask(key.to_string()))
 }
 
 /// [`lock_task_by_key`] by id; `None` when the task is gone.
@@ -500,11 +501,19 @@ pub(super) async fn lock_task<C: ConnectionTrait>(
     id: i64,
     postgres: bool,
 ) -> StoreResult<Option<tasks::Model>> {
-    let mut q = tasks::Entity::find_by_id(id);
+    Ok(for_update(tasks::Entity::find_by_id(id), postgres)
+        .one(db)
+        .await?)
+}
+
+/// `q` taking the rows it reads on PostgreSQL (`FOR UPDATE`); SQLite's write
+/// transaction already excludes every other writer.
+pub(super) fn for_update<E: EntityTrait>(q: Select<E>, postgres: bool) -> Select<E> {
     if postgres {
-        q = q.lock(LockType::Update);
+        q.lock(LockType::Update)
+    } else {
+        q
     }
-    Ok(q.one(db).await?)
 }
 
 pub(super) async fn insert_job<C: ConnectionTrait>(

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::on_both;
 use crate::reaper_windows::claim_setup_with;
-use crate::store::{PIPELINE_TOML, claim, policy};
+use crate::store::{PIPELINE_TOML, claim, next_due, policy};
 use crate::support::TestDb;
 
 const NOW: i64 = 1_800_000_000_000;
@@ -27,11 +27,7 @@ fn passed(d: &Dispatched) -> Claim {
 
 /// Dispatches the next due job on node `n1` (jobs the claims queued are due by then).
 async fn take(db: &TestDb) -> Dispatched {
-    db.store
-        .dispatch("n1", db.dir.path(), None, NOW + 5)
-        .await
-        .unwrap()
-        .expect("a due job")
+    crate::store::take(db, NOW + 5).await
 }
 
 /// Claims `d` as passed, handing off to node `n1`; returns the claim's next job and the
@@ -82,13 +78,7 @@ async fn the_next_job_is_taken_for_the_claiming_node(db: TestDb) {
     );
     let run = db.store.run(handed.run.id).await.unwrap().unwrap();
     assert_eq!(run, handed.run);
-    assert!(
-        db.store
-            .dispatch("n1", db.dir.path(), None, NOW + 2)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(next_due(&db, NOW + 2).await.is_none());
 }
 on_both!(
     the_next_job_is_taken_for_the_claiming_node,

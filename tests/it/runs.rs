@@ -28,29 +28,39 @@ async fn record_exit_counts_once(db: TestDb) {
 }
 on_both!(record_exit_counts_once, record_exit_counts_once);
 
-/// A start not yet recorded is written with the exit; when the exit was recorded already
-/// (by another writer), the start still is, and the exit stays the first one.
-async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
-    let started = |pid| baton::store::Started {
+/// Records the start of agent `pid` with an exit of `code`; true when the exit was new.
+async fn start_and_exit(
+    db: &TestDb,
+    task_id: i64,
+    run: &entity::agent_runs::Model,
+    pid: i32,
+    code: i32,
+    at: i64,
+) -> bool {
+    let started = baton::store::Started {
         pid,
         prompt: Some(format!("prompt {pid}")),
         at: NOW + 1,
     };
-    let s = submit(&db.store, "E-2").await;
-    let d = take(&db, NOW).await;
-    let first = db
-        .store
+    db.store
         .record_start_and_exit(
-            s.task.id,
-            &d.run,
-            Some(&started(41)),
-            3,
+            task_id,
+            run,
+            Some(&started),
+            code,
             serde_json::json!({}),
-            NOW + 5,
+            at,
         )
         .await
-        .unwrap();
-    assert!(first);
+        .unwrap()
+}
+
+/// A start not yet recorded is written with the exit; when the exit was recorded already
+/// (by another writer), the start still is, and the exit stays the first one.
+async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
+    let s = submit(&db.store, "E-2").await;
+    let d = take(&db, NOW).await;
+    assert!(start_and_exit(&db, s.task.id, &d.run, 41, 3, NOW + 5).await);
     let run = db.store.run(d.run.id).await.unwrap().unwrap();
     assert_eq!(
         (run.pid, run.prompt.as_deref(), run.exit_code, run.exited_at),
@@ -65,19 +75,7 @@ async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
             .await
             .unwrap()
     );
-    let again = db
-        .store
-        .record_start_and_exit(
-            t.task.id,
-            &e.run,
-            Some(&started(42)),
-            9,
-            serde_json::json!({}),
-            NOW + 9,
-        )
-        .await
-        .unwrap();
-    assert!(!again);
+    assert!(!start_and_exit(&db, t.task.id, &e.run, 42, 9, NOW + 9).await);
     let run = db.store.run(e.run.id).await.unwrap().unwrap();
     assert_eq!(
         (run.pid, run.exit_code, run.exited_at),
@@ -96,7 +94,7 @@ on_both!(
 );
 
 /// A cancel right after an agent's start, before its Monitor recorded the pid (it does a
-/// moment later, or never when its node dies first): the shim's pid file names the
+/// moment later, or never when its node dies first): the shim's status file names the
 /// agent, and the agent is stopped.
 async fn cancel_stops_an_agent_whose_pid_is_not_recorded_yet(db: TestDb) {
     use baton::tasks::AgentStop;

@@ -61,11 +61,15 @@ pub fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> C
 
 /// Dispatches the next due job on node `n1`; there must be one.
 pub async fn take(db: &TestDb, now: i64) -> baton::store::Dispatched {
+    next_due(db, now).await.expect("a due job")
+}
+
+/// Dispatches the next due job on node `n1`, if there is one.
+pub async fn next_due(db: &TestDb, now: i64) -> Option<baton::store::Dispatched> {
     db.store
         .dispatch("n1", db.dir.path(), None, now)
         .await
         .unwrap()
-        .expect("a due job")
 }
 
 pub fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
@@ -106,13 +110,7 @@ on_both!(
 );
 
 async fn dispatch_takes_due_jobs_once(db: TestDb) {
-    assert!(
-        db.store
-            .dispatch("n1", db.dir.path(), None, NOW)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(next_due(&db, NOW).await.is_none());
     let a = submit(&db.store, "A-1").await;
     let b = submit(&db.store, "B-1").await;
     let first = take(&db, NOW).await;
@@ -128,13 +126,7 @@ async fn dispatch_takes_due_jobs_once(db: TestDb) {
         .unwrap()
         .unwrap();
     assert_eq!(second.job.id, b.job.id);
-    assert!(
-        db.store
-            .dispatch("n1", db.dir.path(), None, NOW)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(next_due(&db, NOW).await.is_none());
 }
 on_both!(dispatch_takes_due_jobs_once, dispatch_takes_due_jobs_once);
 
@@ -201,13 +193,7 @@ async fn not_before_delays_dispatch(db: TestDb) {
         (job.attempt, job.not_before, job.current_run_id),
         (2, NOW + 10_000, None)
     );
-    assert!(
-        db.store
-            .dispatch("n1", db.dir.path(), None, NOW + 9_999)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(next_due(&db, NOW + 9_999).await.is_none());
     let again = take(&db, NOW + 10_000).await;
     assert_eq!((again.job.id, again.run.attempt), (s.job.id, 2));
     // The second failure exhausts max_attempts = 2: the job and the task fail.
@@ -286,13 +272,7 @@ async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
         db.store.task(s.task.id).await.unwrap().status,
         TaskStatus::Active
     );
-    assert!(
-        db.store
-            .dispatch("n1", db.dir.path(), None, NOW)
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(next_due(&db, NOW).await.is_none());
     let pending: Vec<_> = db
         .store
         .task_detail(&crate::support::key("P-1"))
