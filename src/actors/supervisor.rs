@@ -413,9 +413,12 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
         }
         let log = std::path::Path::new(&run.log_path);
         // The recorded exit wins; else the very agent of this run (by its recorded identity,
-        // even when the pid was never recorded) must still run.
+        // even when the pid was never recorded) must still run. The exit is read after
+        // the liveness: a shim that records the exit and ends in between is seen ended
+        // with its exit, not gone without one.
+        let pid = agent::live_agent(log, run.pid);
         let exit = agent::read_exit(log);
-        let pid = agent::live_agent(log, run.pid).or_else(|| exit.as_ref().and(run.pid));
+        let pid = pid.or_else(|| exit.as_ref().and(run.pid));
         if exit.is_some() || pid.is_some() {
             let mut run = run;
             run.pid = pid.or(run.pid);
