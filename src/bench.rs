@@ -78,6 +78,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         database: database.clone(),
         runs: 0,
     };
+    let shim = std::env::current_exe().map(|exe| crate::agent::shim_exe_beside(&exe))?;
+    println!(
+        "agents start through {} ({})",
+        shim.display(),
+        match linked_statically(&shim) {
+            Ok(true) => "linked statically",
+            Ok(false) => "linked dynamically: `cargo build-static-shim` links it statically",
+            Err(_) => "not an ELF program this bench can read",
+        }
+    );
     let mut throughput = Vec::new();
     for &slots in &args.slots {
         let stages = args.tasks * STAGES.len();
@@ -423,4 +433,44 @@ pub(crate) fn proc_status_kib(field: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Whether the ELF program at `path` starts without the dynamic loader: it has no
+/// interpreter (`PT_INTERP`) among its program headers.
+fn linked_statically(path: &std::path::Path) -> std::io::Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let elf = std::fs::read(path)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file");
+    let field = |at: usize, len: usize| -> std::io::Result<u64> {
+        let bytes = elf.get(at..at + len).ok_or_else(bad)?;
+        Ok(bytes.iter().rev().fold(0, |n, b| n << 8 | u64::from(*b)))
+    };
+    // Little-endian ELF64: `e_phoff` at 0x20, `e_phentsize` at 0x36, `e_phnum` at 0x38.
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err(bad());
+    }
+    let (phoff, phentsize, phnum) = (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?);
+    for i in 0..phnum {
+        let at = usize::try_from(phoff + i * phentsize).map_err(|_| bad())?;
+        if field(at, 4)? == u64::from(PT_INTERP) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_program_with_an_interpreter_is_linked_dynamically() {
+        // This test's own binary is linked dynamically (the default on glibc).
+        let me = std::env::current_exe().unwrap();
+        assert!(!super::linked_statically(&me).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("script");
+        std::fs::write(&text, "#!/bin/sh\ntrue\n").unwrap();
+        assert!(super::linked_statically(&text).is_err());
+        std::fs::write(&text, b"\x7fELF\x02\x01").unwrap();
+        assert!(super::linked_statically(&text).is_err(), "cut short");
+    }
 }

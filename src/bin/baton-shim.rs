@@ -1,9 +1,17 @@
 //! `baton-shim`: starts one agent in a session of its own, with its log as output, and
-//! records its identity before and the exit after in the run's status file (see
-//! `baton::agent`). The same as `baton shim`, in a binary that holds only this, so that
-//! it starts in a fraction of the time once per stage.
+//! records its identity before and the exit after in the run's status file (see the
+//! `shim` crate). The same as `baton shim`, in a binary that links only that crate and
+//! skips the Rust runtime's start-up (its own `main`), so that it starts, once a stage,
+//! in about the time a small C program does.
+#![no_main]
 
-fn main() -> std::process::ExitCode {
+use std::ffi::{c_char, c_int};
+
+/// The C entry point: the standard library still has the arguments (glibc hands them to
+/// its initializers), and needs nothing else from the start-up it skips (a guard page
+/// found by reading `/proc/self/maps`, an alternate signal stack, `SIGPIPE` ignored).
+#[unsafe(no_mangle)]
+extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    std::process::ExitCode::from(baton::agent::shim_cli(&args))
+    c_int::from(shim::shim_cli(&args))
 }
