@@ -178,6 +178,24 @@ mod tests {
     }
 
     #[test]
+    fn a_half_written_exit_leaves_the_agent_alive_and_an_earlier_shims_files_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = Identity::of_self().unwrap();
+        let identity = serde_json::to_string(&me).unwrap();
+        // An exit being written: the agent has not ended.
+        let log = dir.path().join("1-dev-1.log");
+        std::fs::write(status_file(&log), format!("{identity}\n{{\"code\":0")).unwrap();
+        assert_eq!(live_agent(&log, None), Some(me.pid));
+        // A shim of an earlier release: its pid file names the agent, its exit file ends it.
+        let old = dir.path().join("2-dev-1.log");
+        let [pid, exit] = shim::legacy_files(&old);
+        std::fs::write(pid, &identity).unwrap();
+        assert_eq!(live_agent(&old, None), Some(me.pid));
+        std::fs::write(exit, r#"{"code":4,"signal":null}"#).unwrap();
+        assert_eq!(live_agent(&old, Some(me.pid)), None);
+    }
+
+    #[test]
     fn the_shim_is_found_beside_baton() {
         let dir = tempfile::tempdir().unwrap();
         let baton = dir.path().join("baton");

@@ -78,14 +78,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         database: database.clone(),
         runs: 0,
     };
-    let shim = std::env::current_exe().map(|exe| crate::agent::shim_exe_beside(&exe))?;
+    let exe = std::env::current_exe()?;
+    let shim = crate::agent::shim_exe_beside(&exe);
     println!(
         "agents start through {} ({})",
         shim.display(),
-        match linked_statically(&shim) {
-            Ok(true) => "linked statically",
-            Ok(false) => "linked dynamically: `cargo build-static-shim` links it statically",
-            Err(_) => "not an ELF program this bench can read",
+        if shim == exe {
+            "`baton shim`: there is no baton-shim beside baton"
+        } else {
+            match linked_statically(&shim) {
+                Ok(true) => "linked statically",
+                Ok(false) => "linked dynamically: `cargo build-static-shim` links it statically",
+                Err(_) => "not an ELF program this bench can read",
+            }
         }
     );
     let mut throughput = Vec::new();
@@ -438,21 +443,31 @@ pub(crate) fn proc_status_kib(field: &str) -> u64 {
 /// Whether the ELF program at `path` starts without the dynamic loader: it has no
 /// interpreter (`PT_INTERP`) among its program headers.
 fn linked_statically(path: &std::path::Path) -> std::io::Result<bool> {
-    const PT_INTERP: u32 = 3;
+    const PT_INTERP: u64 = 3;
     let elf = std::fs::read(path)?;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 64-bit ELF file");
-    let field = |at: usize, len: usize| -> std::io::Result<u64> {
-        let bytes = elf.get(at..at + len).ok_or_else(bad)?;
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    // Little-endian ELF64 fields, read from where the header says they are.
+    let field = |at: u64, len: usize| -> std::io::Result<u64> {
+        let bytes = usize::try_from(at)
+            .ok()
+            .and_then(|at| elf.get(at..at.checked_add(len)?))
+            .ok_or_else(|| bad("cut short"))?;
         Ok(bytes.iter().rev().fold(0, |n, b| n << 8 | u64::from(*b)))
     };
-    // Little-endian ELF64: `e_phoff` at 0x20, `e_phentsize` at 0x36, `e_phnum` at 0x38.
     if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
-        return Err(bad());
+        return Err(bad("not a little-endian 64-bit ELF file"));
     }
+    // `e_phoff` at 0x20, `e_phentsize` at 0x36, `e_phnum` at 0x38.
     let (phoff, phentsize, phnum) = (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?);
+    if phnum == 0 {
+        return Err(bad("no program headers: not a program"));
+    }
     for i in 0..phnum {
-        let at = usize::try_from(phoff + i * phentsize).map_err(|_| bad())?;
-        if field(at, 4)? == u64::from(PT_INTERP) {
+        let at = i
+            .checked_mul(phentsize)
+            .and_then(|off| off.checked_add(phoff))
+            .ok_or_else(|| bad("program headers out of range"))?;
+        if field(at, 4)? == PT_INTERP {
             return Ok(false);
         }
     }
@@ -463,14 +478,37 @@ fn linked_statically(path: &std::path::Path) -> std::io::Result<bool> {
 mod tests {
     #[test]
     fn a_program_with_an_interpreter_is_linked_dynamically() {
-        // This test's own binary is linked dynamically (the default on glibc).
-        let me = std::env::current_exe().unwrap();
-        assert!(!super::linked_statically(&me).unwrap());
         let dir = tempfile::tempdir().unwrap();
+        // Two program headers at 64: a `PT_LOAD`, then a `PT_INTERP` or another `PT_LOAD`.
+        let mut elf = vec![0u8; 64 + 2 * 56];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        elf[64] = 1;
+        elf[120] = 3;
+        let program = dir.path().join("program");
+        std::fs::write(&program, &elf).unwrap();
+        assert!(!super::linked_statically(&program).unwrap(), "interpreter");
+        elf[120] = 1;
+        std::fs::write(&program, &elf).unwrap();
+        assert!(super::linked_statically(&program).unwrap(), "none");
         let text = dir.path().join("script");
         std::fs::write(&text, "#!/bin/sh\ntrue\n").unwrap();
         assert!(super::linked_statically(&text).is_err());
         std::fs::write(&text, b"\x7fELF\x02\x01").unwrap();
         assert!(super::linked_statically(&text).is_err(), "cut short");
+        // A header whose program headers lie past any address: an error, not an overflow.
+        let mut huge = vec![0u8; 64];
+        huge[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        huge[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        huge[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        huge[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        std::fs::write(&text, &huge).unwrap();
+        assert!(super::linked_statically(&text).is_err(), "out of range");
+        // One without program headers is not a program at all.
+        huge[0x38..0x3a].copy_from_slice(&0u16.to_le_bytes());
+        std::fs::write(&text, &huge).unwrap();
+        assert!(super::linked_statically(&text).is_err(), "no headers");
     }
 }

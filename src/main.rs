@@ -4,7 +4,7 @@ fn main() -> std::process::ExitCode {
     // The shim runs before any argument parsing, runtime or logging: it only starts and
     // waits for an agent (`baton-shim` does the same in a smaller binary).
     if std::env::args_os().nth(1).is_some_and(|a| a == "shim") {
-        let args: Vec<String> = std::env::args().skip(1).collect();
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         return std::process::ExitCode::from(baton::agent::shim_cli(&args));
     }
     let cli = baton::cli::Cli::parse();

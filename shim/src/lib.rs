@@ -11,6 +11,7 @@
 //! This crate holds only that, and the reading of the status file, so that the shim's
 //! binary, started once a stage, links nothing else: it costs what a small program costs.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -196,10 +197,11 @@ extern "C" fn ignore_signal(_: nix::libc::c_int) {}
 /// Runs the shim from its command line, `[shim] --log LOG -- PROGRAM [ARGS...]` (the
 /// arguments after the program's name), read without clap: the shim starts once a stage
 /// and should cost what a small program costs. Returns the agent's exit code, or 2 for
-/// a command line it cannot read.
-pub fn shim_cli(args: &[String]) -> u8 {
-    let args = match args.first().map(String::as_str) {
-        Some("shim") => &args[1..],
+/// a command line it cannot read. Arguments are taken as the operating system gives
+/// them: a program or log path that is not UTF-8 is passed on unchanged.
+pub fn shim_cli(args: &[OsString]) -> u8 {
+    let args = match args.first() {
+        Some(first) if first == "shim" => &args[1..],
         _ => args,
     };
     let parsed = match args {
@@ -219,7 +221,7 @@ pub fn shim_cli(args: &[String]) -> u8 {
 
 /// The body of `baton shim --log LOG -- ARGV...`: runs synchronously, never returns
 /// before the agent ended, and always tries to record the exit.
-pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
+pub fn shim_main(log: &Path, argv: &[OsString]) -> i32 {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
     // Its own session: the agent gets a process group of its own that survives baton.
     let _ = nix::unistd::setsid();
@@ -250,7 +252,7 @@ pub fn shim_main(log: &Path, argv: &[String]) -> i32 {
     status.code
 }
 
-fn run_agent(log: &Path, argv: &[String]) -> ExitStatus {
+fn run_agent(log: &Path, argv: &[OsString]) -> ExitStatus {
     use std::os::unix::process::ExitStatusExt;
     let cannot = |error: String| ExitStatus {
         code: EXIT_CANNOT_START,
@@ -357,12 +359,13 @@ mod tests {
 
     #[test]
     fn the_shim_refuses_a_command_line_it_cannot_read() {
-        for bad in [
+        let bad_lines: [Vec<OsString>; 4] = [
             vec![],
-            vec!["shim".to_string()],
+            vec!["shim".into()],
             vec!["--log".into(), "x.log".into(), "--".into()],
             vec!["--log".into(), "x.log".into(), "true".into()],
-        ] {
+        ];
+        for bad in bad_lines {
             assert_eq!(shim_cli(&bad), 2, "{bad:?}");
         }
     }

@@ -9,9 +9,13 @@ use std::ffi::{c_char, c_int};
 
 /// The C entry point: the standard library still has the arguments (glibc hands them to
 /// its initializers), and needs nothing else from the start-up it skips (a guard page
-/// found by reading `/proc/self/maps`, an alternate signal stack, `SIGPIPE` ignored).
+/// found by reading `/proc/self/maps`, an alternate signal stack, `SIGPIPE` ignored,
+/// standard descriptors that were closed reopened on `/dev/null`: baton gives the shim
+/// all three, on `/dev/null`). Without that start-up a panic aborts the shim instead of
+/// exiting with 101, so nothing here may panic: the arguments are read as the operating
+/// system gives them, UTF-8 or not.
 #[unsafe(no_mangle)]
 extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     c_int::from(shim::shim_cli(&args))
 }
