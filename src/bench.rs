@@ -65,8 +65,8 @@ pub struct Latency {
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub throughput: Vec<Throughput>,
-    /// One task at a time, auto-commit off.
-    pub idle_latency: Latency,
+    /// One task at a time, auto-commit off; `None` with `--latency-tasks 0`.
+    pub idle_latency: Option<Latency>,
     pub peak_rss_kib: u64,
 }
 
@@ -125,15 +125,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             throughput.push(t);
         }
     }
-    println!(
-        "baton: {} tasks x {} stages, one task at a time, auto-commit off",
-        args.latency_tasks,
-        STAGES.len()
-    );
-    let idle = bench.node_run(1, false, args.latency_tasks, true).await?;
+    let idle_latency = if args.latency_tasks == 0 {
+        None
+    } else {
+        println!(
+            "baton: {} tasks x {} stages, one task at a time, auto-commit off",
+            args.latency_tasks,
+            STAGES.len()
+        );
+        Some(
+            bench
+                .node_run(1, false, args.latency_tasks, true)
+                .await?
+                .latency,
+        )
+    };
     let report = BenchReport {
         throughput,
-        idle_latency: idle.latency,
+        idle_latency,
         peak_rss_kib: peak_rss_kib(),
     };
     print_report(&report, &database);
@@ -382,11 +391,13 @@ fn print_report(r: &BenchReport, database: &str) {
             t.advance.p99_ms
         );
     }
-    let l = &r.idle_latency;
-    println!(
-        "  one task at a time: advance latency p50 {} ms, p99 {} ms ({} samples); mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms",
-        l.p50_ms, l.p99_ms, l.samples, l.agent_ms, l.finalize_ms, l.start_ms
-    );
+    match &r.idle_latency {
+        Some(l) => println!(
+            "  one task at a time: advance latency p50 {} ms, p99 {} ms ({} samples); mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms",
+            l.p50_ms, l.p99_ms, l.samples, l.agent_ms, l.finalize_ms, l.start_ms
+        ),
+        None => println!("  one task at a time: not run (--latency-tasks 0)"),
+    }
     println!("  peak RSS           {} MiB", r.peak_rss_kib / 1024);
 }
 

@@ -298,14 +298,38 @@ pub fn prepare(
             (tip, moved)
         }
     };
-    let (worktree, created) = ensure_worktree(&mirror, path, task_key, branch)?;
-    checkout(&worktree, branch, tip)?;
+    // Most stages find their task's worktree as the last one left it: nothing to check
+    // out, and no need to open it (which reads its configuration, the user's and the
+    // system's).
+    let created = if on_tip(&mirror, path, task_key, branch, tip) {
+        false
+    } else {
+        let (worktree, created) = ensure_worktree(&mirror, path, task_key, branch)?;
+        checkout(&worktree, branch, tip)?;
+        created
+    };
     keep_mirror(root, mirror);
     Ok(Prepared {
         path: path.to_path_buf(),
         created,
         fast_forwarded: fast_forwarded.filter(|_| !created),
     })
+}
+
+/// True when the worktree `task_key` at `path` is laid out as [`add_worktree`] (or `git
+/// worktree add`) lays it out, with `branch` checked out, and the branch at `tip`: what
+/// [`checkout`] leaves, read from the mirror and three small files.
+fn on_tip(mirror: &Repository, path: &Path, task_key: &str, branch: &str, tip: Oid) -> bool {
+    let admin = mirror.path().join("worktrees").join(task_key);
+    let read = |file: PathBuf| std::fs::read_to_string(file).ok();
+    let Ok(checkout) = std::path::absolute(path) else {
+        return false;
+    };
+    read(checkout.join(".git")) == Some(format!("gitdir: {}\n", admin.display()))
+        && read(admin.join("gitdir")) == Some(format!("{}\n", checkout.join(".git").display()))
+        && read(admin.join("HEAD")) == Some(format!("ref: refs/heads/{branch}\n"))
+        && admin.join("commondir").is_file()
+        && mirror.refname_to_id(&format!("refs/heads/{branch}")).ok() == Some(tip)
 }
 
 /// True when `commit` descends from (or is) `ancestor`.
@@ -471,6 +495,37 @@ mod tests {
             .unwrap();
         fetch_since(&mirror, &access, Instant::now()).unwrap();
         assert!(has("late"), "every fetch pruned");
+    }
+
+    /// A stage that finds its worktree as the last one left it is prepared without
+    /// opening it; one whose agent moved the checkout off its branch is put back.
+    #[test]
+    fn a_worktree_left_on_its_branch_is_taken_as_it_is_and_one_moved_off_it_is_put_back() {
+        let (dir, _remote, access) = seeded();
+        let root = dir.path().join("ws");
+        let path = root.join("K-1");
+        let prep = || prepare(&root, &path, &access, "K-1", "baton/K-1", "main", None);
+        assert!(prep().unwrap().created);
+        let mirror = Repository::open_bare(root.join(MIRROR_DIR)).unwrap();
+        let tip = mirror.refname_to_id("refs/heads/baton/K-1").unwrap();
+        let here = |tip| on_tip(&mirror, &path, "K-1", "baton/K-1", tip);
+        assert!(here(tip), "a worktree just made is not found on its tip");
+        assert!(!here(Oid::ZERO_SHA1), "on a tip the branch is not at");
+        // The agent switched the checkout to a branch of its own.
+        let wt = Repository::open(&path).unwrap();
+        let head = wt.head().unwrap().peel_to_commit().unwrap();
+        wt.branch("mine", &head, false).unwrap();
+        wt.set_head("refs/heads/mine").unwrap();
+        assert!(!here(tip));
+        let p = prep().unwrap();
+        assert!(!p.created);
+        assert_eq!(wt.head().unwrap().name().ok(), Some("refs/heads/baton/K-1"));
+        assert!(here(tip));
+        // A checkout whose `.git` file is gone is made anew.
+        std::fs::remove_file(path.join(".git")).unwrap();
+        assert!(!here(tip));
+        assert!(prep().unwrap().created);
+        assert!(here(tip));
     }
 
     /// A preparation keeps the mirror it opened for the next one, which builds on what a
