@@ -200,22 +200,26 @@ extern "C" fn ignore_signal(_: nix::libc::c_int) {}
 /// a command line it cannot read. Arguments are taken as the operating system gives
 /// them: a program or log path that is not UTF-8 is passed on unchanged.
 pub fn shim_cli(args: &[OsString]) -> u8 {
-    let args = match args.first() {
-        Some(first) if first == "shim" => &args[1..],
-        _ => args,
-    };
-    let parsed = match args {
-        [flag, log, sep, argv @ ..] if flag == "--log" && sep == "--" && !argv.is_empty() => {
-            Some((Path::new(log), argv))
-        }
-        _ => None,
-    };
-    match parsed {
+    match parse_cli(args) {
         Some((log, argv)) => shim_main(log, argv).clamp(0, 255) as u8,
         None => {
             eprintln!("usage: baton-shim --log LOG -- PROGRAM [ARGS...]");
             2
         }
+    }
+}
+
+/// The log path and the agent's command line in `[shim] --log LOG -- PROGRAM [ARGS...]`.
+fn parse_cli(args: &[OsString]) -> Option<(&Path, &[OsString])> {
+    let args = match args.first() {
+        Some(first) if first == "shim" => &args[1..],
+        _ => args,
+    };
+    match args {
+        [flag, log, sep, argv @ ..] if flag == "--log" && sep == "--" && !argv.is_empty() => {
+            Some((Path::new(log), argv))
+        }
+        _ => None,
     }
 }
 
@@ -358,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn the_shim_refuses_a_command_line_it_cannot_read() {
+    fn the_shim_refuses_a_command_line_it_cannot_read_and_passes_odd_bytes_on() {
         let bad_lines: [Vec<OsString>; 4] = [
             vec![],
             vec!["shim".into()],
@@ -368,5 +372,19 @@ mod tests {
         for bad in bad_lines {
             assert_eq!(shim_cli(&bad), 2, "{bad:?}");
         }
+        // Bytes that are not UTF-8 are read and passed on as they are.
+        use std::os::unix::ffi::OsStrExt;
+        let odd = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_os_string();
+        let line = [
+            "shim".into(),
+            "--log".into(),
+            odd(b"r\xff.log"),
+            "--".into(),
+            odd(b"ag\xfeent"),
+            odd(b"x\xff"),
+        ];
+        let (log, argv) = parse_cli(&line).expect("a command line with odd bytes");
+        assert_eq!(log.as_os_str().as_bytes(), b"r\xff.log");
+        assert_eq!(argv, &line[4..]);
     }
 }

@@ -316,9 +316,11 @@ pub fn prepare(
     })
 }
 
-/// True when the worktree `task_key` at `path` is laid out as [`add_worktree`] (or `git
-/// worktree add`) lays it out, with `branch` checked out, and the branch at `tip`: what
-/// [`checkout`] leaves, read from the mirror and three small files.
+/// True when the worktree `task_key` at `path` is laid out as [`add_worktree`] lays it
+/// out, with `branch` checked out, and the branch at `tip`: what [`checkout`] leaves,
+/// read from the mirror and four small files. A worktree laid out otherwise (by libgit2's
+/// own add, in earlier releases, or by `git worktree add` through a symbolic link) is
+/// opened and checked as before.
 fn on_tip(mirror: &Repository, path: &Path, task_key: &str, branch: &str, tip: Oid) -> bool {
     let admin = mirror.path().join("worktrees").join(task_key);
     let read = |file: PathBuf| std::fs::read_to_string(file).ok();
@@ -328,7 +330,7 @@ fn on_tip(mirror: &Repository, path: &Path, task_key: &str, branch: &str, tip: O
     read(checkout.join(".git")) == Some(format!("gitdir: {}\n", admin.display()))
         && read(admin.join("gitdir")) == Some(format!("{}\n", checkout.join(".git").display()))
         && read(admin.join("HEAD")) == Some(format!("ref: refs/heads/{branch}\n"))
-        && admin.join("commondir").is_file()
+        && read(admin.join("commondir")).as_deref() == Some("../..\n")
         && mirror.refname_to_id(&format!("refs/heads/{branch}")).ok() == Some(tip)
 }
 
@@ -506,6 +508,11 @@ mod tests {
         let path = root.join("K-1");
         let prep = || prepare(&root, &path, &access, "K-1", "baton/K-1", "main", None);
         assert!(prep().unwrap().created);
+        // The next stage finds it as it is; what the agent left in it stays.
+        std::fs::write(path.join("notes.txt"), "left by the agent").unwrap();
+        let p = prep().unwrap();
+        assert_eq!((p.created, p.fast_forwarded), (false, None));
+        assert!(path.join("notes.txt").is_file());
         let mirror = Repository::open_bare(root.join(MIRROR_DIR)).unwrap();
         let tip = mirror.refname_to_id("refs/heads/baton/K-1").unwrap();
         let here = |tip| on_tip(&mirror, &path, "K-1", "baton/K-1", tip);
