@@ -316,22 +316,38 @@ pub fn prepare(
     })
 }
 
-/// True when the worktree `task_key` at `path` is laid out as [`add_worktree`] lays it
-/// out, with `branch` checked out, and the branch at `tip`: what [`checkout`] leaves,
-/// read from the mirror and four small files. A worktree laid out otherwise (by libgit2's
-/// own add, in earlier releases, or by `git worktree add` through a symbolic link) is
-/// opened and checked as before.
+/// True when the worktree `task_key` at `path` holds the files [`add_worktree`] writes,
+/// as it writes them (with `branch` checked out), and the branch is at `tip`: what
+/// [`checkout`] leaves, read from the mirror and four small files. A worktree laid out
+/// otherwise (by libgit2's own add, in earlier releases, or by `git worktree add` through
+/// a symbolic link) is opened and checked as before.
 fn on_tip(mirror: &Repository, path: &Path, task_key: &str, branch: &str, tip: Oid) -> bool {
-    let admin = mirror.path().join("worktrees").join(task_key);
-    let read = |file: PathBuf| std::fs::read_to_string(file).ok();
-    let Ok(checkout) = std::path::absolute(path) else {
+    let Ok(path) = std::path::absolute(path) else {
         return false;
     };
-    read(checkout.join(".git")) == Some(format!("gitdir: {}\n", admin.display()))
-        && read(admin.join("gitdir")) == Some(format!("{}\n", checkout.join(".git").display()))
-        && read(admin.join("HEAD")) == Some(format!("ref: refs/heads/{branch}\n"))
-        && read(admin.join("commondir")).as_deref() == Some("../..\n")
+    worktree_files(mirror, &path, task_key, branch)
+        .iter()
+        .all(|(file, text)| std::fs::read_to_string(file).is_ok_and(|t| &t == text))
         && mirror.refname_to_id(&format!("refs/heads/{branch}")).ok() == Some(tip)
+}
+
+/// The files that make the absolute `path` the worktree `name` of the mirror on `branch`,
+/// with their contents, as `git worktree add` lays them out: `commondir`, `gitdir` and
+/// `HEAD` in the mirror's `worktrees/NAME/`, and a `.git` file in the checkout.
+fn worktree_files(
+    mirror: &Repository,
+    path: &Path,
+    name: &str,
+    branch: &str,
+) -> [(PathBuf, String); 4] {
+    let admin = mirror.path().join("worktrees").join(name);
+    let dot_git = path.join(".git");
+    [
+        (admin.join("commondir"), "../..\n".to_string()),
+        (admin.join("gitdir"), format!("{}\n", dot_git.display())),
+        (admin.join("HEAD"), format!("ref: refs/heads/{branch}\n")),
+        (dot_git, format!("gitdir: {}\n", admin.display())),
+    ]
 }
 
 /// True when `commit` descends from (or is) `ancestor`.
@@ -372,8 +388,7 @@ fn ensure_worktree(
 }
 
 /// Adds the worktree `name` at `path` on `branch`, laid out as `git worktree add` lays it
-/// out (`worktrees/NAME/{commondir,gitdir,HEAD}` in the mirror, a `.git` file in the
-/// checkout), and checks the branch out. libgit2's own add first opens every other
+/// out ([`worktree_files`]), and checks the branch out. libgit2's own add first opens every other
 /// worktree of the mirror to see whether the branch is checked out there, so a host's
 /// Nth task would cost N repository opens; a task's branch is only ever in its own.
 fn add_worktree(
@@ -387,22 +402,15 @@ fn add_worktree(
         path: path.to_path_buf(),
         source,
     })?;
-    let write = |file: PathBuf, text: String| {
-        std::fs::write(&file, text).map_err(|source| WorkspaceError::Io { path: file, source })
-    };
     for dir in [&admin, &path.to_path_buf()] {
         std::fs::create_dir_all(dir).map_err(|source| WorkspaceError::Io {
             path: dir.clone(),
             source,
         })?;
     }
-    write(admin.join("commondir"), "../..\n".into())?;
-    write(
-        admin.join("gitdir"),
-        format!("{}\n", path.join(".git").display()),
-    )?;
-    write(admin.join("HEAD"), format!("ref: refs/heads/{branch}\n"))?;
-    write(path.join(".git"), format!("gitdir: {}\n", admin.display()))?;
+    for (file, text) in worktree_files(mirror, path, name, branch) {
+        std::fs::write(&file, text).map_err(|source| WorkspaceError::Io { path: file, source })?;
+    }
     let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
         .map_err(git(format!("check out {branch} in {}", path.display())))?;
