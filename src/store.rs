@@ -48,7 +48,7 @@ pub use dispatch::{Dispatched, Taker};
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
 pub use pages::TaskFilter;
 pub use retention::HistoryPruned;
-pub use runs::{RunningJob, Started};
+pub use runs::{RunExit, RunningJob, Started};
 pub use tasks::{CancelledRun, NewTask, Retried, Submitted, TaskDetail, TaskSummary};
 
 /// How long an SQLite writer waits for another before giving up.

@@ -11,7 +11,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
 use super::dispatcher::DispatcherMsg;
 use super::{Ctx, ProbeEvent};
 use crate::model::{Claim, ClaimOutcome, Decider, JobStatus};
-use crate::store::{Dispatched, Taker};
+use crate::store::{Dispatched, RunExit, Taker};
 
 /// How often a claim is tried when the database does not answer.
 const ADVANCER_CLAIM_TRIES: u32 = 5;
@@ -19,9 +19,14 @@ const ADVANCER_CLAIM_TRIES: u32 = 5;
 const ADVANCER_CLAIM_BACKOFF: Duration = Duration::from_millis(200);
 
 pub enum AdvancerMsg {
-    /// Finalize a run; the reply is `Won`, `Lost` or `AlreadyAdvanced`, or the database
-    /// error that kept the claim from being decided (the sender may try again).
-    Claim(Claim, RpcReplyPort<Result<ClaimOutcome, String>>),
+    /// Finalize a run, writing its exit first when one is given; the reply is `Won`,
+    /// `Lost` or `AlreadyAdvanced`, or the database error that kept the claim from being
+    /// decided (the sender may try again).
+    Claim(
+        Claim,
+        Option<Box<RunExit>>,
+        RpcReplyPort<Result<ClaimOutcome, String>>,
+    ),
 }
 
 pub struct AdvancerArgs {
@@ -53,7 +58,7 @@ impl Actor for Advancer {
         msg: AdvancerMsg,
         state: &mut AdvancerArgs,
     ) -> Result<(), ActorProcessingErr> {
-        let AdvancerMsg::Claim(claim, reply) = msg;
+        let AdvancerMsg::Claim(claim, exit, reply) = msg;
         // A Monitor's run was this node's: its place goes to the task's next stage, while
         // the Dispatcher runs (not once the node is stopping) and the node is within
         // `max_concurrent_jobs` (adopted agents may have put it over).
@@ -63,10 +68,11 @@ impl Actor for Advancer {
                 .as_ref()
                 .is_some_and(|d| d.get_status() == ActorStatus::Running)
             && state.ctx.watched.len() <= state.ctx.config.max_concurrent_jobs;
-        let (outcome, handed) = match advance_once(&state.ctx, &claim, hand_off).await {
-            Ok((outcome, handed)) => (Ok(outcome), handed),
-            Err(e) => (Err(e), None),
-        };
+        let (outcome, handed) =
+            match advance_once(&state.ctx, &claim, exit.as_deref(), hand_off).await {
+                Ok((outcome, handed)) => (Ok(outcome), handed),
+                Err(e) => (Err(e), None),
+            };
         if let Ok(ClaimOutcome::Won(won)) = &outcome {
             if won.effects > 0
                 && let Some(w) = &state.effect_worker
@@ -117,6 +123,7 @@ impl Actor for Advancer {
 pub async fn advance_once(
     ctx: &Ctx,
     claim: &Claim,
+    exit: Option<&RunExit>,
     hand_off: bool,
 ) -> Result<(ClaimOutcome, Option<Dispatched>), String> {
     let started = std::time::Instant::now();
@@ -127,7 +134,7 @@ pub async fn advance_once(
     });
     let result = ctx
         .store
-        .claim_and_take(claim, &ctx.policy, ctx.now(), taker)
+        .claim_and_take(claim, exit, &ctx.policy, ctx.now(), taker)
         .await;
     let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
@@ -169,11 +176,22 @@ pub async fn advance_once(
 /// Sends a claim to the Advancer, trying again a few times when the database did not
 /// answer. `None` when it could not be decided: the Reaper finalizes the run later.
 pub async fn send_claim(advancer: &ActorRef<AdvancerMsg>, claim: Claim) -> Option<ClaimOutcome> {
+    send_claim_with_exit(advancer, claim, None).await
+}
+
+/// [`send_claim`], with the run's exit written first in the claim's transaction (or in the
+/// loser's). `None` when it could not be decided: the exit may not be recorded then.
+pub async fn send_claim_with_exit(
+    advancer: &ActorRef<AdvancerMsg>,
+    claim: Claim,
+    exit: Option<RunExit>,
+) -> Option<ClaimOutcome> {
+    let exit = exit.map(Box::new);
     let mut backoff = ADVANCER_CLAIM_BACKOFF;
     for attempt in 1..=ADVANCER_CLAIM_TRIES {
-        let c = claim.clone();
+        let (c, e) = (claim.clone(), exit.clone());
         match advancer
-            .call(|reply| AdvancerMsg::Claim(c, reply), None)
+            .call(|reply| AdvancerMsg::Claim(c, e, reply), None)
             .await
         {
             Ok(ractor::rpc::CallResult::Success(Ok(outcome))) => return Some(outcome),

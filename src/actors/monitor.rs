@@ -12,14 +12,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::Instrument;
 
-use super::advancer::{AdvancerMsg, send_claim};
+use super::advancer::{AdvancerMsg, send_claim, send_claim_with_exit};
 use super::{Ctx, ProbeEvent, read_handoff};
 use crate::agent::{self, AgentSpec, ExitStatus};
 use crate::config::StageSettings;
 use crate::gate::{self, Judgement, Vars};
 use crate::model::{Claim, ClaimOutcome, Decider, Verdict};
 use crate::prompt::PROMPT_ARG_MAX;
-use crate::store::{Dispatched, Started};
+use crate::store::{Dispatched, RunExit, Started};
 use crate::workspace;
 
 /// How long after its start an agent's start is recorded (with its exit instead, when
@@ -444,23 +444,39 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         "cancelled": state.cause == EndCause::Cancelled,
     });
     // 1. The exit, first: from here on the Reaper's grace window protects this monitor.
+    // When no gate command runs, nothing slow lies between the exit and the claim: the
+    // exit is written first in the claim's transaction (ADR 0001), one write less.
     let exit_recorded = std::time::Instant::now();
     let exit_at = ctx.now();
     ctx.metrics.run_duration.record(
         (exit_at - d.run.started_at).max(0) as f64 / 1000.0,
         &[crate::telemetry::kv("stage", d.job.stage.clone())],
     );
-    let started = state.started.take();
-    if let Err(e) = ctx
-        .store
-        .record_start_and_exit(d.task.id, &d.run, started.as_ref(), code, detail, exit_at)
-        .await
-    {
-        tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
-        return;
-    }
-    if state.cause == EndCause::Cancelled {
-        return;
+    let exit = RunExit {
+        task_id: d.task.id,
+        run: d.run.clone(),
+        started: state.started.take(),
+        code,
+        detail,
+        at: exit_at,
+    };
+    let gate_command = state.cause == EndCause::Running
+        && error.is_none()
+        && status.is_some()
+        && state.workspace.is_some()
+        && state
+            .stage
+            .as_ref()
+            .is_some_and(|s| s.gate.command.is_some());
+    let with_claim = state.cause != EndCause::Cancelled && !gate_command;
+    if !with_claim {
+        if let Err(e) = ctx.store.record_start_and_exit(&exit).await {
+            tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
+            return;
+        }
+        if state.cause == EndCause::Cancelled {
+            return;
+        }
     }
     // 2. The gate, read-only.
     let judgement: Judgement = if state.cause == EndCause::TimedOut {
@@ -538,7 +554,18 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         feedback,
         usage,
     };
-    let outcome = send_claim(&state.args.advancer, claim).await;
+    let outcome = if with_claim {
+        let outcome = send_claim_with_exit(&state.args.advancer, claim, Some(exit.clone())).await;
+        if outcome.is_none() {
+            // Undecided: the exit is recorded on its own, for the Reaper's second tier.
+            if let Err(e) = ctx.store.record_start_and_exit(&exit).await {
+                tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
+            }
+        }
+        outcome
+    } else {
+        send_claim(&state.args.advancer, claim).await
+    };
     if let Some(ClaimOutcome::Won(_)) = &outcome {
         ctx.metrics
             .advance_latency

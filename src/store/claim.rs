@@ -12,7 +12,7 @@ use serde_json::json;
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
 use super::tasks::{for_update, insert_job, set_task_status};
-use super::{Dispatched, NewEvent, Store, StoreResult, Taker, append, append_all, must};
+use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, append, append_all, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
@@ -24,15 +24,17 @@ impl Store {
         policy: &Policy,
         now: i64,
     ) -> StoreResult<ClaimOutcome> {
-        Ok(self.claim_and_take(claim, policy, now, None).await?.0)
+        Ok(self.claim_and_take(claim, None, policy, now, None).await?.0)
     }
 
     /// [`Store::claim`]; a won claim that queued a next job also takes it for `taker`,
     /// in the same transaction, when dispatch would take it first (the hand-off, see
-    /// [`Store::hand_off`]).
+    /// [`Store::hand_off`]). `exit`, the run's exit when its Monitor did not record it on
+    /// its own, is written first, whether the claim wins or loses.
     pub async fn claim_and_take(
         &self,
         claim: &Claim,
+        exit: Option<&RunExit>,
         policy: &Policy,
         now: i64,
         taker: Option<Taker<'_>>,
@@ -57,8 +59,13 @@ impl Store {
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
             txn.rollback().await?;
             drop(write);
-            return Ok((self.record_loss(claim, now).await?, None));
+            return Ok((self.record_loss(claim, exit, now).await?, None));
         };
+        // The exit before anything of the claim's, after the task's and jobs' rows, which
+        // every writer takes first.
+        if let Some(exit) = exit {
+            exit.write(&txn).await?;
+        }
         let iterations = Iterations::of_jobs(&siblings);
         let decision = policy.decide(ClaimInput {
             task: &task,
@@ -77,7 +84,7 @@ impl Store {
         if !fence(&txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
             txn.rollback().await?;
             drop(write);
-            return Ok((self.record_loss(claim, now).await?, None));
+            return Ok((self.record_loss(claim, exit, now).await?, None));
         }
         let won = apply(&txn, claim, &task, &job, decision, now).await?;
         let handed = match (&taker, &won.next_job) {
@@ -88,8 +95,14 @@ impl Store {
         Ok((ClaimOutcome::Won(won), handed))
     }
 
-    /// Records a lost claim (the arbiter's own event) and tells the claimant which kind.
-    async fn record_loss(&self, claim: &Claim, now: i64) -> StoreResult<ClaimOutcome> {
+    /// Records a lost claim (the arbiter's own event) after the run's `exit`, when the
+    /// claim carried it, and tells the claimant which kind.
+    async fn record_loss(
+        &self,
+        claim: &Claim,
+        exit: Option<&RunExit>,
+        now: i64,
+    ) -> StoreResult<ClaimOutcome> {
         let run = agent_runs::Entity::find_by_id(claim.run_id)
             .one(&self.db)
             .await?;
@@ -100,8 +113,11 @@ impl Store {
             .and_then(|r| r.outcome)
             .is_some_and(|o| o != RunOutcome::Cancelled);
         let job = jobs::Entity::find_by_id(claim.job_id).one(&self.db).await?;
+        let (_write, txn) = self.write_txn().await?;
+        if let Some(exit) = exit {
+            exit.write(&txn).await?;
+        }
         if let Some(job) = &job {
-            let (_write, txn) = self.write_txn().await?;
             let detail = json!({
                 "verdict": claim.verdict, "decided_by": claim.decided_by,
                 "tier": claim.decided_by.tier(),
@@ -115,8 +131,8 @@ impl Store {
                 claim.decided_by.source(),
             );
             append(&txn, ev.run(claim.run_id).detail(detail), now).await?;
-            txn.commit().await?;
         }
+        txn.commit().await?;
         Ok(if already {
             ClaimOutcome::AlreadyAdvanced
         } else {

@@ -37,8 +37,9 @@ impl Store {
         started: &Started,
     ) -> StoreResult<()> {
         let (_write, txn) = self.write_txn().await?;
-        let ev = write_started(&txn, run, task_id, started).await?;
-        append(&txn, ev, started.at).await?;
+        if let Some(ev) = write_started(&txn, run, task_id, started).await? {
+            append(&txn, ev, started.at).await?;
+        }
         txn.commit().await?;
         Ok(())
     }
@@ -120,55 +121,24 @@ impl Store {
         detail: serde_json::Value,
         now: i64,
     ) -> StoreResult<bool> {
-        self.record_start_and_exit(task_id, run, None, exit_code, detail, now)
-            .await
+        let exit = RunExit {
+            task_id,
+            run: run.clone(),
+            started: None,
+            code: exit_code,
+            detail,
+            at: now,
+        };
+        self.record_start_and_exit(&exit).await
     }
 
     /// [`Store::record_exit`], with the agent's start first in the same transaction when
     /// it was not recorded yet: one write for an agent that ended before its start was.
-    pub async fn record_start_and_exit(
-        &self,
-        task_id: i64,
-        run: &agent_runs::Model,
-        started: Option<&Started>,
-        exit_code: i32,
-        mut detail: serde_json::Value,
-        now: i64,
-    ) -> StoreResult<bool> {
+    pub async fn record_start_and_exit(&self, exit: &RunExit) -> StoreResult<bool> {
         let (_write, txn) = self.write_txn().await?;
-        let mut evs = Vec::new();
-        let mut exit = agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::ExitCode, Expr::value(exit_code))
-            .col_expr(agent_runs::Column::ExitedAt, Expr::value(now));
-        if let Some(started) = started {
-            // The start rides on the exit's statement, and on its own when the exit was
-            // recorded already.
-            exit = with_start(exit, started);
-        }
-        let n = exit
-            .filter(agent_runs::Column::Id.eq(run.id))
-            .filter(agent_runs::Column::ExitedAt.is_null())
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        if let Some(started) = started {
-            let ev = if n == 1 {
-                started_event(run, task_id, started)
-            } else {
-                write_started(&txn, run, task_id, started).await?
-            };
-            evs.push((ev, started.at));
-        }
-        if n == 1 {
-            detail["exit_code"] = json!(exit_code);
-            evs.push((
-                run_event(task_id, run, EventKind::RunExited).detail(detail),
-                now,
-            ));
-        }
-        append_all(&txn, evs).await?;
+        let recorded = exit.write(&txn).await?;
         txn.commit().await?;
-        Ok(n == 1)
+        Ok(recorded)
     }
 
     pub async fn run(&self, run_id: i64) -> StoreResult<Option<agent_runs::Model>> {
@@ -362,18 +332,75 @@ pub struct Started {
     pub at: i64,
 }
 
-/// Writes a run's pid and prompt; returns its `run_started` event for the caller to append.
+/// A run's end as its Monitor saw it: the exit, and the agent's start when that was not
+/// recorded yet. Written on its own ([`Store::record_start_and_exit`]) or first in the
+/// run's claim (ADR 0001).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunExit {
+    pub task_id: i64,
+    pub run: agent_runs::Model,
+    pub started: Option<Started>,
+    pub code: i32,
+    /// The `run_exited` event's detail; `exit_code` is added to it.
+    pub detail: serde_json::Value,
+    /// When the exit was seen.
+    pub at: i64,
+}
+
+impl RunExit {
+    /// Writes the exit (only the first one counts) and the pending start, with their
+    /// events, in `txn`. True when this wrote the exit.
+    pub(super) async fn write(&self, txn: &sea_orm::DatabaseTransaction) -> StoreResult<bool> {
+        let run = &self.run;
+        let mut evs = Vec::new();
+        let mut update = agent_runs::Entity::update_many()
+            .col_expr(agent_runs::Column::ExitCode, Expr::value(self.code))
+            .col_expr(agent_runs::Column::ExitedAt, Expr::value(self.at));
+        if let Some(started) = &self.started {
+            // The start rides on the exit's statement, and on its own when the exit was
+            // recorded already.
+            update = with_start(update, started);
+        }
+        let n = update
+            .filter(agent_runs::Column::Id.eq(run.id))
+            .filter(agent_runs::Column::ExitedAt.is_null())
+            .exec(txn)
+            .await?
+            .rows_affected;
+        if let Some(started) = &self.started {
+            let ev = if n == 1 {
+                Some(started_event(run, self.task_id, started))
+            } else {
+                write_started(txn, run, self.task_id, started).await?
+            };
+            evs.extend(ev.map(|ev| (ev, started.at)));
+        }
+        if n == 1 {
+            let mut detail = self.detail.clone();
+            detail["exit_code"] = json!(self.code);
+            let ev = run_event(self.task_id, run, EventKind::RunExited).detail(detail);
+            evs.push((ev, self.at));
+        }
+        append_all(txn, evs).await?;
+        Ok(n == 1)
+    }
+}
+
+/// Writes a run's pid and prompt unless a start is recorded already; returns its
+/// `run_started` event for the caller to append, `None` when it wrote nothing.
 async fn write_started(
     txn: &sea_orm::DatabaseTransaction,
     run: &agent_runs::Model,
     task_id: i64,
     started: &Started,
-) -> StoreResult<NewEvent> {
-    with_start(agent_runs::Entity::update_many(), started)
+) -> StoreResult<Option<NewEvent>> {
+    let n = with_start(agent_runs::Entity::update_many(), started)
         .filter(agent_runs::Column::Id.eq(run.id))
+        .filter(agent_runs::Column::Pid.is_null())
         .exec(txn)
-        .await?;
-    Ok(started_event(run, task_id, started))
+        .await?
+        .rows_affected;
+    Ok((n == 1).then(|| started_event(run, task_id, started)))
 }
 
 /// An update of a run that also sets what its start recorded: the pid and the prompt.

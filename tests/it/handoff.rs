@@ -44,7 +44,7 @@ async fn claim_handing_off(
     };
     let (outcome, handed) = db
         .store
-        .claim_and_take(&passed(d), policy, NOW + 1, Some(taker))
+        .claim_and_take(&passed(d), None, policy, NOW + 1, Some(taker))
         .await
         .unwrap();
     let ClaimOutcome::Won(won) = outcome else {

@@ -2,7 +2,8 @@
 //! task's cancel and retry, and a cancel that finds an agent whose start is not recorded
 //! yet.
 
-use baton::model::{ClaimOutcome, Decider, EventSource, TaskStatus, Verdict};
+use baton::model::{ClaimOutcome, Decider, EventKind, EventSource, TaskStatus, Verdict};
+use baton::store::{RunExit, Started};
 
 use crate::on_both;
 use crate::store::{NOW, claim, kinds, policy, submit, take};
@@ -37,22 +38,20 @@ async fn start_and_exit(
     code: i32,
     at: i64,
 ) -> bool {
-    let started = baton::store::Started {
+    let started = Started {
         pid,
         prompt: Some(format!("prompt {pid}")),
         at: NOW + 1,
     };
-    db.store
-        .record_start_and_exit(
-            task_id,
-            run,
-            Some(&started),
-            code,
-            serde_json::json!({}),
-            at,
-        )
-        .await
-        .unwrap()
+    let exit = RunExit {
+        task_id,
+        run: run.clone(),
+        started: Some(started),
+        code,
+        detail: serde_json::json!({}),
+        at,
+    };
+    db.store.record_start_and_exit(&exit).await.unwrap()
 }
 
 /// A start not yet recorded is written with the exit; when the exit was recorded already
@@ -87,10 +86,100 @@ async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
         .filter(|k| k.starts_with("run_"))
         .collect();
     assert_eq!(runs, ["run_exited", "run_started"]);
+    // A start recorded already is not written again, nor its event.
+    assert!(!start_and_exit(&db, t.task.id, &e.run, 43, 9, NOW + 9).await);
+    let run = db.store.run(e.run.id).await.unwrap().unwrap();
+    assert_eq!(run.pid, Some(42));
+    let events = db.store.events(t.task.id).await.unwrap();
+    let starts = kinds(&events).into_iter().filter(|k| *k == "run_started");
+    assert_eq!(starts.count(), 1);
 }
 on_both!(
     a_pending_start_is_recorded_with_the_exit_or_after_it,
     a_pending_start_is_recorded_with_the_exit_or_after_it
+);
+
+/// A Monitor's exit carried by its claim: written first in the claim's transaction when
+/// the claim wins, and still written (before the arbiter's `claim_lost`) when it loses.
+async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db: TestDb) {
+    let policy = policy();
+    let exit_of = |task_id: i64, run: &entity::agent_runs::Model, pid: i32| RunExit {
+        task_id,
+        run: run.clone(),
+        started: Some(Started {
+            pid,
+            prompt: None,
+            at: NOW + 1,
+        }),
+        code: 0,
+        detail: serde_json::json!({"signal": null}),
+        at: NOW + 5,
+    };
+    let s = submit(&db.store, "X-1").await;
+    let d = take(&db, NOW).await;
+    let won = claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor);
+    let exit = exit_of(s.task.id, &d.run, 51);
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&won, Some(&exit), &policy, NOW + 6, None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.pid, run.exit_code, run.exited_at),
+        (Some(51), Some(0), Some(NOW + 5))
+    );
+    let events = db.store.events(s.task.id).await.unwrap();
+    let k = kinds(&events);
+    assert_eq!(
+        &k[k.len() - 5..],
+        [
+            "run_started",
+            "run_exited",
+            "claim_won",
+            "job_queued",
+            "job_advanced"
+        ]
+    );
+    let exited = events
+        .iter()
+        .find(|e| e.kind == EventKind::RunExited)
+        .unwrap();
+    assert_eq!(exited.at, NOW + 5);
+    assert!(
+        exited.detail.contains("\"exit_code\":0"),
+        "{}",
+        exited.detail
+    );
+
+    // A claim naming a run that is no longer current loses; its exit is recorded all
+    // the same, and nothing of the claim's is.
+    let t = submit(&db.store, "X-2").await;
+    let e = take(&db, NOW).await;
+    let stale = claim(&e.job, e.run.id + 1000, Verdict::Passed, Decider::Monitor);
+    let exit = exit_of(t.task.id, &e.run, 52);
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&stale, Some(&exit), &policy, NOW + 6, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ClaimOutcome::Lost);
+    let run = db.store.run(e.run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.pid, run.exit_code, run.outcome),
+        (Some(52), Some(0), None)
+    );
+    let events = db.store.events(t.task.id).await.unwrap();
+    let k = kinds(&events);
+    assert_eq!(
+        &k[k.len() - 3..],
+        ["run_started", "run_exited", "claim_lost"]
+    );
+}
+on_both!(
+    an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses,
+    an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses
 );
 
 /// A cancel right after an agent's start, before its Monitor recorded the pid (it does a

@@ -11,11 +11,13 @@ use crate::support::harness::*;
 use crate::support::{Backend, TestDb};
 
 /// A gate command longer than half of `finalize_grace` (the old bound) passes: the
-/// finalizing Monitor is alive, so nothing reaps its run. One past `gate.timeout` is
+/// finalizing Monitor is alive, so nothing reaps its run, whose exit was recorded before
+/// the gate command started. One past `gate.timeout` is
 /// ended with its whole process group, a grandchild that ignores its parent included.
 async fn a_gate_runs_until_its_timeout_and_no_longer(db: TestDb) {
     let h = Harness::new(db);
     let pidfile = h.root.join("grandchild.pid");
+    let (started, release) = (h.root.join("gate.started"), h.root.join("gate.release"));
     let mut config = h.config(&format!(
         r#"
 [pipelines.default]
@@ -24,18 +26,36 @@ stages = ["long"]
 stages = ["hang"]
 [stages.long]
 command = ["true"]
-gate.command = ["sh", "-c", "sleep 1.5; echo suite passed"]
+gate.command = ["sh", "-c", "touch {started}; while [ ! -e {release} ]; do sleep 0.02; done; sleep 1.5; echo suite passed"]
 [stages.hang]
 command = ["true"]
 gate.command = ["sh", "-c", "(trap '' TERM HUP; sleep 60) & echo $! > {pid}; wait"]
 gate.timeout = "1s"
 "#,
-        pid = pidfile.display()
+        pid = pidfile.display(),
+        started = started.display(),
+        release = release.display(),
     ));
     config.reaper.finalize_grace = Duration::from_secs(2);
     config.retry.max_attempts = 1;
     h.submit("LONG-1", "long").await;
     let (node, mut rx) = h.start(config.clone()).await;
+    // While a gate command runs, the run's exit is recorded already (ADR 0001).
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !started.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gate command starts");
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("LONG-1"))
+            .await
+            .unwrap();
+    assert_eq!(d.runs[0].exit_code, Some(0), "{:?}", d.runs[0]);
+    assert!(d.events.iter().any(|e| e.kind == EventKind::RunExited));
+    std::fs::write(&release, "").unwrap();
     assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
     let d =
         h.db.store
