@@ -12,7 +12,7 @@ use serde_json::json;
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
 use super::tasks::{for_update, insert_job, set_task_status};
-use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, append, append_all, must};
+use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, append_all, must};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
@@ -63,9 +63,10 @@ impl Store {
         };
         // The exit before anything of the claim's, after the task's and jobs' rows, which
         // every writer takes first.
-        if let Some(exit) = exit {
-            exit.write(&txn).await?;
-        }
+        let written = match exit {
+            Some(exit) => exit.write(&txn).await?.1,
+            None => Vec::new(),
+        };
         let iterations = Iterations::of_jobs(&siblings);
         let decision = policy.decide(ClaimInput {
             task: &task,
@@ -86,7 +87,7 @@ impl Store {
             drop(write);
             return Ok((self.record_loss(claim, exit, now).await?, None));
         }
-        let won = apply(&txn, claim, &task, &job, decision, now).await?;
+        let won = apply(&txn, claim, &task, &job, decision, written, now).await?;
         let handed = match (&taker, &won.next_job) {
             (Some(taker), Some(next)) => self.hand_off(&txn, taker, &task, next, now).await?,
             _ => None,
@@ -114,9 +115,10 @@ impl Store {
             .is_some_and(|o| o != RunOutcome::Cancelled);
         let job = jobs::Entity::find_by_id(claim.job_id).one(&self.db).await?;
         let (_write, txn) = self.write_txn().await?;
-        if let Some(exit) = exit {
-            exit.write(&txn).await?;
-        }
+        let mut evs = match exit {
+            Some(exit) => exit.write(&txn).await?.1,
+            None => Vec::new(),
+        };
         if let Some(job) = &job {
             let detail = json!({
                 "verdict": claim.verdict, "decided_by": claim.decided_by,
@@ -130,8 +132,9 @@ impl Store {
                 EventKind::ClaimLost,
                 claim.decided_by.source(),
             );
-            append(&txn, ev.run(claim.run_id).detail(detail), now).await?;
+            evs.push((ev.run(claim.run_id).detail(detail), now));
         }
+        append_all(&txn, evs).await?;
         txn.commit().await?;
         Ok(if already {
             ClaimOutcome::AlreadyAdvanced
@@ -202,14 +205,16 @@ async fn fence(
     Ok(changed == 1)
 }
 
-/// The winner's writes after the fence: the run's outcome, the events, the next job or
-/// the task's end, the `advances` row and the outbox.
+/// The winner's writes after the fence: the run's outcome, the events (after `written`,
+/// those of the claim's exit), the next job or the task's end, the `advances` row and the
+/// outbox.
 async fn apply(
     txn: &DatabaseTransaction,
     claim: &Claim,
     task: &tasks::Model,
     job: &jobs::Model,
     decision: Transition,
+    written: Vec<(NewEvent, i64)>,
     now: i64,
 ) -> StoreResult<ClaimWon> {
     let usage = claim.usage.unwrap_or_default();
@@ -326,7 +331,8 @@ async fn apply(
         let host = effect.on_run_host.then(|| run_host.clone()).flatten();
         insert_effect(txn, task.id, run.id, effect, host, now).await?;
     }
-    append_all(txn, evs.into_iter().map(|e| (e, now)).collect()).await?;
+    let evs = written.into_iter().chain(evs.into_iter().map(|e| (e, now)));
+    append_all(txn, evs.collect()).await?;
     Ok(ClaimWon {
         job_status,
         next_job,

@@ -136,7 +136,8 @@ impl Store {
     /// it was not recorded yet: one write for an agent that ended before its start was.
     pub async fn record_start_and_exit(&self, exit: &RunExit) -> StoreResult<bool> {
         let (_write, txn) = self.write_txn().await?;
-        let recorded = exit.write(&txn).await?;
+        let (recorded, evs) = exit.write(&txn).await?;
+        append_all(&txn, evs).await?;
         txn.commit().await?;
         Ok(recorded)
     }
@@ -348,9 +349,12 @@ pub struct RunExit {
 }
 
 impl RunExit {
-    /// Writes the exit (only the first one counts) and the pending start, with their
-    /// events, in `txn`. True when this wrote the exit.
-    pub(super) async fn write(&self, txn: &sea_orm::DatabaseTransaction) -> StoreResult<bool> {
+    /// Writes the exit (only the first one counts) and the pending start in `txn`: true
+    /// when this wrote the exit, and their events, for the caller to append with its own.
+    pub(super) async fn write(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+    ) -> StoreResult<(bool, Vec<(NewEvent, i64)>)> {
         let run = &self.run;
         let mut evs = Vec::new();
         let mut update = agent_runs::Entity::update_many()
@@ -381,8 +385,7 @@ impl RunExit {
             let ev = run_event(self.task_id, run, EventKind::RunExited).detail(detail);
             evs.push((ev, self.at));
         }
-        append_all(txn, evs).await?;
-        Ok(n == 1)
+        Ok((n == 1, evs))
     }
 }
 
