@@ -1,22 +1,26 @@
-//! The Advancer: THE single writer of job transitions after dispatch. It handles claims
-//! strictly one at a time and runs only the fenced transaction; slow work (gates, git,
-//! HTTP) happens in the sender before the claim is sent.
+//! The Advancer: THE single writer of job transitions after dispatch. It decides claims
+//! in the order it receives them, those waiting together in one transaction (group
+//! commit), and runs only the fenced transaction; slow work (gates, git, HTTP) happens in
+//! the sender before the claim is sent.
 //!
 //! Senders (the Monitor, the Reaper, adoption) go through [`send_claim`].
 
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
+use tracing::Instrument;
 
 use super::dispatcher::DispatcherMsg;
 use super::{Ctx, ProbeEvent};
 use crate::model::{Claim, ClaimOutcome, Decider, JobStatus};
-use crate::store::{Dispatched, RunExit, Taker};
+use crate::store::{ClaimItem, Dispatched, RunExit, Taker};
 
 /// How often a claim is tried when the database does not answer.
 const ADVANCER_CLAIM_TRIES: u32 = 5;
 /// The wait before the second try; it doubles with each try.
 const ADVANCER_CLAIM_BACKOFF: Duration = Duration::from_millis(200);
+/// The most claims decided in one transaction.
+pub const ADVANCER_BATCH_MAX: usize = 64;
 
 pub enum AdvancerMsg {
     /// Finalize a run, writing its exit first when one is given; the reply is `Won`,
@@ -27,6 +31,9 @@ pub enum AdvancerMsg {
         Option<Box<RunExit>>,
         RpcReplyPort<Result<ClaimOutcome, String>>,
     ),
+    /// Decide the claims received so far; sent by the Advancer to itself behind the
+    /// first of them, so that every claim already waiting joins its transaction.
+    Decide,
 }
 
 pub struct AdvancerArgs {
@@ -37,140 +44,208 @@ pub struct AdvancerArgs {
     pub effect_worker: Option<ActorRef<super::effect_worker::EffectWorkerMsg>>,
 }
 
+pub struct AdvancerState {
+    args: AdvancerArgs,
+    /// Claims received and not decided yet, in order.
+    waiting: Vec<Waiting>,
+}
+
+/// A claim waiting to be decided, with its reply and the span it is decided in (a child
+/// of its sender's, in the task's trace).
+struct Waiting {
+    claim: Claim,
+    exit: Option<Box<RunExit>>,
+    reply: RpcReplyPort<Result<ClaimOutcome, String>>,
+    span: tracing::Span,
+}
+
+type Decided = Result<(ClaimOutcome, Option<Dispatched>), String>;
+
 pub struct Advancer;
 
 impl Actor for Advancer {
     type Msg = AdvancerMsg;
-    type State = AdvancerArgs;
+    type State = AdvancerState;
     type Arguments = AdvancerArgs;
 
     async fn pre_start(
         &self,
         _: ActorRef<Self::Msg>,
         args: AdvancerArgs,
-    ) -> Result<AdvancerArgs, ActorProcessingErr> {
-        Ok(args)
+    ) -> Result<AdvancerState, ActorProcessingErr> {
+        Ok(AdvancerState {
+            args,
+            waiting: Vec::new(),
+        })
     }
 
     async fn handle(
         &self,
-        _: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: AdvancerMsg,
-        state: &mut AdvancerArgs,
+        state: &mut AdvancerState,
     ) -> Result<(), ActorProcessingErr> {
-        let AdvancerMsg::Claim(claim, exit, reply) = msg;
-        // A Monitor's run was this node's: its place goes to the task's next stage, while
-        // the Dispatcher runs (not once the node is stopping) and the node is within
-        // `max_concurrent_jobs` (adopted agents may have put it over).
-        let hand_off = claim.decided_by == Decider::Monitor
-            && state
-                .dispatcher
-                .as_ref()
-                .is_some_and(|d| d.get_status() == ActorStatus::Running)
-            && state.ctx.watched.len() <= state.ctx.config.max_concurrent_jobs;
-        let (outcome, handed) =
-            match advance_once(&state.ctx, &claim, exit.as_deref(), hand_off).await {
-                Ok((outcome, handed)) => (Ok(outcome), handed),
-                Err(e) => (Err(e), None),
-            };
-        if let Ok(ClaimOutcome::Won(won)) = &outcome {
-            if won.effects > 0
-                && let Some(w) = &state.effect_worker
-            {
-                // A kick carries no span: the woken actor's work is not this claim's.
-                let _ = tracing::Span::none()
-                    .in_scope(|| w.send_message(super::effect_worker::EffectWorkerMsg::Kick));
+        match msg {
+            AdvancerMsg::Claim(claim, exit, reply) => {
+                let span = tracing::info_span!(
+                    "claim",
+                    job_id = claim.job_id,
+                    run_id = claim.run_id,
+                    decided_by = claim.decided_by.as_str(),
+                    outcome = tracing::field::Empty,
+                );
+                state.waiting.push(Waiting {
+                    claim,
+                    exit,
+                    reply,
+                    span,
+                });
+                if state.waiting.len() == 1 {
+                    decide_later(&myself);
+                }
             }
-            // The run is finalized: its slot is free now, not when its Monitor has
-            // stopped, so the next stage can start at once; a job handed to this node
-            // takes the slot over before it is freed.
-            if let Some(next) = &handed {
-                state.ctx.watched.insert(next.run.id, next.job.id);
-            }
-            state.ctx.watched.remove(claim.run_id);
-            if let Some(d) = &state.dispatcher {
-                match handed {
-                    Some(next) => {
-                        let msg = DispatcherMsg::Handed(Box::new(next.clone()));
-                        let sent = tracing::Span::none().in_scope(|| d.send_message(msg));
-                        if sent.is_err() {
-                            // The Dispatcher stopped meanwhile: the job goes back to the queue.
-                            super::dispatcher::release(&state.ctx, &next).await;
-                        }
-                    }
-                    None => {
-                        let _ =
-                            tracing::Span::none().in_scope(|| d.send_message(DispatcherMsg::Kick));
-                    }
+            AdvancerMsg::Decide => {
+                let n = state.waiting.len().min(ADVANCER_BATCH_MAX);
+                let batch: Vec<Waiting> = state.waiting.drain(..n).collect();
+                if !state.waiting.is_empty() {
+                    decide_later(&myself);
+                }
+                let decided = decide(&state.args, &batch).await;
+                for (w, outcome) in batch.into_iter().zip(decided) {
+                    let outcome = after_claim(&state.args, &w, outcome)
+                        .instrument(w.span.clone())
+                        .await;
+                    state.args.ctx.report(ProbeEvent::Advancer {
+                        claim: w.claim,
+                        outcome: outcome.clone(),
+                    });
+                    let _ = w.reply.send(outcome);
                 }
             }
         }
-        state.ctx.report(ProbeEvent::Advancer {
-            claim: claim.clone(),
-            outcome: outcome.clone(),
-        });
-        let _ = reply.send(outcome);
         Ok(())
     }
 }
 
-/// One claim: the fenced transaction, and a log line saying how it went.
-#[tracing::instrument(
-    name = "claim",
-    skip_all,
-    fields(job_id = claim.job_id, run_id = claim.run_id, decided_by = claim.decided_by.as_str(), outcome = tracing::field::Empty)
-)]
-pub async fn advance_once(
-    ctx: &Ctx,
-    claim: &Claim,
-    exit: Option<&RunExit>,
-    hand_off: bool,
-) -> Result<(ClaimOutcome, Option<Dispatched>), String> {
-    let started = std::time::Instant::now();
-    let taker = hand_off.then(|| Taker {
+/// Sends the Advancer its `Decide`, behind the claims already waiting; it carries no
+/// span (the decision is each claim's, in its own).
+fn decide_later(myself: &ActorRef<AdvancerMsg>) {
+    let _ = tracing::Span::none().in_scope(|| myself.send_message(AdvancerMsg::Decide).is_ok());
+}
+
+/// Decides `batch` in one transaction; when that fails, each claim on its own, so that
+/// one claim's error is not the others'.
+async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> Vec<Decided> {
+    let ctx = &args.ctx;
+    // A Monitor's run was this node's: its place goes to the task's next stage, while
+    // the Dispatcher runs (not once the node is stopping) and the node is within
+    // `max_concurrent_jobs` (adopted agents may have put it over).
+    let hand_off = args
+        .dispatcher
+        .as_ref()
+        .is_some_and(|d| d.get_status() == ActorStatus::Running)
+        && ctx.watched.len() <= ctx.config.max_concurrent_jobs;
+    let taker = Taker {
         node_id: &ctx.node_id,
         log_dir: &ctx.config.log_dir,
         policy: Some(&ctx.policy),
-    });
-    let result = ctx
-        .store
-        .claim_and_take(claim, exit, &ctx.policy, ctx.now(), taker)
-        .await;
-    let elapsed_us = started.elapsed().as_micros() as u64;
-    match result {
-        Ok((outcome, handed)) => {
-            let m = &ctx.metrics;
-            let by = crate::telemetry::kv("decided_by", claim.decided_by.as_str());
-            let label = outcome.label();
-            m.claims
-                .add(1, &[by.clone(), crate::telemetry::kv("outcome", label)]);
-            tracing::Span::current().record("outcome", label);
-            match &outcome {
-                ClaimOutcome::Won(w) => {
-                    if w.job_status == JobStatus::Queued {
-                        m.retries.add(1, &[]);
-                    } else {
-                        m.advances.add(1, &[by]);
-                    }
-                    tracing::info!(
-                        elapsed_us,
-                        verdict = %claim.verdict.outcome(),
-                        job_status = %w.job_status,
-                        next_stage = w.next_job.as_ref().map(|j| j.stage.as_str()),
-                        handed_off = handed.is_some(),
-                        task_status = w.task_status.map(|s| s.as_str()),
-                        "claim won"
-                    )
-                }
-                other => tracing::info!(outcome = ?other, "claim lost"),
-            }
-            Ok((outcome, handed))
-        }
+    };
+    let items: Vec<ClaimItem> = batch
+        .iter()
+        .map(|w| ClaimItem {
+            claim: &w.claim,
+            exit: w.exit.as_deref(),
+            taker: (hand_off && w.claim.decided_by == Decider::Monitor).then_some(taker),
+        })
+        .collect();
+    let now = ctx.now();
+    match ctx.store.claim_all(&items, &ctx.policy, now).await {
+        Ok(decided) => decided.into_iter().map(Ok).collect(),
+        Err(e) if items.len() == 1 => vec![Err(e.to_string())],
         Err(e) => {
-            tracing::warn!(error = %e, "claim not decided");
-            Err(e.to_string())
+            tracing::warn!(error = %e, claims = items.len(), "claims not decided together; deciding each on its own");
+            let mut decided = Vec::with_capacity(items.len());
+            for item in &items {
+                let one = ctx
+                    .store
+                    .claim_and_take(item.claim, item.exit, &ctx.policy, now, item.taker)
+                    .await;
+                decided.push(one.map_err(|e| e.to_string()));
+            }
+            decided
         }
     }
+}
+
+/// What follows a decided claim: its log line and metrics, then for a won one the
+/// EffectWorker's kick, the freed place (to the handed job, or the Dispatcher's kick).
+async fn after_claim(
+    args: &AdvancerArgs,
+    w: &Waiting,
+    decided: Decided,
+) -> Result<ClaimOutcome, String> {
+    let ctx = &args.ctx;
+    let claim = &w.claim;
+    let (outcome, handed) = match decided {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "claim not decided");
+            return Err(e);
+        }
+    };
+    let m = &ctx.metrics;
+    let by = crate::telemetry::kv("decided_by", claim.decided_by.as_str());
+    let label = outcome.label();
+    m.claims
+        .add(1, &[by.clone(), crate::telemetry::kv("outcome", label)]);
+    tracing::Span::current().record("outcome", label);
+    let ClaimOutcome::Won(won) = &outcome else {
+        tracing::info!(outcome = ?outcome, "claim lost");
+        return Ok(outcome);
+    };
+    if won.job_status == JobStatus::Queued {
+        m.retries.add(1, &[]);
+    } else {
+        m.advances.add(1, &[by]);
+    }
+    tracing::info!(
+        verdict = %claim.verdict.outcome(),
+        job_status = %won.job_status,
+        next_stage = won.next_job.as_ref().map(|j| j.stage.as_str()),
+        handed_off = handed.is_some(),
+        task_status = won.task_status.map(|s| s.as_str()),
+        "claim won"
+    );
+    if won.effects > 0
+        && let Some(w) = &args.effect_worker
+    {
+        // A kick carries no span: the woken actor's work is not this claim's.
+        let _ = tracing::Span::none()
+            .in_scope(|| w.send_message(super::effect_worker::EffectWorkerMsg::Kick));
+    }
+    // The run is finalized: its slot is free now, not when its Monitor has stopped, so
+    // the next stage can start at once; a job handed to this node takes the slot over
+    // before it is freed.
+    if let Some(next) = &handed {
+        ctx.watched.insert(next.run.id, next.job.id);
+    }
+    ctx.watched.remove(claim.run_id);
+    if let Some(d) = &args.dispatcher {
+        match handed {
+            Some(next) => {
+                let msg = DispatcherMsg::Handed(Box::new(next.clone()));
+                let sent = tracing::Span::none().in_scope(|| d.send_message(msg));
+                if sent.is_err() {
+                    // The Dispatcher stopped meanwhile: the job goes back to the queue.
+                    super::dispatcher::release(ctx, &next).await;
+                }
+            }
+            None => {
+                let _ = tracing::Span::none().in_scope(|| d.send_message(DispatcherMsg::Kick));
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// Sends a claim to the Advancer, trying again a few times when the database did not

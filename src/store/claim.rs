@@ -39,15 +39,54 @@ impl Store {
         now: i64,
         taker: Option<Taker<'_>>,
     ) -> StoreResult<(ClaimOutcome, Option<Dispatched>)> {
-        let (write, txn) = self.write_txn().await?;
+        let item = ClaimItem { claim, exit, taker };
+        let decided = self.claim_all(&[item], policy, now).await?;
+        must(decided.into_iter().next(), || {
+            format!("the decision of the claim of run {}", claim.run_id)
+        })
+    }
+
+    /// Several claims, each decided as [`Store::claim_and_take`] decides it, in order, in
+    /// one transaction: one commit for all (group commit). A later claim sees what an
+    /// earlier one wrote. Any error leaves nothing written, for none of them.
+    pub async fn claim_all(
+        &self,
+        items: &[ClaimItem<'_>],
+        policy: &Policy,
+        now: i64,
+    ) -> StoreResult<Vec<(ClaimOutcome, Option<Dispatched>)>> {
+        let (_write, txn) = self.write_txn().await?;
+        let mut decided = Vec::with_capacity(items.len());
+        for item in items {
+            decided.push(self.claim_in(&txn, item, policy, now).await?);
+        }
+        txn.commit().await?;
+        Ok(decided)
+    }
+
+    /// One claim, in `txn`.
+    async fn claim_in(
+        &self,
+        txn: &DatabaseTransaction,
+        item: &ClaimItem<'_>,
+        policy: &Policy,
+        now: i64,
+    ) -> StoreResult<(ClaimOutcome, Option<Dispatched>)> {
+        let claim = item.claim;
         // The task's row first, then its jobs' (the claimed one, and the others whose
         // iterations the policy counts): a cancel (which takes the task row) and this
         // claim never interleave, and the order never deadlocks. Two reads, locking on
         // PostgreSQL; SQLite's write transaction already excludes every other writer.
         let postgres = self.is_postgres();
-        let task = task_of_job(&txn, claim.job_id, postgres).await?;
+        let task = task_of_job(txn, claim.job_id, postgres).await?;
         let siblings = match &task {
-            Some(t) => jobs_of_task(&txn, t.id, postgres).await?,
+            Some(t) => jobs_of_task(txn, t.id, postgres).await?,
+            None => Vec::new(),
+        };
+        // The exit before anything of the claim's, after the task's and jobs' rows, which
+        // every writer takes first; it is written whether the claim wins or loses.
+        let written = match item.exit {
+            Some(exit) => exit.write(txn).await?.1,
             None => Vec::new(),
         };
         let job = siblings.iter().find(|j| j.id == claim.job_id).cloned();
@@ -57,15 +96,7 @@ impl Store {
             .as_ref()
             .is_some_and(|t| t.status == TaskStatus::Active);
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
-            txn.rollback().await?;
-            drop(write);
-            return Ok((self.record_loss(claim, exit, now).await?, None));
-        };
-        // The exit before anything of the claim's, after the task's and jobs' rows, which
-        // every writer takes first.
-        let written = match exit {
-            Some(exit) => exit.write(&txn).await?.1,
-            None => Vec::new(),
+            return Ok((record_loss(txn, claim, written, now).await?, None));
         };
         let iterations = Iterations::of_jobs(&siblings);
         let decision = policy.decide(ClaimInput {
@@ -82,66 +113,66 @@ impl Store {
             JobChange::Retry { .. } => decision.feedback.as_deref(),
             _ => None,
         };
-        if !fence(&txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
-            txn.rollback().await?;
-            drop(write);
-            return Ok((self.record_loss(claim, exit, now).await?, None));
+        // A fence that changes nothing wrote nothing: the loss is recorded in `txn`.
+        if !fence(txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
+            return Ok((record_loss(txn, claim, written, now).await?, None));
         }
-        let won = apply(&txn, claim, &task, &job, decision, written, now).await?;
-        let handed = match (&taker, &won.next_job) {
-            (Some(taker), Some(next)) => self.hand_off(&txn, taker, &task, next, now).await?,
+        let won = apply(txn, claim, &task, &job, decision, written, now).await?;
+        let handed = match (&item.taker, &won.next_job) {
+            (Some(taker), Some(next)) => self.hand_off(txn, taker, &task, next, now).await?,
             _ => None,
         };
-        txn.commit().await?;
         Ok((ClaimOutcome::Won(won), handed))
     }
+}
 
-    /// Records a lost claim (the arbiter's own event) after the run's `exit`, when the
-    /// claim carried it, and tells the claimant which kind.
-    async fn record_loss(
-        &self,
-        claim: &Claim,
-        exit: Option<&RunExit>,
-        now: i64,
-    ) -> StoreResult<ClaimOutcome> {
-        let run = agent_runs::Entity::find_by_id(claim.run_id)
-            .one(&self.db)
-            .await?;
-        // The outcome is written only by the winning claim (or by a cancel), so a set
-        // outcome means this run's claim was applied already.
-        let already = run
-            .as_ref()
-            .and_then(|r| r.outcome)
-            .is_some_and(|o| o != RunOutcome::Cancelled);
-        let job = jobs::Entity::find_by_id(claim.job_id).one(&self.db).await?;
-        let (_write, txn) = self.write_txn().await?;
-        let mut evs = match exit {
-            Some(exit) => exit.write(&txn).await?.1,
-            None => Vec::new(),
-        };
-        if let Some(job) = &job {
-            let detail = json!({
-                "verdict": claim.verdict, "decided_by": claim.decided_by,
-                "tier": claim.decided_by.tier(),
-                "job_status": job.status, "current_run_id": job.current_run_id,
-                "already_advanced": already,
-            });
-            let ev = NewEvent::of(
-                job.task_id,
-                Some(job),
-                EventKind::ClaimLost,
-                claim.decided_by.source(),
-            );
-            evs.push((ev.run(claim.run_id).detail(detail), now));
-        }
-        append_all(&txn, evs).await?;
-        txn.commit().await?;
-        Ok(if already {
-            ClaimOutcome::AlreadyAdvanced
-        } else {
-            ClaimOutcome::Lost
-        })
+/// One claim for [`Store::claim_all`]: the claim, the run's exit when the claim carries
+/// it, and who takes the job it queues (the hand-off).
+pub struct ClaimItem<'a> {
+    pub claim: &'a Claim,
+    pub exit: Option<&'a RunExit>,
+    pub taker: Option<Taker<'a>>,
+}
+
+/// Records a lost claim (the arbiter's own event, after `written`, the events of the
+/// exit the claim carried) and tells the claimant which kind.
+async fn record_loss(
+    txn: &DatabaseTransaction,
+    claim: &Claim,
+    mut written: Vec<(NewEvent, i64)>,
+    now: i64,
+) -> StoreResult<ClaimOutcome> {
+    let run = agent_runs::Entity::find_by_id(claim.run_id)
+        .one(txn)
+        .await?;
+    // The outcome is written only by the winning claim (or by a cancel), so a set
+    // outcome means this run's claim was applied already.
+    let already = run
+        .as_ref()
+        .and_then(|r| r.outcome)
+        .is_some_and(|o| o != RunOutcome::Cancelled);
+    let job = jobs::Entity::find_by_id(claim.job_id).one(txn).await?;
+    if let Some(job) = &job {
+        let detail = json!({
+            "verdict": claim.verdict, "decided_by": claim.decided_by,
+            "tier": claim.decided_by.tier(),
+            "job_status": job.status, "current_run_id": job.current_run_id,
+            "already_advanced": already,
+        });
+        let ev = NewEvent::of(
+            job.task_id,
+            Some(job),
+            EventKind::ClaimLost,
+            claim.decided_by.source(),
+        );
+        written.push((ev.run(claim.run_id).detail(detail), now));
     }
+    append_all(txn, written).await?;
+    Ok(if already {
+        ClaimOutcome::AlreadyAdvanced
+    } else {
+        ClaimOutcome::Lost
+    })
 }
 
 /// The task of job `job_id`, its row locked on PostgreSQL; `None` when either is gone.

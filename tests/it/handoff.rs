@@ -1,15 +1,16 @@
 //! The hand-off: a won claim takes its task's next job for the claiming node, in the
 //! claim's own transaction, when dispatch would take that job first; otherwise the job
-//! stays queued for dispatch. A taken job whose Monitor cannot start is put back.
+//! stays queued for dispatch. A taken job whose Monitor cannot start is put back. Claims
+//! decided together, in one transaction.
 
 use std::path::Path;
 
 use baton::actors::advancer::send_claim;
 use baton::actors::dispatcher::DispatcherMsg;
 use baton::config::{Config, EnvOverrides};
-use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, RunOutcome, Verdict};
+use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, ReapTier, RunOutcome, Verdict};
 use baton::policy::Policy;
-use baton::store::{Dispatched, Taker};
+use baton::store::{ClaimItem, Dispatched, Taker};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
@@ -241,4 +242,113 @@ async fn a_released_job_is_queued_again_with_its_attempt(db: TestDb) {
 on_both!(
     a_released_job_is_queued_again_with_its_attempt,
     a_released_job_is_queued_again_with_its_attempt
+);
+
+/// Claims decided together (the Advancer's group commit), in order, in one transaction:
+/// a later claim sees what an earlier one wrote (a second claim of the same run finds it
+/// advanced already), and each won claim hands off the job dispatch would take first.
+async fn claims_decided_together_see_each_other(db: TestDb) {
+    let policy = policy();
+    crate::support::submit(&db.store, "G-1", "analyst", NOW).await;
+    crate::support::submit(&db.store, "G-2", "analyst", NOW).await;
+    let (d1, d2) = (take(&db).await, take(&db).await);
+    let taker = Taker {
+        node_id: "n1",
+        log_dir: db.dir.path(),
+        policy: Some(&policy),
+    };
+    let (c1, c2) = (passed(&d1), passed(&d2));
+    let reaped = claim(
+        &d1.job,
+        d1.run.id,
+        Verdict::Passed,
+        Decider::Reaper(ReapTier::Unfinished),
+    );
+    let items = [
+        ClaimItem {
+            claim: &c1,
+            exit: None,
+            taker: Some(taker),
+        },
+        ClaimItem {
+            claim: &reaped,
+            exit: None,
+            taker: None,
+        },
+        ClaimItem {
+            claim: &c2,
+            exit: None,
+            taker: Some(taker),
+        },
+    ];
+    let decided = db.store.claim_all(&items, &policy, NOW + 1).await.unwrap();
+    let handed: Vec<Option<String>> = decided
+        .iter()
+        .map(|(_, h)| h.as_ref().map(|d| d.task.key.clone()))
+        .collect();
+    assert_eq!(
+        handed,
+        [Some("G-1".to_string()), None, Some("G-2".to_string())]
+    );
+    assert!(matches!(decided[0].0, ClaimOutcome::Won(_)));
+    assert_eq!(decided[1].0, ClaimOutcome::AlreadyAdvanced);
+    assert!(matches!(decided[2].0, ClaimOutcome::Won(_)));
+    assert_eq!(db.store.advances_of(d1.job.id).await.unwrap().len(), 1);
+    assert_eq!(db.store.advances_of(d2.job.id).await.unwrap().len(), 1);
+}
+on_both!(
+    claims_decided_together_see_each_other,
+    claims_decided_together_see_each_other
+);
+
+/// A claim of a group that fails leaves nothing written, for none of them (the Advancer
+/// then decides each on its own).
+async fn a_failed_claim_of_a_group_writes_nothing_of_the_others(db: TestDb) {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let policy = policy();
+    crate::support::submit(&db.store, "F-1", "analyst", NOW).await;
+    crate::support::submit(&db.store, "F-2", "analyst", NOW).await;
+    let (d1, d2) = (take(&db).await, take(&db).await);
+    // F-2's job names a run that does not exist: its claim is fenced, then fails.
+    let c = Database::connect(db.url.as_str()).await.unwrap();
+    c.execute_raw(Statement::from_string(
+        c.get_database_backend(),
+        format!(
+            "UPDATE jobs SET current_run_id = 999999 WHERE id = {}",
+            d2.job.id
+        ),
+    ))
+    .await
+    .unwrap();
+    c.close().await.unwrap();
+    let (c1, c2) = (
+        passed(&d1),
+        claim(&d2.job, 999999, Verdict::Passed, Decider::Monitor),
+    );
+    let items = [
+        ClaimItem {
+            claim: &c1,
+            exit: None,
+            taker: None,
+        },
+        ClaimItem {
+            claim: &c2,
+            exit: None,
+            taker: None,
+        },
+    ];
+    assert!(db.store.claim_all(&items, &policy, NOW + 1).await.is_err());
+    let job = db.store.job(d1.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.current_run_id),
+        (JobStatus::Running, Some(d1.run.id))
+    );
+    assert!(db.store.advances_of(d1.job.id).await.unwrap().is_empty());
+    // On its own, the first claim wins.
+    let won = db.store.claim(&c1, &policy, NOW + 2).await.unwrap();
+    assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+}
+on_both!(
+    a_failed_claim_of_a_group_writes_nothing_of_the_others,
+    a_failed_claim_of_a_group_writes_nothing_of_the_others
 );
