@@ -64,6 +64,8 @@ pub enum ProbeEvent {
     Advancer {
         claim: Claim,
         outcome: Result<ClaimOutcome, String>,
+        /// How many claims were decided in its transaction (1: on its own).
+        group: usize,
     },
     EffectWorker {
         msg: effect_worker::EffectWorkerMsg,

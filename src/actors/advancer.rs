@@ -110,7 +110,7 @@ impl Actor for Advancer {
                 if !state.waiting.is_empty() {
                     decide_later(&myself);
                 }
-                let decided = decide(&state.args, &batch).await;
+                let (decided, group) = decide(&state.args, &batch).await;
                 for (w, outcome) in batch.into_iter().zip(decided) {
                     let outcome = after_claim(&state.args, &w, outcome)
                         .instrument(w.span.clone())
@@ -118,6 +118,7 @@ impl Actor for Advancer {
                     state.args.ctx.report(ProbeEvent::Advancer {
                         claim: w.claim,
                         outcome: outcome.clone(),
+                        group,
                     });
                     let _ = w.reply.send(outcome);
                 }
@@ -134,8 +135,8 @@ fn decide_later(myself: &ActorRef<AdvancerMsg>) {
 }
 
 /// Decides `batch` in one transaction; when that fails, each claim on its own, so that
-/// one claim's error is not the others'.
-async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> Vec<Decided> {
+/// one claim's error is not the others'. Also says how many shared a transaction.
+async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, usize) {
     let ctx = &args.ctx;
     // A Monitor's run was this node's: its place goes to the task's next stage, while
     // the Dispatcher runs (not once the node is stopping) and the node is within
@@ -160,8 +161,8 @@ async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> Vec<Decided> {
         .collect();
     let now = ctx.now();
     match ctx.store.claim_all(&items, &ctx.policy, now).await {
-        Ok(decided) => decided.into_iter().map(Ok).collect(),
-        Err(e) if items.len() == 1 => vec![Err(e.to_string())],
+        Ok(decided) => (decided.into_iter().map(Ok).collect(), items.len()),
+        Err(e) if items.len() == 1 => (vec![Err(e.to_string())], 1),
         Err(e) => {
             tracing::warn!(error = %e, claims = items.len(), "claims not decided together; deciding each on its own");
             let mut decided = Vec::with_capacity(items.len());
@@ -172,7 +173,7 @@ async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> Vec<Decided> {
                     .await;
                 decided.push(one.map_err(|e| e.to_string()));
             }
-            decided
+            (decided, 1)
         }
     }
 }

@@ -122,7 +122,7 @@ async fn tier2_waits_for_the_grace_window(db: TestDb) {
     );
     // The Advancer handled exactly that claim, from the Reaper, and it won.
     match s.rx.recv().await.unwrap() {
-        ProbeEvent::Advancer { claim, outcome } => {
+        ProbeEvent::Advancer { claim, outcome, .. } => {
             assert_eq!(
                 (claim.decided_by, claim.run_id),
                 (Decider::Reaper(ReapTier::Unfinished), s.run.id)
@@ -185,7 +185,7 @@ async fn monitor_and_reaper_racing_give_one_advance(db: TestDb) {
         "{a:?} {b:?}"
     );
     assert_eq!(s.ctx.store.advances_of(s.job.id).await.unwrap().len(), 1);
-    // The Advancer handled them one at a time: the first won, the second did not.
+    // The Advancer decided them in order: the first won, the second did not.
     let mut seen = Vec::new();
     for _ in 0..2 {
         if let ProbeEvent::Advancer { outcome, .. } = s.rx.recv().await.unwrap() {
@@ -242,3 +242,109 @@ async fn lost_agent_is_reaped_as_tier1(db: TestDb) {
     s.advancer.stop(None);
 }
 on_both!(lost_agent_is_reaped_as_tier1, lost_agent_is_reaped_as_tier1);
+
+/// Claims waiting for the Advancer together are decided in one transaction, in order: the
+/// first of a run's claims wins and the later ones find it advanced. When the group's
+/// transaction fails (here a claim whose run is missing), each claim is decided on its
+/// own, and the others still win. The claims are queued before the Advancer runs: the
+/// test's runtime has one thread.
+async fn claims_waiting_together_are_decided_in_one_transaction(db: TestDb) {
+    use baton::actors::advancer::AdvancerMsg;
+    let mut s = claim_setup(&db, db.store.clone()).await;
+    let claim = |job: &entity::jobs::Model, run_id: i64, by: Decider| Claim {
+        job_id: job.id,
+        run_id,
+        verdict: Verdict::Passed,
+        decided_by: by,
+        commit_sha: None,
+        feedback: None,
+        usage: None,
+    };
+    let queue = |claims: Vec<Claim>| {
+        claims
+            .into_iter()
+            .map(|c| {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                s.advancer
+                    .send_message(AdvancerMsg::Claim(c, None, tx.into()))
+                    .unwrap();
+                rx
+            })
+            .collect::<Vec<_>>()
+    };
+    let reaper = Decider::Reaper(ReapTier::Unfinished);
+    let replies = queue(vec![
+        claim(&s.job, s.run.id, Decider::Monitor),
+        claim(&s.job, s.run.id, reaper),
+        claim(&s.job, s.run.id, Decider::Monitor),
+    ]);
+    let mut outcomes = Vec::new();
+    for r in replies {
+        outcomes.push(r.await.unwrap().unwrap());
+    }
+    assert!(matches!(outcomes[0], ClaimOutcome::Won(_)), "{outcomes:?}");
+    assert_eq!(
+        outcomes[1..],
+        [ClaimOutcome::AlreadyAdvanced, ClaimOutcome::AlreadyAdvanced]
+    );
+    let mut groups = Vec::new();
+    for _ in 0..3 {
+        if let ProbeEvent::Advancer { group, .. } = s.rx.recv().await.unwrap() {
+            groups.push(group);
+        }
+    }
+    assert_eq!(groups, [3, 3, 3]);
+
+    // Two more tasks; the second's job names a run that does not exist.
+    let store = &s.ctx.store;
+    let mut taken = Vec::new();
+    for key in ["GROUP-1", "GROUP-2"] {
+        crate::support::submit(store, key, "analyst", s.ctx.now()).await;
+        let d = store
+            .dispatch(&s.ctx.node_id, db.dir.path(), None, s.ctx.now())
+            .await
+            .unwrap()
+            .unwrap();
+        taken.push(d);
+    }
+    {
+        use sea_orm::{ConnectionTrait, Database, Statement};
+        let c = Database::connect(db.url.as_str()).await.unwrap();
+        let sql = format!(
+            "UPDATE jobs SET current_run_id = 999999 WHERE id = {}",
+            taken[1].job.id
+        );
+        c.execute_raw(Statement::from_string(c.get_database_backend(), sql))
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+    }
+    let replies = queue(vec![
+        claim(&taken[0].job, taken[0].run.id, Decider::Monitor),
+        claim(&taken[1].job, 999999, Decider::Monitor),
+    ]);
+    let first = replies.into_iter().next().unwrap().await.unwrap();
+    assert!(matches!(first, Ok(ClaimOutcome::Won(_))), "{first:?}");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        if let ProbeEvent::Advancer { outcome, group, .. } = s.rx.recv().await.unwrap() {
+            seen.push((outcome.is_ok(), group));
+        }
+    }
+    assert_eq!(seen, [(true, 1), (false, 1)]);
+    s.advancer.stop(None);
+}
+
+#[tokio::test]
+async fn claims_waiting_together_are_decided_in_one_transaction_sqlite() {
+    if let Some(db) = TestDb::new(crate::support::Backend::Sqlite).await {
+        claims_waiting_together_are_decided_in_one_transaction(db).await;
+    }
+}
+
+#[tokio::test]
+async fn claims_waiting_together_are_decided_in_one_transaction_postgres() {
+    if let Some(db) = TestDb::new(crate::support::Backend::Postgres).await {
+        claims_waiting_together_are_decided_in_one_transaction(db).await;
+    }
+}
