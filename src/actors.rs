@@ -64,8 +64,10 @@ pub enum ProbeEvent {
     Advancer {
         claim: Claim,
         outcome: Result<ClaimOutcome, String>,
-        /// How many claims were decided in its transaction (1: on its own).
+        /// How many claims were decided with it, and whether in one transaction (false:
+        /// that failed, and each was decided on its own).
         group: usize,
+        together: bool,
     },
     EffectWorker {
         msg: effect_worker::EffectWorkerMsg,

@@ -43,7 +43,7 @@ use sea_orm::{
 
 use crate::model::{EventKind, EventSource};
 
-pub use claim::ClaimItem;
+pub use claim::{ClaimItem, GroupError};
 pub use delivery::Recovered;
 pub use dispatch::{Dispatched, Taker};
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};

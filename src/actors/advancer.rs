@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::dispatcher::DispatcherMsg;
 use super::{Ctx, ProbeEvent};
 use crate::model::{Claim, ClaimOutcome, Decider, JobStatus};
-use crate::store::{ClaimItem, Dispatched, RunExit, Taker};
+use crate::store::{ClaimItem, Dispatched, GroupError, RunExit, Taker};
 
 /// How often a claim is tried when the database does not answer.
 const ADVANCER_CLAIM_TRIES: u32 = 5;
@@ -93,6 +93,9 @@ impl Actor for Advancer {
                     run_id = claim.run_id,
                     decided_by = claim.decided_by.as_str(),
                     outcome = tracing::field::Empty,
+                    group = tracing::field::Empty,
+                    together = tracing::field::Empty,
+                    elapsed_us = tracing::field::Empty,
                 );
                 state.waiting.push(Waiting {
                     claim,
@@ -110,15 +113,21 @@ impl Actor for Advancer {
                 if !state.waiting.is_empty() {
                     decide_later(&myself);
                 }
-                let (decided, group) = decide(&state.args, &batch).await;
+                let group = batch.len();
+                let started = std::time::Instant::now();
+                let (decided, together) = decide(&state.args, &batch).await;
+                let elapsed_us = started.elapsed().as_micros() as u64;
                 for (w, outcome) in batch.into_iter().zip(decided) {
-                    let outcome = after_claim(&state.args, &w, outcome)
-                        .instrument(w.span.clone())
-                        .await;
+                    let span = w.span.clone();
+                    span.record("group", group);
+                    span.record("together", together);
+                    span.record("elapsed_us", elapsed_us);
+                    let outcome = after_claim(&state.args, &w, outcome).instrument(span).await;
                     state.args.ctx.report(ProbeEvent::Advancer {
                         claim: w.claim,
                         outcome: outcome.clone(),
                         group,
+                        together,
                     });
                     let _ = w.reply.send(outcome);
                 }
@@ -134,9 +143,11 @@ fn decide_later(myself: &ActorRef<AdvancerMsg>) {
     let _ = tracing::Span::none().in_scope(|| myself.send_message(AdvancerMsg::Decide).is_ok());
 }
 
-/// Decides `batch` in one transaction; when that fails, each claim on its own, so that
-/// one claim's error is not the others'. Also says how many shared a transaction.
-async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, usize) {
+/// Decides `batch` in one transaction; when that fails before its commit, each claim on
+/// its own, so that one claim's error is not the others'. True when the batch's own
+/// transaction decided it. A failed commit is every claim's error: what it wrote is not
+/// known, and a claim decided again could not tell its own writes from another's.
+async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, bool) {
     let ctx = &args.ctx;
     // A Monitor's run was this node's: its place goes to the task's next stage, while
     // the Dispatcher runs (not once the node is stopping) and the node is within
@@ -161,8 +172,12 @@ async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, usize)
         .collect();
     let now = ctx.now();
     match ctx.store.claim_all(&items, &ctx.policy, now).await {
-        Ok(decided) => (decided.into_iter().map(Ok).collect(), items.len()),
-        Err(e) if items.len() == 1 => (vec![Err(e.to_string())], 1),
+        Ok(decided) => (decided.into_iter().map(Ok).collect(), true),
+        Err(e @ GroupError::Commit(_)) => {
+            tracing::warn!(error = %e, claims = items.len(), "claims not decided: their commit failed");
+            (items.iter().map(|_| Err(e.to_string())).collect(), true)
+        }
+        Err(e) if items.len() == 1 => (vec![Err(e.to_string())], true),
         Err(e) => {
             tracing::warn!(error = %e, claims = items.len(), "claims not decided together; deciding each on its own");
             let mut decided = Vec::with_capacity(items.len());
@@ -173,7 +188,7 @@ async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, usize)
                     .await;
                 decided.push(one.map_err(|e| e.to_string()));
             }
-            (decided, 1)
+            (decided, false)
         }
     }
 }

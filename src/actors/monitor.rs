@@ -443,9 +443,10 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         "timed_out": state.cause == EndCause::TimedOut,
         "cancelled": state.cause == EndCause::Cancelled,
     });
-    // 1. The exit, first: from here on the Reaper's grace window protects this monitor.
-    // When no gate command runs, nothing slow lies between the exit and the claim: the
-    // exit is written first in the claim's transaction (ADR 0001), one write less.
+    // 1. The exit, first: from its record on, the Reaper's grace window protects this
+    // run. When no gate command runs, nothing slow lies between the exit and the claim
+    // (this Monitor, alive, protects it meanwhile): the exit is written first in the
+    // claim's transaction (ADR 0001), one write less.
     let exit_recorded = std::time::Instant::now();
     let exit_at = ctx.now();
     ctx.metrics.run_duration.record(
@@ -557,7 +558,12 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
     let outcome = if with_claim {
         let outcome = send_claim_with_exit(&state.args.advancer, claim, Some(exit.clone())).await;
         if outcome.is_none() {
-            // Undecided: the exit is recorded on its own, for the Reaper's second tier.
+            // Undecided: the exit is recorded on its own, for the Reaper's second tier,
+            // as of now (the grace window counts from its record).
+            let exit = RunExit {
+                at: ctx.now(),
+                ..exit
+            };
             if let Err(e) = ctx.store.record_start_and_exit(&exit).await {
                 tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
             }

@@ -2,7 +2,8 @@
 //! as its current run, and the winner writes everything the policy's decision implies
 //! in the same transaction (the job's terminal or retry state, the next job or the
 //! task's end, the `advances` row, the outbox, the events). A loser writes nothing of
-//! its own; only the arbiter's `claim_lost` event records that it lost.
+//! its own but the run's exit its claim carried; only the arbiter's `claim_lost` event
+//! records that it lost. The Advancer's claims waiting together share one transaction.
 
 use entity::{advances, agent_runs, jobs, nodes, tasks};
 use sea_orm::sea_query::{Expr, Query};
@@ -12,7 +13,9 @@ use serde_json::json;
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
 use super::tasks::{for_update, insert_job, set_task_status};
-use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, append_all, must};
+use super::{
+    Dispatched, NewEvent, RunExit, Store, StoreError, StoreResult, Taker, append_all, must,
+};
 use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
@@ -40,7 +43,10 @@ impl Store {
         taker: Option<Taker<'_>>,
     ) -> StoreResult<(ClaimOutcome, Option<Dispatched>)> {
         let item = ClaimItem { claim, exit, taker };
-        let decided = self.claim_all(&[item], policy, now).await?;
+        let decided = match self.claim_all(&[item], policy, now).await {
+            Ok(decided) => decided,
+            Err(GroupError::NothingWritten(e) | GroupError::Commit(e)) => return Err(e),
+        };
         must(decided.into_iter().next(), || {
             format!("the decision of the claim of run {}", claim.run_id)
         })
@@ -48,19 +54,24 @@ impl Store {
 
     /// Several claims, each decided as [`Store::claim_and_take`] decides it, in order, in
     /// one transaction: one commit for all (group commit). A later claim sees what an
-    /// earlier one wrote. Any error leaves nothing written, for none of them.
+    /// earlier one wrote. An error before the commit leaves nothing written, for none of
+    /// them; one of the commit itself leaves unknown what was.
     pub async fn claim_all(
         &self,
         items: &[ClaimItem<'_>],
         policy: &Policy,
         now: i64,
-    ) -> StoreResult<Vec<(ClaimOutcome, Option<Dispatched>)>> {
-        let (_write, txn) = self.write_txn().await?;
+    ) -> Result<Vec<(ClaimOutcome, Option<Dispatched>)>, GroupError> {
+        let (_write, txn) = self.write_txn().await.map_err(GroupError::NothingWritten)?;
         let mut decided = Vec::with_capacity(items.len());
         for item in items {
-            decided.push(self.claim_in(&txn, item, policy, now).await?);
+            // On an error the transaction is dropped, which rolls it back.
+            let one = self.claim_in(&txn, item, policy, now).await;
+            decided.push(one.map_err(GroupError::NothingWritten)?);
         }
-        txn.commit().await?;
+        txn.commit()
+            .await
+            .map_err(|e| GroupError::Commit(e.into()))?;
         Ok(decided)
     }
 
@@ -124,6 +135,17 @@ impl Store {
         };
         Ok((ClaimOutcome::Won(won), handed))
     }
+}
+
+/// Why [`Store::claim_all`] decided nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// A claim, or the transaction's start, failed: nothing of the group was written.
+    #[error("{0}")]
+    NothingWritten(StoreError),
+    /// The commit failed: whether the group was written is not known.
+    #[error("the claims' commit: {0}")]
+    Commit(StoreError),
 }
 
 /// One claim for [`Store::claim_all`]: the claim, the run's exit when the claim carries

@@ -34,14 +34,24 @@ impl Store {
     pub async fn heartbeat_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
         self.set_node_time(node_id, nodes::Column::HeartbeatAt, now)
             .await?;
+        use entity::agent_runs::{Column, Entity};
+        use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
         let _write = self.lock_writes().await;
-        entity::agent_runs::Entity::update_many()
-            .col_expr(
-                entity::agent_runs::Column::HeartbeatAt,
-                sea_orm::sea_query::Expr::value(now),
-            )
-            .filter(entity::agent_runs::Column::NodeId.eq(node_id))
-            .filter(entity::agent_runs::Column::ExitedAt.is_null())
+        // A run whose row a claim holds is being finalized: it is skipped, not waited
+        // for. Waiting could deadlock with a group of claims, which holds several runs'
+        // rows of this node while it takes more (ADR 0001).
+        let mut running = Query::select()
+            .column(Column::Id)
+            .from(Entity)
+            .and_where(Column::NodeId.eq(node_id))
+            .and_where(Column::ExitedAt.is_null())
+            .to_owned();
+        if self.is_postgres() {
+            running.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+        Entity::update_many()
+            .col_expr(Column::HeartbeatAt, Expr::value(now))
+            .filter(Column::Id.in_subquery(running))
             .exec(&self.db)
             .await?;
         Ok(())

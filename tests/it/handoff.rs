@@ -10,7 +10,7 @@ use baton::actors::dispatcher::DispatcherMsg;
 use baton::config::{Config, EnvOverrides};
 use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, ReapTier, RunOutcome, Verdict};
 use baton::policy::Policy;
-use baton::store::{ClaimItem, Dispatched, Taker};
+use baton::store::{ClaimItem, Dispatched, GroupError, RunExit, Taker};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
@@ -325,10 +325,18 @@ async fn a_failed_claim_of_a_group_writes_nothing_of_the_others(db: TestDb) {
         passed(&d1),
         claim(&d2.job, 999999, Verdict::Passed, Decider::Monitor),
     );
+    let exit = RunExit {
+        task_id: d1.task.id,
+        run: d1.run.clone(),
+        started: None,
+        code: 0,
+        detail: serde_json::json!({}),
+        at: NOW + 1,
+    };
     let items = [
         ClaimItem {
             claim: &c1,
-            exit: None,
+            exit: Some(&exit),
             taker: None,
         },
         ClaimItem {
@@ -337,16 +345,27 @@ async fn a_failed_claim_of_a_group_writes_nothing_of_the_others(db: TestDb) {
             taker: None,
         },
     ];
-    assert!(db.store.claim_all(&items, &policy, NOW + 1).await.is_err());
+    assert!(matches!(
+        db.store.claim_all(&items, &policy, NOW + 1).await,
+        Err(GroupError::NothingWritten(_))
+    ));
+    let run = db.store.run(d1.run.id).await.unwrap().unwrap();
+    assert_eq!((run.exit_code, run.exited_at), (None, None));
     let job = db.store.job(d1.job.id).await.unwrap().unwrap();
     assert_eq!(
         (job.status, job.current_run_id),
         (JobStatus::Running, Some(d1.run.id))
     );
     assert!(db.store.advances_of(d1.job.id).await.unwrap().is_empty());
-    // On its own, the first claim wins.
-    let won = db.store.claim(&c1, &policy, NOW + 2).await.unwrap();
+    // On its own, the first claim wins, with its exit.
+    let (won, _) = db
+        .store
+        .claim_and_take(&c1, Some(&exit), &policy, NOW + 2, None)
+        .await
+        .unwrap();
     assert!(matches!(won, ClaimOutcome::Won(_)), "{won:?}");
+    let run = db.store.run(d1.run.id).await.unwrap().unwrap();
+    assert_eq!(run.exit_code, Some(0));
 }
 on_both!(
     a_failed_claim_of_a_group_writes_nothing_of_the_others,

@@ -289,11 +289,14 @@ async fn claims_waiting_together_are_decided_in_one_transaction(db: TestDb) {
     );
     let mut groups = Vec::new();
     for _ in 0..3 {
-        if let ProbeEvent::Advancer { group, .. } = s.rx.recv().await.unwrap() {
-            groups.push(group);
+        if let ProbeEvent::Advancer {
+            group, together, ..
+        } = s.rx.recv().await.unwrap()
+        {
+            groups.push((group, together));
         }
     }
-    assert_eq!(groups, [3, 3, 3]);
+    assert_eq!(groups, [(3, true), (3, true), (3, true)]);
 
     // Two more tasks; the second's job names a run that does not exist.
     let store = &s.ctx.store;
@@ -327,11 +330,17 @@ async fn claims_waiting_together_are_decided_in_one_transaction(db: TestDb) {
     assert!(matches!(first, Ok(ClaimOutcome::Won(_))), "{first:?}");
     let mut seen = Vec::new();
     for _ in 0..2 {
-        if let ProbeEvent::Advancer { outcome, group, .. } = s.rx.recv().await.unwrap() {
-            seen.push((outcome.is_ok(), group));
+        if let ProbeEvent::Advancer {
+            outcome,
+            group,
+            together,
+            ..
+        } = s.rx.recv().await.unwrap()
+        {
+            seen.push((outcome.is_ok(), group, together));
         }
     }
-    assert_eq!(seen, [(true, 1), (false, 1)]);
+    assert_eq!(seen, [(true, 2, false), (false, 2, false)]);
     s.advancer.stop(None);
 }
 

@@ -2,7 +2,7 @@
 //! task's cancel and retry, and a cancel that finds an agent whose start is not recorded
 //! yet.
 
-use baton::model::{ClaimOutcome, Decider, EventKind, EventSource, TaskStatus, Verdict};
+use baton::model::{ClaimOutcome, Decider, EventKind, EventSource, ReapTier, TaskStatus, Verdict};
 use baton::store::{RunExit, Started};
 
 use crate::on_both;
@@ -153,29 +153,60 @@ async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db
         exited.detail
     );
 
-    // A claim naming a run that is no longer current loses; its exit is recorded all
-    // the same, and nothing of the claim's is.
+    // The Reaper's claim of a run wins first; the run's Monitor, finalizing meanwhile,
+    // then finds it advanced: its exit is recorded all the same, and nothing else of
+    // its claim is (invariant 2).
     let t = submit(&db.store, "X-2").await;
     let e = take(&db, NOW).await;
-    let stale = claim(&e.job, e.run.id + 1000, Verdict::Passed, Decider::Monitor);
+    let reaped = claim(
+        &e.job,
+        e.run.id,
+        Verdict::Passed,
+        Decider::Reaper(ReapTier::Unfinished),
+    );
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&reaped, None, &policy, NOW + 6, None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    let job_before = db.store.job(e.job.id).await.unwrap().unwrap();
+    let jobs_before = db.store.jobs_of(t.task.id).await.unwrap().len();
+    let monitor = claim(&e.job, e.run.id, Verdict::Passed, Decider::Monitor);
     let exit = exit_of(t.task.id, &e.run, 52);
     let (outcome, _) = db
         .store
-        .claim_and_take(&stale, Some(&exit), &policy, NOW + 6, None)
+        .claim_and_take(&monitor, Some(&exit), &policy, NOW + 7, None)
         .await
         .unwrap();
-    assert_eq!(outcome, ClaimOutcome::Lost);
+    assert_eq!(outcome, ClaimOutcome::AlreadyAdvanced);
     let run = db.store.run(e.run.id).await.unwrap().unwrap();
     assert_eq!(
-        (run.pid, run.exit_code, run.outcome),
-        (Some(52), Some(0), None)
+        (run.pid, run.exit_code, run.exited_at),
+        (Some(52), Some(0), Some(NOW + 5))
     );
+    assert_eq!(db.store.job(e.job.id).await.unwrap().unwrap(), job_before);
+    assert_eq!(
+        db.store.jobs_of(t.task.id).await.unwrap().len(),
+        jobs_before
+    );
+    assert_eq!(db.store.advances_of(e.job.id).await.unwrap().len(), 1);
     let events = db.store.events(t.task.id).await.unwrap();
     let k = kinds(&events);
     assert_eq!(
         &k[k.len() - 3..],
         ["run_started", "run_exited", "claim_lost"]
     );
+    // A second claim with the same exit, recorded already, writes no second one.
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&monitor, Some(&exit), &policy, NOW + 8, None)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ClaimOutcome::AlreadyAdvanced);
+    let events = db.store.events(t.task.id).await.unwrap();
+    let exits = kinds(&events).into_iter().filter(|k| *k == "run_exited");
+    assert_eq!(exits.count(), 1);
 }
 on_both!(
     an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses,
@@ -310,3 +341,41 @@ async fn cancel_and_retry(db: TestDb) {
     ));
 }
 on_both!(cancel_and_retry, cancel_and_retry);
+
+/// On PostgreSQL, the node's heartbeat skips a run whose row a transaction holds (a group
+/// of claims finalizing it) instead of waiting for it: waiting could close a cycle with
+/// a group that holds several of the node's runs and takes more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_skips_a_run_a_claim_holds_on_postgres() {
+    use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
+    let Some(db) = TestDb::new(crate::support::Backend::Postgres).await else {
+        return;
+    };
+    submit(&db.store, "HB-1").await;
+    submit(&db.store, "HB-2").await;
+    let (held, free) = (take(&db, NOW).await, take(&db, NOW).await);
+    let c = Database::connect(db.url.as_str()).await.unwrap();
+    let txn = c.begin().await.unwrap();
+    let lock = format!(
+        "SELECT id FROM agent_runs WHERE id = {} FOR UPDATE",
+        held.run.id
+    );
+    txn.execute_raw(Statement::from_string(txn.get_database_backend(), lock))
+        .await
+        .unwrap();
+    // A heartbeat that waited for the row would wait until the end of the transaction.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        db.store.heartbeat_node("n1", NOW + 50),
+    )
+    .await
+    .expect("the heartbeat waited for a held run")
+    .unwrap();
+    txn.rollback().await.unwrap();
+    c.close().await.unwrap();
+    let beat = |run| db.store.run(run);
+    let free_run = beat(free.run.id).await.unwrap().unwrap();
+    let held_run = beat(held.run.id).await.unwrap().unwrap();
+    assert_eq!(free_run.heartbeat_at, NOW + 50);
+    assert_eq!(held_run.heartbeat_at, held.run.heartbeat_at);
+}
