@@ -94,8 +94,8 @@ impl Store {
             Some(t) => jobs_of_task(txn, t.id, postgres).await?,
             None => Vec::new(),
         };
-        // The exit before anything of the claim's, after the task's and jobs' rows, which
-        // every writer takes first; it is written whether the claim wins or loses.
+        // The exit before anything of the claim's, after the task's and jobs' rows (which
+        // claims and cancels take first); it is written whether the claim wins or loses.
         let written = match item.exit {
             Some(exit) => exit.write(txn).await?.1,
             None => Vec::new(),
