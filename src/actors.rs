@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! Supervisor ─┬─ Dispatcher      claims queued jobs, asks the Supervisor to start a Monitor
-//!             ├─ Monitor (1/job) runs one agent, records its exit FIRST, gates, commits, claims
+//!             ├─ Monitor (1/job) runs one agent, records its exit first (or with the claim), gates, commits, claims
 //!             ├─ Reaper          periodic; finds runs past their window and claims for them
-//!             ├─ Advancer        the single writer of job transitions: one claim at a time
+//!             ├─ Advancer        the single writer of job transitions: claims in order, in groups
 //!             ├─ EffectWorker    drains the outbox: push, PR, Plane comment and state
 //!             ├─ PlanePoller     with Plane: submits work items whose delivery was lost
 //!             └─ Janitor         periodic; removes what ended tasks left on disk ([retention])

@@ -173,9 +173,16 @@ async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, bool) 
     let now = ctx.now();
     match ctx.store.claim_all(&items, &ctx.policy, now).await {
         Ok(decided) => (decided.into_iter().map(Ok).collect(), true),
-        Err(e @ GroupError::Commit(_)) => {
-            tracing::warn!(error = %e, claims = items.len(), "claims not decided: their commit failed");
-            (items.iter().map(|_| Err(e.to_string())).collect(), true)
+        Err(GroupError::Commit { error, handed }) => {
+            tracing::warn!(error = %error, claims = items.len(), "claims not decided: their commit failed");
+            // Had it been written after all, the jobs handed off would run with no
+            // Monitor: they go back to the queue (a release changes nothing otherwise).
+            for d in &handed {
+                let reason = "the claim that took it for this node did not learn its commit";
+                super::dispatcher::release_because(ctx, d, reason).await;
+            }
+            let e = format!("the claims' commit: {error}");
+            (items.iter().map(|_| Err(e.clone())).collect(), true)
         }
         Err(e) if items.len() == 1 => (vec![Err(e.to_string())], true),
         Err(e) => {

@@ -149,8 +149,12 @@ async fn record_gauges(ctx: &Ctx) {
 /// Puts a job taken for this node back in the queue when its Monitor cannot start (the
 /// node is stopping), and frees its place: its agent never ran, so no attempt is spent.
 pub async fn release(ctx: &Ctx, d: &Dispatched) {
+    release_because(ctx, d, "the node stopped before the run's agent started").await;
+}
+
+/// [`release`], saying why in the `job_queued` event.
+pub async fn release_because(ctx: &Ctx, d: &Dispatched, reason: &str) {
     ctx.watched.remove(d.run.id);
-    let reason = "the node stopped before the run's agent started";
     match ctx.store.release_run(d, reason, ctx.now()).await {
         Ok(true) => {
             tracing::info!(task = %d.task.key, stage = %d.job.stage, run_id = d.run.id, "job put back in the queue: {reason}")

@@ -1,8 +1,8 @@
 //! The Monitor: one per running job. It prepares the workspace, starts the agent through
 //! the shim, enforces the stage timeout (a one-shot timer; the node's heartbeat and its
 //! check for cancelled runs are the Supervisor's, one for all its runs), and when the agent ends it
-//! records the exit FIRST, then evaluates the gate, auto-commits, and sends the claim to
-//! the Advancer. A Monitor that fails is not restarted: its run is left to the Reaper.
+//! records the exit FIRST (with the claim, when no gate command runs between them), then
+//! evaluates the gate, auto-commits, and sends the claim to the Advancer. A Monitor that fails is not restarted: its run is left to the Reaper.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

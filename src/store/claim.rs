@@ -45,7 +45,9 @@ impl Store {
         let item = ClaimItem { claim, exit, taker };
         let decided = match self.claim_all(&[item], policy, now).await {
             Ok(decided) => decided,
-            Err(GroupError::NothingWritten(e) | GroupError::Commit(e)) => return Err(e),
+            Err(GroupError::NothingWritten(e) | GroupError::Commit { error: e, .. }) => {
+                return Err(e);
+            }
         };
         must(decided.into_iter().next(), || {
             format!("the decision of the claim of run {}", claim.run_id)
@@ -69,9 +71,13 @@ impl Store {
             let one = self.claim_in(&txn, item, policy, now).await;
             decided.push(one.map_err(GroupError::NothingWritten)?);
         }
-        txn.commit()
-            .await
-            .map_err(|e| GroupError::Commit(e.into()))?;
+        if let Err(e) = txn.commit().await {
+            let handed = decided.into_iter().filter_map(|(_, h)| h).collect();
+            return Err(GroupError::Commit {
+                error: e.into(),
+                handed,
+            });
+        }
         Ok(decided)
     }
 
@@ -86,8 +92,10 @@ impl Store {
         let claim = item.claim;
         // The task's row first, then its jobs' (the claimed one, and the others whose
         // iterations the policy counts): a cancel (which takes the task row) and this
-        // claim never interleave, and the order never deadlocks. Two reads, locking on
-        // PostgreSQL; SQLite's write transaction already excludes every other writer.
+        // claim never interleave, and within one task the order never deadlocks (a
+        // group of claims takes several tasks' rows in its claims' order; ADR 0001).
+        // Two reads, locking on PostgreSQL; SQLite's write transaction already excludes
+        // every other writer.
         let postgres = self.is_postgres();
         let task = task_of_job(txn, claim.job_id, postgres).await?;
         let siblings = match &task {
@@ -143,9 +151,13 @@ pub enum GroupError {
     /// A claim, or the transaction's start, failed: nothing of the group was written.
     #[error("{0}")]
     NothingWritten(StoreError),
-    /// The commit failed: whether the group was written is not known.
-    #[error("the claims' commit: {0}")]
-    Commit(StoreError),
+    /// The commit failed: whether the group was written is not known. `handed`: the
+    /// jobs its claims took for their node, if it was (a release of them is fenced).
+    #[error("the claims' commit: {error}")]
+    Commit {
+        error: StoreError,
+        handed: Vec<Dispatched>,
+    },
 }
 
 /// One claim for [`Store::claim_all`]: the claim, the run's exit when the claim carries

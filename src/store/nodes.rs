@@ -30,7 +30,8 @@ impl Store {
     }
 
     /// Heartbeats a node and, in one statement more, every run of it whose exit is not
-    /// recorded yet: one write per node per interval, however many agents it runs.
+    /// recorded yet (on PostgreSQL, except those a transaction holds): one write per node
+    /// per interval, however many agents it runs.
     pub async fn heartbeat_node(&self, node_id: &str, now: i64) -> StoreResult<()> {
         self.set_node_time(node_id, nodes::Column::HeartbeatAt, now)
             .await?;
@@ -47,7 +48,7 @@ impl Store {
             .and_where(Column::ExitedAt.is_null())
             .to_owned();
         if self.is_postgres() {
-            running.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+            running.lock_with_behavior(LockType::NoKeyUpdate, LockBehavior::SkipLocked);
         }
         Entity::update_many()
             .col_expr(Column::HeartbeatAt, Expr::value(now))

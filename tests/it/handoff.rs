@@ -371,3 +371,58 @@ on_both!(
     a_failed_claim_of_a_group_writes_nothing_of_the_others,
     a_failed_claim_of_a_group_writes_nothing_of_the_others
 );
+
+/// On PostgreSQL, a group whose commit fails (here a deferred trigger refuses it) says so,
+/// with the jobs its claims handed off: nothing was written, so putting them back (which
+/// the Advancer does, in case the commit was written after all) changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_commit_fails_names_its_hand_offs_on_postgres() {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let Some(db) = TestDb::new(crate::support::Backend::Postgres).await else {
+        return;
+    };
+    let policy = policy();
+    crate::support::submit(&db.store, "C-1", "analyst", NOW).await;
+    let d = take(&db).await;
+    let c = Database::connect(db.url.as_str()).await.unwrap();
+    for sql in [
+        "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'commit refused'; END $$",
+        "CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON advances \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit()",
+    ] {
+        c.execute_raw(Statement::from_string(c.get_database_backend(), sql))
+            .await
+            .unwrap();
+    }
+    c.close().await.unwrap();
+    let taker = Taker {
+        node_id: "n1",
+        log_dir: db.dir.path(),
+        policy: Some(&policy),
+    };
+    let c1 = passed(&d);
+    let items = [ClaimItem {
+        claim: &c1,
+        exit: None,
+        taker: Some(taker),
+    }];
+    let Err(GroupError::Commit { handed, .. }) = db.store.claim_all(&items, &policy, NOW + 1).await
+    else {
+        panic!("the commit must fail");
+    };
+    assert_eq!(handed.len(), 1);
+    assert_eq!(handed[0].job.stage, "developer");
+    let job = db.store.job(d.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.current_run_id),
+        (JobStatus::Running, Some(d.run.id))
+    );
+    assert!(db.store.advances_of(d.job.id).await.unwrap().is_empty());
+    assert!(
+        !db.store
+            .release_run(&handed[0], "test", NOW + 2)
+            .await
+            .unwrap()
+    );
+}
