@@ -2,7 +2,8 @@
 //! the shim, enforces the stage timeout (a one-shot timer; the node's heartbeat and its
 //! check for cancelled runs are the Supervisor's, one for all its runs), and when the agent ends it
 //! records the exit FIRST (with the claim, when no gate command runs between them), then
-//! evaluates the gate, auto-commits, and sends the claim to the Advancer. A Monitor that fails is not restarted: its run is left to the Reaper.
+//! evaluates the gate, auto-commits, and sends the claim to the Advancer. A Monitor that
+//! fails is not restarted: its run is left to the Reaper.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -429,6 +430,17 @@ async fn fail_start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState, rea
     myself.stop(None);
 }
 
+/// Records a run's exit in a transaction of its own; false (and logged) when it cannot.
+async fn record_exit(ctx: &super::Ctx, exit: &RunExit) -> bool {
+    match ctx.store.record_start_and_exit(exit).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, run_id = exit.run.id, "cannot record the exit; the Reaper will finalize the run");
+            false
+        }
+    }
+}
+
 /// Records the exit FIRST, then gates, commits and claims.
 async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure: Option<String>) {
     let ctx = state.args.ctx.clone();
@@ -443,10 +455,9 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         "timed_out": state.cause == EndCause::TimedOut,
         "cancelled": state.cause == EndCause::Cancelled,
     });
-    // 1. The exit, first: from its record on, the Reaper's grace window protects this
-    // run. When no gate command runs, nothing slow lies between the exit and the claim
-    // (this Monitor, alive, protects it meanwhile): the exit is written first in the
-    // claim's transaction (ADR 0001), one write less.
+    // 1. The exit, first: from its record on, the grace window protects this run. With
+    // no gate command nothing slow comes before the claim (this live Monitor protects
+    // the run): the exit is written first in the claim's transaction (ADR 0001).
     let exit_recorded = std::time::Instant::now();
     let exit_at = ctx.now();
     ctx.metrics.run_duration.record(
@@ -461,23 +472,17 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
         detail,
         at: exit_at,
     };
-    let gate_command = state.cause == EndCause::Running
-        && error.is_none()
-        && status.is_some()
-        && state.workspace.is_some()
-        && state
-            .stage
-            .as_ref()
-            .is_some_and(|s| s.gate.command.is_some());
-    let with_claim = state.cause != EndCause::Cancelled && !gate_command;
-    if !with_claim {
-        if let Err(e) = ctx.store.record_start_and_exit(&exit).await {
-            tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
-            return;
-        }
-        if state.cause == EndCause::Cancelled {
-            return;
-        }
+    let gated = state
+        .stage
+        .as_ref()
+        .is_some_and(|s| s.gate.command.is_some());
+    // The gate is evaluated only for an agent that ended on its own, with a status.
+    let judged = state.cause == EndCause::Running && error.is_none() && status.is_some();
+    let with_claim =
+        state.cause != EndCause::Cancelled && !(gated && judged && state.workspace.is_some());
+    // A cancelled run sends no claim.
+    if !with_claim && (!record_exit(&ctx, &exit).await || state.cause == EndCause::Cancelled) {
+        return;
     }
     // 2. The gate, read-only.
     let judgement: Judgement = if state.cause == EndCause::TimedOut {
@@ -564,9 +569,7 @@ async fn finalize(state: &mut MonitorState, status: Option<ExitStatus>, failure:
                 at: ctx.now(),
                 ..exit
             };
-            if let Err(e) = ctx.store.record_start_and_exit(&exit).await {
-                tracing::error!(error = %e, run_id = d.run.id, "cannot record the exit; the Reaper will finalize the run");
-            }
+            record_exit(&ctx, &exit).await;
         }
         outcome
     } else {

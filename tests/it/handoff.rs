@@ -10,13 +10,15 @@ use baton::actors::dispatcher::DispatcherMsg;
 use baton::config::{Config, EnvOverrides};
 use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, ReapTier, RunOutcome, Verdict};
 use baton::policy::Policy;
-use baton::store::{ClaimItem, Dispatched, GroupError, RunExit, Taker};
+use baton::store::{ClaimItem, Dispatched, GroupError, Taker};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::on_both;
 use crate::reaper_windows::claim_setup_with;
-use crate::store::{PIPELINE_TOML, claim, next_due, policy};
+use crate::store::{
+    MISSING_RUN, PIPELINE_TOML, claim, name_a_missing_run, next_due, policy, run_exit,
+};
 use crate::support::TestDb;
 
 const NOW: i64 = 1_800_000_000_000;
@@ -304,35 +306,16 @@ on_both!(
 /// A claim of a group that fails leaves nothing written, for none of them (the Advancer
 /// then decides each on its own).
 async fn a_failed_claim_of_a_group_writes_nothing_of_the_others(db: TestDb) {
-    use sea_orm::{ConnectionTrait, Database, Statement};
     let policy = policy();
     crate::support::submit(&db.store, "F-1", "analyst", NOW).await;
     crate::support::submit(&db.store, "F-2", "analyst", NOW).await;
     let (d1, d2) = (take(&db).await, take(&db).await);
-    // F-2's job names a run that does not exist: its claim is fenced, then fails.
-    let c = Database::connect(db.url.as_str()).await.unwrap();
-    c.execute_raw(Statement::from_string(
-        c.get_database_backend(),
-        format!(
-            "UPDATE jobs SET current_run_id = 999999 WHERE id = {}",
-            d2.job.id
-        ),
-    ))
-    .await
-    .unwrap();
-    c.close().await.unwrap();
+    name_a_missing_run(&db, d2.job.id).await;
     let (c1, c2) = (
         passed(&d1),
-        claim(&d2.job, 999999, Verdict::Passed, Decider::Monitor),
+        claim(&d2.job, MISSING_RUN, Verdict::Passed, Decider::Monitor),
     );
-    let exit = RunExit {
-        task_id: d1.task.id,
-        run: d1.run.clone(),
-        started: None,
-        code: 0,
-        detail: serde_json::json!({}),
-        at: NOW + 1,
-    };
+    let exit = run_exit(d1.task.id, &d1.run, None, 0, NOW + 1);
     let items = [
         ClaimItem {
             claim: &c1,
@@ -377,25 +360,20 @@ on_both!(
 /// the Advancer does, in case the commit was written after all) changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_whose_commit_fails_names_its_hand_offs_on_postgres() {
-    use sea_orm::{ConnectionTrait, Database, Statement};
     let Some(db) = TestDb::new(crate::support::Backend::Postgres).await else {
         return;
     };
     let policy = policy();
     crate::support::submit(&db.store, "C-1", "analyst", NOW).await;
     let d = take(&db).await;
-    let c = Database::connect(db.url.as_str()).await.unwrap();
     for sql in [
         "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN RAISE EXCEPTION 'commit refused'; END $$",
         "CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON advances \
          DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit()",
     ] {
-        c.execute_raw(Statement::from_string(c.get_database_backend(), sql))
-            .await
-            .unwrap();
+        db.execute(sql).await;
     }
-    c.close().await.unwrap();
     let taker = Taker {
         node_id: "n1",
         log_dir: db.dir.path(),

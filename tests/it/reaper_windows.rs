@@ -310,21 +310,10 @@ async fn claims_waiting_together_are_decided_in_one_transaction(db: TestDb) {
             .unwrap();
         taken.push(d);
     }
-    {
-        use sea_orm::{ConnectionTrait, Database, Statement};
-        let c = Database::connect(db.url.as_str()).await.unwrap();
-        let sql = format!(
-            "UPDATE jobs SET current_run_id = 999999 WHERE id = {}",
-            taken[1].job.id
-        );
-        c.execute_raw(Statement::from_string(c.get_database_backend(), sql))
-            .await
-            .unwrap();
-        c.close().await.unwrap();
-    }
+    crate::store::name_a_missing_run(&db, taken[1].job.id).await;
     let replies = queue(vec![
         claim(&taken[0].job, taken[0].run.id, Decider::Monitor),
-        claim(&taken[1].job, 999999, Decider::Monitor),
+        claim(&taken[1].job, crate::store::MISSING_RUN, Decider::Monitor),
     ]);
     let first = replies.into_iter().next().unwrap().await.unwrap();
     assert!(matches!(first, Ok(ClaimOutcome::Won(_))), "{first:?}");

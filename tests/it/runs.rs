@@ -3,10 +3,10 @@
 //! yet.
 
 use baton::model::{ClaimOutcome, Decider, EventKind, EventSource, ReapTier, TaskStatus, Verdict};
-use baton::store::{RunExit, Started};
+use baton::store::Started;
 
 use crate::on_both;
-use crate::store::{NOW, claim, kinds, policy, submit, take};
+use crate::store::{NOW, claim, kinds, policy, run_exit, submit, take};
 use crate::support::TestDb;
 
 async fn record_exit_counts_once(db: TestDb) {
@@ -43,14 +43,7 @@ async fn start_and_exit(
         prompt: Some(format!("prompt {pid}")),
         at: NOW + 1,
     };
-    let exit = RunExit {
-        task_id,
-        run: run.clone(),
-        started: Some(started),
-        code,
-        detail: serde_json::json!({}),
-        at,
-    };
+    let exit = run_exit(task_id, run, Some(started), code, at);
     db.store.record_start_and_exit(&exit).await.unwrap()
 }
 
@@ -103,17 +96,13 @@ on_both!(
 /// the claim wins, and still written (before the arbiter's `claim_lost`) when it loses.
 async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db: TestDb) {
     let policy = policy();
-    let exit_of = |task_id: i64, run: &entity::agent_runs::Model, pid: i32| RunExit {
-        task_id,
-        run: run.clone(),
-        started: Some(Started {
+    let exit_of = |task_id: i64, run: &entity::agent_runs::Model, pid: i32| {
+        let started = Started {
             pid,
             prompt: None,
             at: NOW + 1,
-        }),
-        code: 0,
-        detail: serde_json::json!({"signal": null}),
-        at: NOW + 5,
+        };
+        run_exit(task_id, run, Some(started), 0, NOW + 5)
     };
     let s = submit(&db.store, "X-1").await;
     let d = take(&db, NOW).await;

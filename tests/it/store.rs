@@ -59,6 +59,33 @@ pub fn claim(job: &jobs::Model, run_id: i64, verdict: Verdict, by: Decider) -> C
     }
 }
 
+/// The exit of `run` with `code`, seen at `at`, with its pending start when `started`.
+pub fn run_exit(
+    task_id: i64,
+    run: &entity::agent_runs::Model,
+    started: Option<baton::store::Started>,
+    code: i32,
+    at: i64,
+) -> baton::store::RunExit {
+    baton::store::RunExit {
+        task_id,
+        run: run.clone(),
+        started,
+        code,
+        detail: serde_json::json!({}),
+        at,
+    }
+}
+
+/// The run a job names that does not exist: its claim is fenced, then fails.
+pub const MISSING_RUN: i64 = 999_999;
+
+/// Makes job `job_id` name [`MISSING_RUN`] as its current run.
+pub async fn name_a_missing_run(db: &TestDb, job_id: i64) {
+    let sql = format!("UPDATE jobs SET current_run_id = {MISSING_RUN} WHERE id = {job_id}");
+    db.execute(&sql).await;
+}
+
 /// Dispatches the next due job on node `n1`; there must be one.
 pub async fn take(db: &TestDb, now: i64) -> baton::store::Dispatched {
     next_due(db, now).await.expect("a due job")

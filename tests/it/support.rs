@@ -30,6 +30,17 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Runs `sql` on the database through a connection of its own, as a hand outside
+    /// baton would.
+    pub async fn execute(&self, sql: &str) {
+        use sea_orm::{ConnectionTrait, Database, Statement};
+        let c = Database::connect(self.url.as_str()).await.unwrap();
+        c.execute_raw(Statement::from_string(c.get_database_backend(), sql))
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+    }
+
     /// A fresh, migrated database, or `None` when PostgreSQL is unavailable outside CI.
     pub async fn new(backend: Backend) -> Option<TestDb> {
         let dir = tempfile::tempdir().expect("temp dir");
