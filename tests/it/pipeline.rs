@@ -433,3 +433,79 @@ on_both!(
     a_gate_command_runs_without_secrets_and_its_output_is_kept,
     a_gate_command_runs_without_secrets_and_its_output_is_kept
 );
+
+/// A claim that cannot be decided (here every transaction that writes an advance is
+/// refused) leaves the exit to its Monitor, which records it on its own; the run is then
+/// the Reaper's, once its grace window has passed and the database takes advances again.
+async fn an_undecided_claim_leaves_the_exit_recorded_for_the_reaper(db: TestDb) {
+    let h = Harness::new(db);
+    let mut config = h.config(
+        r#"
+[pipelines.default]
+stages = ["analyst"]
+[stages.analyst]
+command = ["true"]
+"#,
+    );
+    config.reaper.finalize_grace = Duration::from_secs(1);
+    let postgres = h.db.url.starts_with("postgres");
+    let (refuse, allow): (&[&str], &str) = if postgres {
+        (
+            &[
+                "CREATE FUNCTION refuse_advance() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'advances refused'; END $$",
+                "CREATE TRIGGER refuse_advance BEFORE INSERT ON advances \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_advance()",
+            ],
+            "DROP TRIGGER refuse_advance ON advances",
+        )
+    } else {
+        (
+            &["CREATE TRIGGER refuse_advance BEFORE INSERT ON advances \
+               BEGIN SELECT RAISE(ABORT, 'advances refused'); END"],
+            "DROP TRIGGER refuse_advance",
+        )
+    };
+    for sql in refuse {
+        h.db.execute(sql).await;
+    }
+    h.submit("UNDECIDED-1", "analyst").await;
+    let (node, mut rx) = h.start(config).await;
+    wait_for(&mut rx, |ev| {
+        matches!(
+            ev,
+            ProbeEvent::Monitor {
+                event: MonitorEvent::Claimed(None),
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    let key = crate::support::key("UNDECIDED-1");
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    assert_eq!(d.runs.len(), 1);
+    assert_eq!(d.runs[0].exit_code, Some(0), "{:?}", d.runs[0]);
+    assert!(d.runs[0].exited_at.is_some(), "{:?}", d.runs[0]);
+    assert_eq!(d.jobs[0].status, JobStatus::Running);
+    let exited = |d: &baton::store::TaskDetail| {
+        d.events
+            .iter()
+            .filter(|e| e.kind == EventKind::RunExited)
+            .count()
+    };
+    assert_eq!(exited(&d), 1);
+
+    h.db.execute(allow).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    let d = h.db.store.task_detail(&key).await.unwrap();
+    let advances = h.db.store.advances_of(d.jobs[0].id).await.unwrap();
+    assert_eq!(advances.len(), 1);
+    assert_eq!(advances[0].decided_by, entity::AdvanceDecider::Reaper);
+    assert_eq!(exited(&d), 1, "the exit is recorded once");
+    node.shutdown().await;
+}
+on_both!(
+    an_undecided_claim_leaves_the_exit_recorded_for_the_reaper,
+    an_undecided_claim_leaves_the_exit_recorded_for_the_reaper
+);
