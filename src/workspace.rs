@@ -35,6 +35,21 @@ pub enum WorkspaceError {
     /// The task's branch here and the remote's (or the task's record) went apart.
     #[error("{0}")]
     Diverged(String),
+    /// Asked to build on this host's branch ([`LastCommit::OnBranch`]), which is not here.
+    #[error("branch {0} is not on this host")]
+    BranchNotHere(String),
+}
+
+/// What a stage's branch is moved to, besides the remote's branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastCommit<'a> {
+    /// The task's last recorded stage commit (none before its first): a branch new to
+    /// the host starts from it, an existing one is fast-forwarded to it when behind.
+    Recorded(Option<&'a str>),
+    /// This host's branch holds it already: the task's previous stage ran here, in this
+    /// worktree, and was decided by its own Monitor. A branch not on this host fails with
+    /// [`WorkspaceError::BranchNotHere`], and the caller reads the record instead.
+    OnBranch,
 }
 
 fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> WorkspaceError {

@@ -426,6 +426,7 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
                 task: rj.task,
                 job: rj.job,
                 run,
+                follows_here: false,
             };
             ctx.watched.insert(d.run.id, d.job.id);
             let _ =

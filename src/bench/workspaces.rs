@@ -152,9 +152,17 @@ fn compare(
     let after = measure(&tasks, &root, |key| {
         let path = workspace::path_for(&root, key)?;
         let branch = format!("baton/{key}");
-        workspace::prepare(&root, &path, &access, key, &branch, "main", None)
-            .map(|_| ())
-            .with_context(|| format!("worktree for {key}"))
+        workspace::prepare(
+            &root,
+            &path,
+            &access,
+            key,
+            &branch,
+            "main",
+            workspace::LastCommit::Recorded(None),
+        )
+        .map(|_| ())
+        .with_context(|| format!("worktree for {key}"))
     })?;
     Ok((before, after))
 }

@@ -16,7 +16,9 @@ use super::tasks::{for_update, insert_job, set_task_status};
 use super::{
     Dispatched, NewEvent, RunExit, Store, StoreError, StoreResult, Taker, append_all, must,
 };
-use crate::model::{Claim, ClaimOutcome, ClaimWon, EventKind, JobStatus, RunOutcome, TaskStatus};
+use crate::model::{
+    Claim, ClaimOutcome, ClaimWon, Decider, EventKind, JobStatus, RunOutcome, TaskStatus, Verdict,
+};
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
 impl Store {
@@ -137,8 +139,19 @@ impl Store {
             return Ok((record_loss(txn, claim, written, now).await?, None));
         }
         let won = apply(txn, claim, &task, &job, decision, written, now).await?;
+        // The stage's own Monitor ran it in this host's worktree, and a passed or
+        // rejected stage was prepared there and committed (a failed auto-commit fails it).
+        let here = claim.decided_by == Decider::Monitor
+            && matches!(claim.verdict, Verdict::Passed | Verdict::Rejected);
         let handed = match (&item.taker, &won.next_job) {
-            (Some(taker), Some(next)) => self.hand_off(txn, taker, &task, next, now).await?,
+            (Some(taker), Some(next)) => {
+                self.hand_off(txn, taker, &task, next, now)
+                    .await?
+                    .map(|d| Dispatched {
+                        follows_here: here,
+                        ..d
+                    })
+            }
             _ => None,
         };
         Ok((ClaimOutcome::Won(won), handed))

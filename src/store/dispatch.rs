@@ -29,6 +29,11 @@ pub struct Dispatched {
     pub task: tasks::Model,
     pub job: jobs::Model,
     pub run: agent_runs::Model,
+    /// Handed off by the won claim of this node's own Monitor for a passed or rejected
+    /// stage: that stage's agent ran in this host's worktree of the task, and its
+    /// auto-commit (if any) was made there, so the branch here holds the task's last
+    /// commit and the Monitor need not read it (ADR 0007).
+    pub follows_here: bool,
 }
 
 /// Who takes a job: the node whose agent will run it, the folder of its runs' logs, and
@@ -349,7 +354,12 @@ async fn take(
     if let Some(effect) = taker.policy.and_then(|p| p.start_effect(&task)) {
         insert_effect(txn, task.id, run.id, effect, None, now).await?;
     }
-    Ok(Some(Dispatched { task, job, run }))
+    Ok(Some(Dispatched {
+        task,
+        job,
+        run,
+        follows_here: false,
+    }))
 }
 
 /// PostgreSQL's transaction-scoped advisory lock of a stage: dispatchers of several nodes

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use git2::{BranchType, FetchOptions, Oid, Repository, WorktreePruneOptions};
 use nix::fcntl::{Flock, FlockArg};
 
-use super::{RepoAccess, WorkspaceError, git};
+use super::{LastCommit, RepoAccess, WorkspaceError, git};
 
 /// The remote-tracking refs of the mirror.
 const ORIGIN: &str = "origin";
@@ -206,7 +206,7 @@ pub fn prepare(
     task_key: &str,
     branch: &str,
     base_branch: &str,
-    start_commit: Option<&str>,
+    start_commit: LastCommit<'_>,
 ) -> Result<Prepared, WorkspaceError> {
     let due = Instant::now();
     std::fs::create_dir_all(root).map_err(|source| WorkspaceError::Io {
@@ -234,7 +234,7 @@ pub fn prepare(
     fetch_since(&mirror, access, due)?;
 
     let start = match start_commit {
-        Some(sha) => {
+        LastCommit::Recorded(Some(sha)) => {
             let oid = Oid::from_str(sha).map_err(git(format!("read commit {sha}")))?;
             if mirror.find_commit(oid).is_err() {
                 return Err(WorkspaceError::Missing(format!(
@@ -243,7 +243,7 @@ pub fn prepare(
             }
             Some(oid)
         }
-        None => None,
+        LastCommit::Recorded(None) | LastCommit::OnBranch => None,
     };
     let remote_tip = mirror
         .find_branch(&format!("{ORIGIN}/{branch}"), BranchType::Remote)
@@ -254,6 +254,9 @@ pub fn prepare(
         .ok()
         .and_then(|b| b.get().target());
     let (tip, fast_forwarded) = match local {
+        None if start_commit == LastCommit::OnBranch => {
+            return Err(WorkspaceError::BranchNotHere(branch.to_string()));
+        }
         None => {
             let tip = match (start, remote_tip) {
                 (Some(s), _) => s,
@@ -514,7 +517,17 @@ mod tests {
         let (dir, _remote, access) = seeded();
         let root = dir.path().join("ws");
         let path = root.join("K-1");
-        let prep = || prepare(&root, &path, &access, "K-1", "baton/K-1", "main", None);
+        let prep = || {
+            prepare(
+                &root,
+                &path,
+                &access,
+                "K-1",
+                "baton/K-1",
+                "main",
+                LastCommit::Recorded(None),
+            )
+        };
         assert!(prep().unwrap().created);
         // The next stage finds it as it is; what the agent left in it stays.
         std::fs::write(path.join("notes.txt"), "left by the agent").unwrap();
@@ -559,7 +572,7 @@ mod tests {
                 task,
                 &format!("baton/{task}"),
                 "main",
-                None,
+                LastCommit::Recorded(None),
             )
         };
         prep("K-1").unwrap();

@@ -194,7 +194,16 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
         ..Default::default()
     };
     let root = &ctx.config.workspace_root;
-    baton::workspace::prepare(root, &ws, &access, "T-1", BRANCH, "main", None).unwrap();
+    baton::workspace::prepare(
+        root,
+        &ws,
+        &access,
+        "T-1",
+        BRANCH,
+        "main",
+        baton::workspace::LastCommit::Recorded(None),
+    )
+    .unwrap();
     std::fs::write(ws.join("feature.txt"), "work\n").unwrap();
     let sha = baton::workspace::commit_all(&ws, "developer(T-1): auto-commit")
         .unwrap()

@@ -88,6 +88,52 @@ on_both!(
     the_next_job_is_taken_for_the_claiming_node
 );
 
+/// A job handed off after a stage that its own Monitor decided, passed or rejected, is
+/// marked as following this host's work (its Monitor reads no last commit); one handed
+/// off after the Reaper's claim, or taken by dispatch, is not.
+async fn a_hand_off_after_the_monitors_own_claim_follows_the_work_here(db: TestDb) {
+    let policy = policy();
+    crate::support::submit(&db.store, "F-1", "analyst", NOW).await;
+    let d = take(&db).await;
+    assert!(!d.follows_here, "dispatch cannot know where the work is");
+    let (_, handed) = claim_handing_off(&db, &policy, &d).await;
+    let handed = handed.expect("the next stage is handed off");
+    assert!(handed.follows_here);
+    let taker = Taker {
+        node_id: "n1",
+        log_dir: db.dir.path(),
+        policy: Some(&policy),
+    };
+    let reaper = Decider::Reaper(ReapTier::Unfinished);
+    let by_reaper = claim(&handed.job, handed.run.id, Verdict::Passed, reaper);
+    let (outcome, next) = db
+        .store
+        .claim_and_take(&by_reaper, None, &policy, NOW + 2, Some(taker))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    let next = next.expect("the Reaper's claim hands off too");
+    assert_eq!(next.job.stage, "reviewer");
+    assert!(
+        !next.follows_here,
+        "the Reaper's run may have ended anywhere"
+    );
+    // A rejection sends the task back to the stage before, on the same branch.
+    let rejected = claim(&next.job, next.run.id, Verdict::Rejected, Decider::Monitor);
+    let (_, back) = db
+        .store
+        .claim_and_take(&rejected, None, &policy, NOW + 3, Some(taker))
+        .await
+        .unwrap();
+    let back = back.expect("the rejection's stage is handed off");
+    assert_eq!(back.job.stage, "developer");
+    assert!(back.follows_here);
+}
+on_both!(
+    a_hand_off_after_the_monitors_own_claim_follows_the_work_here,
+    a_hand_off_after_the_monitors_own_claim_follows_the_work_here
+);
+
 async fn an_older_tasks_waiting_job_goes_first(db: TestDb) {
     let policy = policy();
     crate::support::submit(&db.store, "H-1", "analyst", NOW).await;
@@ -176,6 +222,7 @@ async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
         task: db.store.task(s.job.task_id).await.unwrap(),
         job: s.job.clone(),
         run: s.run.clone(),
+        follows_here: false,
     };
     let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&first)).await else {
         panic!("the claim must win");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use baton::model::{EventKind, TaskStatus};
 use baton::service::ServeOptions;
+use baton::workspace::LastCommit::{OnBranch, Recorded};
 use baton::workspace::{self, RepoAccess};
 
 use crate::on_both;
@@ -35,7 +36,16 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     let (root_a, ws_a) = host("host-a");
     let (root_b, ws_b) = host("host-b");
     let prepare = |root: &Path, ws: &Path, start: Option<&str>| {
-        workspace::prepare(root, ws, &access, "ABA-1", "baton/ABA-1", "main", start).unwrap()
+        workspace::prepare(
+            root,
+            ws,
+            &access,
+            "ABA-1",
+            "baton/ABA-1",
+            "main",
+            Recorded(start),
+        )
+        .unwrap()
     };
     let stage = |ws: &Path, name: &str| {
         std::fs::write(ws.join(format!("{name}.txt")), name).unwrap();
@@ -69,6 +79,36 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     let (root_c, ws_c) = host("host-c");
     prepare(&root_c, &ws_c, Some(&two));
     assert!(ws_c.join("two.txt").exists());
+    // A stage that follows one of this host's own builds on the branch here, unread.
+    let p = workspace::prepare(
+        &root_a,
+        &ws_a,
+        &access,
+        "ABA-1",
+        "baton/ABA-1",
+        "main",
+        OnBranch,
+    )
+    .unwrap();
+    assert_eq!((p.created, p.fast_forwarded), (false, None));
+    assert!(ws_a.join("three.txt").exists());
+    // On a host without the branch that is an error of its own: the caller reads the
+    // task's last commit instead.
+    let (root_e, ws_e) = host("host-e");
+    let err = workspace::prepare(
+        &root_e,
+        &ws_e,
+        &access,
+        "ABA-1",
+        "baton/ABA-1",
+        "main",
+        OnBranch,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, workspace::WorkspaceError::BranchNotHere(_)),
+        "{err}"
+    );
     // A last commit that exists nowhere reachable is an error, not a start from main.
     let (root_d, ws_d) = host("host-d");
     let missing = "0123456789abcdef0123456789abcdef01234567";
@@ -79,7 +119,7 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
         "ABA-1",
         "baton/ABA-1",
         "main",
-        Some(missing),
+        Recorded(Some(missing)),
     )
     .unwrap_err();
     assert!(
@@ -94,8 +134,16 @@ fn a_diverged_branch_fails_and_keeps_both() {
     let (dir, access) = seeded();
     let root = dir.path().join("ws");
     let path = root.join("DIV-1");
-    let p =
-        workspace::prepare(&root, &path, &access, "DIV-1", "baton/DIV-1", "main", None).unwrap();
+    let p = workspace::prepare(
+        &root,
+        &path,
+        &access,
+        "DIV-1",
+        "baton/DIV-1",
+        "main",
+        Recorded(None),
+    )
+    .unwrap();
     assert!(p.created);
     std::fs::write(path.join("mine.txt"), "mine\n").unwrap();
     let mine = workspace::commit_all(&path, "mine").unwrap().unwrap();
@@ -108,8 +156,16 @@ fn a_diverged_branch_fails_and_keeps_both() {
         .unwrap()
         .push(&["refs/heads/main:refs/heads/baton/DIV-1"], None)
         .unwrap();
-    let err = workspace::prepare(&root, &path, &access, "DIV-1", "baton/DIV-1", "main", None)
-        .unwrap_err();
+    let err = workspace::prepare(
+        &root,
+        &path,
+        &access,
+        "DIV-1",
+        "baton/DIV-1",
+        "main",
+        Recorded(None),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("has diverged"), "{err}");
     // Nothing was discarded: the local commit is still the branch's.
     let ws = git2::Repository::open(&path).unwrap();
@@ -129,7 +185,7 @@ fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
             "LOCK-1",
             "baton/LOCK-1",
             "main",
-            start,
+            Recorded(start),
         )
     };
     prep(None).unwrap();
@@ -153,6 +209,49 @@ fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
     let p = prep(None).unwrap();
     assert!(p.created && path.join("README.md").exists());
 }
+
+/// A stage that follows one of this host's own, whose branch is no longer here (the
+/// mirror was lost between the stages and made anew), reads the task's last commit and
+/// runs.
+async fn a_stage_whose_branch_left_this_host_reads_the_last_commit(db: TestDb) {
+    let h = Harness::new(db);
+    let mirror = h.root.join("workspaces").join(workspace::MIRROR_DIR);
+    let config = h.config(&format!(
+        r#"
+[pipelines.default]
+stages = ["one", "two"]
+[stages.one]
+command = ["true"]
+commit = false
+gate.command = ["rm", "-rf", "{mirror}"]
+[stages.two]
+command = ["sh", "-c", "git rev-parse --abbrev-ref HEAD > branch.txt"]
+commit = false
+"#,
+        mirror = mirror.display()
+    ));
+    h.submit("GONE-1", "one").await;
+    let (node, mut rx) = h.start(config).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    node.shutdown().await;
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("GONE-1"))
+            .await
+            .unwrap();
+    let attempts: Vec<_> = d
+        .jobs
+        .iter()
+        .map(|j| (j.stage.as_str(), j.attempt))
+        .collect();
+    assert_eq!(attempts, [("one", 1), ("two", 1)]);
+    let branch = h.root.join("workspaces/GONE-1/branch.txt");
+    assert_eq!(std::fs::read_to_string(branch).unwrap(), "baton/GONE-1\n");
+}
+on_both!(
+    a_stage_whose_branch_left_this_host_reads_the_last_commit,
+    a_stage_whose_branch_left_this_host_reads_the_last_commit
+);
 
 async fn hooks_set_a_worktree_up_once_and_run_before_every_stage(db: TestDb) {
     let h = Harness::new(db);
@@ -381,7 +480,16 @@ push = true
     };
     let root = config.workspace_root.clone();
     let ws2 = workspace::path_for(&root, "GC-2").unwrap();
-    workspace::prepare(&root, &ws2, &access, "GC-2", "baton/GC-2", "main", None).unwrap();
+    workspace::prepare(
+        &root,
+        &ws2,
+        &access,
+        "GC-2",
+        "baton/GC-2",
+        "main",
+        Recorded(None),
+    )
+    .unwrap();
     let ws1 = workspace::path_for(&root, "GC-1").unwrap();
     let logs1 = config.log_dir.join("GC-1");
     assert!(ws1.join("one.txt").exists() && logs1.exists());

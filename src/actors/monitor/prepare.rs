@@ -30,29 +30,26 @@ pub(super) fn log_line(log: &str, text: &str) {
 /// its earlier stages (the remote's, or the task's last recorded commit), set up by
 /// `repo.setup` when new and by `repo.before_stage`.
 pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<PathBuf, String> {
-    let config = ctx.config.clone();
-    let start = ctx
-        .store
-        .last_commit(d.task.id)
-        .await
-        .map_err(|e| format!("cannot read the task's last commit: {e}"))?;
-    let access = config.repo_access(&ctx.secrets);
-    let branch = ctx.policy.branch(&d.task.key);
-    let key = d.task.key.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        let path = workspace::path_for(&config.workspace_root, &key)?;
-        workspace::prepare(
-            &config.workspace_root,
-            &path,
-            &access,
-            &key,
-            &branch,
-            &config.repo.base_branch,
-            start.as_deref(),
-        )
-    })
-    .await
-    .map_err(|e| format!("workspace preparation panicked: {e}"))?
+    // A stage that follows one of this host's own needs no read of the task's last
+    // commit: the branch here holds it (unless the branch is gone from this host).
+    let mut here = None;
+    if d.follows_here {
+        match prepare_branch(ctx, d, None).await? {
+            Err(workspace::WorkspaceError::BranchNotHere(_)) => {}
+            done => here = Some(done),
+        }
+    }
+    let prepared = match here {
+        Some(done) => done,
+        None => {
+            let recorded = ctx
+                .store
+                .last_commit(d.task.id)
+                .await
+                .map_err(|e| format!("cannot read the task's last commit: {e}"))?;
+            prepare_branch(ctx, d, Some(recorded)).await?
+        }
+    }
     .map_err(|e| format!("workspace: {e}"))?;
     if let Some(tip) = &prepared.fast_forwarded {
         log_line(
@@ -79,6 +76,37 @@ pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<P
         }
     }
     Ok(prepared.path)
+}
+
+/// [`workspace::prepare`] for `d`'s task, on a blocking thread, moved to the task's
+/// `recorded` last commit, or with `None` to what this host's branch holds.
+async fn prepare_branch(
+    ctx: &Ctx,
+    d: &Dispatched,
+    recorded: Option<Option<String>>,
+) -> Result<Result<workspace::Prepared, workspace::WorkspaceError>, String> {
+    let config = ctx.config.clone();
+    let access = config.repo_access(&ctx.secrets);
+    let branch = ctx.policy.branch(&d.task.key);
+    let key = d.task.key.clone();
+    tokio::task::spawn_blocking(move || {
+        let path = workspace::path_for(&config.workspace_root, &key)?;
+        let last = match &recorded {
+            Some(commit) => workspace::LastCommit::Recorded(commit.as_deref()),
+            None => workspace::LastCommit::OnBranch,
+        };
+        workspace::prepare(
+            &config.workspace_root,
+            &path,
+            &access,
+            &key,
+            &branch,
+            &config.repo.base_branch,
+            last,
+        )
+    })
+    .await
+    .map_err(|e| format!("workspace preparation panicked: {e}"))
 }
 
 /// The environment of a hook: the run's, as its agent gets it.
