@@ -300,7 +300,6 @@ impl Store {
             .collect())
     }
 
-    /// Counts of queued and running jobs.
     /// How many runs have a started agent (their pid recorded) and no exit yet.
     pub async fn live_runs(&self) -> StoreResult<u64> {
         Ok(agent_runs::Entity::find()
@@ -310,6 +309,7 @@ impl Store {
             .await?)
     }
 
+    /// Counts of queued and running jobs.
     pub async fn queue_depth(&self) -> StoreResult<(u64, u64)> {
         let count = |status: JobStatus| {
             jobs::Entity::find()
