@@ -45,7 +45,7 @@ use crate::model::{EventKind, EventSource};
 
 pub use claim::{ClaimItem, GroupError};
 pub use delivery::Recovered;
-pub use dispatch::{Dispatched, Taker};
+pub use dispatch::{Dispatched, KnownLastCommit, Taker};
 pub use outbox::{EffectOutcome, EffectSelector, FinishedEffect};
 pub use pages::TaskFilter;
 pub use retention::HistoryPruned;

@@ -24,7 +24,7 @@ use super::reaper::{Reaper, ReaperArgs, ReaperMsg};
 use super::{Ctx, ProbeEvent};
 use crate::agent;
 use crate::model::{Claim, ClaimOutcome, Decider, ReapTier, Verdict};
-use crate::store::Dispatched;
+use crate::store::{Dispatched, KnownLastCommit};
 
 /// How long each core actor gets to stop at shutdown.
 const SUPERVISOR_STOP_WAIT: Duration = Duration::from_secs(60);
@@ -426,7 +426,7 @@ async fn adopt_orphans(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorS
                 task: rj.task,
                 job: rj.job,
                 run,
-                follows_here: false,
+                last_commit: KnownLastCommit::Unknown,
             };
             ctx.watched.insert(d.run.id, d.job.id);
             let _ =

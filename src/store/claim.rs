@@ -14,10 +14,11 @@ use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
 use super::tasks::{for_update, insert_job, set_task_status};
 use super::{
-    Dispatched, NewEvent, RunExit, Store, StoreError, StoreResult, Taker, append_all, must,
+    Dispatched, KnownLastCommit, NewEvent, RunExit, Store, StoreError, StoreResult, Taker,
+    append_all, must,
 };
 use crate::model::{
-    Claim, ClaimOutcome, ClaimWon, Decider, EventKind, JobStatus, RunOutcome, TaskStatus, Verdict,
+    Claim, ClaimOutcome, ClaimWon, Decider, EventKind, JobStatus, RunOutcome, TaskStatus,
 };
 use crate::policy::{ClaimInput, Iterations, JobChange, Policy, Transition};
 
@@ -138,23 +139,34 @@ impl Store {
         if !fence(txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
             return Ok((record_loss(txn, claim, written, now).await?, None));
         }
-        let won = apply(txn, claim, &task, &job, decision, written, now).await?;
-        // The stage's own Monitor ran it in this host's worktree, and a passed or
-        // rejected stage was prepared there and committed (a failed auto-commit fails it).
-        let here = claim.decided_by == Decider::Monitor
-            && matches!(claim.verdict, Verdict::Passed | Verdict::Rejected);
+        let (won, run) = apply(txn, claim, &task, &job, decision, written, now).await?;
         let handed = match (&item.taker, &won.next_job) {
             (Some(taker), Some(next)) => {
                 self.hand_off(txn, taker, &task, next, now)
                     .await?
                     .map(|d| Dispatched {
-                        follows_here: here,
+                        last_commit: known_last_commit(claim, &run, taker),
                         ..d
                     })
             }
             _ => None,
         };
         Ok((ClaimOutcome::Won(won), handed))
+    }
+}
+
+/// What a claim that queued its task's next job knows of the task's last commit. A stage
+/// that queues a next one passed or was rejected; when its own Monitor, on the node that
+/// takes the next job, decided it, its agent ran in this host's worktree of the task,
+/// prepared on the task's branch at the last commit, and its auto-commit (a failed one
+/// fails the stage) is the task's newest.
+fn known_last_commit(claim: &Claim, run: &agent_runs::Model, taker: &Taker) -> KnownLastCommit {
+    if claim.decided_by != Decider::Monitor || run.node_id != taker.node_id {
+        return KnownLastCommit::Unknown;
+    }
+    match &claim.commit_sha {
+        Some(sha) => KnownLastCommit::Commit(sha.clone()),
+        None => KnownLastCommit::OnBranch,
     }
 }
 
@@ -294,7 +306,7 @@ async fn apply(
     decision: Transition,
     written: Vec<(NewEvent, i64)>,
     now: i64,
-) -> StoreResult<ClaimWon> {
+) -> StoreResult<(ClaimWon, agent_runs::Model)> {
     let usage = claim.usage.unwrap_or_default();
     // The run's outcome, returning the run (its node names the host of its effects).
     let run = agent_runs::Entity::update_many()
@@ -411,10 +423,11 @@ async fn apply(
     }
     let evs = written.into_iter().chain(evs.into_iter().map(|e| (e, now)));
     append_all(txn, evs.collect()).await?;
-    Ok(ClaimWon {
+    let won = ClaimWon {
         job_status,
         next_job,
         task_status,
         effects: n_effects,
-    })
+    };
+    Ok((won, run))
 }

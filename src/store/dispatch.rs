@@ -29,11 +29,24 @@ pub struct Dispatched {
     pub task: tasks::Model,
     pub job: jobs::Model,
     pub run: agent_runs::Model,
-    /// Handed off by the won claim of this node's own Monitor for a passed or rejected
-    /// stage: that stage's agent ran in this host's worktree of the task, and its
-    /// auto-commit (if any) was made there, so the branch here holds the task's last
-    /// commit and the Monitor need not read it (ADR 0007).
-    pub follows_here: bool,
+    /// What the claim that handed the job off knew of the task's last commit.
+    pub last_commit: KnownLastCommit,
+}
+
+/// The task's last commit as the claim that handed a job off knew it, so that the job's
+/// Monitor need not read it (ADR 0007).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum KnownLastCommit {
+    /// Not known: the job was taken by dispatch, or handed off after a run of another
+    /// node. Its Monitor reads the record.
+    #[default]
+    Unknown,
+    /// The stage before ran on this node, in this host's worktree, and its auto-commit
+    /// made this commit: the task's last.
+    Commit(String),
+    /// The stage before ran on this node, in this host's worktree, and committed nothing:
+    /// the task's branch here holds the last commit.
+    OnBranch,
 }
 
 /// Who takes a job: the node whose agent will run it, the folder of its runs' logs, and
@@ -358,7 +371,7 @@ async fn take(
         task,
         job,
         run,
-        follows_here: false,
+        last_commit: KnownLastCommit::Unknown,
     }))
 }
 

@@ -10,7 +10,7 @@ use baton::actors::dispatcher::DispatcherMsg;
 use baton::config::{Config, EnvOverrides};
 use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, ReapTier, RunOutcome, Verdict};
 use baton::policy::Policy;
-use baton::store::{ClaimItem, Dispatched, GroupError, Taker};
+use baton::store::{ClaimItem, Dispatched, GroupError, KnownLastCommit, Taker};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
@@ -88,50 +88,59 @@ on_both!(
     the_next_job_is_taken_for_the_claiming_node
 );
 
-/// A job handed off after a stage that its own Monitor decided, passed or rejected, is
-/// marked as following this host's work (its Monitor reads no last commit); one handed
-/// off after the Reaper's claim, or taken by dispatch, is not.
-async fn a_hand_off_after_the_monitors_own_claim_follows_the_work_here(db: TestDb) {
-    let policy = policy();
-    crate::support::submit(&db.store, "F-1", "analyst", NOW).await;
-    let d = take(&db).await;
-    assert!(!d.follows_here, "dispatch cannot know where the work is");
-    let (_, handed) = claim_handing_off(&db, &policy, &d).await;
-    let handed = handed.expect("the next stage is handed off");
-    assert!(handed.follows_here);
+/// Claims `c` with node `node_id` taking the next job; returns the job handed off.
+async fn hand(db: &TestDb, policy: &Policy, c: Claim, node_id: &str, now: i64) -> Dispatched {
     let taker = Taker {
-        node_id: "n1",
+        node_id,
         log_dir: db.dir.path(),
-        policy: Some(&policy),
+        policy: Some(policy),
     };
-    let reaper = Decider::Reaper(ReapTier::Unfinished);
-    let by_reaper = claim(&handed.job, handed.run.id, Verdict::Passed, reaper);
     let (outcome, next) = db
         .store
-        .claim_and_take(&by_reaper, None, &policy, NOW + 2, Some(taker))
+        .claim_and_take(&c, None, policy, now, Some(taker))
         .await
         .unwrap();
     assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
-    let next = next.expect("the Reaper's claim hands off too");
-    assert_eq!(next.job.stage, "reviewer");
-    assert!(
-        !next.follows_here,
-        "the Reaper's run may have ended anywhere"
+    next.expect("the next stage is handed off")
+}
+
+/// A job handed off after a stage that its own Monitor decided, on the node that takes
+/// it, carries the task's last commit as the claim knew it: the stage's commit, or the
+/// branch here when it made none. One handed off after the Reaper's claim, after a run
+/// of another node, or taken by dispatch, does not.
+async fn a_hand_off_after_the_monitors_own_claim_knows_the_last_commit(db: TestDb) {
+    let policy = policy();
+    crate::support::submit(&db.store, "F-1", "analyst", NOW).await;
+    let d = take(&db).await;
+    assert_eq!(
+        d.last_commit,
+        KnownLastCommit::Unknown,
+        "dispatch cannot know it"
     );
-    // A rejection sends the task back to the stage before, on the same branch.
-    let rejected = claim(&next.job, next.run.id, Verdict::Rejected, Decider::Monitor);
-    let (_, back) = db
-        .store
-        .claim_and_take(&rejected, None, &policy, NOW + 3, Some(taker))
-        .await
-        .unwrap();
-    let back = back.expect("the rejection's stage is handed off");
+    let (_, handed) = claim_handing_off(&db, &policy, &d).await;
+    let handed = handed.expect("the next stage is handed off");
+    // The analyst's stage committed (as `passed` says): its commit is the task's last.
+    let sha = passed(&d).commit_sha.expect("a commit");
+    assert_eq!(handed.last_commit, KnownLastCommit::Commit(sha));
+    // The developer's stage committed nothing: the branch here holds the last commit.
+    let mut uncommitted = passed(&handed);
+    uncommitted.commit_sha = None;
+    let review = hand(&db, &policy, uncommitted, "n1", NOW + 2).await;
+    assert_eq!(review.job.stage, "reviewer");
+    assert_eq!(review.last_commit, KnownLastCommit::OnBranch);
+    // A rejection, decided by the Reaper: the Reaper's run may have ended anywhere.
+    let reaper = Decider::Reaper(ReapTier::Unfinished);
+    let by_reaper = claim(&review.job, review.run.id, Verdict::Rejected, reaper);
+    let back = hand(&db, &policy, by_reaper, "n1", NOW + 3).await;
     assert_eq!(back.job.stage, "developer");
-    assert!(back.follows_here);
+    assert_eq!(back.last_commit, KnownLastCommit::Unknown);
+    // The Monitor's claim of a run of another node (n1's run, taken by n2).
+    let again = hand(&db, &policy, passed(&back), "n2", NOW + 4).await;
+    assert_eq!(again.last_commit, KnownLastCommit::Unknown);
 }
 on_both!(
-    a_hand_off_after_the_monitors_own_claim_follows_the_work_here,
-    a_hand_off_after_the_monitors_own_claim_follows_the_work_here
+    a_hand_off_after_the_monitors_own_claim_knows_the_last_commit,
+    a_hand_off_after_the_monitors_own_claim_knows_the_last_commit
 );
 
 async fn an_older_tasks_waiting_job_goes_first(db: TestDb) {
@@ -222,7 +231,7 @@ async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
         task: db.store.task(s.job.task_id).await.unwrap(),
         job: s.job.clone(),
         run: s.run.clone(),
-        follows_here: false,
+        last_commit: Default::default(),
     };
     let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&first)).await else {
         panic!("the claim must win");

@@ -2,7 +2,7 @@
 //! every stage; a task that moves between hosts; a diverged branch; leftovers of a crash;
 //! hooks; reaching the remote (`config check --remote`), a hung one included.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton::model::{EventKind, TaskStatus};
@@ -72,7 +72,7 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
         ws_a.join("two.txt").exists(),
         "stage three would miss stage two's work"
     );
-    stage(&ws_a, "three");
+    let three = stage(&ws_a, "three");
     let log = remote_log(&dir.path().join("remote.git"), "baton/ABA-1");
     assert_eq!(log[..3], ["three(ABA-1)", "two(ABA-1)", "one(ABA-1)"]);
     // A host new to the task starts from the task's last commit, not from main.
@@ -92,6 +92,18 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     .unwrap();
     assert_eq!((p.created, p.fast_forwarded), (false, None));
     assert!(ws_a.join("three.txt").exists());
+    // It still moves to the remote's branch when that is ahead (host B is at two).
+    let p = workspace::prepare(
+        &root_b,
+        &ws_b,
+        &access,
+        "ABA-1",
+        "baton/ABA-1",
+        "main",
+        OnBranch,
+    )
+    .unwrap();
+    assert_eq!(p.fast_forwarded.as_deref(), Some(three.as_str()));
     // On a host without the branch that is an error of its own: the caller reads the
     // task's last commit instead.
     let (root_e, ws_e) = host("host-e");
@@ -210,47 +222,97 @@ fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
     assert!(p.created && path.join("README.md").exists());
 }
 
-/// A stage that follows one of this host's own, whose branch is no longer here (the
-/// mirror was lost between the stages and made anew), reads the task's last commit and
-/// runs.
-async fn a_stage_whose_branch_left_this_host_reads_the_last_commit(db: TestDb) {
-    let h = Harness::new(db);
-    let mirror = h.root.join("workspaces").join(workspace::MIRROR_DIR);
-    let config = h.config(&format!(
-        r#"
-[pipelines.default]
-stages = ["one", "two"]
-[stages.one]
-command = ["true"]
-commit = false
-gate.command = ["rm", "-rf", "{mirror}"]
-[stages.two]
-command = ["sh", "-c", "git rev-parse --abbrev-ref HEAD > branch.txt"]
-commit = false
-"#,
-        mirror = mirror.display()
-    ));
-    h.submit("GONE-1", "one").await;
+/// Runs task `key` through `stages` (TOML of `[pipelines.default]` and its stages) on one
+/// node with pushes off, so that the remote never has the task's branch; returns the
+/// task's jobs as (stage, attempt) and its worktree.
+async fn run_without_pushes(h: &Harness, key: &str, stages: &str) -> (Vec<(String, i32)>, PathBuf) {
+    let mut config = h.config(stages);
+    config.effects.push = false;
+    let first = stages
+        .split_once("stages = [\"")
+        .and_then(|(_, rest)| rest.split('"').next())
+        .unwrap();
+    h.submit(key, first).await;
     let (node, mut rx) = h.start(config).await;
     assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
     node.shutdown().await;
     let d =
         h.db.store
-            .task_detail(&crate::support::key("GONE-1"))
+            .task_detail(&crate::support::key(key))
             .await
             .unwrap();
-    let attempts: Vec<_> = d
+    let jobs = d
         .jobs
         .iter()
-        .map(|j| (j.stage.as_str(), j.attempt))
+        .map(|j| (j.stage.clone(), j.attempt))
         .collect();
-    assert_eq!(attempts, [("one", 1), ("two", 1)]);
-    let branch = h.root.join("workspaces/GONE-1/branch.txt");
-    assert_eq!(std::fs::read_to_string(branch).unwrap(), "baton/GONE-1\n");
+    (jobs, h.root.join("workspaces").join(key))
+}
+
+/// A stage that follows one of this host's own, whose branch is no longer here (deleted
+/// from the mirror between the stages), reads the task's last commit and builds on it.
+async fn a_stage_whose_branch_left_this_host_reads_the_last_commit(db: TestDb) {
+    let h = Harness::new(db);
+    let mirror = h.root.join("workspaces").join(workspace::MIRROR_DIR);
+    let stages = format!(
+        r#"
+[pipelines.default]
+stages = ["one", "two", "three"]
+[stages.one]
+command = ["sh", "-c", "echo one > one.txt"]
+[stages.two]
+command = ["true"]
+commit = false
+gate.command = ["git", "--git-dir", "{mirror}", "update-ref", "-d", "refs/heads/baton/GONE-1"]
+[stages.three]
+command = ["sh", "-c", "test -f one.txt && git rev-parse --abbrev-ref HEAD > branch.txt"]
+commit = false
+"#,
+        mirror = mirror.display()
+    );
+    let (jobs, ws) = run_without_pushes(&h, "GONE-1", &stages).await;
+    let once = |s: &str| (s.to_string(), 1);
+    assert_eq!(jobs, [once("one"), once("two"), once("three")]);
+    let branch = std::fs::read_to_string(ws.join("branch.txt")).unwrap();
+    assert_eq!(branch, "baton/GONE-1\n");
 }
 on_both!(
     a_stage_whose_branch_left_this_host_reads_the_last_commit,
     a_stage_whose_branch_left_this_host_reads_the_last_commit
+);
+
+/// A stage that follows one of this host's own builds on that stage's commit, even one
+/// made off the task's branch (stage a's agent left the checkout detached); after a stage
+/// that committed nothing it builds on the branch as that stage left it, unread against
+/// the record (ADR 0007): here stage b's agent reset the branch below a's commit, and
+/// stage c starts there.
+async fn a_stage_after_one_of_this_hosts_builds_on_the_branch_as_it_was_left(db: TestDb) {
+    let h = Harness::new(db);
+    let stages = r#"
+[pipelines.default]
+stages = ["a", "b", "c"]
+[stages.a]
+command = ["sh", "-c", "git checkout -q --detach && echo a > a.txt"]
+[stages.b]
+command = ["sh", "-c", "test -f a.txt && git reset -q --hard HEAD~1"]
+commit = false
+[stages.c]
+command = ["sh", "-c", "ls > listing.txt"]
+commit = false
+"#;
+    let (jobs, ws) = run_without_pushes(&h, "RESET-1", stages).await;
+    let once = |s: &str| (s.to_string(), 1);
+    assert_eq!(jobs, [once("a"), once("b"), once("c")]);
+    let listing = std::fs::read_to_string(ws.join("listing.txt")).unwrap();
+    assert!(listing.contains("README.md"), "{listing}");
+    assert!(
+        !listing.contains("a.txt"),
+        "moved back to the record: {listing}"
+    );
+}
+on_both!(
+    a_stage_after_one_of_this_hosts_builds_on_the_branch_as_it_was_left,
+    a_stage_after_one_of_this_hosts_builds_on_the_branch_as_it_was_left
 );
 
 async fn hooks_set_a_worktree_up_once_and_run_before_every_stage(db: TestDb) {

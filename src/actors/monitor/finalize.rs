@@ -26,9 +26,10 @@ async fn record_exit(ctx: &Ctx, exit: &RunExit) -> bool {
     }
 }
 
-/// The verdict of a run that the gate does not judge: one stopped by baton, one that
-/// failed before or without an exit status. `None` for an agent that ended on its own
-/// with a status: the gate judges it.
+/// The verdict of a run that the gate does not judge: one timed out or stopped at
+/// shutdown, one that failed before or without an exit status. `None` for an agent that
+/// ended on its own with a status, which the gate judges, and for a cancelled run, which
+/// gets no verdict (it sends no claim).
 fn judged_without_gate(
     cause: EndCause,
     error: Option<String>,

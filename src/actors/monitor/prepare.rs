@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::super::Ctx;
 use crate::prompt::{PromptTask, PromptVars};
-use crate::store::Dispatched;
+use crate::store::{Dispatched, KnownLastCommit};
 use crate::workspace;
 
 /// Appends a line of baton's own to a run's log.
@@ -30,15 +30,19 @@ pub(super) fn log_line(log: &str, text: &str) {
 /// its earlier stages (the remote's, or the task's last recorded commit), set up by
 /// `repo.setup` when new and by `repo.before_stage`.
 pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<PathBuf, String> {
-    // A stage that follows one of this host's own needs no read of the task's last
-    // commit: the branch here holds it (unless the branch is gone from this host).
-    let mut here = None;
-    if d.follows_here {
-        match prepare_branch(ctx, d, None).await? {
-            Err(workspace::WorkspaceError::BranchNotHere(_)) => {}
-            done => here = Some(done),
+    // A stage handed off after one of this host's own needs no read of the task's last
+    // commit: the claim knew it, or the branch here holds it (unless the branch is gone
+    // from this host).
+    let here = match &d.last_commit {
+        KnownLastCommit::Commit(sha) => {
+            Some(prepare_branch(ctx, d, Some(Some(sha.clone()))).await?)
         }
-    }
+        KnownLastCommit::OnBranch => match prepare_branch(ctx, d, None).await? {
+            Err(workspace::WorkspaceError::BranchNotHere(_)) => None,
+            done => Some(done),
+        },
+        KnownLastCommit::Unknown => None,
+    };
     let prepared = match here {
         Some(done) => done,
         None => {
