@@ -9,7 +9,7 @@ mod retention;
 
 use std::path::{Path, PathBuf};
 
-use git2::{IndexAddOption, Repository, Signature};
+use git2::{IndexAddOption, Oid, Repository, Signature};
 
 pub use access::{RepoAccess, set_network_timeout};
 pub use mirror::{MIRROR_DIR, MIRROR_LOCK, Prepared, prepare};
@@ -47,7 +47,7 @@ pub enum LastCommit<'a> {
     /// the host starts from it, an existing one is fast-forwarded to it when behind.
     Recorded(Option<&'a str>),
     /// This host's branch holds it already: the task's previous stage ran here, in this
-    /// worktree, and was decided by its own Monitor. A branch not on this host fails with
+    /// worktree, was decided by its own Monitor, and committed nothing. A branch not on this host fails with
     /// [`WorkspaceError::BranchNotHere`], and the caller reads the record instead.
     OnBranch,
 }
@@ -182,6 +182,11 @@ pub async fn run_hook(
 /// Returns the new commit's id, or `None` when there was nothing to commit.
 pub fn commit_all(path: &Path, message: &str) -> Result<Option<String>, WorkspaceError> {
     let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
+    commit_in(&repo, message)
+}
+
+/// [`commit_all`] in the opened worktree `repo`.
+fn commit_in(repo: &Repository, message: &str) -> Result<Option<String>, WorkspaceError> {
     let mut index = repo.index().map_err(git("read the index"))?;
     index
         .add_all(["*"], IndexAddOption::DEFAULT, None)
@@ -203,6 +208,50 @@ pub fn commit_all(path: &Path, message: &str) -> Result<Option<String>, Workspac
         .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
         .map_err(git("commit"))?;
     Ok(Some(id.to_string()))
+}
+
+/// A stage's auto-commit on the task's `branch`: what the stage left in the worktree is
+/// committed ([`commit_all`]), and the stage's commit is the one that is new on the
+/// branch since `started` (the branch's tip when the stage began, when known): baton's
+/// own, or, when there was nothing left to commit, the agent's own commits on top of
+/// `started`. A checkout
+/// the agent left off the branch (detached, or on a branch of its own) whose commits
+/// build on the branch moves the branch to them, so that they are pushed and the next
+/// stage builds on them; commits that do not build on it fail the stage, nothing lost.
+pub fn commit_stage(
+    path: &Path,
+    branch: &str,
+    started: Option<&str>,
+    message: &str,
+) -> Result<Option<String>, WorkspaceError> {
+    let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
+    let made = commit_in(&repo, message)?;
+    let Some(head) = repo.head().ok().and_then(|h| h.target()) else {
+        return Ok(made);
+    };
+    let refname = format!("refs/heads/{branch}");
+    let tip = repo.refname_to_id(&refname).ok();
+    if tip != Some(head) {
+        if let Some(tip) = tip
+            && !mirror::descends(&repo, head, tip)?
+        {
+            return Err(WorkspaceError::Diverged(format!(
+                "the stage left its work off branch {branch}: the checkout is at {head}, \
+                 which does not build on the branch's {tip}; both are kept"
+            )));
+        }
+        repo.reference(&refname, head, true, "baton: the stage's commits")
+            .map_err(git(format!("move {branch} to {head}")))?;
+        repo.set_head(&refname)
+            .map_err(git(format!("check out {branch}")))?;
+    }
+    // Commits of the agent's own count when they build on where the stage began (not a
+    // branch reset below it).
+    let ahead = match started.map(Oid::from_str) {
+        Some(Ok(s)) => s != head && mirror::descends(&repo, head, s)?,
+        _ => false,
+    };
+    Ok(made.or_else(|| ahead.then(|| head.to_string())))
 }
 
 /// The auto-commit message of a stage's run.

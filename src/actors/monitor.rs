@@ -110,6 +110,8 @@ pub struct MonitorState {
     args: MonitorArgs,
     stage: Option<StageSettings>,
     workspace: Option<PathBuf>,
+    /// The commit the task's branch was at when this run's stage began (a fresh run's).
+    start_tip: Option<String>,
     pid: Option<i32>,
     /// The agent's start, until it is recorded.
     started: Option<Started>,
@@ -149,6 +151,7 @@ impl Actor for Monitor {
             args,
             stage,
             workspace: None,
+            start_tip: None,
             pid: None,
             started: None,
             cause: EndCause::Running,
@@ -266,12 +269,18 @@ async fn start(myself: &ActorRef<MonitorMsg>, state: &mut MonitorState) {
     let log_path = PathBuf::from(&d.run.log_path);
     // An adopted agent works in its worktree: nothing is fetched or moved under it.
     let ws = match state.args.mode {
-        MonitorMode::Fresh => prepare::workspace(&ctx, &d, &log_path).await,
+        MonitorMode::Fresh => prepare::workspace(&ctx, &d, &log_path)
+            .await
+            .map(|p| (p.path, Some(p.tip))),
         MonitorMode::Adopt => workspace::path_for(&ctx.config.workspace_root, &d.task.key)
+            .map(|p| (p, None))
             .map_err(|e| format!("workspace: {e}")),
     };
     let ws = match ws {
-        Ok(ws) => ws,
+        Ok((ws, tip)) => {
+            state.start_tip = tip;
+            ws
+        }
         Err(reason) => {
             fail_start(myself, state, reason).await;
             return;

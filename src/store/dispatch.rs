@@ -37,8 +37,9 @@ pub struct Dispatched {
 /// Monitor need not read it (ADR 0007).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum KnownLastCommit {
-    /// Not known: the job was taken by dispatch, or handed off after a run of another
-    /// node. Its Monitor reads the record.
+    /// Not known: the job was taken by dispatch (a task's first stage, a retry, a job
+    /// queued by the Reaper's claim), or handed off after a run of another node. Its
+    /// Monitor reads the record.
     #[default]
     Unknown,
     /// The stage before ran on this node, in this host's worktree, and its auto-commit

@@ -34,6 +34,8 @@ pub struct Prepared {
     /// The branch moved to the remote's (a stage ran on another host) or to the task's
     /// last recorded commit.
     pub fast_forwarded: Option<String>,
+    /// The commit the task's branch is at: where the stage starts.
+    pub tip: String,
 }
 
 /// The mirror's file lock, held while this value lives.
@@ -316,6 +318,7 @@ pub fn prepare(
         path: path.to_path_buf(),
         created,
         fast_forwarded: fast_forwarded.filter(|_| !created),
+        tip: tip.to_string(),
     })
 }
 
@@ -354,7 +357,11 @@ fn worktree_files(
 }
 
 /// True when `commit` descends from (or is) `ancestor`.
-fn descends(repo: &Repository, commit: Oid, ancestor: Oid) -> Result<bool, WorkspaceError> {
+pub(super) fn descends(
+    repo: &Repository,
+    commit: Oid,
+    ancestor: Oid,
+) -> Result<bool, WorkspaceError> {
     Ok(commit == ancestor
         || repo
             .graph_descendant_of(commit, ancestor)

@@ -509,3 +509,40 @@ on_both!(
     an_undecided_claim_leaves_the_exit_recorded_for_the_reaper,
     an_undecided_claim_leaves_the_exit_recorded_for_the_reaper
 );
+
+/// A stage's work reaches the remote however its agent left it: an agent that committed
+/// everything itself has its commits pushed (they are the stage's commit), and one that
+/// left the checkout detached has baton's auto-commit moved onto the task's branch.
+async fn a_stage_whose_agent_committed_or_left_the_branch_is_pushed(db: TestDb) {
+    let h = Harness::new(db);
+    let config = h.config(
+        r#"
+[pipelines.default]
+stages = ["one", "two"]
+[stages.one]
+command = ["sh", "-c", "echo one > one.txt && git add one.txt && git -c user.name=agent -c user.email=agent@localhost commit -qm 'agent one'"]
+[stages.two]
+command = ["sh", "-c", "git checkout -q --detach && echo two > two.txt"]
+"#,
+    );
+    h.submit("OWN-1", "one").await;
+    let (node, mut rx) = h.start(config).await;
+    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+    node.shutdown().await;
+    let d =
+        h.db.store
+            .task_detail(&crate::support::key("OWN-1"))
+            .await
+            .unwrap();
+    let remote = remote_commits(&h.root.join("remote.git"), "baton/OWN-1");
+    let summaries: Vec<&str> = remote.iter().map(|(_, s)| s.as_str()).collect();
+    let two = format!("two(OWN-1): auto-commit from two run_id={}", d.runs[1].id);
+    assert_eq!(summaries[..2], [two.as_str(), "agent one"], "{summaries:?}");
+    // The agent's own commit is stage one's; stage two's is the branch's tip.
+    assert_eq!(d.runs[0].commit_sha.as_deref(), Some(remote[1].0.as_str()));
+    assert_eq!(d.runs[1].commit_sha.as_deref(), Some(remote[0].0.as_str()));
+}
+on_both!(
+    a_stage_whose_agent_committed_or_left_the_branch_is_pushed,
+    a_stage_whose_agent_committed_or_left_the_branch_is_pushed
+);

@@ -141,6 +141,62 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     );
 }
 
+/// A stage's commit is the one new on the task's branch since it began; a stage that
+/// left nothing has none, and one whose checkout no longer builds on the branch fails,
+/// its work and the branch both kept.
+#[test]
+fn a_stage_commit_is_what_is_new_on_the_branch() {
+    let (dir, access) = seeded();
+    let root = dir.path().join("ws");
+    let path = root.join("OFF-1");
+    let (branch, message) = ("baton/OFF-1", "stage(OFF-1)");
+    let p = workspace::prepare(
+        &root,
+        &path,
+        &access,
+        "OFF-1",
+        branch,
+        "main",
+        Recorded(None),
+    )
+    .unwrap();
+    let stage = |started: &str| workspace::commit_stage(&path, branch, Some(started), message);
+    assert_eq!(stage(&p.tip).unwrap(), None, "nothing new");
+    std::fs::write(path.join("a.txt"), "a").unwrap();
+    let a = stage(&p.tip).unwrap().expect("baton's commit");
+    // The agent's own commit on top of where the stage began is the stage's.
+    let repo = git2::Repository::open(&path).unwrap();
+    let head = repo.head().unwrap().peel_to_commit().unwrap();
+    let sig = git2::Signature::now("agent", "agent@localhost").unwrap();
+    let own = repo
+        .commit(
+            Some("HEAD"),
+            &sig,
+            &sig,
+            "own",
+            &head.tree().unwrap(),
+            &[&head],
+        )
+        .unwrap()
+        .to_string();
+    assert_eq!(stage(&a).unwrap().as_deref(), Some(own.as_str()));
+    // A branch reset below where the stage began is no commit of the stage's.
+    repo.reset(head.as_object(), git2::ResetType::Hard, None)
+        .unwrap();
+    assert_eq!(stage(&own).unwrap(), None);
+    // The agent checked out a branch of its own with no common history.
+    repo.set_head("refs/heads/unrelated").unwrap();
+    std::fs::write(path.join("b.txt"), "b").unwrap();
+    let err = stage(&a).unwrap_err();
+    assert!(err.to_string().contains("off branch baton/OFF-1"), "{err}");
+    let tip = repo.refname_to_id(&format!("refs/heads/{branch}")).unwrap();
+    assert_eq!(tip.to_string(), a, "the branch was moved");
+    assert!(
+        repo.refname_to_id("refs/heads/unrelated").is_ok(),
+        "the work was lost"
+    );
+}
+
 #[test]
 fn a_diverged_branch_fails_and_keeps_both() {
     let (dir, access) = seeded();
@@ -265,7 +321,7 @@ command = ["true"]
 commit = false
 gate.command = ["git", "--git-dir", "{mirror}", "update-ref", "-d", "refs/heads/baton/GONE-1"]
 [stages.three]
-command = ["sh", "-c", "test -f one.txt && git rev-parse --abbrev-ref HEAD > branch.txt"]
+command = ["sh", "-c", "git cat-file -e HEAD:one.txt && git rev-parse --abbrev-ref HEAD > branch.txt"]
 commit = false
 "#,
         mirror = mirror.display()

@@ -126,7 +126,10 @@ pub(super) async fn finalize(
     {
         let ws = ws.clone();
         let message = workspace::commit_message(&d.job.stage, &d.task.key, d.run.id);
-        match tokio::task::spawn_blocking(move || workspace::commit_all(&ws, &message))
+        let branch = ctx.policy.branch(&d.task.key);
+        let started = state.start_tip.clone();
+        let commit = move || workspace::commit_stage(&ws, &branch, started.as_deref(), &message);
+        match tokio::task::spawn_blocking(commit)
             .instrument(tracing::info_span!("auto_commit"))
             .await
         {

@@ -29,7 +29,11 @@ pub(super) fn log_line(log: &str, text: &str) {
 /// The task's worktree, ready for this run: fetched, on the task's branch at the work of
 /// its earlier stages (the remote's, or the task's last recorded commit), set up by
 /// `repo.setup` when new and by `repo.before_stage`.
-pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<PathBuf, String> {
+pub(super) async fn workspace(
+    ctx: &Ctx,
+    d: &Dispatched,
+    log: &Path,
+) -> Result<workspace::Prepared, String> {
     // A stage handed off after one of this host's own needs no read of the task's last
     // commit: the claim knew it, or the branch here holds it (unless the branch is gone
     // from this host).
@@ -79,7 +83,7 @@ pub(super) async fn workspace(ctx: &Ctx, d: &Dispatched, log: &Path) -> Result<P
             workspace::run_hook(&name, argv, &prepared.path, log, &env, &hidden, timeout).await?;
         }
     }
-    Ok(prepared.path)
+    Ok(prepared)
 }
 
 /// [`workspace::prepare`] for `d`'s task, on a blocking thread, moved to the task's
