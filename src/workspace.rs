@@ -212,12 +212,13 @@ fn commit_in(repo: &Repository, message: &str) -> Result<Option<String>, Workspa
 
 /// A stage's auto-commit on the task's `branch`: what the stage left in the worktree is
 /// committed ([`commit_all`]), and the stage's commit is the one that is new on the
-/// branch since `started` (the branch's tip when the stage began, when known): baton's
-/// own, or, when there was nothing left to commit, the agent's own commits on top of
-/// `started`. A checkout
-/// the agent left off the branch (detached, or on a branch of its own) whose commits
-/// build on the branch moves the branch to them, so that they are pushed and the next
-/// stage builds on them; commits that do not build on it fail the stage, nothing lost.
+/// branch since `started` (the branch's tip when the stage's preparation ended, before
+/// its hooks, when known): baton's own, or, when there was nothing left to commit, the
+/// agent's own commits on top of `started`. A checkout the agent left off the branch
+/// (detached, or on a branch of its own) whose commits build on the branch moves the
+/// branch to them, so that they are pushed and the next stage builds on them; an
+/// auto-commit that does not build on it fails the stage, both kept. A checkout merely
+/// moved elsewhere, with nothing to commit, is left for the next preparation to put back.
 pub fn commit_stage(
     path: &Path,
     branch: &str,
@@ -226,21 +227,24 @@ pub fn commit_stage(
 ) -> Result<Option<String>, WorkspaceError> {
     let repo = Repository::open(path).map_err(git(format!("open {}", path.display())))?;
     let made = commit_in(&repo, message)?;
-    let Some(head) = repo.head().ok().and_then(|h| h.target()) else {
+    let refname = format!("refs/heads/{branch}");
+    let (Some(head), Ok(tip)) = (
+        repo.head().ok().and_then(|h| h.target()),
+        repo.refname_to_id(&refname),
+    ) else {
         return Ok(made);
     };
-    let refname = format!("refs/heads/{branch}");
-    let tip = repo.refname_to_id(&refname).ok();
-    if tip != Some(head) {
-        if let Some(tip) = tip
-            && !mirror::descends(&repo, head, tip)?
-        {
-            return Err(WorkspaceError::Diverged(format!(
-                "the stage left its work off branch {branch}: the checkout is at {head}, \
-                 which does not build on the branch's {tip}; both are kept"
-            )));
+    if tip != head {
+        if !mirror::descends(&repo, head, tip)? {
+            return match made {
+                Some(_) => Err(WorkspaceError::Diverged(format!(
+                    "the stage left its work off branch {branch}: the checkout is at \
+                     {head}, which does not build on the branch's {tip}; both are kept"
+                ))),
+                None => Ok(None),
+            };
         }
-        repo.reference(&refname, head, true, "baton: the stage's commits")
+        repo.reference_matching(&refname, head, true, tip, "baton: the stage's commits")
             .map_err(git(format!("move {branch} to {head}")))?;
         repo.set_head(&refname)
             .map_err(git(format!("check out {branch}")))?;

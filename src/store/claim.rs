@@ -158,8 +158,8 @@ impl Store {
 /// What a claim that queued its task's next job knows of the task's last commit. A stage
 /// that queues a next one passed or was rejected; when its own Monitor, on the node that
 /// takes the next job, decided it, its agent ran in this host's worktree of the task,
-/// prepared on the task's branch at the last commit, and its auto-commit (a failed one
-/// fails the stage) is the task's newest.
+/// prepared on the task's branch at the last commit, and its commit (baton's or its
+/// agent's own, on the branch; a failed auto-commit fails the stage) is the task's newest.
 fn known_last_commit(claim: &Claim, run: &agent_runs::Model, taker: &Taker) -> KnownLastCommit {
     if claim.decided_by != Decider::Monitor || run.node_id != taker.node_id {
         return KnownLastCommit::Unknown;

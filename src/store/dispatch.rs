@@ -42,8 +42,8 @@ pub enum KnownLastCommit {
     /// Monitor reads the record.
     #[default]
     Unknown,
-    /// The stage before ran on this node, in this host's worktree, and its auto-commit
-    /// made this commit: the task's last.
+    /// The stage before ran on this node, in this host's worktree, and this is its
+    /// commit (baton's auto-commit, or the agent's own): the task's last.
     Commit(String),
     /// The stage before ran on this node, in this host's worktree, and committed nothing:
     /// the task's branch here holds the last commit.

@@ -34,7 +34,8 @@ pub struct Prepared {
     /// The branch moved to the remote's (a stage ran on another host) or to the task's
     /// last recorded commit.
     pub fast_forwarded: Option<String>,
-    /// The commit the task's branch is at: where the stage starts.
+    /// The commit the task's branch is at: where the stage starts (before the `setup` and
+    /// `before_stage` hooks, whose commits count as the stage's).
     pub tip: String,
 }
 

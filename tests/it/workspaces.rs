@@ -184,7 +184,19 @@ fn a_stage_commit_is_what_is_new_on_the_branch() {
     repo.reset(head.as_object(), git2::ResetType::Hard, None)
         .unwrap();
     assert_eq!(stage(&own).unwrap(), None);
-    // The agent checked out a branch of its own with no common history.
+    // The agent left the checkout on main, with nothing to commit: nothing is at risk,
+    // and the next preparation puts it back.
+    let main = repo.refname_to_id("refs/remotes/origin/main").unwrap();
+    repo.set_head_detached(main).unwrap();
+    let mut force = git2::build::CheckoutBuilder::new();
+    repo.checkout_head(Some(force.force())).unwrap();
+    assert_eq!(stage(&own).unwrap(), None);
+    assert_eq!(
+        repo.refname_to_id(&format!("refs/heads/{branch}")).unwrap(),
+        head.id()
+    );
+    // The agent left the checkout on a new branch of no history (an orphan), with
+    // work in it: baton's commit there does not build on the task's branch.
     repo.set_head("refs/heads/unrelated").unwrap();
     std::fs::write(path.join("b.txt"), "b").unwrap();
     let err = stage(&a).unwrap_err();
