@@ -525,15 +525,7 @@ command = ["sh", "-c", "echo one > one.txt && git add one.txt && git -c user.nam
 command = ["sh", "-c", "git checkout -q --detach && echo two > two.txt"]
 "#,
     );
-    h.submit("OWN-1", "one").await;
-    let (node, mut rx) = h.start(config).await;
-    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
-    node.shutdown().await;
-    let d =
-        h.db.store
-            .task_detail(&crate::support::key("OWN-1"))
-            .await
-            .unwrap();
+    let d = h.run_to_done(config, "OWN-1", "one").await;
     let remote = remote_commits(&h.root.join("remote.git"), "baton/OWN-1");
     let summaries: Vec<&str> = remote.iter().map(|(_, s)| s.as_str()).collect();
     let two = format!("two(OWN-1): auto-commit from two run_id={}", d.runs[1].id);

@@ -25,6 +25,16 @@ fn seeded() -> (tempfile::TempDir, RepoAccess) {
     (dir, access)
 }
 
+/// Prepares task ABA-1's worktree `ws` on the host whose workspaces are under `root`.
+fn prepare_aba(
+    root: &Path,
+    ws: &Path,
+    access: &RepoAccess,
+    last: workspace::LastCommit<'_>,
+) -> Result<workspace::Prepared, workspace::WorkspaceError> {
+    workspace::prepare(root, ws, access, "ABA-1", "baton/ABA-1", "main", last)
+}
+
 #[test]
 fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     let (dir, access) = seeded();
@@ -36,16 +46,7 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     let (root_a, ws_a) = host("host-a");
     let (root_b, ws_b) = host("host-b");
     let prepare = |root: &Path, ws: &Path, start: Option<&str>| {
-        workspace::prepare(
-            root,
-            ws,
-            &access,
-            "ABA-1",
-            "baton/ABA-1",
-            "main",
-            Recorded(start),
-        )
-        .unwrap()
+        prepare_aba(root, ws, &access, Recorded(start)).unwrap()
     };
     let stage = |ws: &Path, name: &str| {
         std::fs::write(ws.join(format!("{name}.txt")), name).unwrap();
@@ -80,43 +81,16 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     prepare(&root_c, &ws_c, Some(&two));
     assert!(ws_c.join("two.txt").exists());
     // A stage that follows one of this host's own builds on the branch here, unread.
-    let p = workspace::prepare(
-        &root_a,
-        &ws_a,
-        &access,
-        "ABA-1",
-        "baton/ABA-1",
-        "main",
-        OnBranch,
-    )
-    .unwrap();
+    let p = prepare_aba(&root_a, &ws_a, &access, OnBranch).unwrap();
     assert_eq!((p.created, p.fast_forwarded), (false, None));
     assert!(ws_a.join("three.txt").exists());
     // It still moves to the remote's branch when that is ahead (host B is at two).
-    let p = workspace::prepare(
-        &root_b,
-        &ws_b,
-        &access,
-        "ABA-1",
-        "baton/ABA-1",
-        "main",
-        OnBranch,
-    )
-    .unwrap();
+    let p = prepare_aba(&root_b, &ws_b, &access, OnBranch).unwrap();
     assert_eq!(p.fast_forwarded.as_deref(), Some(three.as_str()));
     // On a host without the branch that is an error of its own: the caller reads the
     // task's last commit instead.
     let (root_e, ws_e) = host("host-e");
-    let err = workspace::prepare(
-        &root_e,
-        &ws_e,
-        &access,
-        "ABA-1",
-        "baton/ABA-1",
-        "main",
-        OnBranch,
-    )
-    .unwrap_err();
+    let err = prepare_aba(&root_e, &ws_e, &access, OnBranch).unwrap_err();
     assert!(
         matches!(err, workspace::WorkspaceError::BranchNotHere(_)),
         "{err}"
@@ -124,16 +98,7 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     // A last commit that exists nowhere reachable is an error, not a start from main.
     let (root_d, ws_d) = host("host-d");
     let missing = "0123456789abcdef0123456789abcdef01234567";
-    let err = workspace::prepare(
-        &root_d,
-        &ws_d,
-        &access,
-        "ABA-1",
-        "baton/ABA-1",
-        "main",
-        Recorded(Some(missing)),
-    )
-    .unwrap_err();
+    let err = prepare_aba(&root_d, &ws_d, &access, Recorded(Some(missing))).unwrap_err();
     assert!(
         err.to_string()
             .contains("neither on the remote nor on this host"),
@@ -300,15 +265,7 @@ async fn run_without_pushes(h: &Harness, key: &str, stages: &str) -> (Vec<(Strin
         .split_once("stages = [\"")
         .and_then(|(_, rest)| rest.split('"').next())
         .unwrap();
-    h.submit(key, first).await;
-    let (node, mut rx) = h.start(config).await;
-    assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
-    node.shutdown().await;
-    let d =
-        h.db.store
-            .task_detail(&crate::support::key(key))
-            .await
-            .unwrap();
+    let d = h.run_to_done(config, key, first).await;
     let jobs = d
         .jobs
         .iter()

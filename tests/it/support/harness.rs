@@ -123,6 +123,22 @@ url = "{remote}"
         (node, rx)
     }
 
+    /// Submits task `key` at `first_stage`, runs a node with `config` until the task is
+    /// done, stops it, and returns the task as the database has it.
+    pub async fn run_to_done(
+        &self,
+        config: Config,
+        key: &str,
+        first_stage: &str,
+    ) -> baton::store::TaskDetail {
+        self.submit(key, first_stage).await;
+        let (node, mut rx) = self.start(config).await;
+        assert_eq!(wait_task_end(&mut rx).await, TaskStatus::Done);
+        node.shutdown().await;
+        let key = crate::support::key(key);
+        self.db.store.task_detail(&key).await.unwrap()
+    }
+
     pub async fn submit(&self, key: &str, first_stage: &str) -> baton::store::Submitted {
         crate::support::submit(&self.db.store, key, first_stage, Clock::system().now_ms()).await
     }
