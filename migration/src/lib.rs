@@ -8,6 +8,7 @@ mod m20261124_000003_prompts_feedback_usage;
 mod m20261124_000004_effect_lease_holder;
 mod m20261203_000005_durable_work;
 mod m20261203_000006_history_retention;
+mod m20261207_000007_jobs_in_task_order;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_effect_lease_holder::Migration),
             Box::new(m20261203_000005_durable_work::Migration),
             Box::new(m20261203_000006_history_retention::Migration),
+            Box::new(m20261207_000007_jobs_in_task_order::Migration),
         ]
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use entity::{agent_runs, effects, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, Set,
@@ -279,9 +279,15 @@ async fn candidate<C: ConnectionTrait>(
     skip: &[i64],
     now: i64,
 ) -> StoreResult<Option<jobs::Model>> {
+    // Each job read is checked against its own task (a primary-key read), so that the
+    // read of the queued jobs in task order stops at the first that qualifies.
     let active = Query::select()
-        .column(tasks::Column::Id)
+        .expr(Expr::val(1))
         .from(tasks::Entity)
+        .and_where(
+            Expr::col((tasks::Entity, tasks::Column::Id))
+                .equals((jobs::Entity, jobs::Column::TaskId)),
+        )
         .and_where(tasks::Column::Status.eq(TaskStatus::Active))
         .to_owned();
     // A task whose push waits for another host: its last commit is only there, so its
@@ -299,7 +305,7 @@ async fn candidate<C: ConnectionTrait>(
     Ok(jobs::Entity::find()
         .filter(jobs::Column::Status.eq(JobStatus::Queued))
         .filter(jobs::Column::NotBefore.lte(now))
-        .filter(jobs::Column::TaskId.in_subquery(active))
+        .filter(Expr::exists(active))
         .filter(jobs::Column::TaskId.not_in_subquery(elsewhere))
         .filter(jobs::Column::Stage.is_not_in(full.to_vec()))
         .filter(jobs::Column::Id.is_not_in(skip.to_vec()))

@@ -256,6 +256,50 @@ async fn not_before_delays_dispatch(db: TestDb) {
 }
 on_both!(not_before_delays_dispatch, not_before_delays_dispatch);
 
+/// Dispatch takes the first due job of the oldest active task, reading past a job that
+/// is not due yet and one of a task no longer active, and takes each in its turn.
+async fn dispatch_takes_the_oldest_tasks_due_job(db: TestDb) {
+    let waiting = submit(&db.store, "W-1").await;
+    let ended = submit(&db.store, "E-1").await;
+    let due = submit(&db.store, "D-1").await;
+    let later = submit(&db.store, "L-1").await;
+    let d = take(&db, NOW).await;
+    assert_eq!(d.job.id, waiting.job.id);
+    let failed = Verdict::Failed {
+        reason: "gate".into(),
+    };
+    let outcome = db
+        .store
+        .claim(
+            &claim(&d.job, d.run.id, failed, Decider::Monitor),
+            &policy(),
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    // A task no longer active whose job is still queued, written by hand: dispatch reads
+    // past it.
+    let sql = format!(
+        "UPDATE tasks SET status = 'cancelled' WHERE id = {}",
+        ended.task.id
+    );
+    db.execute(&sql).await;
+    let order = [NOW, NOW + 10_000, NOW + 10_000];
+    let mut taken = Vec::new();
+    for now in order {
+        taken.push(take(&db, now).await.job.id);
+    }
+    assert_eq!(taken, [due.job.id, waiting.job.id, later.job.id]);
+    assert!(next_due(&db, NOW + 10_000).await.is_none());
+    let job = db.store.job(ended.job.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Queued);
+}
+on_both!(
+    dispatch_takes_the_oldest_tasks_due_job,
+    dispatch_takes_the_oldest_tasks_due_job
+);
+
 async fn passing_claims_walk_the_pipeline_with_one_reject_loop(db: TestDb) {
     let s = submit(&db.store, "P-1").await;
     let mut stages = Vec::new();
