@@ -88,7 +88,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         } else {
             match linked_statically(&shim) {
                 Ok(true) => "linked statically",
-                Ok(false) => "linked dynamically: `cargo build-static-shim` links it statically",
+                Ok(false) => {
+                    "linked dynamically: `cargo build-static-shim` builds a static one, to put \
+                     in its place"
+                }
                 Err(_) => "not an ELF program this bench can read",
             }
         }
