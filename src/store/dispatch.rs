@@ -279,6 +279,16 @@ async fn candidate<C: ConnectionTrait>(
     skip: &[i64],
     now: i64,
 ) -> StoreResult<Option<jobs::Model>> {
+    Ok(candidates(hostname, full, skip, now).one(db).await?)
+}
+
+/// The query of [`candidate`], every qualifying job in the order dispatch takes them.
+fn candidates(
+    hostname: Option<&str>,
+    full: &[String],
+    skip: &[i64],
+    now: i64,
+) -> sea_orm::Select<jobs::Entity> {
     // Each job read is checked against its own task (a primary-key read), so that the
     // read of the queued jobs in task order stops at the first that qualifies.
     let active = Query::select()
@@ -302,7 +312,7 @@ async fn candidate<C: ConnectionTrait>(
             None => effects::Column::Host.is_not_null(),
         })
         .to_owned();
-    Ok(jobs::Entity::find()
+    jobs::Entity::find()
         .filter(jobs::Column::Status.eq(JobStatus::Queued))
         .filter(jobs::Column::NotBefore.lte(now))
         .filter(Expr::exists(active))
@@ -311,8 +321,6 @@ async fn candidate<C: ConnectionTrait>(
         .filter(jobs::Column::Id.is_not_in(skip.to_vec()))
         .order_by_asc(jobs::Column::TaskId)
         .order_by_asc(jobs::Column::Id)
-        .one(db)
-        .await?)
 }
 
 /// Takes queued `job` of `task` for `taker`: its run (which becomes `current_run_id`),
@@ -396,4 +404,49 @@ async fn stage_lock(txn: &DatabaseTransaction, stage: &str) -> StoreResult<()> {
     );
     txn.query_one_raw(stmt).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{DbBackend, QueryTrait, Statement};
+
+    use super::*;
+
+    /// Dispatch's query reads the queued jobs through the index by status and task, in
+    /// the order it wants them, so that it stops at the first that qualifies: no sort of
+    /// every queued job, no list of every active task.
+    #[tokio::test]
+    async fn dispatch_reads_the_queued_jobs_in_order_without_sorting_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("plan.db").display());
+        Store::open(&url).await.unwrap().close().await;
+        // Connections opened after the migrations: a connection's schema is read when it
+        // opens, and EXPLAIN plans with it as it is.
+        let store = Store::connect(&url).await.unwrap();
+        let query = candidates(Some("host"), &["analyst".to_string()], &[7], 0)
+            .limit(1)
+            .build(DbBackend::Sqlite);
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", query.sql),
+            query.values.map(|v| v.0).unwrap_or_default(),
+        );
+        let plan: Vec<String> = store
+            .db
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get::<String>("", "detail").unwrap())
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("SEARCH jobs USING INDEX jobs_status_task (status=?)"),
+            "{plan}"
+        );
+        // Each job's own task, by its key (not a list of every active task).
+        let task = plan.lines().find(|l| l.starts_with("SEARCH tasks"));
+        assert!(task.is_some_and(|l| l.contains("id=?")), "{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
 }
