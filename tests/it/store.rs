@@ -99,6 +99,15 @@ pub async fn next_due(db: &TestDb, now: i64) -> Option<baton::store::Dispatched>
         .unwrap()
 }
 
+/// The Monitor's claim that the run of `d` failed its gate, at `NOW`.
+async fn fail_by_gate(db: &TestDb, d: &baton::store::Dispatched) -> ClaimOutcome {
+    let failed = Verdict::Failed {
+        reason: "gate".into(),
+    };
+    let failure = claim(&d.job, d.run.id, failed, Decider::Monitor);
+    db.store.claim(&failure, &policy(), NOW).await.unwrap()
+}
+
 pub fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
     events.iter().map(|e| e.kind.as_str()).collect()
 }
@@ -195,22 +204,7 @@ on_both!(
 async fn not_before_delays_dispatch(db: TestDb) {
     let s = submit(&db.store, "R-1").await;
     let d = take(&db, NOW).await;
-    let won = db
-        .store
-        .claim(
-            &claim(
-                &d.job,
-                d.run.id,
-                Verdict::Failed {
-                    reason: "gate".into(),
-                },
-                Decider::Monitor,
-            ),
-            &policy(),
-            NOW,
-        )
-        .await
-        .unwrap();
+    let won = fail_by_gate(&db, &d).await;
     let ClaimOutcome::Won(w) = won else {
         panic!("{won:?}")
     };
@@ -265,18 +259,7 @@ async fn dispatch_takes_the_oldest_tasks_due_job(db: TestDb) {
     let later = submit(&db.store, "L-1").await;
     let d = take(&db, NOW).await;
     assert_eq!(d.job.id, waiting.job.id);
-    let failed = Verdict::Failed {
-        reason: "gate".into(),
-    };
-    let outcome = db
-        .store
-        .claim(
-            &claim(&d.job, d.run.id, failed, Decider::Monitor),
-            &policy(),
-            NOW,
-        )
-        .await
-        .unwrap();
+    let outcome = fail_by_gate(&db, &d).await;
     assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
     // A task no longer active whose job is still queued, written by hand: dispatch reads
     // past it.
