@@ -121,9 +121,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
                 cpu_ms_per_stage: run.cpu.as_secs_f64() * 1000.0 / run.stages.max(1) as f64,
                 advance: run.latency,
             };
+            let a = &t.advance;
             println!(
-                "  {:.1} stages/s, ratio {:.3}, baton CPU {:.2} ms/stage, advance p50 {} ms p99 {} ms",
-                t.stages_per_sec, t.ratio, t.cpu_ms_per_stage, t.advance.p50_ms, t.advance.p99_ms
+                "  {:.1} stages/s, ratio {:.3}, baton CPU {:.2} ms/stage, advance p50 {} ms p99 {} ms \
+                 (mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms)",
+                t.stages_per_sec,
+                t.ratio,
+                t.cpu_ms_per_stage,
+                a.p50_ms,
+                a.p99_ms,
+                a.agent_ms,
+                a.finalize_ms,
+                a.start_ms
             );
             throughput.push(t);
         }

@@ -18,9 +18,6 @@ pub enum DispatcherMsg {
     Tick,
     /// Look now: a claim queued a job, or a submit arrived.
     Kick,
-    /// Start the Monitor of a job a won claim took for this node (the hand-off): its
-    /// place is reserved already.
-    Handed(Box<Dispatched>),
 }
 
 pub struct DispatcherArgs {
@@ -68,21 +65,7 @@ impl Actor for Dispatcher {
         state: &mut DispatcherState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = &state.args.ctx;
-        let result = match &msg {
-            DispatcherMsg::Handed(d) => {
-                if start(ctx, &state.args.supervisor, (**d).clone()) {
-                    DispatchResult {
-                        dispatched: vec![(d.job.id, d.run.id)],
-                    }
-                } else {
-                    release(ctx, d).await;
-                    DispatchResult::default()
-                }
-            }
-            DispatcherMsg::Tick | DispatcherMsg::Kick => {
-                pass_or_default("dispatcher", run_once(ctx, &state.args.supervisor).await)
-            }
-        };
+        let result = pass_or_default("dispatcher", run_once(ctx, &state.args.supervisor).await);
         if msg == DispatcherMsg::Tick {
             record_gauges(ctx).await;
         }
@@ -124,7 +107,7 @@ pub async fn run_once(
 
 /// Reserves the place of a taken job and asks the Supervisor for its Monitor; false when
 /// the Supervisor is gone (the caller releases the job).
-fn start(ctx: &Ctx, supervisor: &ActorRef<SupervisorMsg>, d: Dispatched) -> bool {
+pub(super) fn start(ctx: &Ctx, supervisor: &ActorRef<SupervisorMsg>, d: Dispatched) -> bool {
     crate::task_span!("dispatch", d.task, d.job, d.run.id)
         .in_scope(|| tracing::info!("dispatched"));
     // Reserve the slot before the Monitor exists, so the count is right at once.

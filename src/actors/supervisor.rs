@@ -127,6 +127,7 @@ impl Actor for Supervisor {
             AdvancerArgs {
                 ctx: ctx.clone(),
                 dispatcher: Some(dispatcher.clone()),
+                supervisor: Some(myself.clone()),
                 effect_worker: Some(effect_worker.clone()),
             },
             cell.clone(),

@@ -6,8 +6,10 @@
 //! records that it lost. The Advancer's claims waiting together share one transaction.
 
 use entity::{advances, agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, Query};
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, Set};
+use sea_orm::sea_query::{Expr, LockType, Query};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 use serde_json::json;
 
 use super::delivery::delivery_pending;
@@ -68,6 +70,11 @@ impl Store {
         now: i64,
     ) -> Result<Vec<(ClaimOutcome, Option<Dispatched>)>, GroupError> {
         let (_write, txn) = self.write_txn().await.map_err(GroupError::NothingWritten)?;
+        if self.is_postgres() && items.len() > 1 {
+            lock_tasks_in_order(&txn, items)
+                .await
+                .map_err(GroupError::NothingWritten)?;
+        }
         let mut decided = Vec::with_capacity(items.len());
         for item in items {
             // On an error the transaction is dropped, which rolls it back.
@@ -96,7 +103,8 @@ impl Store {
         // The task's row first, then its jobs' (the claimed one, and the others whose
         // iterations the policy counts): a cancel (which takes the task row) and this
         // claim never interleave, and within one task the order never deadlocks (a
-        // group of claims takes several tasks' rows in its claims' order; ADR 0001).
+        // group of claims has taken its tasks' rows already, in the order of their ids;
+        // ADR 0001).
         // Two reads, locking on PostgreSQL; SQLite's write transaction already excludes
         // every other writer.
         let postgres = self.is_postgres();
@@ -247,6 +255,30 @@ async fn task_of_job(
         .to_owned();
     let q = tasks::Entity::find().filter(tasks::Column::Id.in_subquery(of_job));
     Ok(for_update(q, postgres).one(txn).await?)
+}
+
+/// The rows of the tasks of a group's claims, locked on PostgreSQL before any claim's in
+/// the order of their ids: groups decided at once, by one node or several, lock tasks in
+/// one order and never wait for each other in a cycle (ADR 0001).
+async fn lock_tasks_in_order(
+    txn: &DatabaseTransaction,
+    items: &[ClaimItem<'_>],
+) -> StoreResult<()> {
+    let of_jobs = Query::select()
+        .column(jobs::Column::TaskId)
+        .from(jobs::Entity)
+        .and_where(jobs::Column::Id.is_in(items.iter().map(|i| i.claim.job_id)))
+        .to_owned();
+    tasks::Entity::find()
+        .select_only()
+        .column(tasks::Column::Id)
+        .filter(tasks::Column::Id.in_subquery(of_jobs))
+        .order_by_asc(tasks::Column::Id)
+        .lock(LockType::Update)
+        .into_tuple::<i64>()
+        .all(txn)
+        .await?;
+    Ok(())
 }
 
 /// Every job of task `task_id`, their rows locked on PostgreSQL.

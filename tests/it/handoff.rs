@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use baton::actors::advancer::send_claim;
-use baton::actors::dispatcher::DispatcherMsg;
+use baton::actors::supervisor::SupervisorMsg;
 use baton::config::{Config, EnvOverrides};
 use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, ReapTier, RunOutcome, Verdict};
 use baton::policy::Policy;
@@ -192,40 +192,48 @@ on_both!(
     a_bounded_stage_is_left_to_dispatch
 );
 
-/// Stands in for the Dispatcher: forwards what it is told.
-struct DispatcherStub;
+/// Stands in for an actor of the node: forwards what it is told.
+struct Forward<M>(std::marker::PhantomData<fn() -> M>);
 
-impl Actor for DispatcherStub {
-    type Msg = DispatcherMsg;
-    type State = UnboundedSender<DispatcherMsg>;
-    type Arguments = UnboundedSender<DispatcherMsg>;
+impl<M: ractor::Message> Actor for Forward<M> {
+    type Msg = M;
+    type State = UnboundedSender<M>;
+    type Arguments = UnboundedSender<M>;
 
     async fn pre_start(
         &self,
-        _: ActorRef<DispatcherMsg>,
-        tx: UnboundedSender<DispatcherMsg>,
+        _: ActorRef<M>,
+        tx: UnboundedSender<M>,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(tx)
     }
 
     async fn handle(
         &self,
-        _: ActorRef<DispatcherMsg>,
-        msg: DispatcherMsg,
-        tx: &mut UnboundedSender<DispatcherMsg>,
+        _: ActorRef<M>,
+        msg: M,
+        tx: &mut UnboundedSender<M>,
     ) -> Result<(), ActorProcessingErr> {
         let _ = tx.send(msg);
         Ok(())
     }
 }
 
-/// A Monitor's claim through the Advancer hands the next job to the running Dispatcher,
-/// which gets the job with its place reserved; once the Dispatcher has stopped (the node
-/// is shutting down), the next job stays queued.
+/// A Monitor's claim through the Advancer hands the next job to the Supervisor for its
+/// Monitor, at once and with its place reserved, while the Dispatcher runs (which is not
+/// told); once the Dispatcher has stopped (the node is shutting down), the next job
+/// stays queued.
 async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
+    let (tx, mut kicked) = unbounded_channel();
+    let (stub, handle) = Actor::spawn(None, Forward(Default::default()), tx)
+        .await
+        .unwrap();
     let (tx, mut told) = unbounded_channel();
-    let (stub, handle) = Actor::spawn(None, DispatcherStub, tx).await.unwrap();
-    let s = claim_setup_with(&db, db.store.clone(), Some(stub.clone())).await;
+    let (supervisor, _) = Actor::spawn(None, Forward(Default::default()), tx)
+        .await
+        .unwrap();
+    let node = (stub.clone(), supervisor);
+    let s = claim_setup_with(&db, db.store.clone(), Some(node)).await;
     s.ctx.watched.insert(s.run.id, s.job.id);
     let first = Dispatched {
         task: db.store.task(s.job.task_id).await.unwrap(),
@@ -237,13 +245,15 @@ async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
         panic!("the claim must win");
     };
     let next = w.next_job.unwrap();
-    let Some(DispatcherMsg::Handed(d)) = told.recv().await else {
-        panic!("the Dispatcher must be handed the next job");
+    let Some(SupervisorMsg::StartMonitor(d, _)) = told.recv().await else {
+        panic!("the Supervisor must be asked for the next job's Monitor");
     };
     assert_eq!(d.job.id, next.id);
     assert_eq!(s.ctx.watched.runs(), [(d.run.id, next.id)]);
     let job = db.store.job(next.id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Running);
+
+    assert!(kicked.try_recv().is_err(), "a hand-off kicks no Dispatcher");
 
     // The node stops: the next claim hands nothing off.
     stub.stop(None);
@@ -458,5 +468,54 @@ async fn a_group_whose_commit_fails_names_its_hand_offs_on_postgres() {
             .release_run(&handed[0], "test", NOW + 2)
             .await
             .unwrap()
+    );
+}
+
+/// On PostgreSQL, groups of claims decided at once over the same tasks, named in opposite
+/// orders, do not deadlock: each group takes its tasks' rows first, in the order of their
+/// ids. Here a third transaction holds the second task while one group (second task's
+/// claim, then the first's) waits for it, and the other group (first, then second) starts
+/// behind; taken in the claims' order, the two would wait for each other once the third
+/// lets go, and PostgreSQL would fail one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_over_the_same_tasks_do_not_deadlock_on_postgres() {
+    let Some(db) = TestDb::new(crate::support::Backend::Postgres).await else {
+        return;
+    };
+    let policy = policy();
+    crate::support::submit(&db.store, "D-1", "analyst", NOW).await;
+    crate::support::submit(&db.store, "D-2", "analyst", NOW).await;
+    let (d1, d2) = (take(&db).await, take(&db).await);
+    let held = db.hold_task(d2.task.id).await;
+    let item = |claim| ClaimItem {
+        claim,
+        exit: None,
+        taker: None,
+    };
+    let reaper = Decider::Reaper(ReapTier::Unfinished);
+    let (c1, c2) = (passed(&d1), passed(&d2));
+    let (r1, r2) = (
+        claim(&d1.job, d1.run.id, Verdict::Passed, reaper),
+        claim(&d2.job, d2.run.id, Verdict::Passed, reaper),
+    );
+    let (first, second) = ([item(&c2), item(&c1)], [item(&r1), item(&r2)]);
+    let (first, second, ()) = tokio::join!(
+        db.store.claim_all(&first, &policy, NOW + 1),
+        async {
+            db.lock_waiters(1).await;
+            db.store.claim_all(&second, &policy, NOW + 1).await
+        },
+        async {
+            db.lock_waiters(2).await;
+            held.commit().await.unwrap();
+        },
+    );
+    let outcomes = |d: Vec<(ClaimOutcome, Option<Dispatched>)>| -> Vec<String> {
+        d.into_iter().map(|(o, _)| o.label().to_string()).collect()
+    };
+    assert_eq!(outcomes(first.unwrap()), ["won", "won"]);
+    assert_eq!(
+        outcomes(second.unwrap()),
+        ["already_advanced", "already_advanced"]
     );
 }

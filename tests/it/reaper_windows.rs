@@ -32,12 +32,14 @@ async fn claim_setup(db: &TestDb, store: Store) -> ClaimSetup {
     claim_setup_with(db, store, None).await
 }
 
-/// [`claim_setup`], with the Advancer telling `dispatcher` what it hands off.
-pub async fn claim_setup_with(
-    db: &TestDb,
-    store: Store,
-    dispatcher: Option<ractor::ActorRef<baton::actors::dispatcher::DispatcherMsg>>,
-) -> ClaimSetup {
+/// The stand-ins of a node's Dispatcher and Supervisor, for an Advancer's hand-offs.
+pub type NodeStandIns = (
+    ractor::ActorRef<baton::actors::dispatcher::DispatcherMsg>,
+    ractor::ActorRef<baton::actors::supervisor::SupervisorMsg>,
+);
+
+/// [`claim_setup`], with the Advancer handing off to `node`'s stand-ins.
+pub async fn claim_setup_with(db: &TestDb, store: Store, node: Option<NodeStandIns>) -> ClaimSetup {
     let config = Config::from_toml(
         crate::store::PIPELINE_TOML,
         db.dir.path(),
@@ -82,7 +84,8 @@ pub async fn claim_setup_with(
         Advancer,
         AdvancerArgs {
             ctx: ctx.clone(),
-            dispatcher,
+            dispatcher: node.as_ref().map(|n| n.0.clone()),
+            supervisor: node.map(|n| n.1),
             effect_worker: None,
         },
     )
@@ -345,4 +348,63 @@ async fn claims_waiting_together_are_decided_in_one_transaction_postgres() {
     if let Some(db) = TestDb::new(crate::support::Backend::Postgres).await {
         claims_waiting_together_are_decided_in_one_transaction(db).await;
     }
+}
+
+/// On PostgreSQL the Advancer decides several groups at once: while a group waits for its
+/// task's row (held here by another transaction), a claim of another task is decided and
+/// answered. A later claim of the waiting group's job waits for that group, so the job's
+/// claims are still decided in the order they came: the Monitor's wins, the Reaper's
+/// finds the run advanced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_decided_at_once_and_a_jobs_claims_in_order_on_postgres() {
+    use baton::actors::advancer::AdvancerMsg;
+    let Some(db) = TestDb::new(crate::support::Backend::Postgres).await else {
+        return;
+    };
+    let s = claim_setup(&db, db.store.clone()).await;
+    let store = &s.ctx.store;
+    crate::support::submit(store, "OTHER-1", "analyst", s.ctx.now()).await;
+    let other = store
+        .dispatch(&s.ctx.node_id, db.dir.path(), None, s.ctx.now())
+        .await
+        .unwrap()
+        .unwrap();
+    let held = db.hold_task(s.job.task_id).await;
+    let claim = |job: &entity::jobs::Model, run_id: i64, by: Decider| Claim {
+        job_id: job.id,
+        run_id,
+        verdict: Verdict::Passed,
+        decided_by: by,
+        commit_sha: None,
+        feedback: None,
+        usage: None,
+    };
+    let send = |c: Claim| {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        s.advancer
+            .send_message(AdvancerMsg::Claim(c, None, tx.into()))
+            .unwrap();
+        rx
+    };
+    let mut monitor = send(claim(&s.job, s.run.id, Decider::Monitor));
+    // Its group waits for the task's row before the other claims come.
+    db.lock_waiters(1).await;
+    let mut reaper = send(claim(
+        &s.job,
+        s.run.id,
+        Decider::Reaper(ReapTier::Unfinished),
+    ));
+    let elsewhere = send(claim(&other.job, other.run.id, Decider::Monitor));
+    let decided = tokio::time::timeout(Duration::from_secs(30), elsewhere)
+        .await
+        .expect("another task's claim must not wait for the held one");
+    assert!(
+        matches!(decided, Ok(Ok(ClaimOutcome::Won(_)))),
+        "{decided:?}"
+    );
+    assert!(monitor.try_recv().is_err() && reaper.try_recv().is_err());
+    held.commit().await.unwrap();
+    assert!(matches!(monitor.await, Ok(Ok(ClaimOutcome::Won(_)))));
+    assert_eq!(reaper.await.unwrap(), Ok(ClaimOutcome::AlreadyAdvanced));
+    s.advancer.stop(None);
 }

@@ -108,6 +108,39 @@ impl TestDb {
     pub async fn other_store(&self) -> Store {
         Store::connect(&self.url).await.expect("second connection")
     }
+
+    /// On PostgreSQL, a transaction of its own that holds task `task_id`'s row until it
+    /// ends.
+    pub async fn hold_task(&self, task_id: i64) -> sea_orm::DatabaseTransaction {
+        use sea_orm::{ConnectionTrait, Database, DbBackend, Statement, TransactionTrait};
+        let c = Database::connect(self.url.as_str()).await.unwrap();
+        let held = c.begin().await.unwrap();
+        let sql = "SELECT id FROM tasks WHERE id = $1 FOR UPDATE";
+        let stmt = Statement::from_sql_and_values(DbBackend::Postgres, sql, [task_id.into()]);
+        held.execute_raw(stmt).await.unwrap();
+        held
+    }
+
+    /// On PostgreSQL, returns once `n` sessions of this database wait for a lock.
+    pub async fn lock_waiters(&self, n: i64) {
+        use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+        let c = Database::connect(self.url.as_str()).await.unwrap();
+        let sql = "SELECT count(*) AS n FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let stmt = Statement::from_string(DbBackend::Postgres, sql);
+        let wait = async {
+            loop {
+                let row = c.query_one_raw(stmt.clone()).await.unwrap().unwrap();
+                if row.try_get::<i64>("", "n").unwrap() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("sessions waiting for a lock");
+    }
 }
 
 /// Opens and migrates a test database; its pool waits long on a loaded machine.

@@ -226,7 +226,8 @@ async fn each_log_line_carries_its_own_task_only() {
         let mut seen = std::collections::HashSet::new();
         for line in text.lines() {
             let tasks: std::collections::HashSet<String> = if json {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
                 let spans = v["spans"].as_array().cloned().unwrap_or_default();
                 spans
                     .iter()
