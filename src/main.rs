@@ -1,5 +1,8 @@
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // The shim runs before any argument parsing, runtime or logging: it only starts and
     // waits for an agent (`baton-shim` does the same in a smaller binary).

@@ -47,10 +47,21 @@ pub enum LastCommit<'a> {
     /// the host starts from it, an existing one is fast-forwarded to it when behind.
     Recorded(Option<&'a str>),
     /// This host's branch holds it already: the task's previous stage ran here, in this
-    /// worktree, was decided by its own Monitor, and committed nothing. A branch not on this host fails with
-    /// [`WorkspaceError::BranchNotHere`], and the caller reads the record instead.
+    /// worktree, was decided by its own Monitor, and committed nothing. A branch not on
+    /// this host fails with [`WorkspaceError::BranchNotHere`], and the caller reads the
+    /// record instead.
     OnBranch,
+    /// This host made it: the task's previous stage ran here, was decided by its own
+    /// Monitor, and committed it. As `Recorded(Some(..))`, but, as with `OnBranch`, the
+    /// remote can only hold what others pushed to the branch since: a fetch that began up
+    /// to [`OWN_STAGE_FETCH_AGE`] before serves the preparation.
+    HereAt(&'a str),
 }
+
+/// How long before a preparation that follows this host's own stage (`OnBranch`,
+/// `HereAt`) a fetch may have begun and still serve it. Other preparations need a fetch
+/// that began after they did.
+pub const OWN_STAGE_FETCH_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> WorkspaceError {
     let context = context.into();

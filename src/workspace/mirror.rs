@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use git2::{BranchType, FetchOptions, Oid, Repository, WorktreePruneOptions};
 use nix::fcntl::{Flock, FlockArg};
 
-use super::{LastCommit, RepoAccess, WorkspaceError, git};
+use super::{LastCommit, OWN_STAGE_FETCH_AGE, RepoAccess, WorkspaceError, git};
 
 /// The remote-tracking refs of the mirror.
 const ORIGIN: &str = "origin";
@@ -195,7 +195,9 @@ fn clear_lock(path: &Path) {
 }
 
 /// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch (one that
-/// began after this call did: several preparations waiting on the mirror share it).
+/// began after this call did: several preparations waiting on the mirror share it; after
+/// this host's own stage, one that began up to [`OWN_STAGE_FETCH_AGE`] before, unless the
+/// stage's commit is not in the mirror).
 ///
 /// - A branch new to this host starts from `start_commit` (the task's last recorded stage
 ///   commit) when there is one, else from the remote's branch, else from `base_branch`;
@@ -241,11 +243,20 @@ pub fn prepare(
         keep_mirror(root, mirror);
         return Err(WorkspaceError::BranchNotHere(branch.to_string()));
     }
-    fetch_since(&mirror, access, due)?;
+    let own = matches!(start_commit, LastCommit::OnBranch | LastCommit::HereAt(_));
+    let served_since = match own {
+        true => due.checked_sub(OWN_STAGE_FETCH_AGE).unwrap_or(due),
+        false => due,
+    };
+    fetch_since(&mirror, access, served_since)?;
 
     let start = match start_commit {
-        LastCommit::Recorded(Some(sha)) => {
+        LastCommit::Recorded(Some(sha)) | LastCommit::HereAt(sha) => {
             let oid = Oid::from_str(sha).map_err(git(format!("read commit {sha}")))?;
+            if mirror.find_commit(oid).is_err() && own {
+                // The mirror was made anew since: the remote may have it.
+                fetch_since(&mirror, access, due)?;
+            }
             if mirror.find_commit(oid).is_err() {
                 return Err(WorkspaceError::Missing(format!(
                     "the task's last stage commit {sha} is neither on the remote nor on this host"

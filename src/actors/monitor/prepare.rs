@@ -39,9 +39,9 @@ pub(super) async fn workspace(
     // from this host).
     let here = match &d.last_commit {
         KnownLastCommit::Commit(sha) => {
-            Some(prepare_branch(ctx, d, Some(Some(sha.clone()))).await?)
+            Some(prepare_branch(ctx, d, Start::HereAt(sha.clone())).await?)
         }
-        KnownLastCommit::OnBranch => match prepare_branch(ctx, d, None).await? {
+        KnownLastCommit::OnBranch => match prepare_branch(ctx, d, Start::OnBranch).await? {
             Err(workspace::WorkspaceError::BranchNotHere(_)) => None,
             done => Some(done),
         },
@@ -55,7 +55,7 @@ pub(super) async fn workspace(
                 .last_commit(d.task.id)
                 .await
                 .map_err(|e| format!("cannot read the task's last commit: {e}"))?;
-            prepare_branch(ctx, d, Some(recorded)).await?
+            prepare_branch(ctx, d, Start::Recorded(recorded)).await?
         }
     }
     .map_err(|e| format!("workspace: {e}"))?;
@@ -86,12 +86,29 @@ pub(super) async fn workspace(
     Ok(prepared)
 }
 
-/// [`workspace::prepare`] for `d`'s task, on a blocking thread, moved to the task's
-/// `recorded` last commit, or with `None` to what this host's branch holds.
+/// The task's last commit a preparation moves the branch to: [`workspace::LastCommit`],
+/// owned, for the blocking thread.
+enum Start {
+    Recorded(Option<String>),
+    OnBranch,
+    HereAt(String),
+}
+
+impl Start {
+    fn last(&self) -> workspace::LastCommit<'_> {
+        match self {
+            Start::Recorded(commit) => workspace::LastCommit::Recorded(commit.as_deref()),
+            Start::OnBranch => workspace::LastCommit::OnBranch,
+            Start::HereAt(sha) => workspace::LastCommit::HereAt(sha),
+        }
+    }
+}
+
+/// [`workspace::prepare`] for `d`'s task, on a blocking thread, from `start`.
 async fn prepare_branch(
     ctx: &Ctx,
     d: &Dispatched,
-    recorded: Option<Option<String>>,
+    start: Start,
 ) -> Result<Result<workspace::Prepared, workspace::WorkspaceError>, String> {
     let config = ctx.config.clone();
     let access = config.repo_access(&ctx.secrets);
@@ -99,10 +116,6 @@ async fn prepare_branch(
     let key = d.task.key.clone();
     tokio::task::spawn_blocking(move || {
         let path = workspace::path_for(&config.workspace_root, &key)?;
-        let last = match &recorded {
-            Some(commit) => workspace::LastCommit::Recorded(commit.as_deref()),
-            None => workspace::LastCommit::OnBranch,
-        };
         workspace::prepare(
             &config.workspace_root,
             &path,
@@ -110,7 +123,7 @@ async fn prepare_branch(
             &key,
             &branch,
             &config.repo.base_branch,
-            last,
+            start.last(),
         )
     })
     .await
