@@ -1,6 +1,7 @@
 //! Task workspaces: one bare mirror of the repository per host and one git worktree of
 //! it per task under `workspace_root`, on the task's branch `{branch_prefix}{task}`,
-//! fetched before every stage ([ADR 0007](../docs/adr/0007-workspaces.md)); the
+//! fetched before every stage, or a moment before after this host's own
+//! ([ADR 0007](../docs/adr/0007-workspaces.md)); the
 //! auto-commit after a stage; the credentials and time bound of every network operation.
 
 mod access;

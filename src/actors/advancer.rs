@@ -1,14 +1,10 @@
 //! The Advancer: THE single writer of job transitions after dispatch. It decides claims
 //! in the order it receives them, those waiting together in one transaction (group
 //! commit), and runs only the fenced transaction; slow work (gates, git, HTTP) happens in
-//! the sender before the claim is sent. On PostgreSQL several groups are decided at once,
-//! each in a transaction of its own, as several nodes' groups are; a claim of a job whose
-//! group is still being decided waits for it, so a job's claims are decided in order.
+//! the sender before the claim is sent.
 //!
 //! Senders (the Monitor, the Reaper, adoption) go through [`send_claim`].
 
-use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
@@ -26,8 +22,6 @@ const ADVANCER_CLAIM_TRIES: u32 = 5;
 const ADVANCER_CLAIM_BACKOFF: Duration = Duration::from_millis(200);
 /// The most claims decided in one transaction.
 pub const ADVANCER_BATCH_MAX: usize = 64;
-/// The most groups decided at once on PostgreSQL. On SQLite one: its writes take turns.
-pub const ADVANCER_GROUPS_AT_ONCE: usize = 4;
 
 pub enum AdvancerMsg {
     /// Finalize a run, writing its exit first when one is given; the reply is `Won`,
@@ -41,9 +35,6 @@ pub enum AdvancerMsg {
     /// Decide the claims received so far; sent by the Advancer to itself behind the
     /// first of them, so that every claim already waiting joins its transaction.
     Decide,
-    /// A group was decided and answered (or its task panicked, which is a bug that
-    /// stops the Advancer): its jobs' later claims may be decided.
-    Decided { jobs: Vec<i64>, panicked: bool },
 }
 
 pub struct AdvancerArgs {
@@ -59,18 +50,9 @@ pub struct AdvancerArgs {
 }
 
 pub struct AdvancerState {
-    args: Arc<AdvancerArgs>,
+    args: AdvancerArgs,
     /// Claims received and not decided yet, in order.
     waiting: Vec<Waiting>,
-    /// The jobs of the groups being decided, each group in a task of its own.
-    deciding: HashSet<i64>,
-    /// How many groups are being decided, and their tasks (awaited before a stop).
-    in_flight: usize,
-    groups: tokio::task::JoinSet<()>,
-    /// How many groups may be decided at once.
-    at_once: usize,
-    /// A `Decide` is in the mailbox.
-    decide_sent: bool,
 }
 
 /// A claim waiting to be decided, with its reply and the span it is decided in (a child
@@ -96,29 +78,10 @@ impl Actor for Advancer {
         _: ActorRef<Self::Msg>,
         args: AdvancerArgs,
     ) -> Result<AdvancerState, ActorProcessingErr> {
-        let at_once = match args.ctx.store.backend() {
-            sea_orm::DbBackend::Postgres => ADVANCER_GROUPS_AT_ONCE,
-            _ => 1,
-        };
         Ok(AdvancerState {
-            args: Arc::new(args),
+            args,
             waiting: Vec::new(),
-            deciding: HashSet::new(),
-            in_flight: 0,
-            groups: tokio::task::JoinSet::new(),
-            at_once,
-            decide_sent: false,
         })
-    }
-
-    /// The groups being decided are decided and answered before the Advancer stops.
-    async fn post_stop(
-        &self,
-        _: ActorRef<Self::Msg>,
-        state: &mut AdvancerState,
-    ) -> Result<(), ActorProcessingErr> {
-        while state.groups.join_next().await.is_some() {}
-        Ok(())
     }
 
     async fn handle(
@@ -145,106 +108,44 @@ impl Actor for Advancer {
                     reply,
                     span,
                 });
-                decide_later(&myself, state);
+                if state.waiting.len() == 1 {
+                    decide_later(&myself);
+                }
             }
             AdvancerMsg::Decide => {
-                state.decide_sent = false;
-                while state.in_flight < state.at_once {
-                    let Some(batch) = next_group(state) else {
-                        break;
-                    };
-                    let jobs: Vec<i64> = batch.iter().map(|w| w.claim.job_id).collect();
-                    state.deciding.extend(&jobs);
-                    state.in_flight += 1;
-                    let done = GroupDone {
-                        jobs,
-                        myself: myself.clone(),
-                    };
-                    // A group's task carries no span: each claim is decided in its own.
-                    let group = decide_group(state.args.clone(), batch, done);
-                    state.groups.spawn(group.instrument(tracing::Span::none()));
+                let n = state.waiting.len().min(ADVANCER_BATCH_MAX);
+                let batch: Vec<Waiting> = state.waiting.drain(..n).collect();
+                if !state.waiting.is_empty() {
+                    decide_later(&myself);
                 }
-            }
-            AdvancerMsg::Decided { jobs, panicked } => {
-                if panicked {
-                    return Err("a group of claims panicked while it was decided".into());
+                let group = batch.len();
+                let started = std::time::Instant::now();
+                let (decided, together) = decide(&state.args, &batch).await;
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                for (w, outcome) in batch.into_iter().zip(decided) {
+                    let span = w.span.clone();
+                    span.record("group", group);
+                    span.record("together", together);
+                    span.record("elapsed_us", elapsed_us);
+                    let outcome = after_claim(&state.args, &w, outcome).instrument(span).await;
+                    state.args.ctx.report(ProbeEvent::Advancer {
+                        claim: w.claim,
+                        outcome: outcome.clone(),
+                        group,
+                        together,
+                    });
+                    let _ = w.reply.send(outcome);
                 }
-                for job in jobs {
-                    state.deciding.remove(&job);
-                }
-                state.in_flight -= 1;
-                while state.groups.try_join_next().is_some() {}
-                decide_later(&myself, state);
             }
         }
         Ok(())
     }
 }
 
-/// Sends the Advancer its `Decide`, behind the claims already in its mailbox, unless one
-/// is there already or no group could start; it carries no span (the decision is each
-/// claim's, in its own).
-fn decide_later(myself: &ActorRef<AdvancerMsg>, state: &mut AdvancerState) {
-    if state.decide_sent || state.waiting.is_empty() || state.in_flight >= state.at_once {
-        return;
-    }
-    state.decide_sent =
-        tracing::Span::none().in_scope(|| myself.send_message(AdvancerMsg::Decide).is_ok());
-}
-
-/// The next group: the claims waiting, in order, up to [`ADVANCER_BATCH_MAX`], but none of
-/// a job a group being decided has (those wait for it, and so do that job's later claims).
-fn next_group(state: &mut AdvancerState) -> Option<Vec<Waiting>> {
-    let (mut batch, mut rest) = (Vec::new(), Vec::new());
-    for w in state.waiting.drain(..) {
-        if batch.len() < ADVANCER_BATCH_MAX && !state.deciding.contains(&w.claim.job_id) {
-            batch.push(w);
-        } else {
-            rest.push(w);
-        }
-    }
-    state.waiting = rest;
-    (!batch.is_empty()).then_some(batch)
-}
-
-/// Tells the Advancer, when a group's task ends however it ends, that the group's jobs
-/// are free.
-struct GroupDone {
-    jobs: Vec<i64>,
-    myself: ActorRef<AdvancerMsg>,
-}
-
-impl Drop for GroupDone {
-    fn drop(&mut self) {
-        let msg = AdvancerMsg::Decided {
-            jobs: std::mem::take(&mut self.jobs),
-            panicked: std::thread::panicking(),
-        };
-        let _ = tracing::Span::none().in_scope(|| self.myself.send_message(msg).is_ok());
-    }
-}
-
-/// Decides `batch` and answers its claims; `done` then frees its jobs.
-async fn decide_group(args: Arc<AdvancerArgs>, batch: Vec<Waiting>, done: GroupDone) {
-    let group = batch.len();
-    let started = std::time::Instant::now();
-    let (decided, together) = decide(&args, &batch).await;
-    let elapsed_us = started.elapsed().as_micros() as u64;
-    for (w, outcome) in batch.into_iter().zip(decided) {
-        let span = w.span.clone();
-        span.record("group", group);
-        span.record("together", together);
-        span.record("elapsed_us", elapsed_us);
-        let outcome = after_claim(&args, &w, outcome).instrument(span).await;
-        args.ctx.report(ProbeEvent::Advancer {
-            claim: w.claim,
-            outcome: outcome.clone(),
-            group,
-            together,
-        });
-        let _ = w.reply.send(outcome);
-    }
-    drop(done);
+/// Sends the Advancer its `Decide`, behind the claims already waiting; it carries no
+/// span (the decision is each claim's, in its own).
+fn decide_later(myself: &ActorRef<AdvancerMsg>) {
+    let _ = tracing::Span::none().in_scope(|| myself.send_message(AdvancerMsg::Decide).is_ok());
 }
 
 /// Decides `batch` in one transaction; when that fails before its commit, each claim on
@@ -257,10 +158,7 @@ async fn decide(args: &AdvancerArgs, batch: &[Waiting]) -> (Vec<Decided>, bool) 
     // the Dispatcher runs (not once the node is stopping) and the node is within
     // `max_concurrent_jobs` (adopted agents may have put it over).
     let hand_off = args.supervisor.is_some()
-        && args
-            .dispatcher
-            .as_ref()
-            .is_some_and(|d| d.get_status() == ActorStatus::Running)
+        && dispatching(args)
         && ctx.watched.len() <= ctx.config.max_concurrent_jobs;
     let taker = Taker {
         node_id: &ctx.node_id,
@@ -359,15 +257,16 @@ async fn after_claim(
     }
     ctx.watched.remove(claim.run_id);
     match (handed, &args.supervisor) {
-        (Some(next), Some(supervisor)) => {
+        // Not once the node began stopping since the claim was decided: the Supervisor
+        // would never start it.
+        (Some(next), Some(supervisor)) if dispatching(args) => {
             let started = tracing::Span::none()
                 .in_scope(|| super::dispatcher::start(ctx, supervisor, next.clone()));
             if !started {
-                // The Supervisor stopped meanwhile: the job goes back to the queue.
                 super::dispatcher::release(ctx, &next).await;
             }
         }
-        (Some(next), None) => super::dispatcher::release(ctx, &next).await,
+        (Some(next), _) => super::dispatcher::release(ctx, &next).await,
         (None, _) => {
             if let Some(d) = &args.dispatcher {
                 let _ = tracing::Span::none().in_scope(|| d.send_message(DispatcherMsg::Kick));
@@ -375,6 +274,13 @@ async fn after_claim(
         }
     }
     Ok(outcome)
+}
+
+/// Whether the node's Dispatcher runs: a node that began stopping has stopped it first.
+fn dispatching(args: &AdvancerArgs) -> bool {
+    args.dispatcher
+        .as_ref()
+        .is_some_and(|d| d.get_status() == ActorStatus::Running)
 }
 
 /// Sends a claim to the Advancer, trying again a few times when the database did not

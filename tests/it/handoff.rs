@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use baton::actors::advancer::send_claim;
+use baton::actors::dispatcher::DispatcherMsg;
 use baton::actors::supervisor::SupervisorMsg;
 use baton::config::{Config, EnvOverrides};
 use baton::model::{Claim, ClaimOutcome, Decider, JobStatus, ReapTier, RunOutcome, Verdict};
@@ -253,7 +254,13 @@ async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
     let job = db.store.job(next.id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Running);
 
-    assert!(kicked.try_recv().is_err(), "a hand-off kicks no Dispatcher");
+    // The stand-in forwards in order: a kick sent with the hand-off comes before this.
+    stub.send_message(DispatcherMsg::Tick).unwrap();
+    assert_eq!(
+        kicked.recv().await,
+        Some(DispatcherMsg::Tick),
+        "a hand-off kicks no Dispatcher"
+    );
 
     // The node stops: the next claim hands nothing off.
     stub.stop(None);

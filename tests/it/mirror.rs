@@ -61,19 +61,35 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     // three: its old checkout is brought up to B's work before the stage.
     prepare(&root_a, &ws_a, None);
     let one = stage(&ws_a, "one");
-    let b_fetched = Instant::now();
     let p = prepare(&root_b, &ws_b, Some(&one));
     assert!(p.created && ws_b.join("one.txt").exists());
     let two = stage(&ws_b, "two");
-    let (root_f, ws_f) = host("host-f");
-    prepare(&root_f, &ws_f, Some(&two));
     let p = prepare(&root_a, &ws_a, Some(&two));
     assert_eq!(p.fast_forwarded.as_deref(), Some(two.as_str()));
     assert!(
         ws_a.join("two.txt").exists(),
         "stage three would miss stage two's work"
     );
+    // Hosts B and F fetch, at two, right before three is pushed.
+    let fetched = Instant::now();
+    prepare(&root_b, &ws_b, Some(&two));
+    let (root_f, ws_f) = host("host-f");
+    prepare(&root_f, &ws_f, Some(&two));
     let three = stage(&ws_a, "three");
+    // Host B is at two, the remote at three (pushed by another than B's own last stage).
+    // A stage after one of B's own is served by B's fetch of a moment ago, which did not
+    // see three; any other preparation fetches, and moves to the remote's branch.
+    let asked = Instant::now();
+    let p = prepare_aba(&root_b, &ws_b, &access, OnBranch).unwrap();
+    if asked.duration_since(fetched) < workspace::OWN_STAGE_FETCH_AGE {
+        assert_eq!(p.fast_forwarded, None, "fetched again");
+    }
+    prepare_aba(&root_b, &ws_b, &access, Recorded(None)).unwrap();
+    assert!(ws_b.join("three.txt").exists(), "three was not fetched");
+    // A commit said to be this host's own that its mirror lacks (the mirror was made
+    // anew since, say) is fetched all the same: host F fetched before three was pushed.
+    let p = prepare_aba(&root_f, &ws_f, &access, HereAt(&three)).unwrap();
+    assert_eq!(p.fast_forwarded.as_deref(), Some(three.as_str()));
     let log = remote_log(&dir.path().join("remote.git"), "baton/ABA-1");
     assert_eq!(log[..3], ["three(ABA-1)", "two(ABA-1)", "one(ABA-1)"]);
     // A host new to the task starts from the task's last commit, not from main.
@@ -84,20 +100,6 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     let p = prepare_aba(&root_a, &ws_a, &access, OnBranch).unwrap();
     assert_eq!((p.created, p.fast_forwarded), (false, None));
     assert!(ws_a.join("three.txt").exists());
-    // Host B is at two, the remote at three (pushed by another than B's own last stage).
-    // A stage after one of B's own is served by B's fetch of a moment ago, which did not
-    // see three; any other preparation fetches, and moves to the remote's branch.
-    let asked = Instant::now();
-    let p = prepare_aba(&root_b, &ws_b, &access, OnBranch).unwrap();
-    if asked.duration_since(b_fetched) < workspace::OWN_STAGE_FETCH_AGE {
-        assert_eq!(p.fast_forwarded, None, "fetched again");
-    }
-    prepare_aba(&root_b, &ws_b, &access, Recorded(None)).unwrap();
-    assert!(ws_b.join("three.txt").exists(), "three was not fetched");
-    // A commit said to be this host's own that its mirror lacks (the mirror was made
-    // anew since, say) is fetched all the same: host F fetched before three was pushed.
-    let p = prepare_aba(&root_f, &ws_f, &access, HereAt(&three)).unwrap();
-    assert_eq!(p.fast_forwarded.as_deref(), Some(three.as_str()));
     // On a host without the branch that is an error of its own: the caller reads the
     // task's last commit instead.
     let (root_e, ws_e) = host("host-e");
