@@ -257,8 +257,8 @@ async fn after_claim(
     }
     ctx.watched.remove(claim.run_id);
     match (handed, &args.supervisor) {
-        // Not once the node began stopping since the claim was decided: the Supervisor
-        // would never start it.
+        // Once the node began stopping (since the claim was decided), the job goes back
+        // to the queue now, as the stopping Supervisor would put it.
         (Some(next), Some(supervisor)) if dispatching(args) => {
             let started = tracing::Span::none()
                 .in_scope(|| super::dispatcher::start(ctx, supervisor, next.clone()));

@@ -297,7 +297,9 @@ impl Actor for Supervisor {
                     let _ = w.stop_and_wait(None, Some(SUPERVISOR_STOP_WAIT)).await;
                 }
                 let _ = reply.send(());
-                myself.stop(Some("shutdown".into()));
+                // The messages already queued are handled before the Supervisor stops: a
+                // Monitor asked for meanwhile (a hand-off) has its job put back above.
+                let _ = myself.drain();
             }
         }
         Ok(())

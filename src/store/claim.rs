@@ -258,8 +258,8 @@ async fn task_of_job(
 }
 
 /// The rows of the tasks of a group's claims, locked on PostgreSQL before any claim's in
-/// the order of their ids: groups decided at once, by one node or several, lock tasks in
-/// one order and never wait for each other in a cycle (ADR 0001).
+/// the order of their ids: the groups of several nodes lock tasks in one order and never
+/// wait for each other in a cycle (ADR 0001).
 async fn lock_tasks_in_order(
     txn: &DatabaseTransaction,
     items: &[ClaimItem<'_>],

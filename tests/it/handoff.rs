@@ -282,6 +282,58 @@ on_both!(
     the_advancer_hands_off_only_while_the_dispatcher_runs
 );
 
+/// A job handed off whose Monitor the Supervisor can no longer start (it stopped, the
+/// Dispatcher not yet) is put back in the queue at once, its run cancelled and its place
+/// freed, rather than left running with no Monitor.
+async fn a_hand_off_the_supervisor_cannot_start_is_put_back(db: TestDb) {
+    let (tx, _kicked) = unbounded_channel();
+    let (stub, _) = Actor::spawn(None, Forward(Default::default()), tx)
+        .await
+        .unwrap();
+    let (tx, _told) = unbounded_channel();
+    let (supervisor, handle) = Actor::spawn(None, Forward(Default::default()), tx)
+        .await
+        .unwrap();
+    supervisor.stop(None);
+    handle.await.unwrap();
+    let s = claim_setup_with(&db, db.store.clone(), Some((stub, supervisor))).await;
+    s.ctx.watched.insert(s.run.id, s.job.id);
+    let first = Dispatched {
+        task: db.store.task(s.job.task_id).await.unwrap(),
+        job: s.job.clone(),
+        run: s.run.clone(),
+        last_commit: Default::default(),
+    };
+    let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&first)).await else {
+        panic!("the claim must win");
+    };
+    let next = db.store.job(w.next_job.unwrap().id).await.unwrap().unwrap();
+    assert_eq!(
+        (next.status, next.current_run_id),
+        (JobStatus::Queued, None)
+    );
+    // The hand-off took it with a run, which its release cancelled.
+    let events = db.store.events(next.task_id).await.unwrap();
+    let released = events
+        .iter()
+        .find(|e| {
+            e.kind.as_str() == "job_queued" && e.job_id == Some(next.id) && e.run_id.is_some()
+        })
+        .unwrap_or_else(|| panic!("no release of the handed job: {events:?}"));
+    let run = db
+        .store
+        .run(released.run_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.outcome, Some(RunOutcome::Cancelled));
+    assert!(s.ctx.watched.is_empty());
+}
+on_both!(
+    a_hand_off_the_supervisor_cannot_start_is_put_back,
+    a_hand_off_the_supervisor_cannot_start_is_put_back
+);
+
 /// A taken job released (its Monitor could not start) is queued again with the same
 /// attempt, its run cancelled, once: a second release, or one naming another run, does
 /// nothing.
@@ -478,7 +530,7 @@ async fn a_group_whose_commit_fails_names_its_hand_offs_on_postgres() {
     );
 }
 
-/// On PostgreSQL, groups of claims decided at once over the same tasks, named in opposite
+/// On PostgreSQL, groups of claims (of two nodes, say) over the same tasks, named in opposite
 /// orders, do not deadlock: each group takes its tasks' rows first, in the order of their
 /// ids. Here a third transaction holds the second task while one group (second task's
 /// claim, then the first's) waits for it, and the other group (first, then second) starts

@@ -80,9 +80,11 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     // A stage after one of B's own is served by B's fetch of a moment ago, which did not
     // see three; any other preparation fetches, and moves to the remote's branch.
     let asked = Instant::now();
-    let p = prepare_aba(&root_b, &ws_b, &access, OnBranch).unwrap();
+    let on_branch = prepare_aba(&root_b, &ws_b, &access, OnBranch).unwrap();
+    let here_at = prepare_aba(&root_b, &ws_b, &access, HereAt(&two)).unwrap();
     if asked.duration_since(fetched) < workspace::OWN_STAGE_FETCH_AGE {
-        assert_eq!(p.fast_forwarded, None, "fetched again");
+        assert_eq!(on_branch.fast_forwarded, None, "fetched again");
+        assert_eq!(here_at.fast_forwarded, None, "fetched again");
     }
     prepare_aba(&root_b, &ws_b, &access, Recorded(None)).unwrap();
     assert!(ws_b.join("three.txt").exists(), "three was not fetched");
