@@ -10,7 +10,7 @@
 //!
 //! each with its time and the disk it added, from the repository as a local path and
 //! served by `git daemon` on loopback (a pack is sent, as from a forge). A node's submit-to-first-agent-start time
-//! is this plus dispatch (see docs/benchmarks.md).
+//! is this plus dispatch (see docs/benchmarks-data.md).
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
