@@ -10,7 +10,7 @@ use entity::{agent_runs, effects, jobs, nodes, tasks};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
+    QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
 use serde_json::json;
@@ -333,53 +333,44 @@ async fn take(
     job: jobs::Model,
     now: i64,
 ) -> StoreResult<Option<Dispatched>> {
-    // The log's name holds the run's id.
-    let log_dir = taker.log_dir.join(&task.key);
-    let log_name = |id: i64| format!("{id}-{}-{}.log", job.stage, job.attempt);
-    let (run, taken) = if txn.get_database_backend() == DbBackend::Postgres {
-        insert_run_and_take(txn, taker, &job, &log_dir, now).await?
-    } else {
-        let mut run = agent_runs::ActiveModel {
-            job_id: Set(job.id),
-            attempt: Set(job.attempt),
-            node_id: Set(taker.node_id.to_string()),
-            pid: Set(None),
-            started_at: Set(now),
-            heartbeat_at: Set(now),
-            log_path: Set(String::new()),
-            ..Default::default()
-        }
-        .insert(txn)
+    let mut run = agent_runs::ActiveModel {
+        job_id: Set(job.id),
+        attempt: Set(job.attempt),
+        node_id: Set(taker.node_id.to_string()),
+        pid: Set(None),
+        started_at: Set(now),
+        heartbeat_at: Set(now),
+        log_path: Set(String::new()),
+        ..Default::default()
+    }
+    .insert(txn)
+    .await?;
+    // The log's name holds the run's id, known only now.
+    run.log_path = taker
+        .log_dir
+        .join(&task.key)
+        .join(format!("{}-{}-{}.log", run.id, job.stage, job.attempt))
+        .to_string_lossy()
+        .into_owned();
+    agent_runs::Entity::update_many()
+        .col_expr(
+            agent_runs::Column::LogPath,
+            Expr::value(run.log_path.clone()),
+        )
+        .filter(agent_runs::Column::Id.eq(run.id))
+        .exec(txn)
         .await?;
-        run.log_path = log_dir
-            .join(log_name(run.id))
-            .to_string_lossy()
-            .into_owned();
-        agent_runs::Entity::update_many()
-            .col_expr(
-                agent_runs::Column::LogPath,
-                Expr::value(run.log_path.clone()),
-            )
-            .filter(agent_runs::Column::Id.eq(run.id))
-            .exec(txn)
-            .await?;
-        // The job is taken only if it is still queued; the run goes with it if not.
-        let taken = jobs::Entity::update_many()
-            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
-            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
-            .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
-            .filter(jobs::Column::Id.eq(job.id))
-            .filter(jobs::Column::Status.eq(JobStatus::Queued))
-            .exec(txn)
-            .await?
-            .rows_affected;
-        (run, taken == 1)
-    };
-    debug_assert_eq!(
-        run.log_path,
-        log_dir.join(log_name(run.id)).to_string_lossy()
-    );
-    if !taken {
+    // The job is taken only if it is still queued; the run goes with it if not.
+    let taken = jobs::Entity::update_many()
+        .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
+        .filter(jobs::Column::Id.eq(job.id))
+        .filter(jobs::Column::Status.eq(JobStatus::Queued))
+        .exec(txn)
+        .await?
+        .rows_affected;
+    if taken == 0 {
         return Ok(None);
     }
     let job = jobs::Model {
@@ -397,42 +388,6 @@ async fn take(
         run,
         last_commit: KnownLastCommit::Unknown,
     }))
-}
-
-/// On PostgreSQL, [`take`]'s three writes in one statement (one round trip): the run, its
-/// id drawn first so that its log path is written with it, and the job taken for it if
-/// it is still queued. True with the run when the job was taken.
-async fn insert_run_and_take(
-    txn: &DatabaseTransaction,
-    taker: &Taker<'_>,
-    job: &jobs::Model,
-    log_dir: &Path,
-    now: i64,
-) -> StoreResult<(agent_runs::Model, bool)> {
-    const SQL: &str = "WITH new_run AS (SELECT nextval(pg_get_serial_sequence('agent_runs', 'id')) AS id), \
-         run AS (INSERT INTO agent_runs (id, job_id, attempt, node_id, pid, started_at, heartbeat_at, log_path) \
-             SELECT id, $1, $2, $3, NULL, $4, $4, $5 || id::text || $6 FROM new_run RETURNING *), \
-         job AS (UPDATE jobs SET status = $7, updated_at = $4, current_run_id = (SELECT id FROM new_run) \
-             WHERE id = $1 AND status = $8 RETURNING id) \
-         SELECT run.*, EXISTS (SELECT 1 FROM job) AS taken FROM run";
-    let prefix = format!("{}/", log_dir.to_string_lossy());
-    let suffix = format!("-{}-{}.log", job.stage, job.attempt);
-    let values: [sea_orm::Value; 8] = [
-        job.id.into(),
-        job.attempt.into(),
-        taker.node_id.into(),
-        now.into(),
-        prefix.into(),
-        suffix.into(),
-        JobStatus::Running.into(),
-        JobStatus::Queued.into(),
-    ];
-    let stmt = sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, SQL, values);
-    let row = must(txn.query_one_raw(stmt).await?, || {
-        format!("the run inserted for job {}", job.id)
-    })?;
-    let run = agent_runs::Model::from_query_result(&row, "")?;
-    Ok((run, row.try_get("", "taken")?))
 }
 
 /// PostgreSQL's transaction-scoped advisory lock of a stage: dispatchers of several nodes
