@@ -220,28 +220,40 @@ impl<M: ractor::Message> Actor for Forward<M> {
     }
 }
 
+/// A stand-in of an actor of the node, with what it is told.
+async fn forward<M: ractor::Message>() -> (
+    ActorRef<M>,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<M>,
+) {
+    let (tx, rx) = unbounded_channel();
+    let (actor, handle) = Actor::spawn(None, Forward(Default::default()), tx)
+        .await
+        .unwrap();
+    (actor, handle, rx)
+}
+
+/// The setup's dispatched job, its run watched by the node as its Monitor's would be.
+async fn watched_first(db: &TestDb, s: &crate::reaper_windows::ClaimSetup) -> Dispatched {
+    s.ctx.watched.insert(s.run.id, s.job.id);
+    Dispatched {
+        task: db.store.task(s.job.task_id).await.unwrap(),
+        job: s.job.clone(),
+        run: s.run.clone(),
+        last_commit: Default::default(),
+    }
+}
+
 /// A Monitor's claim through the Advancer hands the next job to the Supervisor for its
 /// Monitor, at once and with its place reserved, while the Dispatcher runs (which is not
 /// told); once the Dispatcher has stopped (the node is shutting down), the next job
 /// stays queued.
 async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
-    let (tx, mut kicked) = unbounded_channel();
-    let (stub, handle) = Actor::spawn(None, Forward(Default::default()), tx)
-        .await
-        .unwrap();
-    let (tx, mut told) = unbounded_channel();
-    let (supervisor, _) = Actor::spawn(None, Forward(Default::default()), tx)
-        .await
-        .unwrap();
+    let (stub, handle, mut kicked) = forward().await;
+    let (supervisor, _, mut told) = forward().await;
     let node = (stub.clone(), supervisor);
     let s = claim_setup_with(&db, db.store.clone(), Some(node)).await;
-    s.ctx.watched.insert(s.run.id, s.job.id);
-    let first = Dispatched {
-        task: db.store.task(s.job.task_id).await.unwrap(),
-        job: s.job.clone(),
-        run: s.run.clone(),
-        last_commit: Default::default(),
-    };
+    let first = watched_first(&db, &s).await;
     let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&first)).await else {
         panic!("the claim must win");
     };
@@ -286,24 +298,12 @@ on_both!(
 /// Dispatcher not yet) is put back in the queue at once, its run cancelled and its place
 /// freed, rather than left running with no Monitor.
 async fn a_hand_off_the_supervisor_cannot_start_is_put_back(db: TestDb) {
-    let (tx, _kicked) = unbounded_channel();
-    let (stub, _) = Actor::spawn(None, Forward(Default::default()), tx)
-        .await
-        .unwrap();
-    let (tx, _told) = unbounded_channel();
-    let (supervisor, handle) = Actor::spawn(None, Forward(Default::default()), tx)
-        .await
-        .unwrap();
+    let (stub, _, _kicked) = forward().await;
+    let (supervisor, handle, _told) = forward().await;
     supervisor.stop(None);
     handle.await.unwrap();
     let s = claim_setup_with(&db, db.store.clone(), Some((stub, supervisor))).await;
-    s.ctx.watched.insert(s.run.id, s.job.id);
-    let first = Dispatched {
-        task: db.store.task(s.job.task_id).await.unwrap(),
-        job: s.job.clone(),
-        run: s.run.clone(),
-        last_commit: Default::default(),
-    };
+    let first = watched_first(&db, &s).await;
     let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&first)).await else {
         panic!("the claim must win");
     };

@@ -22,14 +22,15 @@ pub fn seeded() -> (tempfile::TempDir, RepoAccess) {
     (dir, access)
 }
 
-/// Prepares task ABA-1's worktree `ws` on the host whose workspaces are under `root`.
-fn prepare_aba(
+/// Prepares task `key`'s worktree `root/key` on its branch `baton/key`.
+fn prepare_key(
     root: &Path,
-    ws: &Path,
     access: &RepoAccess,
+    key: &str,
     last: workspace::LastCommit<'_>,
 ) -> Result<workspace::Prepared, workspace::WorkspaceError> {
-    workspace::prepare(root, ws, access, "ABA-1", "baton/ABA-1", "main", last)
+    let branch = format!("baton/{key}");
+    workspace::prepare(root, &root.join(key), access, key, &branch, "main", last)
 }
 
 #[test]
@@ -42,8 +43,8 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     };
     let (root_a, ws_a) = host("host-a");
     let (root_b, ws_b) = host("host-b");
-    let prepare = |root: &Path, ws: &Path, start: Option<&str>| {
-        prepare_aba(root, ws, &access, Recorded(start)).unwrap()
+    let prepare = |root: &Path, start: Option<&str>| {
+        prepare_key(root, &access, "ABA-1", Recorded(start)).unwrap()
     };
     let stage = |ws: &Path, name: &str| {
         std::fs::write(ws.join(format!("{name}.txt")), name).unwrap();
@@ -59,12 +60,12 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     };
     // Host A runs stage one, host B stage two (from the remote's branch), host A stage
     // three: its old checkout is brought up to B's work before the stage.
-    prepare(&root_a, &ws_a, None);
+    prepare(&root_a, None);
     let one = stage(&ws_a, "one");
-    let p = prepare(&root_b, &ws_b, Some(&one));
+    let p = prepare(&root_b, Some(&one));
     assert!(p.created && ws_b.join("one.txt").exists());
     let two = stage(&ws_b, "two");
-    let p = prepare(&root_a, &ws_a, Some(&two));
+    let p = prepare(&root_a, Some(&two));
     assert_eq!(p.fast_forwarded.as_deref(), Some(two.as_str()));
     assert!(
         ws_a.join("two.txt").exists(),
@@ -72,48 +73,48 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     );
     // Hosts B and F fetch, at two, right before three is pushed.
     let fetched = Instant::now();
-    prepare(&root_b, &ws_b, Some(&two));
-    let (root_f, ws_f) = host("host-f");
-    prepare(&root_f, &ws_f, Some(&two));
+    prepare(&root_b, Some(&two));
+    let (root_f, _) = host("host-f");
+    prepare(&root_f, Some(&two));
     let three = stage(&ws_a, "three");
     // Host B is at two, the remote at three (pushed by another than B's own last stage).
     // A stage after one of B's own is served by B's fetch of a moment ago, which did not
     // see three; any other preparation fetches, and moves to the remote's branch.
     let asked = Instant::now();
-    let on_branch = prepare_aba(&root_b, &ws_b, &access, OnBranch).unwrap();
-    let here_at = prepare_aba(&root_b, &ws_b, &access, HereAt(&two)).unwrap();
+    let on_branch = prepare_key(&root_b, &access, "ABA-1", OnBranch).unwrap();
+    let here_at = prepare_key(&root_b, &access, "ABA-1", HereAt(&two)).unwrap();
     if asked.duration_since(fetched) < workspace::OWN_STAGE_FETCH_AGE {
         assert_eq!(on_branch.fast_forwarded, None, "fetched again");
         assert_eq!(here_at.fast_forwarded, None, "fetched again");
     }
-    prepare_aba(&root_b, &ws_b, &access, Recorded(None)).unwrap();
+    prepare_key(&root_b, &access, "ABA-1", Recorded(None)).unwrap();
     assert!(ws_b.join("three.txt").exists(), "three was not fetched");
     // A commit said to be this host's own that its mirror lacks (the mirror was made
     // anew since, say) is fetched all the same: host F fetched before three was pushed.
-    let p = prepare_aba(&root_f, &ws_f, &access, HereAt(&three)).unwrap();
+    let p = prepare_key(&root_f, &access, "ABA-1", HereAt(&three)).unwrap();
     assert_eq!(p.fast_forwarded.as_deref(), Some(three.as_str()));
     let log = remote_log(&dir.path().join("remote.git"), "baton/ABA-1");
     assert_eq!(log[..3], ["three(ABA-1)", "two(ABA-1)", "one(ABA-1)"]);
     // A host new to the task starts from the task's last commit, not from main.
     let (root_c, ws_c) = host("host-c");
-    prepare(&root_c, &ws_c, Some(&two));
+    prepare(&root_c, Some(&two));
     assert!(ws_c.join("two.txt").exists());
     // A stage that follows one of this host's own builds on the branch here, unread.
-    let p = prepare_aba(&root_a, &ws_a, &access, OnBranch).unwrap();
+    let p = prepare_key(&root_a, &access, "ABA-1", OnBranch).unwrap();
     assert_eq!((p.created, p.fast_forwarded), (false, None));
     assert!(ws_a.join("three.txt").exists());
     // On a host without the branch that is an error of its own: the caller reads the
     // task's last commit instead.
-    let (root_e, ws_e) = host("host-e");
-    let err = prepare_aba(&root_e, &ws_e, &access, OnBranch).unwrap_err();
+    let (root_e, _) = host("host-e");
+    let err = prepare_key(&root_e, &access, "ABA-1", OnBranch).unwrap_err();
     assert!(
         matches!(err, workspace::WorkspaceError::BranchNotHere(_)),
         "{err}"
     );
     // A last commit that exists nowhere reachable is an error, not a start from main.
-    let (root_d, ws_d) = host("host-d");
+    let (root_d, _) = host("host-d");
     let missing = "0123456789abcdef0123456789abcdef01234567";
-    let err = prepare_aba(&root_d, &ws_d, &access, Recorded(Some(missing))).unwrap_err();
+    let err = prepare_key(&root_d, &access, "ABA-1", Recorded(Some(missing))).unwrap_err();
     assert!(
         err.to_string()
             .contains("neither on the remote nor on this host"),
@@ -130,16 +131,7 @@ fn a_stage_commit_is_what_is_new_on_the_branch() {
     let root = dir.path().join("ws");
     let path = root.join("OFF-1");
     let (branch, message) = ("baton/OFF-1", "stage(OFF-1)");
-    let p = workspace::prepare(
-        &root,
-        &path,
-        &access,
-        "OFF-1",
-        branch,
-        "main",
-        Recorded(None),
-    )
-    .unwrap();
+    let p = prepare_key(&root, &access, "OFF-1", Recorded(None)).unwrap();
     let stage = |started: &str| workspace::commit_stage(&path, branch, Some(started), message);
     assert_eq!(stage(&p.tip).unwrap(), None, "nothing new");
     std::fs::write(path.join("a.txt"), "a").unwrap();
@@ -194,16 +186,7 @@ fn a_diverged_branch_fails_and_keeps_both() {
     let (dir, access) = seeded();
     let root = dir.path().join("ws");
     let path = root.join("DIV-1");
-    let p = workspace::prepare(
-        &root,
-        &path,
-        &access,
-        "DIV-1",
-        "baton/DIV-1",
-        "main",
-        Recorded(None),
-    )
-    .unwrap();
+    let p = prepare_key(&root, &access, "DIV-1", Recorded(None)).unwrap();
     assert!(p.created);
     std::fs::write(path.join("mine.txt"), "mine\n").unwrap();
     let mine = workspace::commit_all(&path, "mine").unwrap().unwrap();
@@ -216,16 +199,7 @@ fn a_diverged_branch_fails_and_keeps_both() {
         .unwrap()
         .push(&["refs/heads/main:refs/heads/baton/DIV-1"], None)
         .unwrap();
-    let err = workspace::prepare(
-        &root,
-        &path,
-        &access,
-        "DIV-1",
-        "baton/DIV-1",
-        "main",
-        Recorded(None),
-    )
-    .unwrap_err();
+    let err = prepare_key(&root, &access, "DIV-1", Recorded(None)).unwrap_err();
     assert!(err.to_string().contains("has diverged"), "{err}");
     // Nothing was discarded: the local commit is still the branch's.
     let ws = git2::Repository::open(&path).unwrap();
@@ -237,17 +211,7 @@ fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
     let (dir, access) = seeded();
     let root = dir.path().join("ws");
     let path = root.join("LOCK-1");
-    let prep = |start: Option<&str>| {
-        workspace::prepare(
-            &root,
-            &path,
-            &access,
-            "LOCK-1",
-            "baton/LOCK-1",
-            "main",
-            Recorded(start),
-        )
-    };
+    let prep = |start: Option<&str>| prepare_key(&root, &access, "LOCK-1", Recorded(start));
     prep(None).unwrap();
     std::fs::write(path.join("a.txt"), "a\n").unwrap();
     let sha = workspace::commit_all(&path, "work").unwrap().unwrap();
