@@ -5,16 +5,19 @@
 //! its own but the run's exit its claim carried; only the arbiter's `claim_lost` event
 //! records that it lost. The Advancer's claims waiting together share one transaction.
 
+use std::collections::HashMap;
+
 use entity::{advances, agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, LockType, Query};
+use sea_orm::sea_query::{Alias, CommonTableExpression, Expr, LockType, Query, WithClause};
 use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, JoinType,
+    QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use serde_json::json;
 
 use super::delivery::delivery_pending;
 use super::outbox::insert_effect;
-use super::tasks::{for_update, insert_job, set_task_status};
+use super::tasks::{insert_job, set_task_status};
 use super::{
     Dispatched, KnownLastCommit, NewEvent, RunExit, Store, StoreError, StoreResult, Taker,
     append_all, must,
@@ -61,8 +64,10 @@ impl Store {
 
     /// Several claims, each decided as [`Store::claim_and_take`] decides it, in order, in
     /// one transaction: one commit for all (group commit). A later claim sees what an
-    /// earlier one wrote. An error before the commit leaves nothing written, for none of
-    /// them; one of the commit itself leaves unknown what was.
+    /// earlier one wrote of tasks, jobs, runs and effects; the events and `advances` rows,
+    /// which no claim reads, are written after the last ([`Deferred`]). An error before
+    /// the commit leaves nothing written, for none of them; one of the commit itself
+    /// leaves unknown what was.
     pub async fn claim_all(
         &self,
         items: &[ClaimItem<'_>],
@@ -70,17 +75,31 @@ impl Store {
         now: i64,
     ) -> Result<Vec<(ClaimOutcome, Option<Dispatched>)>, GroupError> {
         let (_write, txn) = self.write_txn().await.map_err(GroupError::NothingWritten)?;
-        if self.is_postgres() && items.len() > 1 {
-            lock_tasks_in_order(&txn, items)
-                .await
-                .map_err(GroupError::NothingWritten)?;
-        }
+        let postgres = self.is_postgres();
+        let job_ids: Vec<i64> = items.iter().map(|i| i.claim.job_id).collect();
+        let mut read = TasksRead::of_jobs(&txn, &job_ids, postgres)
+            .await
+            .map_err(GroupError::NothingWritten)?;
         let mut decided = Vec::with_capacity(items.len());
+        let mut deferred = Deferred::default();
         for item in items {
+            // A task an earlier claim of the group decided is read again, as it now is.
+            let found = match read.take(item.claim.job_id) {
+                Some(found) => Some(found),
+                None => TasksRead::of_jobs(&txn, &[item.claim.job_id], postgres)
+                    .await
+                    .map_err(GroupError::NothingWritten)?
+                    .take(item.claim.job_id),
+            };
+            let (task, siblings) = found.map_or((None, Vec::new()), |(t, j)| (Some(t), j));
             // On an error the transaction is dropped, which rolls it back.
-            let one = self.claim_in(&txn, item, policy, now).await;
+            let one = (self.claim_in(&txn, item, task, siblings, &mut deferred, policy, now)).await;
             decided.push(one.map_err(GroupError::NothingWritten)?);
         }
+        deferred
+            .write(&txn)
+            .await
+            .map_err(GroupError::NothingWritten)?;
         if let Err(e) = txn.commit().await {
             let handed = decided.into_iter().filter_map(|(_, h)| h).collect();
             return Err(GroupError::Commit {
@@ -91,28 +110,20 @@ impl Store {
         Ok(decided)
     }
 
-    /// One claim, in `txn`.
+    /// One claim, in `txn`, of a job of `task` (`None` when it is gone) whose jobs are
+    /// `siblings` (the claimed one, and the others whose iterations the policy counts),
+    /// read and locked by [`TasksRead::of_jobs`].
     async fn claim_in(
         &self,
         txn: &DatabaseTransaction,
         item: &ClaimItem<'_>,
+        task: Option<tasks::Model>,
+        siblings: Vec<jobs::Model>,
+        deferred: &mut Deferred,
         policy: &Policy,
         now: i64,
     ) -> StoreResult<(ClaimOutcome, Option<Dispatched>)> {
         let claim = item.claim;
-        // The task's row first, then its jobs' (the claimed one, and the others whose
-        // iterations the policy counts): a cancel (which takes the task row) and this
-        // claim never interleave, and within one task the order never deadlocks (a
-        // group of claims has taken its tasks' rows already, in the order of their ids;
-        // ADR 0001).
-        // Two reads, locking on PostgreSQL; SQLite's write transaction already excludes
-        // every other writer.
-        let postgres = self.is_postgres();
-        let task = task_of_job(txn, claim.job_id, postgres).await?;
-        let siblings = match &task {
-            Some(t) => jobs_of_task(txn, t.id, postgres).await?,
-            None => Vec::new(),
-        };
         // The exit before anything of the claim's, after the task's and jobs' rows (which
         // claims and cancels take first); it is written whether the claim wins or loses.
         let written = match item.exit {
@@ -126,7 +137,7 @@ impl Store {
             .as_ref()
             .is_some_and(|t| t.status == TaskStatus::Active);
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
-            return Ok((record_loss(txn, claim, written, now).await?, None));
+            return Ok((record_loss(txn, claim, written, deferred, now).await?, None));
         };
         let iterations = Iterations::of_jobs(&siblings);
         let decision = policy.decide(ClaimInput {
@@ -144,10 +155,14 @@ impl Store {
             _ => None,
         };
         // A fence that changes nothing wrote nothing: the loss is recorded in `txn`.
-        if !fence(txn, &job, claim.run_id, decision.job, retry_feedback, now).await? {
-            return Ok((record_loss(txn, claim, written, now).await?, None));
-        }
-        let (won, run) = apply(txn, claim, &task, &job, decision, written, now).await?;
+        let fenced = fence(txn, &job, claim, decision.job, retry_feedback, now).await?;
+        let Some(run) = fenced else {
+            return Ok((record_loss(txn, claim, written, deferred, now).await?, None));
+        };
+        let won = apply(
+            txn, claim, &task, &job, &run, decision, written, deferred, now,
+        )
+        .await?;
         let handed = match (&item.taker, &won.next_job) {
             (Some(taker), Some(next)) => {
                 self.hand_off(txn, taker, &task, next, now)
@@ -201,12 +216,33 @@ pub struct ClaimItem<'a> {
     pub taker: Option<Taker<'a>>,
 }
 
+/// What a group's claims write that none of them reads: their events and `advances`
+/// rows, written in order after the last claim, one statement for each table.
+#[derive(Default)]
+struct Deferred {
+    events: Vec<(NewEvent, i64)>,
+    advances: Vec<advances::ActiveModel>,
+}
+
+impl Deferred {
+    async fn write(self, txn: &DatabaseTransaction) -> StoreResult<()> {
+        append_all(txn, self.events).await?;
+        if !self.advances.is_empty() {
+            advances::Entity::insert_many(self.advances)
+                .exec_without_returning(txn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Records a lost claim (the arbiter's own event, after `written`, the events of the
 /// exit the claim carried) and tells the claimant which kind.
 async fn record_loss(
     txn: &DatabaseTransaction,
     claim: &Claim,
     mut written: Vec<(NewEvent, i64)>,
+    deferred: &mut Deferred,
     now: i64,
 ) -> StoreResult<ClaimOutcome> {
     let run = agent_runs::Entity::find_by_id(claim.run_id)
@@ -234,7 +270,7 @@ async fn record_loss(
         );
         written.push((ev.run(claim.run_id).detail(detail), now));
     }
-    append_all(txn, written).await?;
+    deferred.events.extend(written);
     Ok(if already {
         ClaimOutcome::AlreadyAdvanced
     } else {
@@ -242,126 +278,165 @@ async fn record_loss(
     })
 }
 
-/// The task of job `job_id`, its row locked on PostgreSQL; `None` when either is gone.
-async fn task_of_job(
-    txn: &DatabaseTransaction,
-    job_id: i64,
-    postgres: bool,
-) -> StoreResult<Option<tasks::Model>> {
-    let of_job = Query::select()
-        .column(jobs::Column::TaskId)
-        .from(jobs::Entity)
-        .and_where(jobs::Column::Id.eq(job_id))
-        .to_owned();
-    let q = tasks::Entity::find().filter(tasks::Column::Id.in_subquery(of_job));
-    Ok(for_update(q, postgres).one(txn).await?)
+/// The tasks of a group's claimed jobs, each with all its jobs, read in one statement.
+///
+/// On PostgreSQL the rows are locked as they are read, in the order of the tasks' ids and
+/// each task's row before its jobs' (`FOR UPDATE` locks a row's tables in the order of
+/// the `FROM` clause, after the sort): a cancel (which takes the task's row) and a claim
+/// never interleave, and the groups of several nodes lock tasks in one order, so never
+/// wait for each other in a cycle (ADR 0001). SQLite's write transaction already
+/// excludes every other writer.
+///
+/// The statement's snapshot is taken before it waits for a lock, so a job inserted by
+/// the transaction it waited for is not among the jobs read. Only a claim inserts a job
+/// into an active task with a running job, and it ends that job: a claim that waited for
+/// it finds the job it claims changed (a locked row is read as it now is) and loses.
+struct TasksRead {
+    /// Task id: the task and its jobs, taken out as each claim uses them.
+    tasks: HashMap<i64, (tasks::Model, Vec<jobs::Model>)>,
+    /// Job id: its task's id.
+    task_of: HashMap<i64, i64>,
 }
 
-/// The rows of the tasks of a group's claims, locked on PostgreSQL before any claim's in
-/// the order of their ids: the groups of several nodes lock tasks in one order and never
-/// wait for each other in a cycle (ADR 0001).
-async fn lock_tasks_in_order(
-    txn: &DatabaseTransaction,
-    items: &[ClaimItem<'_>],
-) -> StoreResult<()> {
-    let of_jobs = Query::select()
-        .column(jobs::Column::TaskId)
-        .from(jobs::Entity)
-        .and_where(jobs::Column::Id.is_in(items.iter().map(|i| i.claim.job_id)))
-        .to_owned();
-    tasks::Entity::find()
-        .select_only()
-        .column(tasks::Column::Id)
-        .filter(tasks::Column::Id.in_subquery(of_jobs))
-        .order_by_asc(tasks::Column::Id)
-        .lock(LockType::Update)
-        .into_tuple::<i64>()
-        .all(txn)
-        .await?;
-    Ok(())
+impl TasksRead {
+    async fn of_jobs(
+        txn: &DatabaseTransaction,
+        job_ids: &[i64],
+        postgres: bool,
+    ) -> StoreResult<Self> {
+        let of_jobs = Query::select()
+            .column(jobs::Column::TaskId)
+            .from(jobs::Entity)
+            .and_where(jobs::Column::Id.is_in(job_ids.iter().copied()))
+            .to_owned();
+        let mut q = tasks::Entity::find()
+            .join_rev(
+                JoinType::InnerJoin,
+                jobs::Entity::belongs_to(tasks::Entity)
+                    .from(jobs::Column::TaskId)
+                    .to(tasks::Column::Id)
+                    .into(),
+            )
+            .select_also(jobs::Entity)
+            .filter(tasks::Column::Id.in_subquery(of_jobs))
+            .order_by_asc(tasks::Column::Id)
+            .order_by_asc(jobs::Column::Id);
+        if postgres {
+            q = q.lock(LockType::Update);
+        }
+        let mut read = TasksRead {
+            tasks: HashMap::new(),
+            task_of: HashMap::new(),
+        };
+        for (task, job) in q.all(txn).await? {
+            let Some(job) = job else { continue };
+            read.task_of.insert(job.id, task.id);
+            read.tasks
+                .entry(task.id)
+                .or_insert_with(|| (task, Vec::new()))
+                .1
+                .push(job);
+        }
+        Ok(read)
+    }
+
+    /// The task of job `job_id` with its jobs, the first time it is asked for; `None`
+    /// after (an earlier claim of the group decided it) and when the job was not read.
+    fn take(&mut self, job_id: i64) -> Option<(tasks::Model, Vec<jobs::Model>)> {
+        self.tasks.remove(self.task_of.get(&job_id)?)
+    }
 }
 
-/// Every job of task `task_id`, their rows locked on PostgreSQL.
-async fn jobs_of_task(
-    txn: &DatabaseTransaction,
-    task_id: i64,
-    postgres: bool,
-) -> StoreResult<Vec<jobs::Model>> {
-    let q = jobs::Entity::find().filter(jobs::Column::TaskId.eq(task_id));
-    Ok(for_update(q, postgres).all(txn).await?)
-}
-
-/// The fenced write: it must change exactly the row read before. False when it did not.
+/// The fenced write: it must change exactly the job's row read before, and then writes
+/// the run's outcome, returning the run (its node names the host of its effects). `None`
+/// when the fence changed nothing, and nothing was written; an error when the run is gone.
+///
+/// On PostgreSQL one statement does both: the job's update in a `WITH` that the run's
+/// update requires. It returns nothing both when the fence changed nothing and when the
+/// run is gone (the job's update stands), so both are an error, which rolls the claims'
+/// transaction back. The fence cannot change nothing there: the job's row was read
+/// locked, in this transaction, after any earlier claim of the group that wrote it.
 async fn fence(
     txn: &DatabaseTransaction,
     job: &jobs::Model,
-    run_id: i64,
+    claim: &Claim,
     change: JobChange,
     feedback: Option<&str>,
     now: i64,
-) -> StoreResult<bool> {
-    let mut upd = jobs::Entity::update_many()
-        .col_expr(jobs::Column::Status, Expr::value(change.status()))
-        .col_expr(jobs::Column::UpdatedAt, Expr::value(now));
+) -> StoreResult<Option<agent_runs::Model>> {
+    let mut fence = Query::update();
+    fence
+        .table(jobs::Entity)
+        .value(jobs::Column::Status, change.status())
+        .value(jobs::Column::UpdatedAt, now);
     if let JobChange::Retry {
         attempt,
         not_before,
     } = change
     {
-        upd = upd
-            .col_expr(jobs::Column::Attempt, Expr::value(attempt))
-            .col_expr(jobs::Column::NotBefore, Expr::value(not_before))
-            .col_expr(jobs::Column::CurrentRunId, Expr::value(Option::<i64>::None))
-            .col_expr(
-                jobs::Column::Feedback,
-                Expr::value(feedback.map(str::to_string)),
-            );
+        fence
+            .value(jobs::Column::Attempt, attempt)
+            .value(jobs::Column::NotBefore, not_before)
+            .value(jobs::Column::CurrentRunId, Option::<i64>::None)
+            .value(jobs::Column::Feedback, feedback.map(str::to_string));
     }
-    let changed = upd
-        .filter(jobs::Column::Id.eq(job.id))
-        .filter(jobs::Column::Status.eq(JobStatus::Running))
-        .filter(jobs::Column::CurrentRunId.eq(run_id))
-        .exec(txn)
-        .await?
-        .rows_affected;
-    Ok(changed == 1)
+    fence
+        .and_where(jobs::Column::Id.eq(job.id))
+        .and_where(jobs::Column::Status.eq(JobStatus::Running))
+        .and_where(jobs::Column::CurrentRunId.eq(claim.run_id));
+    let usage = claim.usage.unwrap_or_default();
+    let mut outcome = Query::update();
+    outcome
+        .table(agent_runs::Entity)
+        .value(agent_runs::Column::Outcome, claim.verdict.outcome())
+        .value(agent_runs::Column::CommitSha, claim.commit_sha.clone())
+        .value(agent_runs::Column::TokensIn, usage.tokens_in)
+        .value(agent_runs::Column::TokensOut, usage.tokens_out)
+        .value(agent_runs::Column::CostMicrousd, usage.cost_microusd)
+        .value(agent_runs::Column::Turns, usage.turns)
+        .and_where(agent_runs::Column::Id.eq(claim.run_id))
+        .returning_all();
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        fence.returning_col(jobs::Column::Id);
+        let fenced = Alias::new("fenced");
+        let cte = CommonTableExpression::new()
+            .query(fence)
+            .table_name(fenced.clone())
+            .to_owned();
+        outcome
+            .and_where(Expr::exists(
+                Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
+            ))
+            .with_cte(WithClause::new().cte(cte).to_owned());
+    } else if txn.execute(&fence).await?.rows_affected() != 1 {
+        return Ok(None);
+    }
+    let stmt = backend.build(&outcome);
+    let run = agent_runs::Entity::find()
+        .from_raw_sql(stmt)
+        .one(txn)
+        .await?;
+    Ok(Some(must(run, || {
+        format!("run {} (its job's fence, or its row)", claim.run_id)
+    })?))
 }
 
-/// The winner's writes after the fence: the run's outcome, the events (after `written`,
-/// those of the claim's exit), the next job or the task's end, the `advances` row and the
-/// outbox.
+/// The winner's writes after the fence: the next job or the task's end and the outbox;
+/// its events (after `written`, those of the claim's exit) and its `advances` row go to
+/// `deferred`.
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     txn: &DatabaseTransaction,
     claim: &Claim,
     task: &tasks::Model,
     job: &jobs::Model,
+    run: &agent_runs::Model,
     decision: Transition,
     written: Vec<(NewEvent, i64)>,
+    deferred: &mut Deferred,
     now: i64,
-) -> StoreResult<(ClaimWon, agent_runs::Model)> {
-    let usage = claim.usage.unwrap_or_default();
-    // The run's outcome, returning the run (its node names the host of its effects).
-    let run = agent_runs::Entity::update_many()
-        .col_expr(
-            agent_runs::Column::Outcome,
-            Expr::value(claim.verdict.outcome()),
-        )
-        .col_expr(
-            agent_runs::Column::CommitSha,
-            Expr::value(claim.commit_sha.clone()),
-        )
-        .col_expr(agent_runs::Column::TokensIn, Expr::value(usage.tokens_in))
-        .col_expr(agent_runs::Column::TokensOut, Expr::value(usage.tokens_out))
-        .col_expr(
-            agent_runs::Column::CostMicrousd,
-            Expr::value(usage.cost_microusd),
-        )
-        .col_expr(agent_runs::Column::Turns, Expr::value(usage.turns))
-        .filter(agent_runs::Column::Id.eq(claim.run_id))
-        .exec_with_returning(txn)
-        .await?
-        .pop();
-    let run = must(run, || format!("run {}", claim.run_id))?;
+) -> StoreResult<ClaimWon> {
     let source = claim.decided_by.source();
     let tier = claim.decided_by.tier();
     let ev = |kind| NewEvent::of(task.id, Some(job), kind, source).run(claim.run_id);
@@ -397,15 +472,13 @@ async fn apply(
             evs.push(ev(EventKind::RetryScheduled).detail(detail));
         }
         JobChange::Done | JobChange::Failed => {
-            advances::Entity::insert(advances::ActiveModel {
+            deferred.advances.push(advances::ActiveModel {
                 from_job_id: Set(job.id),
                 to_job_id: Set(next_job.as_ref().map(|j| j.id)),
                 run_id: Set(claim.run_id),
                 decided_by: Set(claim.decided_by.advance_decider()),
                 created_at: Set(now),
-            })
-            .exec_without_returning(txn)
-            .await?;
+            });
             let detail = json!({
                 "from_stage": job.stage, "job_status": job_status,
                 "to_job": next_job.as_ref().map(|j| j.id),
@@ -453,13 +526,13 @@ async fn apply(
         let host = effect.on_run_host.then(|| run_host.clone()).flatten();
         insert_effect(txn, task.id, run.id, effect, host, now).await?;
     }
-    let evs = written.into_iter().chain(evs.into_iter().map(|e| (e, now)));
-    append_all(txn, evs.collect()).await?;
+    deferred.events.extend(written);
+    deferred.events.extend(evs.into_iter().map(|e| (e, now)));
     let won = ClaimWon {
         job_status,
         next_job,
         task_status,
         effects: n_effects,
     };
-    Ok((won, run))
+    Ok(won)
 }

@@ -333,33 +333,7 @@ async fn take(
     job: jobs::Model,
     now: i64,
 ) -> StoreResult<Option<Dispatched>> {
-    let mut run = agent_runs::ActiveModel {
-        job_id: Set(job.id),
-        attempt: Set(job.attempt),
-        node_id: Set(taker.node_id.to_string()),
-        pid: Set(None),
-        started_at: Set(now),
-        heartbeat_at: Set(now),
-        log_path: Set(String::new()),
-        ..Default::default()
-    }
-    .insert(txn)
-    .await?;
-    // The log's name holds the run's id, known only now.
-    run.log_path = taker
-        .log_dir
-        .join(&task.key)
-        .join(format!("{}-{}-{}.log", run.id, job.stage, job.attempt))
-        .to_string_lossy()
-        .into_owned();
-    agent_runs::Entity::update_many()
-        .col_expr(
-            agent_runs::Column::LogPath,
-            Expr::value(run.log_path.clone()),
-        )
-        .filter(agent_runs::Column::Id.eq(run.id))
-        .exec(txn)
-        .await?;
+    let run = insert_run(txn, taker, &task, &job, now).await?;
     // The job is taken only if it is still queued; the run goes with it if not.
     let taken = jobs::Entity::update_many()
         .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
@@ -388,6 +362,75 @@ async fn take(
         run,
         last_commit: KnownLastCommit::Unknown,
     }))
+}
+
+/// The run of `job` for `taker`, with the path of its log, whose name holds the run's id.
+/// On PostgreSQL one statement draws the id from the table's sequence and writes the path
+/// with it; on SQLite (no round trip to save) the path follows the insert.
+async fn insert_run(
+    txn: &DatabaseTransaction,
+    taker: &Taker<'_>,
+    task: &tasks::Model,
+    job: &jobs::Model,
+    now: i64,
+) -> StoreResult<agent_runs::Model> {
+    let log_path = |id: &str| {
+        let name = format!("{id}-{}-{}.log", job.stage, job.attempt);
+        taker
+            .log_dir
+            .join(&task.key)
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    if txn.get_database_backend() == DbBackend::Postgres {
+        // The path around the id: no path holds a NUL.
+        let around = log_path("\0");
+        let (head, tail) = must(around.split_once('\0'), || "a run's log path".into())?;
+        let stmt = sea_orm::Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            r#"INSERT INTO "agent_runs"
+                   ("id", "job_id", "attempt", "node_id", "started_at", "heartbeat_at", "log_path")
+               SELECT "n", $1, $2, $3, $4, $4, $5 || "n" || $6
+               FROM (SELECT nextval(pg_get_serial_sequence('agent_runs', 'id')) AS "n") AS "seq"
+               RETURNING *"#,
+            [
+                job.id.into(),
+                job.attempt.into(),
+                taker.node_id.into(),
+                now.into(),
+                head.into(),
+                tail.into(),
+            ],
+        );
+        let run = agent_runs::Entity::find()
+            .from_raw_sql(stmt)
+            .one(txn)
+            .await?;
+        return must(run, || format!("the run of job {}", job.id));
+    }
+    let mut run = agent_runs::ActiveModel {
+        job_id: Set(job.id),
+        attempt: Set(job.attempt),
+        node_id: Set(taker.node_id.to_string()),
+        pid: Set(None),
+        started_at: Set(now),
+        heartbeat_at: Set(now),
+        log_path: Set(String::new()),
+        ..Default::default()
+    }
+    .insert(txn)
+    .await?;
+    run.log_path = log_path(&run.id.to_string());
+    agent_runs::Entity::update_many()
+        .col_expr(
+            agent_runs::Column::LogPath,
+            Expr::value(run.log_path.clone()),
+        )
+        .filter(agent_runs::Column::Id.eq(run.id))
+        .exec(txn)
+        .await?;
+    Ok(run)
 }
 
 /// PostgreSQL's transaction-scoped advisory lock of a stage: dispatchers of several nodes
