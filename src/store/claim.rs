@@ -91,9 +91,10 @@ impl Store {
                     .map_err(GroupError::NothingWritten)?
                     .take(item.claim.job_id),
             };
-            let (task, siblings) = found.map_or((None, Vec::new()), |(t, j)| (Some(t), j));
             // On an error the transaction is dropped, which rolls it back.
-            let one = (self.claim_in(&txn, item, task, siblings, &mut deferred, policy, now)).await;
+            let one = self
+                .claim_in(&txn, item, found, &mut deferred, policy, now)
+                .await;
             decided.push(one.map_err(GroupError::NothingWritten)?);
         }
         deferred
@@ -110,15 +111,14 @@ impl Store {
         Ok(decided)
     }
 
-    /// One claim, in `txn`, of a job of `task` (`None` when it is gone) whose jobs are
-    /// `siblings` (the claimed one, and the others whose iterations the policy counts),
-    /// read and locked by [`TasksRead::of_jobs`].
+    /// One claim, in `txn`. `found`: the claimed job's task and all its jobs (the claimed
+    /// one, and the others whose iterations the policy counts), read and locked by
+    /// [`TasksRead::of_jobs`]; `None` when they are gone. Its events go to `deferred`.
     async fn claim_in(
         &self,
         txn: &DatabaseTransaction,
         item: &ClaimItem<'_>,
-        task: Option<tasks::Model>,
-        siblings: Vec<jobs::Model>,
+        found: Option<(tasks::Model, Vec<jobs::Model>)>,
         deferred: &mut Deferred,
         policy: &Policy,
         now: i64,
@@ -126,10 +126,10 @@ impl Store {
         let claim = item.claim;
         // The exit before anything of the claim's, after the task's and jobs' rows (which
         // claims and cancels take first); it is written whether the claim wins or loses.
-        let written = match item.exit {
-            Some(exit) => exit.write(txn).await?.1,
-            None => Vec::new(),
-        };
+        if let Some(exit) = item.exit {
+            deferred.events.extend(exit.write(txn).await?.1);
+        }
+        let (task, siblings) = found.map_or((None, Vec::new()), |(t, j)| (Some(t), j));
         let job = siblings.iter().find(|j| j.id == claim.job_id).cloned();
         let fenced = job.as_ref().is_some_and(|j| {
             j.status == JobStatus::Running && j.current_run_id == Some(claim.run_id)
@@ -137,7 +137,7 @@ impl Store {
             .as_ref()
             .is_some_and(|t| t.status == TaskStatus::Active);
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
-            return Ok((record_loss(txn, claim, written, deferred, now).await?, None));
+            return Ok((record_loss(txn, claim, deferred, now).await?, None));
         };
         let iterations = Iterations::of_jobs(&siblings);
         let decision = policy.decide(ClaimInput {
@@ -157,12 +157,9 @@ impl Store {
         // A fence that changes nothing wrote nothing: the loss is recorded in `txn`.
         let fenced = fence(txn, &job, claim, decision.job, retry_feedback, now).await?;
         let Some(run) = fenced else {
-            return Ok((record_loss(txn, claim, written, deferred, now).await?, None));
+            return Ok((record_loss(txn, claim, deferred, now).await?, None));
         };
-        let won = apply(
-            txn, claim, &task, &job, &run, decision, written, deferred, now,
-        )
-        .await?;
+        let won = apply(txn, claim, (&task, &job, &run), decision, deferred, now).await?;
         let handed = match (&item.taker, &won.next_job) {
             (Some(taker), Some(next)) => {
                 self.hand_off(txn, taker, &task, next, now)
@@ -236,12 +233,11 @@ impl Deferred {
     }
 }
 
-/// Records a lost claim (the arbiter's own event, after `written`, the events of the
-/// exit the claim carried) and tells the claimant which kind.
+/// Records a lost claim (the arbiter's own event, after those of the exit the claim
+/// carried) and tells the claimant which kind.
 async fn record_loss(
     txn: &DatabaseTransaction,
     claim: &Claim,
-    mut written: Vec<(NewEvent, i64)>,
     deferred: &mut Deferred,
     now: i64,
 ) -> StoreResult<ClaimOutcome> {
@@ -268,9 +264,9 @@ async fn record_loss(
             EventKind::ClaimLost,
             claim.decided_by.source(),
         );
-        written.push((ev.run(claim.run_id).detail(detail), now));
+        let ev = ev.run(claim.run_id).detail(detail);
+        deferred.events.push((ev, now));
     }
-    deferred.events.extend(written);
     Ok(if already {
         ClaimOutcome::AlreadyAdvanced
     } else {
@@ -423,17 +419,13 @@ async fn fence(
 }
 
 /// The winner's writes after the fence: the next job or the task's end and the outbox;
-/// its events (after `written`, those of the claim's exit) and its `advances` row go to
+/// its events (after those of the claim's exit) and its `advances` row go to
 /// `deferred`.
-#[allow(clippy::too_many_arguments)]
 async fn apply(
     txn: &DatabaseTransaction,
     claim: &Claim,
-    task: &tasks::Model,
-    job: &jobs::Model,
-    run: &agent_runs::Model,
+    (task, job, run): (&tasks::Model, &jobs::Model, &agent_runs::Model),
     decision: Transition,
-    written: Vec<(NewEvent, i64)>,
     deferred: &mut Deferred,
     now: i64,
 ) -> StoreResult<ClaimWon> {
@@ -526,7 +518,6 @@ async fn apply(
         let host = effect.on_run_host.then(|| run_host.clone()).flatten();
         insert_effect(txn, task.id, run.id, effect, host, now).await?;
     }
-    deferred.events.extend(written);
     deferred.events.extend(evs.into_iter().map(|e| (e, now)));
     let won = ClaimWon {
         job_status,
