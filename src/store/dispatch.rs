@@ -10,7 +10,7 @@ use entity::{agent_runs, effects, jobs, nodes, tasks};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, Set,
+    NotSet, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
 };
 
 use serde_json::json;
@@ -141,7 +141,7 @@ impl Store {
                     continue;
                 }
             }
-            match take(&txn, &taker, task, job, now).await? {
+            match take(&txn, &taker, task, job, TakeIf::Queued, now).await? {
                 Some(d) => {
                     txn.commit().await?;
                     return Ok(Some(d));
@@ -174,16 +174,12 @@ impl Store {
             return Ok(None);
         }
         let hostname = self.node_host(taker.node_id).await?;
-        match candidate(txn, hostname.as_deref(), &[], &[], now).await? {
-            Some(first) if first.id == next.id => {
-                // The job was queued by this transaction: nobody else can have taken it.
-                let taken = take(txn, taker, task.clone(), first, now).await?;
-                Ok(Some(must(taken, || {
-                    format!("the hand-off of job {}", next.id)
-                })?))
-            }
-            _ => Ok(None),
-        }
+        // The job was queued by this transaction: nobody else can have taken it, and
+        // it is taken when it comes first.
+        let cond = TakeIf::First {
+            hostname: hostname.as_deref(),
+        };
+        take(txn, taker, task.clone(), next.clone(), cond, now).await
     }
 
     /// Puts back a job taken for this node whose Monitor cannot start (the node is
@@ -323,35 +319,106 @@ fn candidates(
         .order_by_asc(jobs::Column::Id)
 }
 
-/// Takes queued `job` of `task` for `taker`: its run (which becomes `current_run_id`),
-/// the job running, the policy's start effect. `None` when the job is no longer queued:
-/// the run was written all the same, and the caller rolls back.
+/// Which queued job [`take`] takes.
+#[derive(Clone, Copy)]
+enum TakeIf<'a> {
+    /// The job, while it is queued (dispatch has just locked it).
+    Queued,
+    /// The job only if dispatch would take it first for a node on `hostname` (the
+    /// hand-off).
+    First { hostname: Option<&'a str> },
+}
+
+/// Takes queued `job` of `task` for `taker`, when `cond` holds: the job running with its
+/// new run (which becomes `current_run_id`), the policy's start effect. `None` when it was
+/// not taken; on SQLite its run may have been written all the same, and the caller rolls
+/// back or writes nothing more of it.
+///
+/// On PostgreSQL two statements: the job's update checks `cond` and draws the run's id
+/// from the runs' sequence, and the run is inserted with that id and its log's path. On
+/// SQLite (no round trip to save) the run comes first and its path after it.
 async fn take(
     txn: &DatabaseTransaction,
     taker: &Taker<'_>,
     task: tasks::Model,
     job: jobs::Model,
+    cond: TakeIf<'_>,
     now: i64,
 ) -> StoreResult<Option<Dispatched>> {
-    let run = insert_run(txn, taker, &task, &job, now).await?;
-    // The job is taken only if it is still queued; the run goes with it if not.
-    let taken = jobs::Entity::update_many()
-        .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
-        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
-        .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
-        .filter(jobs::Column::Id.eq(job.id))
-        .filter(jobs::Column::Status.eq(JobStatus::Queued))
-        .exec(txn)
-        .await?
-        .rows_affected;
-    if taken == 0 {
-        return Ok(None);
-    }
-    let job = jobs::Model {
-        status: JobStatus::Running,
-        updated_at: now,
-        current_run_id: Some(run.id),
-        ..job
+    let backend = txn.get_database_backend();
+    let first = |hostname| {
+        candidates(hostname, &[], &[], now)
+            .select_only()
+            .column(jobs::Column::Id)
+            .limit(1)
+            .into_query()
+    };
+    let (job, run) = if backend == DbBackend::Postgres {
+        let mut update = Query::update();
+        update
+            .table(jobs::Entity)
+            .value(jobs::Column::Status, JobStatus::Running)
+            .value(jobs::Column::UpdatedAt, now)
+            .value(
+                jobs::Column::CurrentRunId,
+                Expr::cust("nextval(pg_get_serial_sequence('agent_runs', 'id'))"),
+            )
+            .and_where(jobs::Column::Id.eq(job.id))
+            .and_where(jobs::Column::Status.eq(JobStatus::Queued))
+            .returning_all();
+        if let TakeIf::First { hostname } = cond {
+            update.and_where(jobs::Column::Id.in_subquery(first(hostname)));
+        }
+        let stmt = backend.build(&update);
+        let Some(job) = jobs::Entity::find().from_raw_sql(stmt).one(txn).await? else {
+            return Ok(None);
+        };
+        let id = must(job.current_run_id, || format!("the run of job {}", job.id))?;
+        let run = new_run(taker, &task, &job, Some(id), now)
+            .insert(txn)
+            .await?;
+        (job, run)
+    } else {
+        if let TakeIf::First { hostname } = cond {
+            let first = jobs::Entity::find()
+                .filter(jobs::Column::Id.in_subquery(first(hostname)))
+                .one(txn)
+                .await?;
+            if first.is_none_or(|f| f.id != job.id) {
+                return Ok(None);
+            }
+        }
+        let mut run = new_run(taker, &task, &job, None, now).insert(txn).await?;
+        // The log's name holds the run's id, known only now.
+        run.log_path = log_path(taker, &task, &job, run.id);
+        agent_runs::Entity::update_many()
+            .col_expr(
+                agent_runs::Column::LogPath,
+                Expr::value(run.log_path.clone()),
+            )
+            .filter(agent_runs::Column::Id.eq(run.id))
+            .exec(txn)
+            .await?;
+        // The job is taken only if it is still queued; the run goes with it if not.
+        let taken = jobs::Entity::update_many()
+            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
+            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+            .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
+            .filter(jobs::Column::Id.eq(job.id))
+            .filter(jobs::Column::Status.eq(JobStatus::Queued))
+            .exec(txn)
+            .await?
+            .rows_affected;
+        if taken == 0 {
+            return Ok(None);
+        }
+        let job = jobs::Model {
+            status: JobStatus::Running,
+            updated_at: now,
+            current_run_id: Some(run.id),
+            ..job
+        };
+        (job, run)
     };
     if let Some(effect) = taker.policy.and_then(|p| p.start_effect(&task)) {
         insert_effect(txn, task.id, run.id, effect, None, now).await?;
@@ -364,73 +431,33 @@ async fn take(
     }))
 }
 
-/// The run of `job` for `taker`, with the path of its log, whose name holds the run's id.
-/// On PostgreSQL one statement draws the id from the table's sequence and writes the path
-/// with it; on SQLite (no round trip to save) the path follows the insert.
-async fn insert_run(
-    txn: &DatabaseTransaction,
+/// The path of the log of run `id` of `job`: its name holds the run's id.
+fn log_path(taker: &Taker<'_>, task: &tasks::Model, job: &jobs::Model, id: i64) -> String {
+    let name = format!("{id}-{}-{}.log", job.stage, job.attempt);
+    let path = taker.log_dir.join(&task.key).join(name);
+    path.to_string_lossy().into_owned()
+}
+
+/// The row of a new run of `job` for `taker`; with `id`, its log's path (empty without).
+fn new_run(
     taker: &Taker<'_>,
     task: &tasks::Model,
     job: &jobs::Model,
+    id: Option<i64>,
     now: i64,
-) -> StoreResult<agent_runs::Model> {
-    let log_path = |id: &str| {
-        let name = format!("{id}-{}-{}.log", job.stage, job.attempt);
-        taker
-            .log_dir
-            .join(&task.key)
-            .join(name)
-            .to_string_lossy()
-            .into_owned()
-    };
-    if txn.get_database_backend() == DbBackend::Postgres {
-        // The path around the id: no path holds a NUL.
-        let around = log_path("\0");
-        let (head, tail) = must(around.split_once('\0'), || "a run's log path".into())?;
-        let stmt = sea_orm::Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            r#"INSERT INTO "agent_runs"
-                   ("id", "job_id", "attempt", "node_id", "started_at", "heartbeat_at", "log_path")
-               SELECT "n", $1, $2, $3, $4, $4, $5 || "n" || $6
-               FROM (SELECT nextval(pg_get_serial_sequence('agent_runs', 'id')) AS "n") AS "seq"
-               RETURNING *"#,
-            [
-                job.id.into(),
-                job.attempt.into(),
-                taker.node_id.into(),
-                now.into(),
-                head.into(),
-                tail.into(),
-            ],
-        );
-        let run = agent_runs::Entity::find()
-            .from_raw_sql(stmt)
-            .one(txn)
-            .await?;
-        return must(run, || format!("the run of job {}", job.id));
-    }
-    let mut run = agent_runs::ActiveModel {
+) -> agent_runs::ActiveModel {
+    let log_path = id.map(|id| log_path(taker, task, job, id));
+    agent_runs::ActiveModel {
+        id: id.map_or(NotSet, Set),
         job_id: Set(job.id),
         attempt: Set(job.attempt),
         node_id: Set(taker.node_id.to_string()),
         pid: Set(None),
         started_at: Set(now),
         heartbeat_at: Set(now),
-        log_path: Set(String::new()),
+        log_path: Set(log_path.unwrap_or_default()),
         ..Default::default()
     }
-    .insert(txn)
-    .await?;
-    run.log_path = log_path(&run.id.to_string());
-    agent_runs::Entity::update_many()
-        .col_expr(
-            agent_runs::Column::LogPath,
-            Expr::value(run.log_path.clone()),
-        )
-        .filter(agent_runs::Column::Id.eq(run.id))
-        .exec(txn)
-        .await?;
-    Ok(run)
 }
 
 /// PostgreSQL's transaction-scoped advisory lock of a stage: dispatchers of several nodes
