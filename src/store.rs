@@ -38,7 +38,8 @@ use entity::{events, jobs};
 use migration::MigratorTrait;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, EntityTrait, Set, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    DbErr, EntityTrait, QueryTrait, Set, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 
 use crate::model::{EventKind, EventSource};
@@ -377,8 +378,16 @@ async fn append<C: ConnectionTrait>(db: &C, ev: NewEvent, now: i64) -> StoreResu
 /// Appends events (each with its time), in order, in one statement within the caller's
 /// transaction.
 async fn append_all<C: ConnectionTrait>(db: &C, evs: Vec<(NewEvent, i64)>) -> StoreResult<()> {
+    if let Some(insert) = insert_events(evs) {
+        db.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// The statement that inserts `evs`, in order; `None` when there are none.
+fn insert_events(evs: Vec<(NewEvent, i64)>) -> Option<sea_orm::sea_query::InsertStatement> {
     if evs.is_empty() {
-        return Ok(());
+        return None;
     }
     let rows = evs.into_iter().map(|(ev, at)| events::ActiveModel {
         task_id: Set(ev.task_id),
@@ -390,10 +399,7 @@ async fn append_all<C: ConnectionTrait>(db: &C, evs: Vec<(NewEvent, i64)>) -> St
         at: Set(at),
         ..Default::default()
     });
-    events::Entity::insert_many(rows)
-        .exec_without_returning(db)
-        .await?;
-    Ok(())
+    Some(events::Entity::insert_many(rows).into_query())
 }
 
 /// A row that must exist, read within a transaction.

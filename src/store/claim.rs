@@ -11,7 +11,7 @@ use entity::{advances, agent_runs, jobs, nodes, tasks};
 use sea_orm::sea_query::{Alias, CommonTableExpression, Expr, LockType, Query, WithClause};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, JoinType,
-    QueryFilter, QueryOrder, QuerySelect, Set,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
 };
 use serde_json::json;
 
@@ -20,7 +20,7 @@ use super::outbox::insert_effect;
 use super::tasks::{insert_job, set_task_status};
 use super::{
     Dispatched, KnownLastCommit, NewEvent, RunExit, Store, StoreError, StoreResult, Taker,
-    append_all, must,
+    insert_events, must,
 };
 use crate::model::{
     Claim, ClaimOutcome, ClaimWon, Decider, EventKind, JobStatus, RunOutcome, TaskStatus,
@@ -222,12 +222,27 @@ struct Deferred {
 }
 
 impl Deferred {
+    /// On PostgreSQL one statement writes both (the `advances` rows' insert in a `WITH`).
     async fn write(self, txn: &DatabaseTransaction) -> StoreResult<()> {
-        append_all(txn, self.events).await?;
-        if !self.advances.is_empty() {
-            advances::Entity::insert_many(self.advances)
-                .exec_without_returning(txn)
-                .await?;
+        let advances = (!self.advances.is_empty())
+            .then(|| advances::Entity::insert_many(self.advances).into_query());
+        let events = insert_events(self.events);
+        match (events, advances) {
+            (Some(mut events), Some(advances))
+                if txn.get_database_backend() == DbBackend::Postgres =>
+            {
+                let cte = CommonTableExpression::new()
+                    .query(advances)
+                    .table_name(Alias::new("advanced"))
+                    .to_owned();
+                events.with_cte(WithClause::new().cte(cte).to_owned());
+                txn.execute(&events).await?;
+            }
+            (events, advances) => {
+                for insert in events.into_iter().chain(advances) {
+                    txn.execute(&insert).await?;
+                }
+            }
         }
         Ok(())
     }
