@@ -97,7 +97,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         }
     );
     let mut throughput = Vec::new();
-    for &slots in &args.slots {
+    // `--tasks 0`: the one-task latency only.
+    let slots_runs = if args.tasks == 0 { &[][..] } else { &args.slots[..] };
+    for &slots in slots_runs {
         let stages = args.tasks * STAGES.len();
         println!("baseline: spawning and reaping `true` {stages} times, {slots} at a time");
         let baseline_per_sec = spawn_baseline(stages, slots).await?;
@@ -385,9 +387,11 @@ fn print_report(r: &BenchReport, database: &str) {
         "PostgreSQL"
     };
     println!("\nresults ({db})");
-    println!(
-        "  slots  commits  stages  wall     stages/s  raw spawn/s  ratio  baton CPU/stage  advance p50/p99"
-    );
+    if !r.throughput.is_empty() {
+        println!(
+            "  slots  commits  stages  wall     stages/s  raw spawn/s  ratio  baton CPU/stage  advance p50/p99"
+        );
+    }
     for t in &r.throughput {
         println!(
             "  {:>5}  {:>7}  {:>6}  {:>6.2}s  {:>8.1}  {:>11.1}  {:>5.3}  {:>12.2} ms  {} / {} ms",

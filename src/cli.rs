@@ -127,7 +127,7 @@ pub enum Command {
     /// (stages/s against this machine's raw spawn rate, baton's CPU time per stage,
     /// advance latency, peak RSS), for each number of slots, auto-commit off and on.
     Bench {
-        /// How many tasks to push through.
+        /// How many tasks to push through (0: only the one-task latency below).
         #[arg(long, default_value_t = 100)]
         tasks: usize,
         /// Agents run at once (max_concurrent_jobs): one measure for each.
