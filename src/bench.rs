@@ -98,7 +98,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     );
     let mut throughput = Vec::new();
     // `--tasks 0`: the one-task latency only.
-    let slots_runs = if args.tasks == 0 { &[][..] } else { &args.slots[..] };
+    let slots_runs = if args.tasks == 0 {
+        &[][..]
+    } else {
+        &args.slots[..]
+    };
     for &slots in slots_runs {
         let stages = args.tasks * STAGES.len();
         println!("baseline: spawning and reaping `true` {stages} times, {slots} at a time");
