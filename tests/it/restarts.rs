@@ -1,10 +1,11 @@
-//! Restarts and adoption: a real `baton serve` process killed, then a new node; and a
-//! shutdown that stops its agents.
+//! Restarts and adoption: a real `baton serve` process killed, then a new node; a
+//! shutdown that stops its agents, and one that a hand-off meets.
 
 use std::time::Duration;
 
 use baton::actors::ProbeEvent;
-use baton::actors::monitor::MonitorEvent;
+use baton::actors::monitor::{MonitorEvent, MonitorMode};
+use baton::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use baton::model::{EventKind, JobStatus, RunOutcome, TaskStatus};
 use baton::service::ServeOptions;
 
@@ -209,4 +210,49 @@ command = ["sh", "-c", "echo $$ > agent.pid; sleep 120"]
 on_both!(
     stop_agents_terminates_them_at_shutdown_and_records_it,
     stop_agents_terminates_them_at_shutdown_and_records_it
+);
+
+/// A Monitor asked for while the Supervisor shuts down (a hand-off decided just before
+/// the node began stopping) is not dropped with the Supervisor's mailbox: once the
+/// shutdown is done, its job is put back in the queue and its run cancelled.
+async fn a_monitor_asked_for_during_shutdown_has_its_job_put_back(db: TestDb) {
+    let s = crate::reaper_windows::claim_setup_with(&db, db.store.clone(), None).await;
+    // The job a hand-off took for this node, its place reserved as the Advancer does.
+    let now = s.ctx.clock.now_ms();
+    crate::support::submit(&db.store, "LATE-1", "analyst", now).await;
+    let d = db
+        .store
+        .dispatch(&s.ctx.node_id, db.dir.path(), None, now)
+        .await
+        .unwrap()
+        .expect("the job to hand to the Supervisor");
+    s.ctx.watched.insert(d.run.id, d.job.id);
+    let args = SupervisorArgs::new(s.ctx.clone());
+    let (supervisor, handle) = ractor::Actor::spawn(None, Supervisor, args).await.unwrap();
+    // The shutdown first, then the Monitor, which waits in the mailbox behind it.
+    let (tx, rx) = ractor::concurrency::oneshot();
+    let shutdown = SupervisorMsg::Shutdown {
+        stop_agents: false,
+        reply: tx.into(),
+    };
+    supervisor.send_message(shutdown).unwrap();
+    let start = SupervisorMsg::StartMonitor(Box::new(d.clone()), MonitorMode::Fresh);
+    supervisor.send_message(start).unwrap();
+    rx.await.unwrap();
+    tokio::time::timeout(PROBE_WAIT, handle)
+        .await
+        .expect("the Supervisor stops")
+        .unwrap();
+    let job = db.store.job(d.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.current_run_id, job.attempt),
+        (JobStatus::Queued, None, d.job.attempt)
+    );
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(run.outcome, Some(RunOutcome::Cancelled));
+    assert!(!s.ctx.watched.contains(d.run.id));
+}
+on_both!(
+    a_monitor_asked_for_during_shutdown_has_its_job_put_back,
+    a_monitor_asked_for_during_shutdown_has_its_job_put_back
 );
