@@ -298,10 +298,16 @@ async fn record_loss(
 /// wait for each other in a cycle (ADR 0001). SQLite's write transaction already
 /// excludes every other writer.
 ///
-/// The statement's snapshot is taken before it waits for a lock, so a job inserted by
-/// the transaction it waited for is not among the jobs read. Only a claim inserts a job
-/// into an active task with a running job, and it ends that job: a claim that waited for
-/// it finds the job it claims changed (a locked row is read as it now is) and loses.
+/// The statement's snapshot is taken when it starts, before it waits for any lock, so a
+/// job committed since (by the transaction it waited for, or any other) is not among the
+/// jobs read; the rows it locks are read as they now are. That misses nothing a claim
+/// needs: the claimed run was committed before the group began, with its job running; a
+/// task has one live job at a time, so a job inserted into it since ended the claimed
+/// one (a claim does both), and the claim, finding its job changed, loses; and `recover`
+/// refuses a task with a running job, while `retry` takes only failed or cancelled
+/// tasks, whose jobs have ended. Were a job missed all the same, the next job's insert
+/// would collide with it on its stage and iteration (a unique index) and the group
+/// would roll back.
 struct TasksRead {
     /// Task id: the task and its jobs, taken out as each claim uses them.
     tasks: HashMap<i64, (tasks::Model, Vec<jobs::Model>)>,

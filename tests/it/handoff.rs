@@ -422,6 +422,21 @@ async fn claims_decided_together_see_each_other(db: TestDb) {
     assert!(matches!(decided[2].0, ClaimOutcome::Won(_)));
     assert_eq!(db.store.advances_of(d1.job.id).await.unwrap().len(), 1);
     assert_eq!(db.store.advances_of(d2.job.id).await.unwrap().len(), 1);
+    // The group's events, written after its last claim, keep the claims' order.
+    let (e1, e2) = (
+        db.store.events(d1.task.id).await.unwrap(),
+        db.store.events(d2.task.id).await.unwrap(),
+    );
+    let tail = |evs: &[entity::events::Model], n| -> Vec<String> {
+        evs[evs.len() - n..]
+            .iter()
+            .map(|e| e.kind.to_string())
+            .collect()
+    };
+    let won = ["claim_won", "job_queued", "job_advanced"];
+    assert_eq!(tail(&e1, 4), [&won[..], &["claim_lost"]].concat());
+    assert_eq!(tail(&e2, 3), won);
+    assert!(e1.last().unwrap().id < e2[e2.len() - 3].id);
 }
 on_both!(
     claims_decided_together_see_each_other,
