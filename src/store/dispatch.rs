@@ -331,8 +331,9 @@ enum TakeIf<'a> {
 
 /// Takes queued `job` of `task` for `taker`, when `cond` holds: the job running with its
 /// new run (which becomes `current_run_id`), the policy's start effect. `None` when it was
-/// not taken; on SQLite its run may have been written all the same, and the caller rolls
-/// back or writes nothing more of it.
+/// not taken; on SQLite a run may have been written all the same when the job was no
+/// longer queued, and dispatch rolls back (a hand-off's job was queued by its own
+/// transaction, and is not taken only when it does not come first, checked before).
 ///
 /// On PostgreSQL two statements: the job's update checks `cond` and draws the run's id
 /// from the runs' sequence, and the run is inserted with that id and its log's path. On
