@@ -11,6 +11,7 @@ use sea_orm::{
 use serde_json::json;
 
 use super::delivery::{complete_delivery, fail_delivery};
+use super::tasks::lock_task;
 use super::{NewEvent, Store, StoreError, StoreResult, append};
 use crate::model::{EffectKind, EffectStatus, EventKind, EventSource};
 use crate::policy::PlannedEffect;
@@ -144,6 +145,13 @@ impl Store {
     ) -> StoreResult<FinishedEffect> {
         let source = EventSource::Monitor;
         let (write, txn) = self.write_txn().await?;
+        let postgres = self.is_postgres();
+        if postgres && e.kind.is_delivery() {
+            // The task's row before the effect's, as a claim takes them (it inserts its
+            // effects, waiting on one this holds under the same key, after its task's
+            // row); a delivery's end takes the task's row below all the same.
+            lock_task(&txn, e.task_id, postgres).await?;
+        }
         // The attempt is over: no lease covers the effect any more, so a retry waits for
         // its backoff whatever becomes of this node.
         let mut upd = effects::Entity::update_many()
@@ -204,7 +212,6 @@ impl Store {
             };
             append(&txn, ev, now).await?;
         }
-        let postgres = self.is_postgres();
         let task_ended = match &outcome {
             _ if changed != 1 || !e.kind.is_delivery() => None,
             EffectOutcome::Done { .. } => complete_delivery(&txn, e.task_id, postgres, now).await?,

@@ -22,15 +22,15 @@ use crate::store::{
 };
 use crate::support::TestDb;
 
-const NOW: i64 = 1_800_000_000_000;
+pub const NOW: i64 = 1_800_000_000_000;
 
 /// `d`'s run passed, as its Monitor claims it.
-fn passed(d: &Dispatched) -> Claim {
+pub fn passed(d: &Dispatched) -> Claim {
     claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor)
 }
 
 /// Dispatches the next due job on node `n1` (jobs the claims queued are due by then).
-async fn take(db: &TestDb) -> Dispatched {
+pub async fn take(db: &TestDb) -> Dispatched {
     crate::store::take(db, NOW + 5).await
 }
 
@@ -542,54 +542,5 @@ async fn a_group_whose_commit_fails_names_its_hand_offs_on_postgres() {
             .release_run(&handed[0], "test", NOW + 2)
             .await
             .unwrap()
-    );
-}
-
-/// On PostgreSQL, groups of claims (of two nodes, say) over the same tasks, named in opposite
-/// orders, do not deadlock: each group takes its tasks' rows first, in the order of their
-/// ids. Here a third transaction holds the second task while one group (second task's
-/// claim, then the first's) waits for it, and the other group (first, then second) starts
-/// behind; taken in the claims' order, the two would wait for each other once the third
-/// lets go, and PostgreSQL would fail one of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn groups_over_the_same_tasks_do_not_deadlock_on_postgres() {
-    let Some(db) = TestDb::new(crate::support::Backend::Postgres).await else {
-        return;
-    };
-    let policy = policy();
-    crate::support::submit(&db.store, "D-1", "analyst", NOW).await;
-    crate::support::submit(&db.store, "D-2", "analyst", NOW).await;
-    let (d1, d2) = (take(&db).await, take(&db).await);
-    let held = db.hold_task(d2.task.id).await;
-    let item = |claim| ClaimItem {
-        claim,
-        exit: None,
-        taker: None,
-    };
-    let reaper = Decider::Reaper(ReapTier::Unfinished);
-    let (c1, c2) = (passed(&d1), passed(&d2));
-    let (r1, r2) = (
-        claim(&d1.job, d1.run.id, Verdict::Passed, reaper),
-        claim(&d2.job, d2.run.id, Verdict::Passed, reaper),
-    );
-    let (first, second) = ([item(&c2), item(&c1)], [item(&r1), item(&r2)]);
-    let (first, second, ()) = tokio::join!(
-        db.store.claim_all(&first, &policy, NOW + 1),
-        async {
-            db.lock_waiters(1).await;
-            db.store.claim_all(&second, &policy, NOW + 1).await
-        },
-        async {
-            db.lock_waiters(2).await;
-            held.commit().await.unwrap();
-        },
-    );
-    let outcomes = |d: Vec<(ClaimOutcome, Option<Dispatched>)>| -> Vec<String> {
-        d.into_iter().map(|(o, _)| o.label().to_string()).collect()
-    };
-    assert_eq!(outcomes(first.unwrap()), ["won", "won"]);
-    assert_eq!(
-        outcomes(second.unwrap()),
-        ["already_advanced", "already_advanced"]
     );
 }

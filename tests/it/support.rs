@@ -33,12 +33,18 @@ impl TestDb {
     /// Runs `sql` on the database through a connection of its own, as a hand outside
     /// baton would.
     pub async fn execute(&self, sql: &str) {
+        self.try_execute(sql).await.unwrap();
+    }
+
+    /// [`TestDb::execute`], its error returned.
+    pub async fn try_execute(&self, sql: &str) -> Result<(), sea_orm::DbErr> {
         use sea_orm::{ConnectionTrait, Database, Statement};
-        let c = Database::connect(self.url.as_str()).await.unwrap();
-        c.execute_raw(Statement::from_string(c.get_database_backend(), sql))
-            .await
-            .unwrap();
-        c.close().await.unwrap();
+        let c = Database::connect(self.url.as_str()).await?;
+        let done = c
+            .execute_raw(Statement::from_string(c.get_database_backend(), sql))
+            .await;
+        c.close().await?;
+        done.map(|_| ())
     }
 
     /// A fresh, migrated database, or `None` when PostgreSQL is unavailable outside CI.
