@@ -334,6 +334,17 @@ on_both!(
     a_hand_off_the_supervisor_cannot_start_is_put_back
 );
 
+/// `d`'s job is queued again with its attempt, and its run cancelled.
+pub async fn assert_put_back(db: &TestDb, d: &Dispatched) {
+    let job = db.store.job(d.job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.status, job.current_run_id, job.attempt),
+        (JobStatus::Queued, None, d.job.attempt)
+    );
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(run.outcome, Some(RunOutcome::Cancelled));
+}
+
 /// A taken job released (its Monitor could not start) is queued again with the same
 /// attempt, its run cancelled, once: a second release, or one naming another run, does
 /// nothing.
@@ -343,13 +354,7 @@ async fn a_released_job_is_queued_again_with_its_attempt(db: TestDb) {
     let reason = "the node stopped";
     assert!(db.store.release_run(&d, reason, NOW + 6).await.unwrap());
     assert!(!db.store.release_run(&d, reason, NOW + 7).await.unwrap());
-    let job = db.store.job(d.job.id).await.unwrap().unwrap();
-    assert_eq!(
-        (job.status, job.current_run_id, job.attempt),
-        (JobStatus::Queued, None, d.job.attempt)
-    );
-    let run = db.store.run(d.run.id).await.unwrap().unwrap();
-    assert_eq!(run.outcome, Some(RunOutcome::Cancelled));
+    assert_put_back(&db, &d).await;
     let events = db.store.events(d.task.id).await.unwrap();
     let released: Vec<_> = events
         .iter()

@@ -243,13 +243,7 @@ async fn a_monitor_asked_for_during_shutdown_has_its_job_put_back(db: TestDb) {
         .await
         .expect("the Supervisor stops")
         .unwrap();
-    let job = db.store.job(d.job.id).await.unwrap().unwrap();
-    assert_eq!(
-        (job.status, job.current_run_id, job.attempt),
-        (JobStatus::Queued, None, d.job.attempt)
-    );
-    let run = db.store.run(d.run.id).await.unwrap().unwrap();
-    assert_eq!(run.outcome, Some(RunOutcome::Cancelled));
+    crate::handoff::assert_put_back(&db, &d).await;
     assert!(!s.ctx.watched.contains(d.run.id));
 }
 on_both!(
