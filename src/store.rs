@@ -22,6 +22,8 @@
 mod claim;
 mod delivery;
 mod dispatch;
+mod fence;
+mod handoff;
 mod nodes;
 mod outbox;
 mod pages;

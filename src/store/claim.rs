@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use entity::{advances, agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Alias, CommonTableExpression, Expr, LockType, Query, WithClause};
+use sea_orm::sea_query::{Alias, CommonTableExpression, LockType, Query, WithClause};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, JoinType,
     QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
@@ -16,8 +16,10 @@ use sea_orm::{
 use serde_json::json;
 
 use super::delivery::delivery_pending;
+use super::fence::fence;
+use super::handoff::{HandOff, queue_next};
 use super::outbox::insert_effect;
-use super::tasks::{insert_job, set_task_status};
+use super::tasks::set_task_status;
 use super::{
     Dispatched, KnownLastCommit, NewEvent, RunExit, Store, StoreError, StoreResult, Taker,
     insert_events, must,
@@ -124,11 +126,6 @@ impl Store {
         now: i64,
     ) -> StoreResult<(ClaimOutcome, Option<Dispatched>)> {
         let claim = item.claim;
-        // The exit before anything of the claim's, after the task's and jobs' rows (which
-        // claims and cancels take first); it is written whether the claim wins or loses.
-        if let Some(exit) = item.exit {
-            deferred.events.extend(exit.write(txn).await?.1);
-        }
         let (task, siblings) = found.map_or((None, Vec::new()), |(t, j)| (Some(t), j));
         let job = siblings.iter().find(|j| j.id == claim.job_id).cloned();
         let fenced = job.as_ref().is_some_and(|j| {
@@ -137,6 +134,12 @@ impl Store {
             .as_ref()
             .is_some_and(|t| t.status == TaskStatus::Active);
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
+            // The exit before anything of the claim's, after the task's and jobs' rows
+            // (which claims and cancels take first): it is written whether the claim
+            // wins or loses.
+            if let Some(exit) = item.exit {
+                deferred.events.extend(exit.write(txn).await?.1);
+            }
             return Ok((record_loss(txn, claim, deferred, now).await?, None));
         };
         let iterations = Iterations::of_jobs(&siblings);
@@ -154,23 +157,27 @@ impl Store {
             JobChange::Retry { .. } => decision.feedback.as_deref(),
             _ => None,
         };
+        let change = (decision.job, retry_feedback);
+        // The exit is written with the fence, first.
+        let (run, exited) = fence(txn, &job, claim, change, item.exit, now).await?;
+        deferred.events.extend(exited);
         // A fence that changes nothing wrote nothing: the loss is recorded in `txn`.
-        let fenced = fence(txn, &job, claim, decision.job, retry_feedback, now).await?;
-        let Some(run) = fenced else {
+        let Some(run) = run else {
             return Ok((record_loss(txn, claim, deferred, now).await?, None));
         };
-        let won = apply(txn, claim, (&task, &job, &run), decision, deferred, now).await?;
-        let handed = match (&item.taker, &won.next_job) {
-            (Some(taker), Some(next)) => {
-                self.hand_off(txn, taker, &task, next, now)
-                    .await?
-                    .map(|d| Dispatched {
-                        last_commit: known_last_commit(claim, &run, taker),
-                        ..d
-                    })
-            }
+        let hand = match (item.taker, &decision.next) {
+            (Some(taker), Some(next)) => self.hand_off_to(taker, &next.stage).await?,
             _ => None,
         };
+        let decided = (&task, &job, &run);
+        let (won, handed) = apply(txn, claim, decided, decision, hand, deferred, now).await?;
+        let handed = handed.map(|d| Dispatched {
+            last_commit: item
+                .taker
+                .map(|taker| known_last_commit(claim, &run, &taker))
+                .unwrap_or_default(),
+            ..d
+        });
         Ok((ClaimOutcome::Won(won), handed))
     }
 }
@@ -364,92 +371,18 @@ impl TasksRead {
     }
 }
 
-/// The fenced write: it must change exactly the job's row read before, and then writes
-/// the run's outcome, returning the run (its node names the host of its effects). `None`
-/// when the fence changed nothing, and nothing was written; an error when the run is gone.
-///
-/// On PostgreSQL one statement does both: the job's update in a `WITH` that the run's
-/// update requires. It returns nothing both when the fence changed nothing and when the
-/// run is gone (the job's update stands), so both are an error, which rolls the claims'
-/// transaction back. The fence cannot change nothing there: the job's row was read
-/// locked, in this transaction, after any earlier claim of the group that wrote it.
-async fn fence(
-    txn: &DatabaseTransaction,
-    job: &jobs::Model,
-    claim: &Claim,
-    change: JobChange,
-    feedback: Option<&str>,
-    now: i64,
-) -> StoreResult<Option<agent_runs::Model>> {
-    let mut fence = Query::update();
-    fence
-        .table(jobs::Entity)
-        .value(jobs::Column::Status, change.status())
-        .value(jobs::Column::UpdatedAt, now);
-    if let JobChange::Retry {
-        attempt,
-        not_before,
-    } = change
-    {
-        fence
-            .value(jobs::Column::Attempt, attempt)
-            .value(jobs::Column::NotBefore, not_before)
-            .value(jobs::Column::CurrentRunId, Option::<i64>::None)
-            .value(jobs::Column::Feedback, feedback.map(str::to_string));
-    }
-    fence
-        .and_where(jobs::Column::Id.eq(job.id))
-        .and_where(jobs::Column::Status.eq(JobStatus::Running))
-        .and_where(jobs::Column::CurrentRunId.eq(claim.run_id));
-    let usage = claim.usage.unwrap_or_default();
-    let mut outcome = Query::update();
-    outcome
-        .table(agent_runs::Entity)
-        .value(agent_runs::Column::Outcome, claim.verdict.outcome())
-        .value(agent_runs::Column::CommitSha, claim.commit_sha.clone())
-        .value(agent_runs::Column::TokensIn, usage.tokens_in)
-        .value(agent_runs::Column::TokensOut, usage.tokens_out)
-        .value(agent_runs::Column::CostMicrousd, usage.cost_microusd)
-        .value(agent_runs::Column::Turns, usage.turns)
-        .and_where(agent_runs::Column::Id.eq(claim.run_id))
-        .returning_all();
-    let backend = txn.get_database_backend();
-    if backend == DbBackend::Postgres {
-        fence.returning_col(jobs::Column::Id);
-        let fenced = Alias::new("fenced");
-        let cte = CommonTableExpression::new()
-            .query(fence)
-            .table_name(fenced.clone())
-            .to_owned();
-        outcome
-            .and_where(Expr::exists(
-                Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
-            ))
-            .with_cte(WithClause::new().cte(cte).to_owned());
-    } else if txn.execute(&fence).await?.rows_affected() != 1 {
-        return Ok(None);
-    }
-    let stmt = backend.build(&outcome);
-    let run = agent_runs::Entity::find()
-        .from_raw_sql(stmt)
-        .one(txn)
-        .await?;
-    Ok(Some(must(run, || {
-        format!("run {} (its job's fence, or its row)", claim.run_id)
-    })?))
-}
-
-/// The winner's writes after the fence: the next job or the task's end and the outbox;
-/// its events (after those of the claim's exit) and its `advances` row go to
-/// `deferred`.
+/// The winner's writes after the fence: the outbox, the next job (taken for `hand`'s
+/// taker when it comes first: the hand-off) or the task's end; its events (after those of
+/// the claim's exit) and its `advances` row go to `deferred`.
 async fn apply(
     txn: &DatabaseTransaction,
     claim: &Claim,
     (task, job, run): (&tasks::Model, &jobs::Model, &agent_runs::Model),
     decision: Transition,
+    hand: Option<HandOff<'_>>,
     deferred: &mut Deferred,
     now: i64,
-) -> StoreResult<ClaimWon> {
+) -> StoreResult<(ClaimWon, Option<Dispatched>)> {
     let source = claim.decided_by.source();
     let tier = claim.decided_by.tier();
     let ev = |kind| NewEvent::of(task.id, Some(job), kind, source).run(claim.run_id);
@@ -463,14 +396,35 @@ async fn apply(
         evs.push(ev(EventKind::Reaped).detail(json!({"tier": tier})));
     }
 
-    let mut next_job = None;
+    // The outbox: every external effect of this decision, in the same transaction; before
+    // the next job, whose hand-off looks for a push that waits for another host.
+    let n_effects = decision.effects.len();
+    let run_host = if decision.effects.iter().any(|e| e.on_run_host) {
+        nodes::Entity::find_by_id(run.node_id.clone())
+            .one(txn)
+            .await?
+            .map(|n| n.hostname)
+    } else {
+        None
+    };
+    let delivers = decision
+        .effects
+        .iter()
+        .any(|e| e.payload.kind().is_delivery());
+    for effect in decision.effects {
+        let host = effect.on_run_host.then(|| run_host.clone()).flatten();
+        insert_effect(txn, task.id, run.id, effect, host, now).await?;
+    }
+
+    let (mut next_job, mut handed) = (None, None);
     if let Some(next) = &decision.next {
         let feedback = decision.feedback.as_deref();
-        let nj = insert_job(txn, task.id, &next.stage, next.iteration, feedback, now).await?;
+        let at = (next.stage.as_str(), next.iteration);
+        let (nj, d) = queue_next(txn, task, at, feedback, hand.as_ref(), now).await?;
         let detail = json!({"stage": next.stage, "iteration": next.iteration, "after": job.stage});
         let queued = NewEvent::of(task.id, Some(&nj), EventKind::JobQueued, source);
         evs.push(queued.detail(detail));
-        next_job = Some(nj);
+        (next_job, handed) = (Some(nj), d);
     }
     let job_status = decision.job.status();
     match decision.job {
@@ -504,12 +458,8 @@ async fn apply(
     // still to come, it stays active until the EffectWorker performs them (ADR 0010).
     let mut task_status = decision.task_end.as_ref().map(|e| e.status);
     if let Some(end) = &decision.task_end {
-        let delivering = end.status == TaskStatus::Done
-            && (decision
-                .effects
-                .iter()
-                .any(|e| e.payload.kind().is_delivery())
-                || delivery_pending(txn, task.id).await?);
+        let delivering =
+            end.status == TaskStatus::Done && (delivers || delivery_pending(txn, task.id).await?);
         if delivering {
             task_status = None;
             let detail = json!({"stage": job.stage});
@@ -524,21 +474,6 @@ async fn apply(
             evs.push(ev(kind).detail(detail));
         }
     }
-
-    // The outbox: every external effect of this decision, in the same transaction.
-    let n_effects = decision.effects.len();
-    let run_host = if decision.effects.iter().any(|e| e.on_run_host) {
-        nodes::Entity::find_by_id(run.node_id.clone())
-            .one(txn)
-            .await?
-            .map(|n| n.hostname)
-    } else {
-        None
-    };
-    for effect in decision.effects {
-        let host = effect.on_run_host.then(|| run_host.clone()).flatten();
-        insert_effect(txn, task.id, run.id, effect, host, now).await?;
-    }
     deferred.events.extend(evs.into_iter().map(|e| (e, now)));
     let won = ClaimWon {
         job_status,
@@ -546,5 +481,5 @@ async fn apply(
         task_status,
         effects: n_effects,
     };
-    Ok(won)
+    Ok((won, handed))
 }

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use entity::{agent_runs, effects, jobs, nodes, tasks};
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query, SelectStatement};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    NotSet, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
 };
 
 use serde_json::json;
@@ -155,33 +155,6 @@ impl Store {
         Ok(None)
     }
 
-    /// The hand-off, inside a won claim's transaction: `next`, the job the claim queued,
-    /// is taken for `taker` when dispatch would take it first (it is due, its stage has
-    /// no bound, and no job of an older task waits), so that the node's freed place goes
-    /// to the task's next stage without a dispatch of its own.
-    pub(super) async fn hand_off(
-        &self,
-        txn: &DatabaseTransaction,
-        taker: &Taker<'_>,
-        task: &tasks::Model,
-        next: &jobs::Model,
-        now: i64,
-    ) -> StoreResult<Option<Dispatched>> {
-        if taker
-            .policy
-            .is_some_and(|p| p.stage_limits.contains_key(&next.stage))
-        {
-            return Ok(None);
-        }
-        let hostname = self.node_host(taker.node_id).await?;
-        // The job was queued by this transaction: nobody else can have taken it, and
-        // it is taken when it comes first.
-        let cond = TakeIf::First {
-            hostname: hostname.as_deref(),
-        };
-        take(txn, taker, task.clone(), next.clone(), cond, now).await
-    }
-
     /// Puts back a job taken for this node whose Monitor cannot start (the node is
     /// stopping): queued again with the same attempt, its run's outcome `cancelled` (its
     /// agent never started), with a `job_queued` event saying why. Fenced like a claim:
@@ -226,7 +199,7 @@ impl Store {
     }
 
     /// The hostname of node `node_id`, read once per process; `None` while it has no row.
-    async fn node_host(&self, node_id: &str) -> StoreResult<Option<String>> {
+    pub(super) async fn node_host(&self, node_id: &str) -> StoreResult<Option<String>> {
         if let Some(h) = self
             .node_hosts
             .lock()
@@ -279,7 +252,7 @@ async fn candidate<C: ConnectionTrait>(
 }
 
 /// The query of [`candidate`], every qualifying job in the order dispatch takes them.
-fn candidates(
+pub(super) fn candidates(
     hostname: Option<&str>,
     full: &[String],
     skip: &[i64],
@@ -296,9 +269,21 @@ fn candidates(
         )
         .and_where(tasks::Column::Status.eq(TaskStatus::Active))
         .to_owned();
-    // A task whose push waits for another host: its last commit is only there, so its
-    // next stage runs there or after the push (ADR 0010).
-    let elsewhere = Query::select()
+    jobs::Entity::find()
+        .filter(jobs::Column::Status.eq(JobStatus::Queued))
+        .filter(jobs::Column::NotBefore.lte(now))
+        .filter(Expr::exists(active))
+        .filter(jobs::Column::TaskId.not_in_subquery(elsewhere(hostname)))
+        .filter(jobs::Column::Stage.is_not_in(full.to_vec()))
+        .filter(jobs::Column::Id.is_not_in(skip.to_vec()))
+        .order_by_asc(jobs::Column::TaskId)
+        .order_by_asc(jobs::Column::Id)
+}
+
+/// The tasks whose push waits for a host other than `hostname`: a task's last commit is
+/// only there, so its next stage runs there or after the push (ADR 0010).
+pub(super) fn elsewhere(hostname: Option<&str>) -> SelectStatement {
+    Query::select()
         .column(effects::Column::TaskId)
         .from(effects::Entity)
         .and_where(effects::Column::Kind.eq(EffectKind::Push))
@@ -307,21 +292,12 @@ fn candidates(
             Some(h) => effects::Column::Host.ne(h),
             None => effects::Column::Host.is_not_null(),
         })
-        .to_owned();
-    jobs::Entity::find()
-        .filter(jobs::Column::Status.eq(JobStatus::Queued))
-        .filter(jobs::Column::NotBefore.lte(now))
-        .filter(Expr::exists(active))
-        .filter(jobs::Column::TaskId.not_in_subquery(elsewhere))
-        .filter(jobs::Column::Stage.is_not_in(full.to_vec()))
-        .filter(jobs::Column::Id.is_not_in(skip.to_vec()))
-        .order_by_asc(jobs::Column::TaskId)
-        .order_by_asc(jobs::Column::Id)
+        .to_owned()
 }
 
 /// Which queued job [`take`] takes.
 #[derive(Clone, Copy)]
-enum TakeIf<'a> {
+pub(super) enum TakeIf<'a> {
     /// The job, while it is queued (dispatch has just locked it).
     Queued,
     /// The job only if dispatch would take it first for a node on `hostname` (the
@@ -338,7 +314,7 @@ enum TakeIf<'a> {
 /// On PostgreSQL two statements: the job's update checks `cond` and draws the run's id
 /// from the runs' sequence, and the run is inserted with that id and its log's path. On
 /// SQLite (no round trip to save) the run comes first and its path after it.
-async fn take(
+pub(super) async fn take(
     txn: &DatabaseTransaction,
     taker: &Taker<'_>,
     task: tasks::Model,
@@ -375,9 +351,10 @@ async fn take(
             return Ok(None);
         };
         let id = must(job.current_run_id, || format!("the run of job {}", job.id))?;
-        let run = new_run(taker, &task, &job, Some(id), now)
-            .insert(txn)
-            .await?;
+        let mut run = new_run(taker, job.id, job.attempt, now);
+        run.id = Set(id);
+        run.log_path = Set(log_path(taker, &task, &job, id));
+        let run = run.insert(txn).await?;
         (job, run)
     } else {
         if let TakeIf::First { hostname } = cond {
@@ -389,7 +366,7 @@ async fn take(
                 return Ok(None);
             }
         }
-        let mut run = new_run(taker, &task, &job, None, now).insert(txn).await?;
+        let mut run = new_run(taker, job.id, job.attempt, now).insert(txn).await?;
         // The log's name holds the run's id, known only now.
         run.log_path = log_path(taker, &task, &job, run.id);
         agent_runs::Entity::update_many()
@@ -421,42 +398,67 @@ async fn take(
         };
         (job, run)
     };
+    Ok(Some(taken(txn, taker, task, job, run, now).await?))
+}
+
+/// A job just taken with its run, and the policy's start effect written: what its Monitor
+/// starts from.
+pub(super) async fn taken(
+    txn: &DatabaseTransaction,
+    taker: &Taker<'_>,
+    task: tasks::Model,
+    job: jobs::Model,
+    run: agent_runs::Model,
+    now: i64,
+) -> StoreResult<Dispatched> {
     if let Some(effect) = taker.policy.and_then(|p| p.start_effect(&task)) {
         insert_effect(txn, task.id, run.id, effect, None, now).await?;
     }
-    Ok(Some(Dispatched {
+    Ok(Dispatched {
         task,
         job,
         run,
         last_commit: KnownLastCommit::Unknown,
-    }))
+    })
 }
 
 /// The path of the log of run `id` of `job`: its name holds the run's id.
 fn log_path(taker: &Taker<'_>, task: &tasks::Model, job: &jobs::Model, id: i64) -> String {
-    let name = format!("{id}-{}-{}.log", job.stage, job.attempt);
-    let path = taker.log_dir.join(&task.key).join(name);
-    path.to_string_lossy().into_owned()
+    let (before, after) = log_path_around(taker, task, &job.stage, job.attempt);
+    format!("{before}{id}{after}")
 }
 
-/// The row of a new run of `job` for `taker`; with `id`, its log's path (empty without).
-fn new_run(
+/// What comes before and after the run's id in the path of the log of a run of `task`'s
+/// job of `stage` and `attempt`.
+pub(super) fn log_path_around(
     taker: &Taker<'_>,
     task: &tasks::Model,
-    job: &jobs::Model,
-    id: Option<i64>,
+    stage: &str,
+    attempt: i32,
+) -> (String, String) {
+    let dir = taker.log_dir.join(&task.key).join("");
+    (
+        dir.to_string_lossy().into_owned(),
+        format!("-{stage}-{attempt}.log"),
+    )
+}
+
+/// The row of a new run of job `job_id` (its attempt `attempt`) for `taker`, without its
+/// id and its log's path, which holds the id.
+pub(super) fn new_run(
+    taker: &Taker<'_>,
+    job_id: i64,
+    attempt: i32,
     now: i64,
 ) -> agent_runs::ActiveModel {
-    let log_path = id.map(|id| log_path(taker, task, job, id));
     agent_runs::ActiveModel {
-        id: id.map_or(NotSet, Set),
-        job_id: Set(job.id),
-        attempt: Set(job.attempt),
+        job_id: Set(job_id),
+        attempt: Set(attempt),
         node_id: Set(taker.node_id.to_string()),
         pid: Set(None),
         started_at: Set(now),
         heartbeat_at: Set(now),
-        log_path: Set(log_path.unwrap_or_default()),
+        log_path: Set(String::new()),
         ..Default::default()
     }
 }

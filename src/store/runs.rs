@@ -356,7 +356,6 @@ impl RunExit {
         txn: &sea_orm::DatabaseTransaction,
     ) -> StoreResult<(bool, Vec<(NewEvent, i64)>)> {
         let run = &self.run;
-        let mut evs = Vec::new();
         let mut update = agent_runs::Entity::update_many()
             .col_expr(agent_runs::Column::ExitCode, Expr::value(self.code))
             .col_expr(agent_runs::Column::ExitedAt, Expr::value(self.at));
@@ -365,27 +364,38 @@ impl RunExit {
             // recorded already.
             update = with_start(update, started);
         }
-        let n = update
+        let wrote = update
             .filter(agent_runs::Column::Id.eq(run.id))
             .filter(agent_runs::Column::ExitedAt.is_null())
             .exec(txn)
             .await?
-            .rows_affected;
-        if let Some(started) = &self.started {
-            let ev = if n == 1 {
-                Some(started_event(run, self.task_id, started))
-            } else {
-                write_started(txn, run, self.task_id, started).await?
-            };
-            evs.extend(ev.map(|ev| (ev, started.at)));
+            .rows_affected
+            == 1;
+        let started = match &self.started {
+            Some(_) if wrote => true,
+            Some(started) => write_started(txn, run, self.task_id, started)
+                .await?
+                .is_some(),
+            None => false,
+        };
+        Ok((wrote, self.events(wrote, started)))
+    }
+
+    /// The events of what was written of this: the agent's start, when `started` (and
+    /// the start is known), then the exit, when `exited`.
+    pub(super) fn events(&self, exited: bool, started: bool) -> Vec<(NewEvent, i64)> {
+        let run = &self.run;
+        let mut evs = Vec::new();
+        if let Some(s) = self.started.as_ref().filter(|_| started) {
+            evs.push((started_event(run, self.task_id, s), s.at));
         }
-        if n == 1 {
+        if exited {
             let mut detail = self.detail.clone();
             detail["exit_code"] = json!(self.code);
             let ev = run_event(self.task_id, run, EventKind::RunExited).detail(detail);
             evs.push((ev, self.at));
         }
-        Ok((n == 1, evs))
+        evs
     }
 }
 

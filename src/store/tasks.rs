@@ -524,7 +524,20 @@ pub(super) async fn insert_job<C: ConnectionTrait>(
     feedback: Option<&str>,
     now: i64,
 ) -> StoreResult<jobs::Model> {
-    Ok(jobs::ActiveModel {
+    Ok(new_job(task_id, stage, iteration, feedback, now)
+        .insert(db)
+        .await?)
+}
+
+/// The row of a new queued job of a task.
+pub(super) fn new_job(
+    task_id: i64,
+    stage: &str,
+    iteration: i32,
+    feedback: Option<&str>,
+    now: i64,
+) -> jobs::ActiveModel {
+    jobs::ActiveModel {
         task_id: Set(task_id),
         stage: Set(stage.to_string()),
         iteration: Set(iteration),
@@ -537,8 +550,6 @@ pub(super) async fn insert_job<C: ConnectionTrait>(
         updated_at: Set(now),
         ..Default::default()
     }
-    .insert(db)
-    .await?)
 }
 
 /// How often each stage of a task has been entered (recovery jobs apart).

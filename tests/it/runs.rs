@@ -202,6 +202,73 @@ on_both!(
     an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses
 );
 
+/// A winning claim's exit, when its run's exit or start is recorded already (by the
+/// Monitor on its own): only what is missing is written, with its event, once.
+async fn a_winning_claim_writes_only_the_missing_part_of_its_exit(db: TestDb) {
+    let policy = policy();
+    let started = |pid| Started {
+        pid,
+        prompt: Some(format!("prompt {pid}")),
+        at: NOW + 1,
+    };
+    let runs_of = |events: &[entity::events::Model]| -> Vec<String> {
+        let k = kinds(events);
+        k.into_iter()
+            .filter(|k| k.starts_with("run_"))
+            .map(str::to_string)
+            .collect()
+    };
+    // The exit recorded, the start not: the claim writes the start, not its exit.
+    let s = submit(&db.store, "W-1").await;
+    let d = take(&db, NOW).await;
+    assert!(
+        db.store
+            .record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5)
+            .await
+            .unwrap()
+    );
+    let exit = run_exit(s.task.id, &d.run, Some(started(61)), 9, NOW + 9);
+    let won = claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor);
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&won, Some(&exit), &policy, NOW + 10, None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    let run = db.store.run(d.run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.pid, run.prompt.as_deref(), run.exit_code, run.exited_at),
+        (Some(61), Some("prompt 61"), Some(0), Some(NOW + 5))
+    );
+    assert_eq!(run.outcome, Some(baton::model::RunOutcome::Passed));
+    let events = db.store.events(s.task.id).await.unwrap();
+    assert_eq!(runs_of(&events), ["run_exited", "run_started"]);
+
+    // Both recorded: the claim writes neither.
+    let t = submit(&db.store, "W-2").await;
+    let e = take(&db, NOW).await;
+    assert!(start_and_exit(&db, t.task.id, &e.run, 62, 0, NOW + 5).await);
+    let exit = run_exit(t.task.id, &e.run, Some(started(63)), 9, NOW + 9);
+    let won = claim(&e.job, e.run.id, Verdict::Passed, Decider::Monitor);
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&won, Some(&exit), &policy, NOW + 10, None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    let run = db.store.run(e.run.id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.pid, run.exit_code, run.exited_at),
+        (Some(62), Some(0), Some(NOW + 5))
+    );
+    let events = db.store.events(t.task.id).await.unwrap();
+    assert_eq!(runs_of(&events), ["run_started", "run_exited"]);
+}
+on_both!(
+    a_winning_claim_writes_only_the_missing_part_of_its_exit,
+    a_winning_claim_writes_only_the_missing_part_of_its_exit
+);
+
 /// A cancel right after an agent's start, before its Monitor recorded the pid (it does a
 /// moment later, or never when its node dies first): the shim's status file names the
 /// agent, and the agent is stopped.

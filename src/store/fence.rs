@@ -1,0 +1,177 @@
+//! The fenced write of a claim: the job's row changes only if it is `running` with the
+//! claim's run as its current run, and then the run's outcome is written; a claim that
+//! carries its run's exit writes it with them.
+
+use entity::{agent_runs, jobs};
+use sea_orm::sea_query::{
+    Alias, CommonTableExpression, Expr, ExprTrait, Query, ReturningClause, WithClause,
+};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait};
+
+use super::{NewEvent, RunExit, StoreResult, must};
+use crate::model::{Claim, JobStatus};
+use crate::policy::JobChange;
+
+/// A fenced claim's run (`None` when the fence changed nothing), and the events of the
+/// exit it carried.
+pub(super) type Fenced = (Option<agent_runs::Model>, Vec<(NewEvent, i64)>);
+
+/// The fenced write: it must change exactly the job's row read before, and then writes
+/// the run's outcome, returning the run (its node names the host of its effects). `None`
+/// when the fence changed nothing, and nothing of it was written; an error when the run
+/// is gone. `exit`, the run's exit the claim carries, is written first (only the first
+/// exit counts), with its events returned for the caller to append before its own.
+///
+/// On PostgreSQL one statement does both: the job's update in a `WITH` that the run's
+/// update requires. It returns nothing both when the fence changed nothing and when the
+/// run is gone (the job's update stands), so both are an error, which rolls the claims'
+/// transaction back. The fence cannot change nothing there: the job's row was read
+/// locked, in this transaction, after any earlier claim of the group that wrote it. The
+/// exit rides on the run's update there ([`with_exit`]); on SQLite it is a statement of
+/// its own.
+pub(super) async fn fence(
+    txn: &DatabaseTransaction,
+    job: &jobs::Model,
+    claim: &Claim,
+    (change, feedback): (JobChange, Option<&str>),
+    exit: Option<&RunExit>,
+    now: i64,
+) -> StoreResult<Fenced> {
+    let mut fence = Query::update();
+    fence
+        .table(jobs::Entity)
+        .value(jobs::Column::Status, change.status())
+        .value(jobs::Column::UpdatedAt, now);
+    if let JobChange::Retry {
+        attempt,
+        not_before,
+    } = change
+    {
+        fence
+            .value(jobs::Column::Attempt, attempt)
+            .value(jobs::Column::NotBefore, not_before)
+            .value(jobs::Column::CurrentRunId, Option::<i64>::None)
+            .value(jobs::Column::Feedback, feedback.map(str::to_string));
+    }
+    fence
+        .and_where(jobs::Column::Id.eq(job.id))
+        .and_where(jobs::Column::Status.eq(JobStatus::Running))
+        .and_where(jobs::Column::CurrentRunId.eq(claim.run_id));
+    let usage = claim.usage.unwrap_or_default();
+    let mut outcome = Query::update();
+    outcome
+        .table(agent_runs::Entity)
+        .value(agent_runs::Column::Outcome, claim.verdict.outcome())
+        .value(agent_runs::Column::CommitSha, claim.commit_sha.clone())
+        .value(agent_runs::Column::TokensIn, usage.tokens_in)
+        .value(agent_runs::Column::TokensOut, usage.tokens_out)
+        .value(agent_runs::Column::CostMicrousd, usage.cost_microusd)
+        .value(agent_runs::Column::Turns, usage.turns)
+        .and_where(agent_runs::Column::Id.eq(claim.run_id))
+        .returning_all();
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        fence.returning_col(jobs::Column::Id);
+        let fenced = Alias::new("fenced");
+        let cte = CommonTableExpression::new()
+            .query(fence)
+            .table_name(fenced.clone())
+            .to_owned();
+        let mut with = WithClause::new();
+        with.cte(cte);
+        if let Some(exit) = exit {
+            with.cte(with_exit(&mut outcome, exit));
+        }
+        outcome
+            .and_where(Expr::exists(
+                Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
+            ))
+            .with_cte(with);
+    } else {
+        let evs = match exit {
+            Some(exit) => exit.write(txn).await?.1,
+            None => Vec::new(),
+        };
+        if txn.execute(&fence).await?.rows_affected() != 1 {
+            return Ok((None, evs));
+        }
+        let run = agent_runs::Entity::find()
+            .from_raw_sql(backend.build(&outcome))
+            .one(txn)
+            .await?;
+        let run = must(run, || format!("run {}", claim.run_id))?;
+        return Ok((Some(run), evs));
+    }
+    let row = txn.query_one_raw(backend.build(&outcome)).await?;
+    let row = must(row, || {
+        format!("run {} (its job's fence, or its row)", claim.run_id)
+    })?;
+    let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?;
+    let evs = match exit {
+        Some(exit) => exit.events(
+            row.try_get("", EXIT_WRITTEN)?,
+            row.try_get("", START_WRITTEN)?,
+        ),
+        None => Vec::new(),
+    };
+    Ok((Some(run), evs))
+}
+
+/// The columns of [`with_exit`]'s result that say whether it wrote the exit, and the
+/// agent's start.
+const EXIT_WRITTEN: &str = "exit_written";
+const START_WRITTEN: &str = "start_written";
+
+/// PostgreSQL: the run's update of a fenced claim also writes the exit the claim carries
+/// unless one is recorded, and the agent's start with it, or alone unless one is recorded
+/// (as [`RunExit::write`] does in two statements), and returns whether it wrote each.
+/// `UPDATE ... RETURNING` gives only the new row, so a `WITH` reads the run's row locked
+/// first, and the update joins it (`FROM`): a lock taken in a `WITH` the update only
+/// returned would be taken after the update, and find nothing.
+fn with_exit(
+    outcome: &mut sea_orm::sea_query::UpdateStatement,
+    exit: &RunExit,
+) -> CommonTableExpression {
+    use agent_runs::Column as C;
+    let was = Alias::new("was");
+    let (open, unstarted) = (Alias::new(EXIT_WRITTEN), Alias::new(START_WRITTEN));
+    let before = Query::select()
+        .expr_as(Expr::col(C::ExitedAt).is_null(), open.clone())
+        .expr_as(
+            Expr::col(C::ExitedAt)
+                .is_null()
+                .or(Expr::col(C::Pid).is_null()),
+            unstarted.clone(),
+        )
+        .from(agent_runs::Entity)
+        .and_where(Expr::col(C::Id).eq(exit.run.id))
+        .lock(sea_orm::sea_query::LockType::Update)
+        .to_owned();
+    let unless = |cond: &Alias, value: Expr, col: C| -> Expr {
+        Expr::case(Expr::col((was.clone(), cond.clone())), value)
+            .finally(Expr::col((agent_runs::Entity, col)))
+            .into()
+    };
+    outcome
+        .value(
+            C::ExitCode,
+            unless(&open, Expr::val(exit.code), C::ExitCode),
+        )
+        .value(C::ExitedAt, unless(&open, Expr::val(exit.at), C::ExitedAt));
+    if let Some(started) = &exit.started {
+        let prompt = Expr::val(started.prompt.clone());
+        outcome
+            .value(C::Pid, unless(&unstarted, Expr::val(started.pid), C::Pid))
+            .value(C::Prompt, unless(&unstarted, prompt, C::Prompt));
+    }
+    outcome.from(was.clone());
+    outcome.returning(ReturningClause::Exprs(vec![
+        Expr::col((agent_runs::Entity, sea_orm::sea_query::Asterisk)),
+        Expr::col((was.clone(), open)),
+        Expr::col((was.clone(), unstarted)),
+    ]));
+    CommonTableExpression::new()
+        .query(before)
+        .table_name(was)
+        .to_owned()
+}

@@ -1,0 +1,233 @@
+//! The hand-off (ADR 0001): a won claim that queues its task's next job takes it, in the
+//! claim's transaction, for the node of the run it finalized, when dispatch would take
+//! it first (it is due, its stage has no bound, and no job of an older task waits), so
+//! that the node's freed place goes to the task's next stage without a dispatch of its
+//! own. On PostgreSQL the job is inserted already taken, with its run, in one statement.
+
+use entity::{agent_runs, jobs, tasks};
+use sea_orm::sea_query::{Alias, CommonTableExpression, Expr, ExprTrait, Query, WithClause};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    FromQueryResult, IdenStatic, Iterable, QueryFilter, QuerySelect, QueryTrait,
+};
+
+use super::dispatch::{TakeIf, candidates, elsewhere, log_path_around, new_run, take, taken};
+use super::tasks::{insert_job, new_job};
+use super::{Dispatched, Store, StoreResult, Taker, must};
+use crate::model::JobStatus;
+
+/// Who takes the next job a claim queues, and the host it runs on.
+pub(super) struct HandOff<'a> {
+    pub taker: Taker<'a>,
+    hostname: Option<String>,
+}
+
+impl Store {
+    /// The hand-off of a next job of `stage` to `taker`; `None` when the stage is bounded
+    /// (`max_concurrent`): dispatch takes a bounded stage's places one at a time.
+    pub(super) async fn hand_off_to<'a>(
+        &self,
+        taker: Taker<'a>,
+        stage: &str,
+    ) -> StoreResult<Option<HandOff<'a>>> {
+        if taker
+            .policy
+            .is_some_and(|p| p.stage_limits.contains_key(stage))
+        {
+            return Ok(None);
+        }
+        let hostname = self.node_host(taker.node_id).await?;
+        Ok(Some(HandOff { taker, hostname }))
+    }
+}
+
+/// The next job of `task` a won claim queues; with `hand`, taken for its taker when it
+/// comes first.
+pub(super) async fn queue_next(
+    txn: &DatabaseTransaction,
+    task: &tasks::Model,
+    (stage, iteration): (&str, i32),
+    feedback: Option<&str>,
+    hand: Option<&HandOff<'_>>,
+    now: i64,
+) -> StoreResult<(jobs::Model, Option<Dispatched>)> {
+    let Some(hand) = hand else {
+        let job = insert_job(txn, task.id, stage, iteration, feedback, now).await?;
+        return Ok((job, None));
+    };
+    if txn.get_database_backend() == DbBackend::Postgres {
+        return queue_taken(txn, task, (stage, iteration), feedback, hand, now).await;
+    }
+    let job = insert_job(txn, task.id, stage, iteration, feedback, now).await?;
+    // The job was queued by this transaction: nobody else can have taken it, and it is
+    // taken when it comes first.
+    let cond = TakeIf::First {
+        hostname: hand.hostname.as_deref(),
+    };
+    let handed = take(txn, &hand.taker, task.clone(), job.clone(), cond, now).await?;
+    Ok((job, handed))
+}
+
+/// PostgreSQL: the next job inserted running, with its run's id drawn from the runs'
+/// sequence, and its run inserted, when it comes first; else inserted queued. One
+/// statement: the job's insert and the run's in a `WITH`, then both rows read.
+///
+/// The job comes first when no job that dispatch would take belongs to an older task or
+/// its own (a new job's id is the highest, so it sorts after every job of its task), and
+/// its task's push waits for no other host; it is due (queued now) and its task active
+/// (the claim that queues it read it so). That is what dispatch's order would decide.
+async fn queue_taken(
+    txn: &DatabaseTransaction,
+    task: &tasks::Model,
+    (stage, iteration): (&str, i32),
+    feedback: Option<&str>,
+    hand: &HandOff<'_>,
+    now: i64,
+) -> StoreResult<(jobs::Model, Option<Dispatched>)> {
+    let hostname = hand.hostname.as_deref();
+    let before = candidates(hostname, &[], &[], now)
+        .select_only()
+        .expr(Expr::val(1))
+        .filter(jobs::Column::TaskId.lte(task.id))
+        .into_query();
+    let waits = elsewhere(hostname)
+        .and_where(entity::effects::Column::TaskId.eq(task.id))
+        .to_owned();
+    let (flag, first) = (Alias::new("f"), Alias::new("first"));
+    let is_first = || Expr::col((flag.clone(), first.clone()));
+    let job = new_job(task.id, stage, iteration, feedback, now);
+    let mut values = values_of(&job);
+    for (col, value) in &mut values {
+        *value = match *col {
+            c if c == jobs::Column::Status.as_str() => {
+                Expr::case(is_first(), Expr::val(JobStatus::Running))
+                    .finally(Expr::val(JobStatus::Queued))
+                    .into()
+            }
+            c if c == jobs::Column::CurrentRunId.as_str() => Expr::case(
+                is_first(),
+                Expr::cust("nextval(pg_get_serial_sequence('agent_runs', 'id'))"),
+            )
+            .finally(Expr::cust("NULL"))
+            .into(),
+            _ => continue,
+        };
+    }
+    let mut insert_job = Query::insert();
+    insert_job
+        .into_table(jobs::Entity)
+        .columns(values.iter().map(|(c, _)| Alias::new(*c)))
+        .select_from(
+            Query::select()
+                .exprs(values.into_iter().map(|(_, v)| v))
+                .from_subquery(
+                    Query::select()
+                        .expr_as(
+                            Expr::exists(before).not().and(Expr::exists(waits).not()),
+                            first.clone(),
+                        )
+                        .to_owned(),
+                    flag.clone(),
+                )
+                .to_owned(),
+        )
+        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
+        .returning_all();
+
+    // The run's row as dispatch writes it, but for what only the job's insert knows.
+    let j = Alias::new("j");
+    let (log_before, log_after) = log_path_around(&hand.taker, task, stage, 1);
+    let mut run = values_of(&new_run(&hand.taker, 0, 0, now));
+    for (col, value) in &mut run {
+        let from_job = |c: jobs::Column| Expr::col((j.clone(), c));
+        *value = match *col {
+            c if c == agent_runs::Column::JobId.as_str() => from_job(jobs::Column::Id),
+            c if c == agent_runs::Column::Attempt.as_str() => from_job(jobs::Column::Attempt),
+            c if c == agent_runs::Column::LogPath.as_str() => Expr::cust_with_exprs(
+                "$1 || $2::text || $3",
+                [
+                    Expr::val(log_before.clone()),
+                    from_job(jobs::Column::CurrentRunId),
+                    Expr::val(log_after.clone()),
+                ],
+            ),
+            _ => continue,
+        };
+    }
+    run.push((
+        agent_runs::Column::Id.as_str(),
+        Expr::col((j.clone(), jobs::Column::CurrentRunId)),
+    ));
+    let mut insert_run = Query::insert();
+    insert_run
+        .into_table(agent_runs::Entity)
+        .columns(run.iter().map(|(c, _)| Alias::new(*c)))
+        .select_from(
+            Query::select()
+                .exprs(run.into_iter().map(|(_, v)| v))
+                .from(j.clone())
+                .and_where(Expr::col((j.clone(), jobs::Column::CurrentRunId)).is_not_null())
+                .to_owned(),
+        )
+        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
+        .returning_all();
+
+    let r = Alias::new("r");
+    let both = Query::select()
+        .exprs(prefixed::<jobs::Entity>(&j, JOB))
+        .exprs(prefixed::<agent_runs::Entity>(&r, RUN))
+        .from(j.clone())
+        .left_join(r.clone(), Expr::val(true))
+        .to_owned()
+        .with(
+            WithClause::new()
+                .cte(cte(insert_job, &j))
+                .cte(cte(insert_run, &r))
+                .to_owned(),
+        );
+    let row = txn.query_one_raw(DbBackend::Postgres.build(&both)).await?;
+    let row = must(row, || format!("the next job of task {}", task.id))?;
+    let job = jobs::Model::from_query_result(&row, JOB)?;
+    if row
+        .try_get::<Option<i64>>(RUN, agent_runs::Column::Id.as_str())?
+        .is_none()
+    {
+        return Ok((job, None));
+    }
+    let run = agent_runs::Model::from_query_result(&row, RUN)?;
+    let d = taken(txn, &hand.taker, task.clone(), job.clone(), run, now).await?;
+    Ok((job, Some(d)))
+}
+
+/// The prefixes of the job's and the run's columns in [`queue_taken`]'s result.
+const JOB: &str = "j_";
+const RUN: &str = "r_";
+
+/// The columns an active model sets, with their values, in the entity's column order.
+fn values_of<A: ActiveModelTrait>(model: &A) -> Vec<(&'static str, Expr)> {
+    <A::Entity as EntityTrait>::Column::iter()
+        .filter_map(|c| {
+            let value = model.get(c).into_value()?;
+            Some((c.as_str(), Expr::val(value)))
+        })
+        .collect()
+}
+
+/// Every column of `E` read from `table`, named `{prefix}{column}`.
+fn prefixed<E: EntityTrait>(table: &Alias, prefix: &str) -> Vec<Expr> {
+    E::Column::iter()
+        .map(|c| {
+            Expr::cust_with_expr(
+                format!("$1 AS \"{prefix}{}\"", c.as_str()),
+                Expr::col((table.clone(), c)),
+            )
+        })
+        .collect()
+}
+
+fn cte(query: sea_orm::sea_query::InsertStatement, name: &Alias) -> CommonTableExpression {
+    CommonTableExpression::new()
+        .query(query)
+        .table_name(name.clone())
+        .to_owned()
+}
