@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::delivery::delivery_pending;
 use super::fence::fence;
-use super::handoff::{HandOff, queue_next};
+use super::handoff::{HandOff, fence_and_queue, queue_next};
 use super::outbox::insert_effect;
 use super::tasks::set_task_status;
 use super::{
@@ -157,20 +157,41 @@ impl Store {
             JobChange::Retry { .. } => decision.feedback.as_deref(),
             _ => None,
         };
-        let change = (decision.job, retry_feedback);
-        // The exit is written with the fence, first.
-        let (run, exited) = fence(txn, &job, claim, change, item.exit, now).await?;
-        deferred.events.extend(exited);
-        // A fence that changes nothing wrote nothing: the loss is recorded in `txn`.
-        let Some(run) = run else {
-            return Ok((record_loss(txn, claim, deferred, now).await?, None));
-        };
         let hand = match (item.taker, &decision.next) {
             (Some(taker), Some(next)) => self.hand_off_to(taker, &next.stage).await?,
             _ => None,
         };
+        let change = (decision.job, retry_feedback);
+        // On PostgreSQL a hand-off with nothing for the outbox is one statement: the
+        // fence, the run's outcome with the exit, the next job taken with its run.
+        let one_statement = self.is_postgres() && decision.effects.is_empty();
+        let queued = match (&hand, &decision.next) {
+            (Some(hand), Some(next)) if one_statement => {
+                let at = (next.stage.as_str(), next.iteration);
+                let next = (at, decision.feedback.as_deref());
+                let (j, t) = ((&job, claim), &task);
+                Some(fence_and_queue(txn, j, change, item.exit, t, next, hand, now).await?)
+            }
+            _ => None,
+        };
+        let (run, next) = match queued {
+            Some((run, exited, next_job, handed)) => {
+                deferred.events.extend(exited);
+                (run, Next::Queued(Box::new((next_job, handed))))
+            }
+            None => {
+                // The exit is written with the fence, first.
+                let (run, exited) = fence(txn, &job, claim, change, item.exit, now).await?;
+                deferred.events.extend(exited);
+                // A fence that changes nothing wrote nothing: the loss is recorded.
+                let Some(run) = run else {
+                    return Ok((record_loss(txn, claim, deferred, now).await?, None));
+                };
+                (run, Next::Queue(hand))
+            }
+        };
         let decided = (&task, &job, &run);
-        let (won, handed) = apply(txn, claim, decided, decision, hand, deferred, now).await?;
+        let (won, handed) = apply(txn, claim, decided, decision, next, deferred, now).await?;
         let handed = handed.map(|d| Dispatched {
             last_commit: item
                 .taker
@@ -371,6 +392,13 @@ impl TasksRead {
     }
 }
 
+/// A won claim's next job: to be queued (and taken for the hand-off's taker when it comes
+/// first), or queued already, with the fence.
+enum Next<'a> {
+    Queue(Option<HandOff<'a>>),
+    Queued(Box<(jobs::Model, Option<Dispatched>)>),
+}
+
 /// The winner's writes after the fence: the outbox, the next job (taken for `hand`'s
 /// taker when it comes first: the hand-off) or the task's end; its events (after those of
 /// the claim's exit) and its `advances` row go to `deferred`.
@@ -379,7 +407,7 @@ async fn apply(
     claim: &Claim,
     (task, job, run): (&tasks::Model, &jobs::Model, &agent_runs::Model),
     decision: Transition,
-    hand: Option<HandOff<'_>>,
+    queued: Next<'_>,
     deferred: &mut Deferred,
     now: i64,
 ) -> StoreResult<(ClaimWon, Option<Dispatched>)> {
@@ -418,9 +446,14 @@ async fn apply(
 
     let (mut next_job, mut handed) = (None, None);
     if let Some(next) = &decision.next {
-        let feedback = decision.feedback.as_deref();
-        let at = (next.stage.as_str(), next.iteration);
-        let (nj, d) = queue_next(txn, task, at, feedback, hand.as_ref(), now).await?;
+        let (nj, d) = match queued {
+            Next::Queued(queued) => *queued,
+            Next::Queue(hand) => {
+                let feedback = decision.feedback.as_deref();
+                let at = (next.stage.as_str(), next.iteration);
+                queue_next(txn, task, at, feedback, hand.as_ref(), now).await?
+            }
+        };
         let detail = json!({"stage": next.stage, "iteration": next.iteration, "after": job.stage});
         let queued = NewEvent::of(task.id, Some(&nj), EventKind::JobQueued, source);
         evs.push(queued.detail(detail));

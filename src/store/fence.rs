@@ -4,7 +4,8 @@
 
 use entity::{agent_runs, jobs};
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, Expr, ExprTrait, Query, ReturningClause, WithClause,
+    Alias, CommonTableExpression, Expr, ExprTrait, Query, ReturningClause, UpdateStatement,
+    WithClause,
 };
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait};
 
@@ -33,10 +34,48 @@ pub(super) async fn fence(
     txn: &DatabaseTransaction,
     job: &jobs::Model,
     claim: &Claim,
-    (change, feedback): (JobChange, Option<&str>),
+    change: (JobChange, Option<&str>),
     exit: Option<&RunExit>,
     now: i64,
 ) -> StoreResult<Fenced> {
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        let (ctes, mut outcome) = fence_parts(job, claim, change, exit, now);
+        let mut with = WithClause::new();
+        for cte in ctes {
+            with.cte(cte);
+        }
+        outcome.with_cte(with);
+        let row = txn.query_one_raw(backend.build(&outcome)).await?;
+        let row = must(row, || {
+            format!("run {} (its job's fence, or its row)", claim.run_id)
+        })?;
+        let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?;
+        return Ok((Some(run), exit_events(&row, "", exit)?));
+    }
+    let (fence, outcome) = statements(job, claim, change, now);
+    let evs = match exit {
+        Some(exit) => exit.write(txn).await?.1,
+        None => Vec::new(),
+    };
+    if txn.execute(&fence).await?.rows_affected() != 1 {
+        return Ok((None, evs));
+    }
+    let run = agent_runs::Entity::find()
+        .from_raw_sql(backend.build(&outcome))
+        .one(txn)
+        .await?;
+    let run = must(run, || format!("run {}", claim.run_id))?;
+    Ok((Some(run), evs))
+}
+
+/// The fence (the job's update) and the run's outcome (its update, returning the run).
+fn statements(
+    job: &jobs::Model,
+    claim: &Claim,
+    (change, feedback): (JobChange, Option<&str>),
+    now: i64,
+) -> (UpdateStatement, UpdateStatement) {
     let mut fence = Query::update();
     fence
         .table(jobs::Entity)
@@ -69,58 +108,58 @@ pub(super) async fn fence(
         .value(agent_runs::Column::Turns, usage.turns)
         .and_where(agent_runs::Column::Id.eq(claim.run_id))
         .returning_all();
-    let backend = txn.get_database_backend();
-    if backend == DbBackend::Postgres {
-        fence.returning_col(jobs::Column::Id);
-        let fenced = Alias::new("fenced");
-        let cte = CommonTableExpression::new()
+    (fence, outcome)
+}
+
+/// PostgreSQL: [`fence`]'s one statement in parts, for a statement that does more: the
+/// queries of its `WITH` (the fence, and the run's row as it was when there is an exit)
+/// and the run's update, which requires the fence and returns the run (and, with an
+/// exit, the columns [`exit_events`] reads).
+pub(super) fn fence_parts(
+    job: &jobs::Model,
+    claim: &Claim,
+    change: (JobChange, Option<&str>),
+    exit: Option<&RunExit>,
+    now: i64,
+) -> (Vec<CommonTableExpression>, UpdateStatement) {
+    let (mut fence, mut outcome) = statements(job, claim, change, now);
+    fence.returning_col(jobs::Column::Id);
+    let fenced = Alias::new("fenced");
+    let mut ctes = vec![
+        CommonTableExpression::new()
             .query(fence)
             .table_name(fenced.clone())
-            .to_owned();
-        let mut with = WithClause::new();
-        with.cte(cte);
-        if let Some(exit) = exit {
-            with.cte(with_exit(&mut outcome, exit));
-        }
-        outcome
-            .and_where(Expr::exists(
-                Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
-            ))
-            .with_cte(with);
-    } else {
-        let evs = match exit {
-            Some(exit) => exit.write(txn).await?.1,
-            None => Vec::new(),
-        };
-        if txn.execute(&fence).await?.rows_affected() != 1 {
-            return Ok((None, evs));
-        }
-        let run = agent_runs::Entity::find()
-            .from_raw_sql(backend.build(&outcome))
-            .one(txn)
-            .await?;
-        let run = must(run, || format!("run {}", claim.run_id))?;
-        return Ok((Some(run), evs));
+            .to_owned(),
+    ];
+    if let Some(exit) = exit {
+        ctes.push(with_exit(&mut outcome, exit));
     }
-    let row = txn.query_one_raw(backend.build(&outcome)).await?;
-    let row = must(row, || {
-        format!("run {} (its job's fence, or its row)", claim.run_id)
-    })?;
-    let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?;
-    let evs = match exit {
+    outcome.and_where(Expr::exists(
+        Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
+    ));
+    (ctes, outcome)
+}
+
+/// The events of the exit `exit` a PostgreSQL fence wrote, from its result's columns
+/// named `{prefix}exit_written` and `{prefix}start_written`.
+pub(super) fn exit_events(
+    row: &sea_orm::QueryResult,
+    prefix: &str,
+    exit: Option<&RunExit>,
+) -> StoreResult<Vec<(NewEvent, i64)>> {
+    Ok(match exit {
         Some(exit) => exit.events(
-            row.try_get("", EXIT_WRITTEN)?,
-            row.try_get("", START_WRITTEN)?,
+            row.try_get(prefix, EXIT_WRITTEN)?,
+            row.try_get(prefix, START_WRITTEN)?,
         ),
         None => Vec::new(),
-    };
-    Ok((Some(run), evs))
+    })
 }
 
 /// The columns of [`with_exit`]'s result that say whether it wrote the exit, and the
 /// agent's start.
-const EXIT_WRITTEN: &str = "exit_written";
-const START_WRITTEN: &str = "start_written";
+pub(super) const EXIT_WRITTEN: &str = "exit_written";
+pub(super) const START_WRITTEN: &str = "start_written";
 
 /// PostgreSQL: the run's update of a fenced claim also writes the exit the claim carries
 /// unless one is recorded, and the agent's start with it, or alone unless one is recorded

@@ -5,16 +5,20 @@
 //! own. On PostgreSQL the job is inserted already taken, with its run, in one statement.
 
 use entity::{agent_runs, jobs, tasks};
-use sea_orm::sea_query::{Alias, CommonTableExpression, Expr, ExprTrait, Query, WithClause};
+use sea_orm::sea_query::{
+    Alias, CommonTableExpression, Expr, ExprTrait, Query, SelectStatement, WithClause,
+};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
     FromQueryResult, IdenStatic, Iterable, QueryFilter, QuerySelect, QueryTrait,
 };
 
 use super::dispatch::{TakeIf, candidates, elsewhere, log_path_around, new_run, take, taken};
+use super::fence::{EXIT_WRITTEN, START_WRITTEN, exit_events, fence_parts};
 use super::tasks::{insert_job, new_job};
-use super::{Dispatched, Store, StoreResult, Taker, must};
-use crate::model::JobStatus;
+use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, must};
+use crate::model::{Claim, JobStatus};
+use crate::policy::JobChange;
 
 /// Who takes the next job a claim queues, and the host it runs on.
 pub(super) struct HandOff<'a> {
@@ -79,11 +83,116 @@ pub(super) async fn queue_next(
 async fn queue_taken(
     txn: &DatabaseTransaction,
     task: &tasks::Model,
-    (stage, iteration): (&str, i32),
+    at: (&str, i32),
     feedback: Option<&str>,
     hand: &HandOff<'_>,
     now: i64,
 ) -> StoreResult<(jobs::Model, Option<Dispatched>)> {
+    let ctes = taken_parts(task, at, feedback, hand, now)?;
+    let row = query_with(txn, taken_columns(Query::select()), ctes).await?;
+    let row = must(row, || format!("the next job of task {}", task.id))?;
+    read_taken(txn, &row, task, hand, now).await
+}
+
+/// PostgreSQL: a won claim's fence, its run's outcome (with the exit it carries) and its
+/// task's next job, taken for `hand`'s taker when it comes first ([`queue_taken`]), in
+/// one statement: the run, the exit's events, the job and what was taken.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn fence_and_queue(
+    txn: &DatabaseTransaction,
+    (job, claim): (&jobs::Model, &Claim),
+    change: (JobChange, Option<&str>),
+    exit: Option<&RunExit>,
+    task: &tasks::Model,
+    (at, feedback): ((&str, i32), Option<&str>),
+    hand: &HandOff<'_>,
+    now: i64,
+) -> StoreResult<FencedAndQueued> {
+    let (mut ctes, outcome) = fence_parts(job, claim, change, exit, now);
+    let o = Alias::new("o");
+    ctes.push(cte(outcome, &o));
+    ctes.extend(taken_parts(task, at, feedback, hand, now)?);
+    let mut select = Query::select();
+    select.exprs(prefixed::<agent_runs::Entity>(&o, OUTCOME));
+    if exit.is_some() {
+        select.exprs(prefixed_names(&o, OUTCOME, [EXIT_WRITTEN, START_WRITTEN]));
+    }
+    select.from(o);
+    let row = query_with(txn, taken_columns(select), ctes).await?;
+    let row = must(row, || {
+        format!("run {} (its job's fence, or its row)", claim.run_id)
+    })?;
+    let run = agent_runs::Model::from_query_result(&row, OUTCOME)?;
+    let exited = exit_events(&row, OUTCOME, exit)?;
+    let (next, handed) = read_taken(txn, &row, task, hand, now).await?;
+    Ok((run, exited, next, handed))
+}
+
+/// What [`fence_and_queue`] wrote: the claim's run, its exit's events, the next job and,
+/// when it was taken, its dispatch.
+pub(super) type FencedAndQueued = (
+    agent_runs::Model,
+    Vec<(NewEvent, i64)>,
+    jobs::Model,
+    Option<Dispatched>,
+);
+
+/// Runs `select` with `ctes` as its `WITH`.
+async fn query_with(
+    txn: &DatabaseTransaction,
+    select: SelectStatement,
+    ctes: Vec<CommonTableExpression>,
+) -> StoreResult<Option<sea_orm::QueryResult>> {
+    let mut with = WithClause::new();
+    for c in ctes {
+        with.cte(c);
+    }
+    let stmt = select.with(with);
+    Ok(txn.query_one_raw(DbBackend::Postgres.build(&stmt)).await?)
+}
+
+/// `select`, reading also the rows [`taken_parts`] inserted: the job's and the run's, if
+/// any.
+fn taken_columns(mut select: SelectStatement) -> SelectStatement {
+    let (j, r) = (Alias::new(J), Alias::new(R));
+    select
+        .exprs(prefixed::<jobs::Entity>(&j, JOB))
+        .exprs(prefixed::<agent_runs::Entity>(&r, RUN))
+        .from(j)
+        .left_join(r, Expr::val(true))
+        .to_owned()
+}
+
+/// The next job and, when it was taken, its dispatch (with the start effect written),
+/// from a row of [`taken_columns`].
+async fn read_taken(
+    txn: &DatabaseTransaction,
+    row: &sea_orm::QueryResult,
+    task: &tasks::Model,
+    hand: &HandOff<'_>,
+    now: i64,
+) -> StoreResult<(jobs::Model, Option<Dispatched>)> {
+    let job = jobs::Model::from_query_result(row, JOB)?;
+    if row
+        .try_get::<Option<i64>>(RUN, agent_runs::Column::Id.as_str())?
+        .is_none()
+    {
+        return Ok((job, None));
+    }
+    let run = agent_runs::Model::from_query_result(row, RUN)?;
+    let d = taken(txn, &hand.taker, task.clone(), job.clone(), run, now).await?;
+    Ok((job, Some(d)))
+}
+
+/// The queries of the `WITH` of [`queue_taken`]: the job's insert (`j`) and its run's
+/// (`r`), which inserts nothing when the job was not taken.
+fn taken_parts(
+    task: &tasks::Model,
+    (stage, iteration): (&str, i32),
+    feedback: Option<&str>,
+    hand: &HandOff<'_>,
+    now: i64,
+) -> StoreResult<Vec<CommonTableExpression>> {
     let hostname = hand.hostname.as_deref();
     let before = candidates(hostname, &[], &[], now)
         .select_only()
@@ -135,7 +244,7 @@ async fn queue_taken(
         .returning_all();
 
     // The run's row as dispatch writes it, but for what only the job's insert knows.
-    let j = Alias::new("j");
+    let j = Alias::new(J);
     let (log_before, log_after) = log_path_around(&hand.taker, task, stage, 1);
     let mut run = values_of(&new_run(&hand.taker, 0, 0, now));
     for (col, value) in &mut run {
@@ -172,34 +281,15 @@ async fn queue_taken(
         .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
         .returning_all();
 
-    let r = Alias::new("r");
-    let both = Query::select()
-        .exprs(prefixed::<jobs::Entity>(&j, JOB))
-        .exprs(prefixed::<agent_runs::Entity>(&r, RUN))
-        .from(j.clone())
-        .left_join(r.clone(), Expr::val(true))
-        .to_owned()
-        .with(
-            WithClause::new()
-                .cte(cte(insert_job, &j))
-                .cte(cte(insert_run, &r))
-                .to_owned(),
-        );
-    let row = txn.query_one_raw(DbBackend::Postgres.build(&both)).await?;
-    let row = must(row, || format!("the next job of task {}", task.id))?;
-    let job = jobs::Model::from_query_result(&row, JOB)?;
-    if row
-        .try_get::<Option<i64>>(RUN, agent_runs::Column::Id.as_str())?
-        .is_none()
-    {
-        return Ok((job, None));
-    }
-    let run = agent_runs::Model::from_query_result(&row, RUN)?;
-    let d = taken(txn, &hand.taker, task.clone(), job.clone(), run, now).await?;
-    Ok((job, Some(d)))
+    Ok(vec![cte(insert_job, &j), cte(insert_run, &Alias::new(R))])
 }
 
-/// The prefixes of the job's and the run's columns in [`queue_taken`]'s result.
+/// The `WITH` names of the next job's insert and its run's.
+const J: &str = "j";
+const R: &str = "r";
+/// The prefixes of the columns of the claimed run, the next job and its run in
+/// [`taken_columns`]'s result.
+const OUTCOME: &str = "o_";
 const JOB: &str = "j_";
 const RUN: &str = "r_";
 
@@ -215,17 +305,30 @@ fn values_of<A: ActiveModelTrait>(model: &A) -> Vec<(&'static str, Expr)> {
 
 /// Every column of `E` read from `table`, named `{prefix}{column}`.
 fn prefixed<E: EntityTrait>(table: &Alias, prefix: &str) -> Vec<Expr> {
-    E::Column::iter()
-        .map(|c| {
+    prefixed_names(table, prefix, E::Column::iter().map(|c| c.as_str()))
+}
+
+/// The columns `names` of `table`, each named `{prefix}{name}`.
+fn prefixed_names<'a>(
+    table: &Alias,
+    prefix: &str,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<Expr> {
+    names
+        .into_iter()
+        .map(|name| {
             Expr::cust_with_expr(
-                format!("$1 AS \"{prefix}{}\"", c.as_str()),
-                Expr::col((table.clone(), c)),
+                format!("$1 AS \"{prefix}{name}\""),
+                Expr::col((table.clone(), Alias::new(name))),
             )
         })
         .collect()
 }
 
-fn cte(query: sea_orm::sea_query::InsertStatement, name: &Alias) -> CommonTableExpression {
+fn cte(
+    query: impl Into<sea_orm::sea_query::SubQueryStatement>,
+    name: &Alias,
+) -> CommonTableExpression {
     CommonTableExpression::new()
         .query(query)
         .table_name(name.clone())

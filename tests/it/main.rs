@@ -8,6 +8,7 @@ mod dashboard;
 mod durable;
 mod effects;
 mod handoff;
+mod handoff_quiet;
 mod locks;
 mod mirror;
 mod nodes;
