@@ -42,8 +42,9 @@ impl Store {
 
     /// [`Store::claim`]; a won claim that queued a next job also takes it for `taker`,
     /// in the same transaction, when dispatch would take it first (the hand-off, see
-    /// [`Store::hand_off`]). `exit`, the run's exit when its Monitor did not record it on
-    /// its own, is written first, whether the claim wins or loses.
+    /// the `handoff` module). `exit`, the run's exit when its Monitor did not record it
+    /// on its own, is written whether the claim wins or loses, with the fence or before
+    /// the loss.
     pub async fn claim_and_take(
         &self,
         claim: &Claim,

@@ -1,7 +1,6 @@
 //! Dispatch: a due queued job taken for a node, with its run, in one transaction; the
-//! hand-off, in which a won claim takes the next job of its task for the node of the run
-//! it finalized, in the claim's own transaction (ADR 0001); and the release of a taken
-//! job whose Monitor cannot start.
+//! taking of a job, which the hand-off shares (the `handoff` module, ADR 0001); and the
+//! release of a taken job whose Monitor cannot start.
 
 use std::collections::HashMap;
 use std::path::Path;
