@@ -134,13 +134,15 @@ impl Store {
         }) && task
             .as_ref()
             .is_some_and(|t| t.status == TaskStatus::Active);
+        // The exit before anything of the claim's, after the task's and jobs' rows (which
+        // claims and cancels take first): it is written whether the claim wins or loses;
+        // with the fence when the claim can win and it is the claimed run's (always, but
+        // for a caller's mistake), else on its own.
+        let with_fence = item.exit.filter(|e| fenced && e.run.id == claim.run_id);
+        if let Some(exit) = item.exit.filter(|_| with_fence.is_none()) {
+            deferred.events.extend(exit.write(txn).await?.1);
+        }
         let (Some(job), Some(task)) = (job.filter(|_| fenced), task) else {
-            // The exit before anything of the claim's, after the task's and jobs' rows
-            // (which claims and cancels take first): it is written whether the claim
-            // wins or loses.
-            if let Some(exit) = item.exit {
-                deferred.events.extend(exit.write(txn).await?.1);
-            }
             return Ok((record_loss(txn, claim, deferred, now).await?, None));
         };
         let iterations = Iterations::of_jobs(&siblings);
@@ -171,7 +173,7 @@ impl Store {
                 let at = (next.stage.as_str(), next.iteration);
                 let next = (at, decision.feedback.as_deref());
                 let (j, t) = ((&job, claim), &task);
-                Some(fence_and_queue(txn, j, change, item.exit, t, next, hand, now).await?)
+                Some(fence_and_queue(txn, j, change, with_fence, t, next, hand, now).await?)
             }
             _ => None,
         };
@@ -182,7 +184,7 @@ impl Store {
             }
             None => {
                 // The exit is written with the fence, first.
-                let (run, exited) = fence(txn, &job, claim, change, item.exit, now).await?;
+                let (run, exited) = fence(txn, &job, claim, change, with_fence, now).await?;
                 deferred.events.extend(exited);
                 // A fence that changes nothing wrote nothing: the loss is recorded.
                 let Some(run) = run else {

@@ -175,6 +175,7 @@ fn with_exit(
     let was = Alias::new("was");
     let (open, unstarted) = (Alias::new(EXIT_WRITTEN), Alias::new(START_WRITTEN));
     let before = Query::select()
+        .column(C::Id)
         .expr_as(Expr::col(C::ExitedAt).is_null(), open.clone())
         .expr_as(
             Expr::col(C::ExitedAt)
@@ -203,7 +204,9 @@ fn with_exit(
             .value(C::Pid, unless(&unstarted, Expr::val(started.pid), C::Pid))
             .value(C::Prompt, unless(&unstarted, prompt, C::Prompt));
     }
-    outcome.from(was.clone());
+    outcome
+        .from(was.clone())
+        .and_where(Expr::col((was.clone(), C::Id)).equals((agent_runs::Entity, C::Id)));
     outcome.returning(ReturningClause::Exprs(vec![
         Expr::col((agent_runs::Entity, sea_orm::sea_query::Asterisk)),
         Expr::col((was.clone(), open)),

@@ -15,7 +15,7 @@ use sea_orm::{
 
 use super::dispatch::{TakeIf, candidates, elsewhere, log_path_around, new_run, take, taken};
 use super::fence::{EXIT_WRITTEN, START_WRITTEN, exit_events, fence_parts};
-use super::tasks::{insert_job, new_job};
+use super::tasks::{FIRST_ATTEMPT, insert_job, new_job};
 use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, must};
 use crate::model::{Claim, JobStatus};
 use crate::policy::JobChange;
@@ -245,7 +245,7 @@ fn taken_parts(
 
     // The run's row as dispatch writes it, but for what only the job's insert knows.
     let j = Alias::new(J);
-    let (log_before, log_after) = log_path_around(&hand.taker, task, stage, 1);
+    let (log_before, log_after) = log_path_around(&hand.taker, task, stage, FIRST_ATTEMPT);
     let mut run = values_of(&new_run(&hand.taker, 0, 0, now));
     for (col, value) in &mut run {
         let from_job = |c: jobs::Column| Expr::col((j.clone(), c));

@@ -529,6 +529,9 @@ pub(super) async fn insert_job<C: ConnectionTrait>(
         .await?)
 }
 
+/// A new job's attempt.
+pub(super) const FIRST_ATTEMPT: i32 = 1;
+
 /// The row of a new queued job of a task.
 pub(super) fn new_job(
     task_id: i64,
@@ -542,7 +545,7 @@ pub(super) fn new_job(
         stage: Set(stage.to_string()),
         iteration: Set(iteration),
         status: Set(JobStatus::Queued),
-        attempt: Set(1),
+        attempt: Set(FIRST_ATTEMPT),
         current_run_id: Set(None),
         not_before: Set(now),
         feedback: Set(feedback.map(str::to_string)),
