@@ -68,6 +68,9 @@ pub enum ProbeEvent {
         /// that failed, and each was decided on its own).
         group: usize,
         together: bool,
+        /// How long deciding the group took, in microseconds (the same for each claim
+        /// of the group).
+        elapsed_us: u64,
     },
     EffectWorker {
         msg: effect_worker::EffectWorkerMsg,

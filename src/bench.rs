@@ -5,6 +5,7 @@
 //! then it measures advance latency with one task at a time on an idle node.
 //! Figures, not verdicts: shared machines are noisy, so compare ratios.
 
+mod advancer;
 pub mod history;
 pub mod idle;
 pub mod workspaces;
@@ -45,6 +46,7 @@ pub struct Throughput {
     /// agents are other processes.
     pub cpu_ms_per_stage: f64,
     pub advance: Latency,
+    pub advancer: advancer::AdvancerLoad,
 }
 
 /// Advance latency (an agent's recorded exit to the next stage's agent start), with where
@@ -126,11 +128,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
                 ratio: run.stages as f64 / run.elapsed.as_secs_f64() / baseline_per_sec,
                 cpu_ms_per_stage: run.cpu.as_secs_f64() * 1000.0 / run.stages.max(1) as f64,
                 advance: run.latency,
+                advancer: run.advancer,
             };
-            let a = &t.advance;
+            let (a, l) = (&t.advance, &t.advancer);
             println!(
                 "  {:.1} stages/s, ratio {:.3}, baton CPU {:.2} ms/stage, advance p50 {} ms p99 {} ms \
-                 (mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms)",
+                 (mean per stage: agent {:.1} ms, finalization {:.1} ms, next start {:.1} ms); \
+                 the Advancer decided groups of {:.1} claims in {:.1} ms each, busy {:.0}% of the run",
                 t.stages_per_sec,
                 t.ratio,
                 t.cpu_ms_per_stage,
@@ -138,7 +142,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
                 a.p99_ms,
                 a.agent_ms,
                 a.finalize_ms,
-                a.start_ms
+                a.start_ms,
+                l.mean_group(),
+                l.mean_ms(),
+                l.busy_percent(t.elapsed),
             );
             throughput.push(t);
         }
@@ -198,6 +205,7 @@ struct NodeRun {
     elapsed: Duration,
     cpu: Duration,
     latency: Latency,
+    advancer: advancer::AdvancerLoad,
 }
 
 impl Bench {
@@ -241,12 +249,14 @@ impl Bench {
                 submit(key.clone()).await?;
             }
         }
+        let (probe, counter) = advancer::Counter::start();
         let cpu_before = cpu_time();
         let started = Instant::now();
         let node = Node::start(
             config.clone(),
             ServeOptions {
                 dispatcher_interval: Some(Duration::from_millis(50)),
+                probe: Some(probe),
                 ..Default::default()
             },
         )
@@ -262,6 +272,7 @@ impl Bench {
         let elapsed = started.elapsed();
         let cpu = cpu_time().saturating_sub(cpu_before);
         node.shutdown().await;
+        let advancer = counter.stop();
         let latency = latency(&store, &keys).await?;
         store.close().await;
         Ok(NodeRun {
@@ -269,6 +280,7 @@ impl Bench {
             elapsed,
             cpu,
             latency,
+            advancer,
         })
     }
 }

@@ -133,6 +133,7 @@ impl Actor for Advancer {
                         outcome: outcome.clone(),
                         group,
                         together,
+                        elapsed_us,
                     });
                     let _ = w.reply.send(outcome);
                 }
