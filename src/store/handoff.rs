@@ -2,7 +2,9 @@
 //! claim's transaction, for the node of the run it finalized, when dispatch would take
 //! it first (it is due, its stage has no bound, and no job of an older task waits), so
 //! that the node's freed place goes to the task's next stage without a dispatch of its
-//! own. On PostgreSQL the job is inserted already taken, with its run, in one statement.
+//! own. On PostgreSQL the job is inserted already taken, with its run, in one statement
+//! ([`queue_taken`]), which for a claim with nothing for the outbox also holds the
+//! claim's fence, its run's outcome and exit ([`fence_and_queue`]).
 
 use entity::{agent_runs, jobs, tasks};
 use sea_orm::sea_query::{
