@@ -8,7 +8,8 @@
 
 use entity::{agent_runs, jobs, tasks};
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, Expr, ExprTrait, Query, SelectStatement, WithClause,
+    Alias, CommonTableExpression, Expr, ExprTrait, InsertStatement, Query, SelectStatement,
+    WithClause,
 };
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
@@ -224,26 +225,15 @@ fn taken_parts(
             _ => continue,
         };
     }
-    let mut insert_job = Query::insert();
-    insert_job
-        .into_table(jobs::Entity)
-        .columns(values.iter().map(|(c, _)| Alias::new(*c)))
-        .select_from(
-            Query::select()
-                .exprs(values.into_iter().map(|(_, v)| v))
-                .from_subquery(
-                    Query::select()
-                        .expr_as(
-                            Expr::exists(before).not().and(Expr::exists(waits).not()),
-                            first.clone(),
-                        )
-                        .to_owned(),
-                    flag.clone(),
-                )
-                .to_owned(),
+    let flag_of = Query::select()
+        .expr_as(
+            Expr::exists(before).not().and(Expr::exists(waits).not()),
+            first.clone(),
         )
-        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
-        .returning_all();
+        .to_owned();
+    let mut from_flag = Query::select();
+    from_flag.from_subquery(flag_of, flag.clone());
+    let insert_job = insert_select(jobs::Entity, values, from_flag)?;
 
     // The run's row as dispatch writes it, but for what only the job's insert knows.
     let j = Alias::new(J);
@@ -269,20 +259,11 @@ fn taken_parts(
         agent_runs::Column::Id.as_str(),
         Expr::col((j.clone(), jobs::Column::CurrentRunId)),
     ));
-    let mut insert_run = Query::insert();
-    insert_run
-        .into_table(agent_runs::Entity)
-        .columns(run.iter().map(|(c, _)| Alias::new(*c)))
-        .select_from(
-            Query::select()
-                .exprs(run.into_iter().map(|(_, v)| v))
-                .from(j.clone())
-                .and_where(Expr::col((j.clone(), jobs::Column::CurrentRunId)).is_not_null())
-                .to_owned(),
-        )
-        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
-        .returning_all();
-
+    let mut from_job = Query::select();
+    from_job
+        .from(j.clone())
+        .and_where(Expr::col((j.clone(), jobs::Column::CurrentRunId)).is_not_null());
+    let insert_run = insert_select(agent_runs::Entity, run, from_job)?;
     Ok(vec![cte(insert_job, &j), cte(insert_run, &Alias::new(R))])
 }
 
@@ -294,6 +275,25 @@ const R: &str = "r";
 const OUTCOME: &str = "o_";
 const JOB: &str = "j_";
 const RUN: &str = "r_";
+
+/// `INSERT INTO table (columns) SELECT values FROM ... RETURNING *`: `source` gives the
+/// select's `FROM` and `WHERE`.
+fn insert_select(
+    table: impl sea_orm::sea_query::IntoTableRef,
+    values: Vec<(&'static str, Expr)>,
+    mut source: SelectStatement,
+) -> StoreResult<InsertStatement> {
+    let columns: Vec<Alias> = values.iter().map(|(c, _)| Alias::new(*c)).collect();
+    source.exprs(values.into_iter().map(|(_, v)| v));
+    let mut insert = Query::insert();
+    insert
+        .into_table(table)
+        .columns(columns)
+        .select_from(source)
+        .map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?
+        .returning_all();
+    Ok(insert)
+}
 
 /// The columns an active model sets, with their values, in the entity's column order.
 fn values_of<A: ActiveModelTrait>(model: &A) -> Vec<(&'static str, Expr)> {

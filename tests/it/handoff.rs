@@ -173,19 +173,24 @@ on_both!(
     an_older_tasks_waiting_job_goes_first
 );
 
+/// Makes the task of `d` have a push pending on another host, `host-b`.
+pub async fn push_waiting_on_another_host(db: &TestDb, d: &Dispatched) {
+    db.execute(&format!(
+        "INSERT INTO effects (task_id, run_id, kind, idempotency_key, status, attempts, \
+         next_attempt_at, payload, created_at, updated_at, host) VALUES ({}, {}, 'push', \
+         'push-{}', 'pending', 0, 0, '{{}}', 0, 0, 'host-b')",
+        d.task.id, d.run.id, d.task.key
+    ))
+    .await;
+}
+
 /// A task whose push waits for another host (its last commit is only there) is not
 /// handed off: its next stage waits for the push, or runs there (ADR 0010).
 async fn a_task_whose_push_waits_elsewhere_is_not_handed_off(db: TestDb) {
     let policy = policy();
     crate::support::submit(&db.store, "H-1", "analyst", NOW).await;
     let d = take(&db).await;
-    db.execute(&format!(
-        "INSERT INTO effects (task_id, run_id, kind, idempotency_key, status, attempts, \
-         next_attempt_at, payload, created_at, updated_at, host) VALUES ({}, {}, 'push', \
-         'push-H-1', 'pending', 0, 0, '{{}}', 0, 0, 'host-b')",
-        d.task.id, d.run.id
-    ))
-    .await;
+    push_waiting_on_another_host(&db, &d).await;
     let (next, handed) = claim_handing_off(&db, &policy, &d).await;
     assert!(handed.is_none(), "{handed:?}");
     let job = db.store.job(next.id).await.unwrap().unwrap();

@@ -6,7 +6,7 @@ use baton::model::{ClaimOutcome, JobStatus, RunOutcome};
 use baton::policy::Policy;
 use baton::store::{Dispatched, Started, Taker};
 
-use crate::handoff::{NOW, passed, take};
+use crate::handoff::{NOW, passed, push_waiting_on_another_host, take};
 use crate::on_both;
 use crate::store::{PIPELINE_TOML, kinds, next_due, run_exit};
 use crate::support::TestDb;
@@ -134,13 +134,7 @@ async fn a_quiet_hand_off_still_comes_after_older_tasks_and_pushes(db: TestDb) {
 
     crate::support::submit(&db.store, "Q-4", "analyst", NOW).await;
     let d = take(&db).await;
-    db.execute(&format!(
-        "INSERT INTO effects (task_id, run_id, kind, idempotency_key, status, attempts, \
-         next_attempt_at, payload, created_at, updated_at, host) VALUES ({}, {}, 'push', \
-         'push-Q-4', 'pending', 0, 0, '{{}}', 0, 0, 'host-b')",
-        d.task.id, d.run.id
-    ))
-    .await;
+    push_waiting_on_another_host(&db, &d).await;
     let (_, handed) = claim_quietly(&db, &d, None).await;
     assert!(handed.is_none(), "{handed:?}");
     assert!(next_due(&db, NOW + 2).await.is_none());

@@ -92,6 +92,23 @@ on_both!(
     a_pending_start_is_recorded_with_the_exit_or_after_it
 );
 
+/// The Monitor's claim that the run of `job` passed, carrying `exit`: it must win.
+async fn win_with_exit(
+    db: &TestDb,
+    job: &entity::jobs::Model,
+    run_id: i64,
+    exit: &baton::store::RunExit,
+    now: i64,
+) {
+    let won = claim(job, run_id, Verdict::Passed, Decider::Monitor);
+    let (outcome, _) = db
+        .store
+        .claim_and_take(&won, Some(exit), &policy(), now, None)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+}
+
 /// A Monitor's exit carried by its claim: written first in the claim's transaction when
 /// the claim wins, and still written (before the arbiter's `claim_lost`) when it loses.
 async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db: TestDb) {
@@ -106,14 +123,8 @@ async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db
     };
     let s = submit(&db.store, "X-1").await;
     let d = take(&db, NOW).await;
-    let won = claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor);
     let exit = exit_of(s.task.id, &d.run, 51);
-    let (outcome, _) = db
-        .store
-        .claim_and_take(&won, Some(&exit), &policy, NOW + 6, None)
-        .await
-        .unwrap();
-    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    win_with_exit(&db, &d.job, d.run.id, &exit, NOW + 6).await;
     let run = db.store.run(d.run.id).await.unwrap().unwrap();
     assert_eq!(
         (run.pid, run.exit_code, run.exited_at),
@@ -205,7 +216,6 @@ on_both!(
 /// A winning claim's exit, when its run's exit or start is recorded already (by the
 /// Monitor on its own): only what is missing is written, with its event, once.
 async fn a_winning_claim_writes_only_the_missing_part_of_its_exit(db: TestDb) {
-    let policy = policy();
     let started = |pid| Started {
         pid,
         prompt: Some(format!("prompt {pid}")),
@@ -228,13 +238,7 @@ async fn a_winning_claim_writes_only_the_missing_part_of_its_exit(db: TestDb) {
             .unwrap()
     );
     let exit = run_exit(s.task.id, &d.run, Some(started(61)), 9, NOW + 9);
-    let won = claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor);
-    let (outcome, _) = db
-        .store
-        .claim_and_take(&won, Some(&exit), &policy, NOW + 10, None)
-        .await
-        .unwrap();
-    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    win_with_exit(&db, &d.job, d.run.id, &exit, NOW + 10).await;
     let run = db.store.run(d.run.id).await.unwrap().unwrap();
     assert_eq!(
         (run.pid, run.prompt.as_deref(), run.exit_code, run.exited_at),
@@ -249,13 +253,7 @@ async fn a_winning_claim_writes_only_the_missing_part_of_its_exit(db: TestDb) {
     let e = take(&db, NOW).await;
     assert!(start_and_exit(&db, t.task.id, &e.run, 62, 0, NOW + 5).await);
     let exit = run_exit(t.task.id, &e.run, Some(started(63)), 9, NOW + 9);
-    let won = claim(&e.job, e.run.id, Verdict::Passed, Decider::Monitor);
-    let (outcome, _) = db
-        .store
-        .claim_and_take(&won, Some(&exit), &policy, NOW + 10, None)
-        .await
-        .unwrap();
-    assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
+    win_with_exit(&db, &e.job, e.run.id, &exit, NOW + 10).await;
     let run = db.store.run(e.run.id).await.unwrap().unwrap();
     assert_eq!(
         (run.pid, run.exit_code, run.exited_at),
