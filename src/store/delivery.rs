@@ -2,7 +2,7 @@
 //! once its pushes and pull request are; a push refused for good fails it; and the work
 //! of a host that died before pushing it is redone from the last stage on the remote.
 
-use entity::{advances, agent_runs, effects, jobs};
+use entity::{advances, agent_runs, effects, jobs, tasks};
 use sea_orm::sea_query::{Cond, Expr, ExprTrait, Func, Query, SelectStatement, SubQueryStatement};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
@@ -45,16 +45,14 @@ pub(super) async fn delivery_pending<C: ConnectionTrait>(
 
 /// After a push or pull request was done: the task is done when it is active, its
 /// pipeline ended (its last job passed and advanced to nothing) and nothing of its
-/// delivery is pending any more. Returns the status it took.
+/// delivery is pending any more. `task`: its row, which the caller read locked. Returns
+/// the status it took.
 pub(super) async fn complete_delivery(
     txn: &DatabaseTransaction,
-    task_id: i64,
-    postgres: bool,
+    task: &tasks::Model,
     now: i64,
 ) -> StoreResult<Option<TaskStatus>> {
-    let Some(task) = lock_task(txn, task_id, postgres).await? else {
-        return Ok(None);
-    };
+    let task_id = task.id;
     if task.status != TaskStatus::Active || delivery_pending(txn, task_id).await? {
         return Ok(None);
     }
@@ -100,17 +98,14 @@ pub(super) async fn pipeline_end<C: ConnectionTrait>(
 /// After a push or pull request failed for good: an active task fails with the reason
 /// (its queued and running jobs fail, their runs too), its pending Plane state changes
 /// are closed and `then` (the work item's move to `on_failed`) is written instead.
+/// `task`: the effect's task, its row read locked by the caller.
 pub(super) async fn fail_delivery(
     txn: &DatabaseTransaction,
-    e: &effects::Model,
+    (task, e): (&tasks::Model, &effects::Model),
     error: &str,
     then: Vec<PlannedEffect>,
-    postgres: bool,
     now: i64,
 ) -> StoreResult<Option<TaskStatus>> {
-    let Some(task) = lock_task(txn, e.task_id, postgres).await? else {
-        return Ok(None);
-    };
     if task.status != TaskStatus::Active {
         return Ok(None);
     }

@@ -145,13 +145,13 @@ impl Store {
     ) -> StoreResult<FinishedEffect> {
         let source = EventSource::Monitor;
         let (write, txn) = self.write_txn().await?;
-        let postgres = self.is_postgres();
-        if postgres && e.kind.is_delivery() {
-            // The task's row before the effect's, as a claim takes them (it inserts its
-            // effects, waiting on one this holds under the same key, after its task's
-            // row); a delivery's end takes the task's row below all the same.
-            lock_task(&txn, e.task_id, postgres).await?;
-        }
+        // A delivery's end reads its task's row locked, before the effect's, as a claim
+        // takes them (it inserts its effects, waiting on one this holds under the same
+        // key, after its task's row).
+        let task = match e.kind.is_delivery() {
+            true => lock_task(&txn, e.task_id, self.is_postgres()).await?,
+            false => None,
+        };
         // The attempt is over: no lease covers the effect any more, so a retry waits for
         // its backoff whatever becomes of this node.
         let mut upd = effects::Entity::update_many()
@@ -212,13 +212,14 @@ impl Store {
             };
             append(&txn, ev, now).await?;
         }
-        let task_ended = match &outcome {
-            _ if changed != 1 || !e.kind.is_delivery() => None,
-            EffectOutcome::Done { .. } => complete_delivery(&txn, e.task_id, postgres, now).await?,
-            EffectOutcome::Failed { error } => {
-                fail_delivery(&txn, e, error, on_failed, postgres, now).await?
+        let task_ended = match (&outcome, &task) {
+            (_, None) => None,
+            _ if changed != 1 => None,
+            (EffectOutcome::Done { .. }, Some(task)) => complete_delivery(&txn, task, now).await?,
+            (EffectOutcome::Failed { error }, Some(task)) => {
+                fail_delivery(&txn, (task, e), error, on_failed, now).await?
             }
-            EffectOutcome::Retry { .. } => None,
+            (EffectOutcome::Retry { .. }, Some(_)) => None,
         };
         txn.commit().await?;
         drop(write);

@@ -377,7 +377,11 @@ impl Store {
             let detail = json!({"stage": last.stage, "retry": true, "effects_retried": again});
             let ev = NewEvent::of(task.id, Some(&last), EventKind::AwaitingDelivery, source);
             append(&txn, ev.detail(detail), now).await?;
-            let status = super::delivery::complete_delivery(&txn, task.id, self.is_postgres(), now)
+            let active = tasks::Model {
+                status: TaskStatus::Active,
+                ..task.clone()
+            };
+            let status = super::delivery::complete_delivery(&txn, &active, now)
                 .await?
                 .unwrap_or(TaskStatus::Active);
             txn.commit().await?;
