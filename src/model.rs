@@ -311,6 +311,7 @@ impl ClaimOutcome {
 pub struct ClaimWon {
     /// The job's new status: `done`, `failed`, or `queued` for a retry.
     pub job_status: JobStatus,
+    /// The next job the claim queued, as written: running when its hand-off took it.
     pub next_job: Option<entity::jobs::Model>,
     /// Set when the task ended with this claim.
     pub task_status: Option<TaskStatus>,

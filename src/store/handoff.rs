@@ -72,6 +72,8 @@ pub(super) async fn queue_next(
         hostname: hand.hostname.as_deref(),
     };
     let handed = take(txn, &hand.taker, task.clone(), job.clone(), cond, now).await?;
+    // The job as it now is, taken or not, as PostgreSQL's insert returns it.
+    let job = handed.as_ref().map_or(job, |d| d.job.clone());
     Ok((job, handed))
 }
 

@@ -75,11 +75,13 @@ async fn the_next_job_is_taken_for_the_claiming_node(db: TestDb) {
         handed.run.log_path
     );
     // Written, not only returned: the job runs with that run, and nothing is left queued.
+    // The claim's next job is the row as written, taken, as its hand-off's is.
     let job = db.store.job(next.id).await.unwrap().unwrap();
     assert_eq!(
         (job.status, job.current_run_id),
         (JobStatus::Running, Some(handed.run.id))
     );
+    assert_eq!((&next, &handed.job), (&job, &job));
     let run = db.store.run(handed.run.id).await.unwrap().unwrap();
     assert_eq!(run, handed.run);
     assert!(next_due(&db, NOW + 2).await.is_none());
