@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use crate::on_both;
 use crate::reaper_windows::claim_setup_with;
 use crate::store::{
-    MISSING_RUN, PIPELINE_TOML, claim, name_a_missing_run, next_due, policy, run_exit,
+    MISSING_RUN, PIPELINE_TOML, claim, name_a_missing_run, next_due, policy, record_exit, run_exit,
 };
 use crate::support::TestDb;
 
@@ -308,10 +308,7 @@ async fn the_advancer_hands_off_only_while_the_dispatcher_runs(db: TestDb) {
     // The node stops: the next claim hands nothing off.
     stub.stop(None);
     handle.await.unwrap();
-    db.store
-        .record_exit(d.task.id, &d.run, 0, serde_json::json!({}), s.ctx.now())
-        .await
-        .unwrap();
+    record_exit(&db, d.task.id, &d.run, 0, s.ctx.now()).await;
     let Some(ClaimOutcome::Won(w)) = send_claim(&s.advancer, passed(&d)).await else {
         panic!("the claim must win");
     };

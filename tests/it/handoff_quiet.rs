@@ -8,7 +8,7 @@ use baton::store::{Dispatched, Started, Taker};
 
 use crate::handoff::{NOW, passed, push_waiting_on_another_host, take};
 use crate::on_both;
-use crate::store::{PIPELINE_TOML, kinds, next_due, run_exit};
+use crate::store::{PIPELINE_TOML, exits_recorded, kinds, next_due, run_exit};
 use crate::support::TestDb;
 
 /// The pipeline of `store`'s tests without its push: a stage's claim writes no effect.
@@ -103,9 +103,7 @@ async fn the_fence_the_exit_and_the_next_job_are_written_together(db: TestDb) {
     assert!(later.is_some());
     let run = db.store.run(handed.run.id).await.unwrap().unwrap();
     assert_eq!((run.exit_code, run.exited_at), (Some(3), Some(NOW + 2)));
-    let events = db.store.events(d.task.id).await.unwrap();
-    let exits = kinds(&events).into_iter().filter(|k| *k == "run_exited");
-    assert_eq!(exits.count(), 2);
+    assert_eq!(exits_recorded(&db, d.task.id).await, 2);
 }
 on_both!(
     the_fence_the_exit_and_the_next_job_are_written_together,

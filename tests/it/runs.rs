@@ -6,24 +6,16 @@ use baton::model::{ClaimOutcome, Decider, EventKind, EventSource, ReapTier, Task
 use baton::store::Started;
 
 use crate::on_both;
-use crate::store::{NOW, claim, kinds, policy, run_exit, submit, take};
+use crate::store::{
+    NOW, claim, exits_recorded, kinds, policy, record_exit, run_exit, submit, take,
+};
 use crate::support::TestDb;
 
 async fn record_exit_counts_once(db: TestDb) {
     let s = submit(&db.store, "E-1").await;
     let d = take(&db, NOW).await;
-    assert!(
-        db.store
-            .record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !db.store
-            .record_exit(s.task.id, &d.run, 1, serde_json::json!({}), NOW + 9)
-            .await
-            .unwrap()
-    );
+    assert!(record_exit(&db, s.task.id, &d.run, 0, NOW + 5).await);
+    assert!(!record_exit(&db, s.task.id, &d.run, 1, NOW + 9).await);
     let run = db.store.run(d.run.id).await.unwrap().unwrap();
     assert_eq!((run.exit_code, run.exited_at), (Some(0), Some(NOW + 5)));
 }
@@ -61,12 +53,7 @@ async fn a_pending_start_is_recorded_with_the_exit_or_after_it(db: TestDb) {
 
     let t = submit(&db.store, "E-3").await;
     let e = take(&db, NOW).await;
-    assert!(
-        db.store
-            .record_exit(t.task.id, &e.run, 0, serde_json::json!({}), NOW + 5)
-            .await
-            .unwrap()
-    );
+    assert!(record_exit(&db, t.task.id, &e.run, 0, NOW + 5).await);
     assert!(!start_and_exit(&db, t.task.id, &e.run, 42, 9, NOW + 9).await);
     let run = db.store.run(e.run.id).await.unwrap().unwrap();
     assert_eq!(
@@ -204,9 +191,7 @@ async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db
         .await
         .unwrap();
     assert_eq!(outcome, ClaimOutcome::AlreadyAdvanced);
-    let events = db.store.events(t.task.id).await.unwrap();
-    let exits = kinds(&events).into_iter().filter(|k| *k == "run_exited");
-    assert_eq!(exits.count(), 1);
+    assert_eq!(exits_recorded(&db, t.task.id).await, 1);
 }
 on_both!(
     an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses,
@@ -231,12 +216,7 @@ async fn a_winning_claim_writes_only_the_missing_part_of_its_exit(db: TestDb) {
     // The exit recorded, the start not: the claim writes the start, not its exit.
     let s = submit(&db.store, "W-1").await;
     let d = take(&db, NOW).await;
-    assert!(
-        db.store
-            .record_exit(s.task.id, &d.run, 0, serde_json::json!({}), NOW + 5)
-            .await
-            .unwrap()
-    );
+    assert!(record_exit(&db, s.task.id, &d.run, 0, NOW + 5).await);
     let exit = run_exit(s.task.id, &d.run, Some(started(61)), 9, NOW + 9);
     win_with_exit(&db, &d.job, d.run.id, &exit, NOW + 10).await;
     let run = db.store.run(d.run.id).await.unwrap().unwrap();

@@ -112,6 +112,30 @@ pub fn kinds(events: &[entity::events::Model]) -> Vec<&str> {
     events.iter().map(|e| e.kind.as_str()).collect()
 }
 
+/// Records the exit of `run` of task `task_id` with `code` at `at`, as its Monitor does;
+/// true when no exit was recorded before.
+pub async fn record_exit(
+    db: &TestDb,
+    task_id: i64,
+    run: &entity::agent_runs::Model,
+    code: i32,
+    at: i64,
+) -> bool {
+    db.store
+        .record_exit(task_id, run, code, serde_json::json!({}), at)
+        .await
+        .unwrap()
+}
+
+/// How many exits the events of task `task_id` record.
+pub async fn exits_recorded(db: &TestDb, task_id: i64) -> usize {
+    let events = db.store.events(task_id).await.unwrap();
+    kinds(&events)
+        .into_iter()
+        .filter(|k| *k == "run_exited")
+        .count()
+}
+
 async fn submit_writes_task_job_and_events(db: TestDb) {
     let s = submit(&db.store, "ORCH-1").await;
     assert_eq!(s.task.status, TaskStatus::Active);
