@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort};
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
 use super::dispatcher::DispatcherMsg;
 use super::supervisor::SupervisorMsg;
@@ -53,6 +54,9 @@ pub struct AdvancerState {
     args: AdvancerArgs,
     /// Claims received and not decided yet, in order.
     waiting: Vec<Waiting>,
+    /// Where its spans and events go: the collector of the thread that spawned it (it may
+    /// run on a thread of its own, [`spawn_linked`]).
+    dispatch: tracing::Dispatch,
 }
 
 /// A claim waiting to be decided, with its reply and the span it is decided in (a child
@@ -81,6 +85,7 @@ impl Actor for Advancer {
         Ok(AdvancerState {
             args,
             waiting: Vec::new(),
+            dispatch: tracing::dispatcher::get_default(Clone::clone),
         })
     }
 
@@ -90,57 +95,116 @@ impl Actor for Advancer {
         msg: AdvancerMsg,
         state: &mut AdvancerState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            AdvancerMsg::Claim(claim, exit, reply) => {
-                let span = tracing::info_span!(
-                    "claim",
-                    job_id = claim.job_id,
-                    run_id = claim.run_id,
-                    decided_by = claim.decided_by.as_str(),
-                    outcome = tracing::field::Empty,
-                    group = tracing::field::Empty,
-                    together = tracing::field::Empty,
-                    elapsed_us = tracing::field::Empty,
-                );
-                state.waiting.push(Waiting {
-                    claim,
-                    exit,
-                    reply,
-                    span,
-                });
-                if state.waiting.len() == 1 {
-                    decide_later(&myself);
-                }
-            }
-            AdvancerMsg::Decide => {
-                let n = state.waiting.len().min(ADVANCER_BATCH_MAX);
-                let batch: Vec<Waiting> = state.waiting.drain(..n).collect();
-                if !state.waiting.is_empty() {
-                    decide_later(&myself);
-                }
-                let group = batch.len();
-                let started = std::time::Instant::now();
-                let (decided, together) = decide(&state.args, &batch).await;
-                let elapsed_us = started.elapsed().as_micros() as u64;
-                for (w, outcome) in batch.into_iter().zip(decided) {
-                    let span = w.span.clone();
-                    span.record("group", group);
-                    span.record("together", together);
-                    span.record("elapsed_us", elapsed_us);
-                    let outcome = after_claim(&state.args, &w, outcome).instrument(span).await;
-                    state.args.ctx.report(ProbeEvent::Advancer {
-                        claim: w.claim,
-                        outcome: outcome.clone(),
-                        group,
-                        together,
-                        elapsed_us,
-                    });
-                    let _ = w.reply.send(outcome);
-                }
-            }
-        }
+        let dispatch = state.dispatch.clone();
+        handle(myself, msg, state).with_subscriber(dispatch).await;
         Ok(())
     }
+}
+
+/// [`Advancer`]'s handling of `msg`.
+async fn handle(myself: ActorRef<AdvancerMsg>, msg: AdvancerMsg, state: &mut AdvancerState) {
+    match msg {
+        AdvancerMsg::Claim(claim, exit, reply) => {
+            let span = tracing::info_span!(
+                "claim",
+                job_id = claim.job_id,
+                run_id = claim.run_id,
+                decided_by = claim.decided_by.as_str(),
+                outcome = tracing::field::Empty,
+                group = tracing::field::Empty,
+                together = tracing::field::Empty,
+                elapsed_us = tracing::field::Empty,
+            );
+            state.waiting.push(Waiting {
+                claim,
+                exit,
+                reply,
+                span,
+            });
+            if state.waiting.len() == 1 {
+                decide_later(&myself);
+            }
+        }
+        AdvancerMsg::Decide => {
+            let n = state.waiting.len().min(ADVANCER_BATCH_MAX);
+            let batch: Vec<Waiting> = state.waiting.drain(..n).collect();
+            if !state.waiting.is_empty() {
+                decide_later(&myself);
+            }
+            let group = batch.len();
+            let started = std::time::Instant::now();
+            let (decided, together) = decide(&state.args, &batch).await;
+            let elapsed_us = started.elapsed().as_micros() as u64;
+            for (w, outcome) in batch.into_iter().zip(decided) {
+                let span = w.span.clone();
+                span.record("group", group);
+                span.record("together", together);
+                span.record("elapsed_us", elapsed_us);
+                let outcome = after_claim(&state.args, &w, outcome).instrument(span).await;
+                state.args.ctx.report(ProbeEvent::Advancer {
+                    claim: w.claim,
+                    outcome: outcome.clone(),
+                    group,
+                    together,
+                    elapsed_us,
+                });
+                let _ = w.reply.send(outcome);
+            }
+        }
+    }
+}
+
+/// Spawns a node's Advancer, linked to `supervisor`, on the thread of its own that the
+/// process's Advancers share ([`own_thread`]).
+pub async fn spawn_linked(
+    args: AdvancerArgs,
+    supervisor: ActorCell,
+) -> Result<ActorRef<AdvancerMsg>, ActorProcessingErr> {
+    // Its start (`pre_start`) runs in this future: with the spawning thread's collector.
+    let spawn = async move { Actor::spawn_linked(None, Advancer, args, supervisor).await };
+    let spawned = own_thread()?.spawn(spawn.with_current_subscriber()).await?;
+    Ok(spawned?.0)
+}
+
+/// The runtime of the Advancers' own thread, started at the first: one thread that runs
+/// nothing else. The claims of a node wait for its one Advancer, so each of its
+/// statements' answers is taken up at once, not behind the tasks the runtime's workers
+/// are busy with (a Monitor's spawn, a dispatch), and the thread, which mostly waits, is
+/// the one the kernel's scheduler runs first when it wakes. It lives as long as the
+/// process: a database connection the Advancer opened is registered with it, and serves
+/// the node's other actors after a restart.
+fn own_thread() -> std::io::Result<tokio::runtime::Handle> {
+    static OWN: std::sync::Mutex<Option<tokio::runtime::Handle>> = std::sync::Mutex::new(None);
+    let mut own = OWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = own.as_ref() {
+        return Ok(handle.clone());
+    }
+    // The runtime is made, and runs, on the thread: the thread that starts it is no more
+    // than a moment away from its handle.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("baton-advancer".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => {
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })?;
+    let handle = rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the Advancers' thread ended at its start"))??;
+    *own = Some(handle.clone());
+    Ok(handle)
 }
 
 /// Sends the Advancer its `Decide`, behind the claims already waiting; it carries no

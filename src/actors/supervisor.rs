@@ -14,7 +14,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use serde_json::json;
 use tracing::Instrument;
 
-use super::advancer::{Advancer, AdvancerArgs, AdvancerMsg, send_claim};
+use super::advancer::{AdvancerArgs, AdvancerMsg, send_claim};
 use super::dispatcher::{DISPATCHER_INTERVAL_DEFAULT, Dispatcher, DispatcherArgs, DispatcherMsg};
 use super::effect_worker::{EffectWorker, EffectWorkerArgs, EffectWorkerMsg};
 use super::janitor::{Janitor, JanitorArgs, JanitorMsg};
@@ -121,9 +121,7 @@ impl Actor for Supervisor {
             cell.clone(),
         )
         .await?;
-        let (advancer, _) = Actor::spawn_linked(
-            None,
-            Advancer,
+        let advancer = super::advancer::spawn_linked(
             AdvancerArgs {
                 ctx: ctx.clone(),
                 dispatcher: Some(dispatcher.clone()),

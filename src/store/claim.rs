@@ -8,18 +8,19 @@
 use std::collections::HashMap;
 
 use entity::{advances, agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Alias, CommonTableExpression, LockType, Query, WithClause};
+use sea_orm::sea_query::{
+    Alias, CommonTableExpression, LockType, Query, UpdateStatement, WithClause,
+};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, JoinType,
     QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
 };
 use serde_json::json;
 
-use super::delivery::delivery_pending;
+use super::delivery::end_task;
 use super::fence::fence;
 use super::handoff::{HandOff, fence_and_queue, queue_next};
 use super::outbox::insert_effect;
-use super::tasks::set_task_status;
 use super::{
     Dispatched, KnownLastCommit, NewEvent, RunExit, Store, StoreError, StoreResult, Taker,
     insert_events, must,
@@ -183,14 +184,16 @@ impl Store {
                 (run, Next::Queued(Box::new((next_job, handed))))
             }
             None => {
-                // The exit is written with the fence, first.
-                let (run, exited) = fence(txn, &job, claim, change, with_fence, now).await?;
+                // The exit is written with the fence, first; the task's end after it.
+                let end = ending(&task, &decision, now);
+                let (run, exited, ended) =
+                    fence(txn, &job, claim, change, with_fence, end, now).await?;
                 deferred.events.extend(exited);
                 // A fence that changes nothing wrote nothing: the loss is recorded.
                 let Some(run) = run else {
                     return Ok((record_loss(txn, claim, deferred, now).await?, None));
                 };
-                (run, Next::Queue(hand))
+                (run, Next::Queue(hand, ended))
             }
         };
         let decided = (&task, &job, &run);
@@ -396,10 +399,24 @@ impl TasksRead {
 }
 
 /// A won claim's next job: to be queued (and taken for the hand-off's taker when it comes
-/// first), or queued already, with the fence.
+/// first), or queued already, with the fence. With none to queue: whether the fence ended
+/// the task it was given ([`ending`]).
 enum Next<'a> {
-    Queue(Option<HandOff<'a>>),
+    Queue(Option<HandOff<'a>>, bool),
     Queued(Box<(jobs::Model, Option<Dispatched>)>),
+}
+
+/// The task's end a won claim writes with its fence: none when the decision does not end
+/// the task, and none when it is done and the claim's own push or pull request delivers
+/// it (ADR 0010); else [`end_task`], which may change nothing (an earlier stage's
+/// delivery waits).
+fn ending(task: &tasks::Model, decision: &Transition, now: i64) -> Option<UpdateStatement> {
+    let end = decision.task_end.as_ref()?;
+    let delivers = decision
+        .effects
+        .iter()
+        .any(|e| e.payload.kind().is_delivery());
+    (end.status != TaskStatus::Done || !delivers).then(|| end_task(task.id, end.status, now))
 }
 
 /// The winner's writes after the fence: the outbox, the next job (taken for `hand`'s
@@ -438,20 +455,17 @@ async fn apply(
     } else {
         None
     };
-    let delivers = decision
-        .effects
-        .iter()
-        .any(|e| e.payload.kind().is_delivery());
     for effect in decision.effects {
         let host = effect.on_run_host.then(|| run_host.clone()).flatten();
         insert_effect(txn, task.id, run.id, effect, host, now).await?;
     }
 
+    let ended = matches!(queued, Next::Queue(_, true));
     let (mut next_job, mut handed) = (None, None);
     if let Some(next) = &decision.next {
         let (nj, d) = match queued {
             Next::Queued(queued) => *queued,
-            Next::Queue(hand) => {
+            Next::Queue(hand, _) => {
                 let feedback = decision.feedback.as_deref();
                 let at = (next.stage.as_str(), next.iteration);
                 queue_next(txn, task, at, feedback, hand.as_ref(), now).await?
@@ -494,14 +508,12 @@ async fn apply(
     // still to come, it stays active until the EffectWorker performs them (ADR 0010).
     let mut task_status = decision.task_end.as_ref().map(|e| e.status);
     if let Some(end) = &decision.task_end {
-        let delivering =
-            end.status == TaskStatus::Done && (delivers || delivery_pending(txn, task.id).await?);
-        if delivering {
+        // The fence wrote the end ([`ending`]): unless a delivery waits.
+        if !ended {
             task_status = None;
             let detail = json!({"stage": job.stage});
             evs.push(ev(EventKind::AwaitingDelivery).detail(detail));
         } else {
-            set_task_status(txn, task.id, end.status, now).await?;
             let kind = match end.status {
                 TaskStatus::Done => EventKind::TaskDone,
                 _ => EventKind::TaskFailed,

@@ -3,7 +3,9 @@
 //! of a host that died before pushing it is redone from the last stage on the remote.
 
 use entity::{advances, agent_runs, effects, jobs, tasks};
-use sea_orm::sea_query::{Cond, Expr, ExprTrait, Func, Query, SelectStatement, SubQueryStatement};
+use sea_orm::sea_query::{
+    Cond, Expr, ExprTrait, Func, Query, SelectStatement, SubQueryStatement, UpdateStatement,
+};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
 };
@@ -35,12 +37,38 @@ pub(super) async fn delivery_pending<C: ConnectionTrait>(
     task_id: i64,
 ) -> StoreResult<bool> {
     Ok(effects::Entity::find()
-        .filter(effects::Column::TaskId.eq(task_id))
-        .filter(effects::Column::Kind.is_in([EffectKind::Push, EffectKind::PullRequest]))
-        .filter(effects::Column::Status.eq(EffectStatus::Pending))
+        .filter(pending_delivery(task_id))
         .one(db)
         .await?
         .is_some())
+}
+
+/// The effects of a task's delivery not yet done: its pushes and pull request pending.
+fn pending_delivery(task_id: i64) -> Cond {
+    Cond::all()
+        .add(effects::Column::TaskId.eq(task_id))
+        .add(effects::Column::Kind.is_in([EffectKind::Push, EffectKind::PullRequest]))
+        .add(effects::Column::Status.eq(EffectStatus::Pending))
+}
+
+/// A claim's end of its task: the task's status set to `status`, unless it is `Done` and
+/// a push or pull request of the task is still pending (its delivery ends it, ADR 0010).
+/// The update changes the task's row, or nothing when the delivery waits.
+pub(super) fn end_task(task_id: i64, status: TaskStatus, now: i64) -> UpdateStatement {
+    let mut end = Query::update();
+    end.table(tasks::Entity)
+        .value(tasks::Column::Status, status)
+        .value(tasks::Column::UpdatedAt, now)
+        .and_where(tasks::Column::Id.eq(task_id));
+    if status == TaskStatus::Done {
+        let pending = Query::select()
+            .expr(Expr::val(1))
+            .from(effects::Entity)
+            .cond_where(pending_delivery(task_id))
+            .to_owned();
+        end.and_where(Expr::exists(pending).not());
+    }
+    end
 }
 
 /// After a push or pull request was done: the task is done when it is active, its

@@ -9,7 +9,7 @@ use entity::{agent_runs, effects, jobs, nodes, tasks};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query, SelectStatement};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Set,
+    QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
 use serde_json::json;
@@ -140,7 +140,7 @@ impl Store {
                     continue;
                 }
             }
-            match take(&txn, &taker, task, job, TakeIf::Queued, now).await? {
+            match take(&txn, &taker, task, job, now).await? {
                 Some(d) => {
                     txn.commit().await?;
                     return Ok(Some(d));
@@ -294,110 +294,66 @@ pub(super) fn elsewhere(hostname: Option<&str>) -> SelectStatement {
         .to_owned()
 }
 
-/// Which queued job [`take`] takes.
-#[derive(Clone, Copy)]
-pub(super) enum TakeIf<'a> {
-    /// The job, while it is queued (dispatch has just locked it).
-    Queued,
-    /// The job only if dispatch would take it first for a node on `hostname` (the
-    /// hand-off).
-    First { hostname: Option<&'a str> },
-}
-
-/// Takes queued `job` of `task` for `taker`, when `cond` holds: the job running with its
-/// new run (which becomes `current_run_id`), the policy's start effect. `None` when it was
-/// not taken; on SQLite a run may have been written all the same when the job was no
-/// longer queued, and dispatch rolls back (a hand-off's job was queued by its own
-/// transaction, and is not taken only when it does not come first, checked before).
+/// Takes queued `job` of `task` for `taker` (dispatch has just locked it): the job running
+/// with its new run (which becomes `current_run_id`), the policy's start effect. `None`
+/// when it was no longer queued, and nothing was written.
 ///
-/// On PostgreSQL two statements: the job's update checks `cond` and draws the run's id
-/// from the runs' sequence, and the run is inserted with that id and its log's path. On
-/// SQLite (no round trip to save) the run comes first and its path after it.
+/// Two statements: the job's update draws the run's id ([`next_run_id`]), and the run is
+/// inserted with that id and its log's path.
 pub(super) async fn take(
     txn: &DatabaseTransaction,
     taker: &Taker<'_>,
     task: tasks::Model,
     job: jobs::Model,
-    cond: TakeIf<'_>,
     now: i64,
 ) -> StoreResult<Option<Dispatched>> {
     let backend = txn.get_database_backend();
-    let first = |hostname| {
-        candidates(hostname, &[], &[], now)
-            .select_only()
-            .column(jobs::Column::Id)
-            .limit(1)
-            .into_query()
+    let mut update = Query::update();
+    update
+        .table(jobs::Entity)
+        .value(jobs::Column::Status, JobStatus::Running)
+        .value(jobs::Column::UpdatedAt, now)
+        .value(jobs::Column::CurrentRunId, next_run_id(backend))
+        .and_where(jobs::Column::Id.eq(job.id))
+        .and_where(jobs::Column::Status.eq(JobStatus::Queued))
+        .returning_all();
+    let stmt = backend.build(&update);
+    let Some(job) = jobs::Entity::find().from_raw_sql(stmt).one(txn).await? else {
+        return Ok(None);
     };
-    let (job, run) = if backend == DbBackend::Postgres {
-        let mut update = Query::update();
-        update
-            .table(jobs::Entity)
-            .value(jobs::Column::Status, JobStatus::Running)
-            .value(jobs::Column::UpdatedAt, now)
-            .value(
-                jobs::Column::CurrentRunId,
-                Expr::cust("nextval(pg_get_serial_sequence('agent_runs', 'id'))"),
-            )
-            .and_where(jobs::Column::Id.eq(job.id))
-            .and_where(jobs::Column::Status.eq(JobStatus::Queued))
-            .returning_all();
-        if let TakeIf::First { hostname } = cond {
-            update.and_where(jobs::Column::Id.in_subquery(first(hostname)));
-        }
-        let stmt = backend.build(&update);
-        let Some(job) = jobs::Entity::find().from_raw_sql(stmt).one(txn).await? else {
-            return Ok(None);
-        };
-        let id = must(job.current_run_id, || format!("the run of job {}", job.id))?;
-        let mut run = new_run(taker, job.id, job.attempt, now);
-        run.id = Set(id);
-        run.log_path = Set(log_path(taker, &task, &job, id));
-        let run = run.insert(txn).await?;
-        (job, run)
-    } else {
-        if let TakeIf::First { hostname } = cond {
-            let first = jobs::Entity::find()
-                .filter(jobs::Column::Id.in_subquery(first(hostname)))
-                .one(txn)
-                .await?;
-            if first.is_none_or(|f| f.id != job.id) {
-                return Ok(None);
-            }
-        }
-        let mut run = new_run(taker, job.id, job.attempt, now).insert(txn).await?;
-        // The log's name holds the run's id, known only now.
-        run.log_path = log_path(taker, &task, &job, run.id);
-        agent_runs::Entity::update_many()
-            .col_expr(
-                agent_runs::Column::LogPath,
-                Expr::value(run.log_path.clone()),
-            )
-            .filter(agent_runs::Column::Id.eq(run.id))
-            .exec(txn)
-            .await?;
-        // The job is taken only if it is still queued; the run goes with it if not.
-        let taken = jobs::Entity::update_many()
-            .col_expr(jobs::Column::Status, Expr::value(JobStatus::Running))
-            .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
-            .col_expr(jobs::Column::CurrentRunId, Expr::value(run.id))
-            .filter(jobs::Column::Id.eq(job.id))
-            .filter(jobs::Column::Status.eq(JobStatus::Queued))
-            .exec(txn)
-            .await?
-            .rows_affected;
-        if taken == 0 {
-            return Ok(None);
-        }
-        let job = jobs::Model {
-            status: JobStatus::Running,
-            updated_at: now,
-            current_run_id: Some(run.id),
-            ..job
-        };
-        (job, run)
-    };
+    let run = insert_run(txn, taker, &task, &job, now).await?;
     Ok(Some(taken(txn, taker, task, job, run, now).await?))
+}
+
+/// The id of a new run, drawn by the statement that takes its job: from PostgreSQL's
+/// sequence of the runs' ids; on SQLite, which has none, the next id the runs' table
+/// (`AUTOINCREMENT`) would give, past both its highest id and the highest it ever gave.
+/// No other run can be given that id before the run's insert: SQLite's write transaction
+/// excludes every other writer.
+pub(super) fn next_run_id(backend: DbBackend) -> Expr {
+    Expr::cust(match backend {
+        DbBackend::Postgres => "nextval(pg_get_serial_sequence('agent_runs', 'id'))",
+        _ => {
+            "(SELECT MAX(COALESCE(MAX(\"id\"), 0), COALESCE((SELECT \"seq\" FROM \"sqlite_sequence\" \
+             WHERE \"name\" = 'agent_runs'), 0)) + 1 FROM \"agent_runs\")"
+        }
+    })
+}
+
+/// Inserts the run of `job`, just taken for `taker` with the run's id drawn
+/// ([`next_run_id`]).
+pub(super) async fn insert_run(
+    txn: &DatabaseTransaction,
+    taker: &Taker<'_>,
+    task: &tasks::Model,
+    job: &jobs::Model,
+    now: i64,
+) -> StoreResult<agent_runs::Model> {
+    let id = must(job.current_run_id, || format!("the run of job {}", job.id))?;
+    let mut run = new_run(taker, job.id, job.attempt, now);
+    run.id = Set(id);
+    run.log_path = Set(log_path(taker, task, job, id));
+    Ok(run.insert(txn).await?)
 }
 
 /// A job just taken with its run, and the policy's start effect written: what its Monitor

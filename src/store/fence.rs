@@ -2,10 +2,10 @@
 //! claim's run as its current run, and then the run's outcome is written; a claim that
 //! carries its run's exit writes it with them.
 
-use entity::{agent_runs, jobs};
+use entity::{agent_runs, jobs, tasks};
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, Expr, ExprTrait, Query, ReturningClause, UpdateStatement,
-    WithClause,
+    Alias, Asterisk, CommonTableExpression, Expr, ExprTrait, Query, ReturningClause,
+    UpdateStatement, WithClause,
 };
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait};
 
@@ -13,37 +13,55 @@ use super::{NewEvent, RunExit, StoreResult, must};
 use crate::model::{Claim, JobStatus};
 use crate::policy::JobChange;
 
-/// A fenced claim's run (`None` when the fence changed nothing), and the events of the
-/// exit it carried.
-pub(super) type Fenced = (Option<agent_runs::Model>, Vec<(NewEvent, i64)>);
+/// A fenced claim's run (`None` when the fence changed nothing), the events of the exit
+/// it carried, and whether the task's end it was given changed the task's row.
+pub(super) type Fenced = (Option<agent_runs::Model>, Vec<(NewEvent, i64)>, bool);
 
 /// The fenced write: it must change exactly the job's row read before, and then writes
 /// the run's outcome, returning the run (its node names the host of its effects). `None`
 /// when the fence changed nothing, and nothing of it was written; an error when the run
 /// is gone. `exit`, the run's exit the claim carries, is written first (only the first
 /// exit counts), with its events returned for the caller to append before its own.
+/// `end`, the task's end ([`end_task`](super::delivery::end_task)) when the claim ends
+/// it, is written after them; it may change nothing (a delivery waits).
 ///
-/// On PostgreSQL one statement does both: the job's update in a `WITH` that the run's
-/// update requires. It returns nothing both when the fence changed nothing and when the
-/// run is gone (the job's update stands), so both are an error, which rolls the claims'
-/// transaction back. The fence cannot change nothing there: the job's row was read
-/// locked, in this transaction, after any earlier claim of the group that wrote it. The
-/// exit rides on the run's update there ([`with_exit`]); on SQLite it is a statement of
-/// its own.
+/// On PostgreSQL one statement does all: the job's update and the task's in a `WITH`
+/// that the run's update requires. It returns nothing both when the fence changed nothing
+/// and when the run is gone (the job's update stands), so both are an error, which rolls
+/// the claims' transaction back. The fence cannot change nothing there: the job's row was
+/// read locked, in this transaction, after any earlier claim of the group that wrote it.
+/// The exit rides on the run's update there ([`with_exit`]); on SQLite it is a statement
+/// of its own, as is the task's end.
 pub(super) async fn fence(
     txn: &DatabaseTransaction,
     job: &jobs::Model,
     claim: &Claim,
     change: (JobChange, Option<&str>),
     exit: Option<&RunExit>,
+    end: Option<UpdateStatement>,
     now: i64,
 ) -> StoreResult<Fenced> {
     let backend = txn.get_database_backend();
     if backend == DbBackend::Postgres {
-        let (ctes, mut outcome) = fence_parts(job, claim, change, exit, now);
+        let (mut ctes, mut outcome) = fence_parts(job, claim, change, exit, now);
+        let ended = end.map(|end| {
+            let (cte, ended) = with_end(end);
+            ctes.push(cte);
+            ended
+        });
         let mut with = WithClause::new();
         for cte in ctes {
             with.cte(cte);
+        }
+        let ends = ended.is_some();
+        if let Some(ended) = ended {
+            let mut returning = vec![Expr::col((agent_runs::Entity, Asterisk))];
+            if exit.is_some() {
+                let was = |c| Expr::col((Alias::new(WAS), Alias::new(c)));
+                returning.extend([EXIT_WRITTEN, START_WRITTEN].map(was));
+            }
+            returning.push(ended);
+            outcome.returning(ReturningClause::Exprs(returning));
         }
         outcome.with_cte(with);
         let row = txn.query_one_raw(backend.build(&outcome)).await?;
@@ -51,7 +69,8 @@ pub(super) async fn fence(
             format!("run {} (its job's fence, or its row)", claim.run_id)
         })?;
         let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?;
-        return Ok((Some(run), exit_events(&row, "", exit)?));
+        let task_ended = ends && row.try_get::<bool>("", TASK_ENDED)?;
+        return Ok((Some(run), exit_events(&row, "", exit)?, task_ended));
     }
     let (fence, outcome) = statements(job, claim, change, now);
     let evs = match exit {
@@ -59,15 +78,41 @@ pub(super) async fn fence(
         None => Vec::new(),
     };
     if txn.execute(&fence).await?.rows_affected() != 1 {
-        return Ok((None, evs));
+        return Ok((None, evs, false));
     }
     let run = agent_runs::Entity::find()
         .from_raw_sql(backend.build(&outcome))
         .one(txn)
         .await?;
     let run = must(run, || format!("run {}", claim.run_id))?;
-    Ok((Some(run), evs))
+    let ended = match end {
+        Some(end) => txn.execute(&end).await?.rows_affected() == 1,
+        None => false,
+    };
+    Ok((Some(run), evs, ended))
 }
+
+/// PostgreSQL: the task's end in the fence's `WITH`, changing the task only with the
+/// fence, and the expression of the run's update's result that says whether it did.
+fn with_end(mut end: UpdateStatement) -> (CommonTableExpression, Expr) {
+    let (fenced, ended) = (Alias::new("fenced"), Alias::new("ended"));
+    end.and_where(Expr::exists(
+        Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
+    ))
+    .returning_col(tasks::Column::Id);
+    let cte = CommonTableExpression::new()
+        .query(end)
+        .table_name(ended.clone())
+        .to_owned();
+    let did = Expr::exists(Query::select().expr(Expr::val(1)).from(ended).to_owned());
+    (
+        cte,
+        Expr::cust_with_expr(format!("$1 AS \"{TASK_ENDED}\""), did),
+    )
+}
+
+/// The column of a PostgreSQL fence's result that says whether it ended the task.
+const TASK_ENDED: &str = "task_ended";
 
 /// The fence (the job's update) and the run's outcome (its update, returning the run).
 fn statements(
@@ -161,6 +206,9 @@ pub(super) fn exit_events(
 pub(super) const EXIT_WRITTEN: &str = "exit_written";
 pub(super) const START_WRITTEN: &str = "start_written";
 
+/// The `WITH` name of the run's row as it was, before [`with_exit`]'s update.
+const WAS: &str = "was";
+
 /// PostgreSQL: the run's update of a fenced claim also writes the exit the claim carries
 /// unless one is recorded, and the agent's start with it, or alone unless one is recorded
 /// (as [`RunExit::write`] does in two statements), and returns whether it wrote each.
@@ -172,7 +220,7 @@ fn with_exit(
     exit: &RunExit,
 ) -> CommonTableExpression {
     use agent_runs::Column as C;
-    let was = Alias::new("was");
+    let was = Alias::new(WAS);
     let (open, unstarted) = (Alias::new(EXIT_WRITTEN), Alias::new(START_WRITTEN));
     let before = Query::select()
         .column(C::Id)
@@ -208,7 +256,7 @@ fn with_exit(
         .from(was.clone())
         .and_where(Expr::col((was.clone(), C::Id)).equals((agent_runs::Entity, C::Id)));
     outcome.returning(ReturningClause::Exprs(vec![
-        Expr::col((agent_runs::Entity, sea_orm::sea_query::Asterisk)),
+        Expr::col((agent_runs::Entity, Asterisk)),
         Expr::col((was.clone(), open)),
         Expr::col((was.clone(), unstarted)),
     ]));

@@ -16,7 +16,9 @@ use sea_orm::{
     FromQueryResult, IdenStatic, Iterable, QueryFilter, QuerySelect, QueryTrait,
 };
 
-use super::dispatch::{TakeIf, candidates, elsewhere, log_path_around, new_run, take, taken};
+use super::dispatch::{
+    candidates, elsewhere, insert_run, log_path_around, new_run, next_run_id, taken,
+};
 use super::fence::{EXIT_WRITTEN, START_WRITTEN, exit_events, fence_parts};
 use super::tasks::{FIRST_ATTEMPT, insert_job, new_job};
 use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, must};
@@ -65,26 +67,30 @@ pub(super) async fn queue_next(
     if txn.get_database_backend() == DbBackend::Postgres {
         return queue_taken(txn, task, (stage, iteration), feedback, hand, now).await;
     }
-    let job = insert_job(txn, task.id, stage, iteration, feedback, now).await?;
-    // The job was queued by this transaction: nobody else can have taken it, and it is
-    // taken when it comes first.
-    let cond = TakeIf::First {
-        hostname: hand.hostname.as_deref(),
-    };
-    let handed = take(txn, &hand.taker, task.clone(), job.clone(), cond, now).await?;
-    // The job as it now is, taken or not, as PostgreSQL's insert returns it.
-    let job = handed.as_ref().map_or(job, |d| d.job.clone());
-    Ok((job, handed))
+    // SQLite: the job's insert, then its run's when it was taken.
+    let insert = taken_job(
+        task,
+        (stage, iteration),
+        feedback,
+        hand,
+        DbBackend::Sqlite,
+        now,
+    )?;
+    let stmt = DbBackend::Sqlite.build(&insert);
+    let job = jobs::Entity::find().from_raw_sql(stmt).one(txn).await?;
+    let job = must(job, || format!("the next job of task {}", task.id))?;
+    if job.current_run_id.is_none() {
+        return Ok((job, None));
+    }
+    let run = insert_run(txn, &hand.taker, task, &job, now).await?;
+    let d = taken(txn, &hand.taker, task.clone(), job.clone(), run, now).await?;
+    Ok((job, Some(d)))
 }
 
 /// PostgreSQL: the next job inserted running, with its run's id drawn from the runs'
 /// sequence, and its run inserted, when it comes first; else inserted queued. One
-/// statement: the job's insert and the run's in a `WITH`, then both rows read.
-///
-/// The job comes first when no job that dispatch would take belongs to an older task or
-/// its own (a new job's id is the highest, so it sorts after every job of its task), and
-/// its task's push waits for no other host; it is due (queued now) and its task active
-/// (the claim that queues it read it so). That is what dispatch's order would decide.
+/// statement: the job's insert ([`taken_job`]) and the run's in a `WITH`, then both rows
+/// read.
 async fn queue_taken(
     txn: &DatabaseTransaction,
     task: &tasks::Model,
@@ -189,8 +195,8 @@ async fn read_taken(
     Ok((job, Some(d)))
 }
 
-/// The queries of the `WITH` of [`queue_taken`]: the job's insert (`j`) and its run's
-/// (`r`), which inserts nothing when the job was not taken.
+/// The queries of the `WITH` of [`queue_taken`]: the job's insert (`j`, [`taken_job`])
+/// and its run's (`r`), which inserts nothing when the job was not taken.
 fn taken_parts(
     task: &tasks::Model,
     (stage, iteration): (&str, i32),
@@ -198,44 +204,8 @@ fn taken_parts(
     hand: &HandOff<'_>,
     now: i64,
 ) -> StoreResult<Vec<CommonTableExpression>> {
-    let hostname = hand.hostname.as_deref();
-    let before = candidates(hostname, &[], &[], now)
-        .select_only()
-        .expr(Expr::val(1))
-        .filter(jobs::Column::TaskId.lte(task.id))
-        .into_query();
-    let waits = elsewhere(hostname)
-        .and_where(entity::effects::Column::TaskId.eq(task.id))
-        .to_owned();
-    let (flag, first) = (Alias::new("f"), Alias::new("first"));
-    let is_first = || Expr::col((flag.clone(), first.clone()));
-    let job = new_job(task.id, stage, iteration, feedback, now);
-    let mut values = values_of(&job);
-    for (col, value) in &mut values {
-        *value = match *col {
-            c if c == jobs::Column::Status.as_str() => {
-                Expr::case(is_first(), Expr::val(JobStatus::Running))
-                    .finally(Expr::val(JobStatus::Queued))
-                    .into()
-            }
-            c if c == jobs::Column::CurrentRunId.as_str() => Expr::case(
-                is_first(),
-                Expr::cust("nextval(pg_get_serial_sequence('agent_runs', 'id'))"),
-            )
-            .finally(Expr::cust("NULL"))
-            .into(),
-            _ => continue,
-        };
-    }
-    let flag_of = Query::select()
-        .expr_as(
-            Expr::exists(before).not().and(Expr::exists(waits).not()),
-            first.clone(),
-        )
-        .to_owned();
-    let mut from_flag = Query::select();
-    from_flag.from_subquery(flag_of, flag.clone());
-    let insert_job = insert_select(jobs::Entity, values, from_flag)?;
+    let at = (stage, iteration);
+    let insert_job = taken_job(task, at, feedback, hand, DbBackend::Postgres, now)?;
 
     // The run's row as dispatch writes it, but for what only the job's insert knows.
     let j = Alias::new(J);
@@ -267,6 +237,60 @@ fn taken_parts(
         .and_where(Expr::col((j.clone(), jobs::Column::CurrentRunId)).is_not_null());
     let insert_run = insert_select(agent_runs::Entity, run, from_job)?;
     Ok(vec![cte(insert_job, &j), cte(insert_run, &Alias::new(R))])
+}
+
+/// The next job's insert, returning it: running, with its run's id drawn
+/// ([`next_run_id`]), when it comes first; else queued.
+///
+/// The job comes first when no job that dispatch would take belongs to an older task or
+/// its own (a new job's id is the highest, so it sorts after every job of its task), and
+/// its task's push waits for no other host; it is due (queued now) and its task active
+/// (the claim that queues it read it so). That is what dispatch's order would decide.
+fn taken_job(
+    task: &tasks::Model,
+    (stage, iteration): (&str, i32),
+    feedback: Option<&str>,
+    hand: &HandOff<'_>,
+    backend: DbBackend,
+    now: i64,
+) -> StoreResult<InsertStatement> {
+    let hostname = hand.hostname.as_deref();
+    let before = candidates(hostname, &[], &[], now)
+        .select_only()
+        .expr(Expr::val(1))
+        .filter(jobs::Column::TaskId.lte(task.id))
+        .into_query();
+    let waits = elsewhere(hostname)
+        .and_where(entity::effects::Column::TaskId.eq(task.id))
+        .to_owned();
+    let (flag, first) = (Alias::new("f"), Alias::new("first"));
+    let is_first = || Expr::col((flag.clone(), first.clone()));
+    let job = new_job(task.id, stage, iteration, feedback, now);
+    let mut values = values_of(&job);
+    for (col, value) in &mut values {
+        *value = match *col {
+            c if c == jobs::Column::Status.as_str() => {
+                Expr::case(is_first(), Expr::val(JobStatus::Running))
+                    .finally(Expr::val(JobStatus::Queued))
+                    .into()
+            }
+            c if c == jobs::Column::CurrentRunId.as_str() => {
+                Expr::case(is_first(), next_run_id(backend))
+                    .finally(Expr::cust("NULL"))
+                    .into()
+            }
+            _ => continue,
+        };
+    }
+    let flag_of = Query::select()
+        .expr_as(
+            Expr::exists(before).not().and(Expr::exists(waits).not()),
+            first.clone(),
+        )
+        .to_owned();
+    let mut from_flag = Query::select();
+    from_flag.from_subquery(flag_of, flag.clone());
+    insert_select(jobs::Entity, values, from_flag)
 }
 
 /// The `WITH` names of the next job's insert and its run's.

@@ -45,12 +45,17 @@ impl TwoHosts {
 
     /// The run of `d` passed with `commit`.
     async fn pass(&self, d: &baton::store::Dispatched, commit: &str) -> ClaimOutcome {
+        self.pass_with(d, Some(commit)).await
+    }
+
+    /// The run of `d` passed, with `commit` or none (no push of its own).
+    async fn pass_with(&self, d: &baton::store::Dispatched, commit: Option<&str>) -> ClaimOutcome {
         let claim = Claim {
             job_id: d.job.id,
             run_id: d.run.id,
             verdict: Verdict::Passed,
             decided_by: Decider::Monitor,
-            commit_sha: Some(commit.into()),
+            commit_sha: commit.map(str::to_string),
             feedback: None,
             usage: None,
         };
@@ -144,6 +149,37 @@ async fn the_next_stage_waits_for_the_push_and_done_waits_for_delivery(db: TestD
 on_both!(
     the_next_stage_waits_for_the_push_and_done_waits_for_delivery,
     the_next_stage_waits_for_the_push_and_done_waits_for_delivery
+);
+
+/// A last stage with no commit of its own ends its task only once an earlier stage's push
+/// is done: its claim leaves the task active while that push is pending.
+async fn a_last_stage_without_a_commit_waits_for_an_earlier_push(db: TestDb) {
+    let t = TwoHosts::new(db).await;
+    let s = crate::support::submit(&t.db.store, "DW-2", "analyst", NOW).await;
+    let d = t.take(&t.b).await.unwrap();
+    assert!(matches!(t.pass(&d, "c1").await, ClaimOutcome::Won(_)));
+    // Host B holds the analyst's commit: its next stages run there before the push.
+    for stage in ["developer", "reviewer"] {
+        let d = t.take(&t.b).await.expect(stage);
+        assert_eq!(d.job.stage, stage);
+        let ClaimOutcome::Won(w) = t.pass_with(&d, None).await else {
+            panic!("the {stage}'s claim lost")
+        };
+        assert_eq!(w.task_status, None, "ended before the analyst's push");
+    }
+    let task = t.db.store.task(s.task.id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Active);
+    let kinds = kinds(&t.db.store.events(s.task.id).await.unwrap());
+    assert!(kinds.contains(&EventKind::AwaitingDelivery), "{kinds:?}");
+    assert!(!kinds.contains(&EventKind::TaskDone), "{kinds:?}");
+    assert_eq!(
+        t.push("DW-2", &t.b).await.task_ended,
+        Some(TaskStatus::Done)
+    );
+}
+on_both!(
+    a_last_stage_without_a_commit_waits_for_an_earlier_push,
+    a_last_stage_without_a_commit_waits_for_an_earlier_push
 );
 
 /// The work of a dead host is redone once, from the last commit on the remote, whoever

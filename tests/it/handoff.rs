@@ -91,6 +91,36 @@ on_both!(
     the_next_job_is_taken_for_the_claiming_node
 );
 
+/// A run's id is drawn by the statement that takes its job, by dispatch and by the
+/// hand-off alike; it is never one given before, even once the newest run is gone (its
+/// log and pid files bear its id).
+async fn a_run_id_is_never_given_twice(db: TestDb) {
+    let policy = policy();
+    for key in ["ID-1", "ID-2"] {
+        crate::support::submit(&db.store, key, "analyst", NOW).await;
+    }
+    let (first, second) = (take(&db).await, take(&db).await);
+    assert!(second.run.id > first.run.id);
+    let forget = |id: i64| format!("DELETE FROM agent_runs WHERE id = {id}");
+    db.execute(&forget(second.run.id)).await;
+    let (_, handed) = claim_handing_off(&db, &policy, &first).await;
+    let handed = handed.expect("the next stage is handed off");
+    assert!(handed.run.id > second.run.id, "{} reused", handed.run.id);
+    assert_eq!(handed.job.current_run_id, Some(handed.run.id));
+
+    db.execute(&forget(handed.run.id)).await;
+    crate::support::submit(&db.store, "ID-3", "analyst", NOW).await;
+    let third = take(&db).await;
+    assert!(third.run.id > handed.run.id, "{} reused", third.run.id);
+    assert_eq!(third.job.current_run_id, Some(third.run.id));
+    let run = db.store.run(third.run.id).await.unwrap().unwrap();
+    assert!(
+        run.log_path
+            .ends_with(&format!("ID-3/{}-analyst-1.log", run.id))
+    );
+}
+on_both!(a_run_id_is_never_given_twice, a_run_id_is_never_given_twice);
+
 /// Claims `c` with node `node_id` taking the next job; returns the job handed off.
 async fn hand(db: &TestDb, policy: &Policy, c: Claim, node_id: &str, now: i64) -> Dispatched {
     let taker = Taker {
