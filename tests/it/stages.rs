@@ -92,6 +92,12 @@ gate.timeout = "1s"
         .trim()
         .parse()
         .unwrap();
+    // Killed at the timeout; on a busy machine the kernel may take a moment to end it.
+    // Waiting on another process: nothing here can send a probe event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while baton::agent::alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         !baton::agent::alive(pid),
         "the gate's grandchild {pid} outlived its timeout"
