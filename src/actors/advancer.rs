@@ -96,13 +96,16 @@ impl Actor for Advancer {
         state: &mut AdvancerState,
     ) -> Result<(), ActorProcessingErr> {
         let dispatch = state.dispatch.clone();
-        handle(myself, msg, state).with_subscriber(dispatch).await;
+        on_message(myself, msg, state)
+            .with_subscriber(dispatch)
+            .await;
         Ok(())
     }
 }
 
-/// [`Advancer`]'s handling of `msg`.
-async fn handle(myself: ActorRef<AdvancerMsg>, msg: AdvancerMsg, state: &mut AdvancerState) {
+/// [`Advancer`]'s handling of `msg`: a claim waits for the next `Decide`, which decides
+/// those waiting.
+async fn on_message(myself: ActorRef<AdvancerMsg>, msg: AdvancerMsg, state: &mut AdvancerState) {
     match msg {
         AdvancerMsg::Claim(claim, exit, reply) => {
             let span = tracing::info_span!(
