@@ -54,8 +54,8 @@ pub struct AdvancerState {
     args: AdvancerArgs,
     /// Claims received and not decided yet, in order.
     waiting: Vec<Waiting>,
-    /// Where its spans and events go: the collector of the thread that spawned it (it may
-    /// run on a thread of its own, [`spawn_linked`]).
+    /// Where the spans and events of its handling of a message go: the collector of the
+    /// thread that spawned it (it may run on a thread of its own, [`spawn_linked`]).
     dispatch: tracing::Dispatch,
 }
 
@@ -170,12 +170,13 @@ pub async fn spawn_linked(
 }
 
 /// The runtime of the Advancers' own thread, started at the first: one thread that runs
-/// nothing else. The claims of a node wait for its one Advancer, so each of its
-/// statements' answers is taken up at once, not behind the tasks the runtime's workers
-/// are busy with (a Monitor's spawn, a dispatch), and the thread, which mostly waits, is
-/// the one the kernel's scheduler runs first when it wakes. It lives as long as the
-/// process: a database connection the Advancer opened is registered with it, and serves
-/// the node's other actors after a restart.
+/// no other actor. The claims of a node wait for its one Advancer, so an answer it waits
+/// for is taken up at once, not behind the tasks the runtime's workers are busy with (a
+/// Monitor's spawn, a dispatch). That holds for SQLite, whose connections answer from
+/// threads of their own; a PostgreSQL connection is driven by the runtime that opened
+/// it, whichever actor uses it, so the thread also serves the other actors' statements
+/// on the connections the Advancer opened. It is never shut down: those connections
+/// stay in the pool.
 fn own_thread() -> std::io::Result<tokio::runtime::Handle> {
     static OWN: std::sync::Mutex<Option<tokio::runtime::Handle>> = std::sync::Mutex::new(None);
     let mut own = OWN

@@ -185,7 +185,7 @@ impl Store {
             }
             None => {
                 // The exit is written with the fence, first; the task's end after it.
-                let end = ending(&task, &decision, now);
+                let end = ending(task.id, &decision, now);
                 let (run, exited, ended) =
                     fence(txn, &job, claim, change, with_fence, end, now).await?;
                 deferred.events.extend(exited);
@@ -410,18 +410,18 @@ enum Next<'a> {
 /// the task, and none when it is done and the claim's own push or pull request delivers
 /// it (ADR 0010); else [`end_task`], which may change nothing (an earlier stage's
 /// delivery waits).
-fn ending(task: &tasks::Model, decision: &Transition, now: i64) -> Option<UpdateStatement> {
+fn ending(task_id: i64, decision: &Transition, now: i64) -> Option<UpdateStatement> {
     let end = decision.task_end.as_ref()?;
     let delivers = decision
         .effects
         .iter()
         .any(|e| e.payload.kind().is_delivery());
-    (end.status != TaskStatus::Done || !delivers).then(|| end_task(task.id, end.status, now))
+    (end.status != TaskStatus::Done || !delivers).then(|| end_task(task_id, end.status, now))
 }
 
-/// The winner's writes after the fence: the outbox, the next job (taken for `hand`'s
-/// taker when it comes first: the hand-off) or the task's end; its events (after those of
-/// the claim's exit) and its `advances` row go to `deferred`.
+/// The winner's writes after the fence: the outbox and the next job (taken for `hand`'s
+/// taker when it comes first: the hand-off); the task's end, the fence wrote. Its events
+/// (after those of the claim's exit) and its `advances` row go to `deferred`.
 async fn apply(
     txn: &DatabaseTransaction,
     claim: &Claim,

@@ -55,11 +55,7 @@ pub(super) async fn fence(
         }
         let ends = ended.is_some();
         if let Some(ended) = ended {
-            let mut returning = vec![Expr::col((agent_runs::Entity, Asterisk))];
-            if exit.is_some() {
-                let was = |c| Expr::col((Alias::new(WAS), Alias::new(c)));
-                returning.extend([EXIT_WRITTEN, START_WRITTEN].map(was));
-            }
+            let mut returning = outcome_columns(exit.is_some());
             returning.push(ended);
             outcome.returning(ReturningClause::Exprs(returning));
         }
@@ -95,20 +91,37 @@ pub(super) async fn fence(
 /// PostgreSQL: the task's end in the fence's `WITH`, changing the task only with the
 /// fence, and the expression of the run's update's result that says whether it did.
 fn with_end(mut end: UpdateStatement) -> (CommonTableExpression, Expr) {
-    let (fenced, ended) = (Alias::new("fenced"), Alias::new("ended"));
-    end.and_where(Expr::exists(
-        Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
-    ))
-    .returning_col(tasks::Column::Id);
+    let ended = Alias::new("ended");
+    end.and_where(has_rows(FENCED))
+        .returning_col(tasks::Column::Id);
     let cte = CommonTableExpression::new()
         .query(end)
         .table_name(ended.clone())
         .to_owned();
-    let did = Expr::exists(Query::select().expr(Expr::val(1)).from(ended).to_owned());
+    let did = has_rows(ended);
     (
         cte,
         Expr::cust_with_expr(format!("$1 AS \"{TASK_ENDED}\""), did),
     )
+}
+
+/// `EXISTS (SELECT 1 FROM table)`: in a statement's `WITH`, whether a part of it wrote.
+fn has_rows(table: impl sea_orm::sea_query::IntoIden) -> Expr {
+    Expr::exists(Query::select().expr(Expr::val(1)).from(table).to_owned())
+}
+
+/// The `WITH` name of a PostgreSQL fence's update of the job.
+const FENCED: &str = "fenced";
+
+/// What the run's update of a PostgreSQL fence returns: the run and, with an exit
+/// ([`with_exit`]), whether it wrote the exit and the start.
+fn outcome_columns(exit: bool) -> Vec<Expr> {
+    let mut columns = vec![Expr::col((agent_runs::Entity, Asterisk))];
+    if exit {
+        let was = |c| Expr::col((Alias::new(WAS), Alias::new(c)));
+        columns.extend([EXIT_WRITTEN, START_WRITTEN].map(was));
+    }
+    columns
 }
 
 /// The column of a PostgreSQL fence's result that says whether it ended the task.
@@ -169,19 +182,16 @@ pub(super) fn fence_parts(
 ) -> (Vec<CommonTableExpression>, UpdateStatement) {
     let (mut fence, mut outcome) = statements(job, claim, change, now);
     fence.returning_col(jobs::Column::Id);
-    let fenced = Alias::new("fenced");
     let mut ctes = vec![
         CommonTableExpression::new()
             .query(fence)
-            .table_name(fenced.clone())
+            .table_name(Alias::new(FENCED))
             .to_owned(),
     ];
     if let Some(exit) = exit {
         ctes.push(with_exit(&mut outcome, exit));
     }
-    outcome.and_where(Expr::exists(
-        Query::select().expr(Expr::val(1)).from(fenced).to_owned(),
-    ));
+    outcome.and_where(has_rows(FENCED));
     (ctes, outcome)
 }
 
@@ -255,11 +265,7 @@ fn with_exit(
     outcome
         .from(was.clone())
         .and_where(Expr::col((was.clone(), C::Id)).equals((agent_runs::Entity, C::Id)));
-    outcome.returning(ReturningClause::Exprs(vec![
-        Expr::col((agent_runs::Entity, Asterisk)),
-        Expr::col((was.clone(), open)),
-        Expr::col((was.clone(), unstarted)),
-    ]));
+    outcome.returning(ReturningClause::Exprs(outcome_columns(true)));
     CommonTableExpression::new()
         .query(before)
         .table_name(was)

@@ -68,15 +68,9 @@ pub(super) async fn queue_next(
         return queue_taken(txn, task, (stage, iteration), feedback, hand, now).await;
     }
     // SQLite: the job's insert, then its run's when it was taken.
-    let insert = taken_job(
-        task,
-        (stage, iteration),
-        feedback,
-        hand,
-        DbBackend::Sqlite,
-        now,
-    )?;
-    let stmt = DbBackend::Sqlite.build(&insert);
+    let backend = txn.get_database_backend();
+    let insert = taken_job(task, (stage, iteration), feedback, hand, backend, now)?;
+    let stmt = backend.build(&insert);
     let job = jobs::Entity::find().from_raw_sql(stmt).one(txn).await?;
     let job = must(job, || format!("the next job of task {}", task.id))?;
     if job.current_run_id.is_none() {

@@ -96,6 +96,62 @@ async fn win_with_exit(
     assert!(matches!(outcome, ClaimOutcome::Won(_)), "{outcome:?}");
 }
 
+/// A claim that carries its run's exit and ends its task writes both, with the start the
+/// exit carries (on PostgreSQL the exit, the fence and the task's end are one statement,
+/// whose result says what it wrote of each).
+async fn a_claim_that_ends_its_task_writes_the_exit_it_carries(db: TestDb) {
+    let s = submit(&db.store, "W-9").await;
+    for (i, stage) in ["analyst", "developer", "reviewer"].into_iter().enumerate() {
+        let at = NOW + 100 * i as i64;
+        let d = take(&db, at).await;
+        assert_eq!(d.job.stage, stage);
+        let start = Started {
+            pid: 70 + i as i32,
+            prompt: None,
+            at: at + 1,
+        };
+        let exit = run_exit(s.task.id, &d.run, Some(start), 0, at + 5);
+        // No commit: no push of its own, so the last claim ends the task.
+        let mut won = claim(&d.job, d.run.id, Verdict::Passed, Decider::Monitor);
+        won.commit_sha = None;
+        let (outcome, _) = db
+            .store
+            .claim_and_take(&won, Some(&exit), &policy(), at + 6, None)
+            .await
+            .unwrap();
+        let ClaimOutcome::Won(w) = outcome else {
+            panic!("the {stage}'s claim lost: {outcome:?}")
+        };
+        let ended = (stage == "reviewer").then_some(TaskStatus::Done);
+        assert_eq!(w.task_status, ended, "{stage}");
+        let run = db.store.run(d.run.id).await.unwrap().unwrap();
+        assert_eq!(
+            (run.pid, run.exit_code, run.exited_at),
+            (Some(70 + i as i32), Some(0), Some(at + 5)),
+            "{stage}"
+        );
+    }
+    let task = db.store.task(s.task.id).await.unwrap();
+    assert_eq!(task.status, TaskStatus::Done);
+    let events = db.store.events(s.task.id).await.unwrap();
+    let kinds = kinds(&events);
+    let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
+    assert_eq!(
+        (
+            count("run_started"),
+            count("run_exited"),
+            count("task_done")
+        ),
+        (3, 3, 1),
+        "{kinds:?}"
+    );
+    assert!(kinds.last() == Some(&"task_done"), "{kinds:?}");
+}
+on_both!(
+    a_claim_that_ends_its_task_writes_the_exit_it_carries,
+    a_claim_that_ends_its_task_writes_the_exit_it_carries
+);
+
 /// A Monitor's exit carried by its claim: written first in the claim's transaction when
 /// the claim wins, and still written (before the arbiter's `claim_lost`) when it loses.
 async fn an_exit_carried_by_a_claim_is_written_first_whether_it_wins_or_loses(db: TestDb) {

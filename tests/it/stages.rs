@@ -92,7 +92,8 @@ gate.timeout = "1s"
         .trim()
         .parse()
         .unwrap();
-    // Killed at the timeout; on a busy machine the kernel may take a moment to end it.
+    // Killed at the timeout; on a busy machine the kernel may take a moment to end it, so
+    // "no longer" is checked as dead within 10 s (it sleeps 60 s unless killed).
     // Waiting on another process: nothing here can send a probe event.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while baton::agent::alive(pid) && std::time::Instant::now() < deadline {

@@ -11,7 +11,8 @@ use crate::support::{Backend, TestDb};
 use baton::actors::ProbeEvent;
 use baton::model::ClaimOutcome;
 
-/// Spans are collected on this thread (a current-thread runtime runs every actor here).
+/// Spans are collected on this thread (a current-thread runtime runs every actor here but
+/// the Advancer, which sends its spans to this thread's collector all the same).
 async fn one_trace_per_task_across_actors_and_a_restart(db: TestDb) {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
