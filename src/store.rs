@@ -201,6 +201,58 @@ impl NewEvent {
     }
 }
 
+/// A pool of at most `max` connections to `url`; `lazy`: opened when first used.
+async fn connect_pool(
+    url: &str,
+    acquire_timeout: Duration,
+    max: u32,
+    lazy: bool,
+) -> StoreResult<DatabaseConnection> {
+    let mut opts = ConnectOptions::new(url.to_string());
+    opts.sqlx_logging(false)
+        .max_connections(max)
+        .connect_lazy(lazy)
+        .connect_timeout(acquire_timeout)
+        // A pooled connection is checked before it is handed out only after a while
+        // unused (a server restart or a firewall drops those): a check on every
+        // checkout was a round trip per statement, to the server or to SQLite's thread.
+        .test_before_acquire_if_idle_for(STALE_CONNECTION)
+        .acquire_timeout(acquire_timeout)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true)
+        })
+        .map_sqlx_sqlite_pool_opts(|o| {
+            o.after_connect(|conn, _| Box::pin(async move { stable_plans(conn).await }))
+        });
+    match Database::connect(opts).await {
+        Ok(db) => Ok(db),
+        Err(e) => Err(StoreError::Connect {
+            url: redact_url(url),
+            reason: connect_failure(url, e).await,
+        }),
+    }
+}
+
+/// What opened a store's pool: its URL (shown without its password) and the time a
+/// caller waits for a connection.
+#[derive(Clone)]
+struct Opened {
+    url: String,
+    acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("url", &redact_url(&self.url))
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
@@ -210,6 +262,8 @@ pub struct Store {
     /// The hostname of each node id this process dispatched for: a node's row never
     /// changes its hostname, so dispatch reads it once rather than per job.
     node_hosts: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// What opened the pool, for [`Store::own_pool`].
+    opened: Arc<Opened>,
 }
 
 /// Turns on SQLite's query planner stability guarantee for a new connection. Without it,
@@ -249,33 +303,8 @@ impl Store {
     /// Like [`Store::connect`], with the time a caller waits for a pooled connection.
     /// Tests on a loaded machine pass a long one.
     pub async fn connect_with(url: &str, acquire_timeout: Duration) -> StoreResult<Store> {
-        let mut opts = ConnectOptions::new(url.to_string());
-        opts.sqlx_logging(false)
-            .max_connections(if url.starts_with("sqlite:") { 4 } else { 10 })
-            .connect_timeout(acquire_timeout)
-            // A pooled connection is checked before it is handed out only after a while
-            // unused (a server restart or a firewall drops those): a check on every
-            // checkout was a round trip per statement, to the server or to SQLite's thread.
-            .test_before_acquire_if_idle_for(STALE_CONNECTION)
-            .acquire_timeout(acquire_timeout)
-            .map_sqlx_sqlite_opts(|o| {
-                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
-                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                    .foreign_keys(true)
-            })
-            .map_sqlx_sqlite_pool_opts(|o| {
-                o.after_connect(|conn, _| Box::pin(async move { stable_plans(conn).await }))
-            });
-        let db = match Database::connect(opts).await {
-            Ok(db) => db,
-            Err(e) => {
-                return Err(StoreError::Connect {
-                    url: redact_url(url),
-                    reason: connect_failure(url, e).await,
-                });
-            }
-        };
+        let max = if url.starts_with("sqlite:") { 4 } else { 10 };
+        let db = connect_pool(url, acquire_timeout, max, false).await?;
         let write_lock = url
             .starts_with("sqlite:")
             .then(|| Arc::new(tokio::sync::Mutex::new(())));
@@ -283,6 +312,29 @@ impl Store {
             db,
             write_lock,
             node_hosts: Arc::default(),
+            opened: Arc::new(Opened {
+                url: url.to_string(),
+                acquire_timeout,
+            }),
+        })
+    }
+
+    /// This store with a PostgreSQL pool of its own, of `max` connections opened when
+    /// first used, by the runtime that uses them first (a PostgreSQL connection is driven
+    /// by the runtime that opened it): for an actor on a thread of its own. On SQLite, this
+    /// store (its connections answer from threads of their own, and its writers share one
+    /// lock).
+    pub async fn own_pool(&self, max: u32) -> StoreResult<Store> {
+        if !self.is_postgres() {
+            return Ok(self.clone());
+        }
+        let Opened {
+            url,
+            acquire_timeout,
+        } = &*self.opened;
+        Ok(Store {
+            db: connect_pool(url, *acquire_timeout, max, true).await?,
+            ..self.clone()
         })
     }
 

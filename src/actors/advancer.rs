@@ -164,19 +164,28 @@ pub async fn spawn_linked(
     supervisor: ActorCell,
 ) -> Result<ActorRef<AdvancerMsg>, ActorProcessingErr> {
     // Its start (`pre_start`) runs in this future: with the spawning thread's collector.
-    let spawn = async move { Actor::spawn_linked(None, Advancer, args, supervisor).await };
-    let spawned = own_thread()?.spawn(spawn.with_current_subscriber()).await?;
-    Ok(spawned?.0)
+    let spawn = async move {
+        let mut args = args;
+        // Its PostgreSQL connections are opened, and driven, on its thread.
+        args.ctx.store = args.ctx.store.own_pool(ADVANCER_CONNECTIONS).await?;
+        let (advancer, _) = Actor::spawn_linked(None, Advancer, args, supervisor).await?;
+        Ok::<_, ActorProcessingErr>(advancer)
+    };
+    own_thread()?.spawn(spawn.with_current_subscriber()).await?
 }
+
+/// The connections of an Advancer's own pool on PostgreSQL: its group's transaction, and
+/// a job it puts back meanwhile.
+const ADVANCER_CONNECTIONS: u32 = 2;
 
 /// The runtime of the Advancers' own thread, started at the first: one thread that runs
 /// no other actor. The claims of a node wait for its one Advancer, so an answer it waits
 /// for is taken up at once, not behind the tasks the runtime's workers are busy with (a
-/// Monitor's spawn, a dispatch). That holds for SQLite, whose connections answer from
-/// threads of their own; a PostgreSQL connection is driven by the runtime that opened
-/// it, whichever actor uses it, so the thread also serves the other actors' statements
-/// on the connections the Advancer opened. It is never shut down: those connections
-/// stay in the pool.
+/// Monitor's spawn, a dispatch): SQLite's connections answer from threads of their own,
+/// and on PostgreSQL, where a connection is driven by the runtime that opened it, the
+/// Advancer has a pool of its own ([`Store::own_pool`](crate::store::Store::own_pool)),
+/// opened here. It is never shut down: a pool's connection may outlive its Advancer a
+/// moment (its return to the pool runs here).
 fn own_thread() -> std::io::Result<tokio::runtime::Handle> {
     static OWN: std::sync::Mutex<Option<tokio::runtime::Handle>> = std::sync::Mutex::new(None);
     let mut own = OWN
