@@ -47,6 +47,10 @@ pub enum LastCommit<'a> {
     /// The task's last recorded stage commit (none before its first): a branch new to
     /// the host starts from it, an existing one is fast-forwarded to it when behind.
     Recorded(Option<&'a str>),
+    /// As `Recorded`, for a job queued (or due again, for a retry) at the given instant: a
+    /// fetch that began after it serves the preparation, so the stages of a backlog share
+    /// one fetch; a recorded commit the mirror then lacks is fetched for at once.
+    RecordedQueued(Option<&'a str>, std::time::Instant),
     /// This host's branch holds it already: the task's previous stage ran here, in this
     /// worktree, was decided by its own Monitor, and committed nothing. A branch not on
     /// this host fails with [`WorkspaceError::BranchNotHere`], and the caller reads the
@@ -61,7 +65,8 @@ pub enum LastCommit<'a> {
 
 /// How long before a preparation that follows this host's own stage (`OnBranch`,
 /// `HereAt`) a fetch may have begun and still serve it. Other preparations need a fetch
-/// that began after they did.
+/// that began after they did (`Recorded`) or after their job was queued
+/// (`RecordedQueued`).
 pub const OWN_STAGE_FETCH_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> WorkspaceError {

@@ -1,13 +1,14 @@
 //! One bare mirror of the repository per host (`workspace_root/.mirror.git`), fetched
-//! before every stage (after this host's own stage, a fetch up to a second old serves),
-//! and each task's checkout a git worktree of it on the task's
+//! before every stage (after this host's own stage, a fetch up to a second old serves;
+//! for a job taken from the queue, one since it was queued), and each task's checkout a git worktree of it on the task's
 //! branch. The mirror is guarded by baton's own file lock (`.mirror.lock`), which also
 //! serializes fetches into it; git's own lock files record no owner, so a task's are
 //! cleared only while the task has no live run (the caller's promise).
 //!
 //! Fetches are shared: a preparation is served by any fetch into the mirror that began
 //! after the preparation did (up to `OWN_STAGE_FETCH_AGE` before, after this host's own
-//! stage), so stages that start together cost one fetch, not one each.
+//! stage; after its job was queued, for `LastCommit::RecordedQueued`), so stages that
+//! start together, or waited in the queue together, cost one fetch, not one each.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -198,8 +199,9 @@ fn clear_lock(path: &Path) {
 
 /// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch (one that
 /// began after this call did: several preparations waiting on the mirror share it; after
-/// this host's own stage, one that began up to [`OWN_STAGE_FETCH_AGE`] before, unless the
-/// stage's commit is not in the mirror).
+/// this host's own stage, one that began up to [`OWN_STAGE_FETCH_AGE`] before; for
+/// [`LastCommit::RecordedQueued`], one that began after the job was queued; in either
+/// case a fetch now when the stage's commit is not in the mirror).
 ///
 /// - A branch new to this host starts from `start_commit` (the task's last recorded stage
 ///   commit) when there is one, else from the remote's branch, else from `base_branch`;
@@ -245,18 +247,23 @@ pub fn prepare(
         keep_mirror(root, mirror);
         return Err(WorkspaceError::BranchNotHere(branch.to_string()));
     }
-    let own = matches!(start_commit, LastCommit::OnBranch | LastCommit::HereAt(_));
-    let served_since = match own {
-        true => due.checked_sub(OWN_STAGE_FETCH_AGE).unwrap_or(due),
-        false => due,
+    let served_since = match start_commit {
+        LastCommit::OnBranch | LastCommit::HereAt(_) => {
+            due.checked_sub(OWN_STAGE_FETCH_AGE).unwrap_or(due)
+        }
+        LastCommit::RecordedQueued(_, queued) => queued.min(due),
+        LastCommit::Recorded(_) => due,
     };
     fetch_since(&mirror, access, served_since)?;
 
     let start = match start_commit {
-        LastCommit::Recorded(Some(sha)) | LastCommit::HereAt(sha) => {
+        LastCommit::Recorded(Some(sha))
+        | LastCommit::RecordedQueued(Some(sha), _)
+        | LastCommit::HereAt(sha) => {
             let oid = Oid::from_str(sha).map_err(git(format!("read commit {sha}")))?;
-            if mirror.find_commit(oid).is_err() && own {
-                // The mirror was made anew since: the remote may have it.
+            if mirror.find_commit(oid).is_err() && served_since < due {
+                // The mirror was made anew, or the commit pushed, since the fetch that
+                // served: the remote may have it now.
                 fetch_since(&mirror, access, due)?;
             }
             if mirror.find_commit(oid).is_err() {
@@ -266,7 +273,9 @@ pub fn prepare(
             }
             Some(oid)
         }
-        LastCommit::Recorded(None) | LastCommit::OnBranch => None,
+        LastCommit::Recorded(None) | LastCommit::RecordedQueued(None, _) | LastCommit::OnBranch => {
+            None
+        }
     };
     let remote_tip = mirror
         .find_branch(&format!("{ORIGIN}/{branch}"), BranchType::Remote)

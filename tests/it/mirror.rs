@@ -1,11 +1,11 @@
 //! The mirror and a task's worktree in it, prepared before every stage: a task that
-//! moves between hosts, a stage after one of this host's own, a stage's commit, a
-//! diverged branch, leftovers of a crash.
+//! moves between hosts, a stage after one of this host's own, jobs that waited in the
+//! queue together, a stage's commit, a diverged branch, leftovers of a crash.
 
 use std::path::Path;
 use std::time::Instant;
 
-use baton::workspace::LastCommit::{HereAt, OnBranch, Recorded};
+use baton::workspace::LastCommit::{HereAt, OnBranch, Recorded, RecordedQueued};
 use baton::workspace::{self, RepoAccess};
 
 use crate::support::harness::*;
@@ -125,6 +125,49 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
 /// A stage's commit is the one new on the task's branch since it began; a stage that
 /// left nothing has none, and one whose checkout no longer builds on the branch fails,
 /// its work and the branch both kept.
+/// A commit on the remote's `branch`, after its tip (or `main`'s), as another host's
+/// stage or a person would push it.
+fn push_commit(dir: &Path, branch: &str, message: &str) -> String {
+    let bare = git2::Repository::open_bare(dir.join("remote.git")).unwrap();
+    let parent = bare
+        .find_reference(&format!("refs/heads/{branch}"))
+        .or_else(|_| bare.find_reference("refs/heads/main"))
+        .unwrap()
+        .peel_to_commit()
+        .unwrap();
+    let sig = git2::Signature::now("t", "t@t").unwrap();
+    let tree = parent.tree().unwrap();
+    let oid = bare
+        .commit(None, &sig, &sig, message, &tree, &[&parent])
+        .unwrap();
+    bare.reference(&format!("refs/heads/{branch}"), oid, true, message)
+        .unwrap();
+    oid.to_string()
+}
+
+#[test]
+fn jobs_that_waited_in_the_queue_together_share_a_fetch_begun_after_they_were_queued() {
+    let (dir, access) = seeded();
+    let root = dir.path().join("host");
+    let queued = Instant::now();
+    let first = prepare_key(&root, &access, "Q-1", RecordedQueued(None, queued)).unwrap();
+    // The remote's main moves after that fetch: a job queued before it is served by it
+    // and starts where the first did; one queued since fetches, and starts at the move.
+    let moved = push_commit(dir.path(), "main", "moved");
+    let second = prepare_key(&root, &access, "Q-2", RecordedQueued(None, queued)).unwrap();
+    assert_eq!(second.tip, first.tip, "a job of the backlog fetched again");
+    let later = prepare_key(&root, &access, "Q-3", RecordedQueued(None, Instant::now())).unwrap();
+    assert_eq!(
+        later.tip, moved,
+        "a job queued after the fetch missed the remote's move"
+    );
+    // A recorded commit pushed since the fetch that serves (by another host's stage) is
+    // fetched for, not reported missing.
+    let theirs = push_commit(dir.path(), "baton/Q-4", "theirs(Q-4)");
+    let p = prepare_key(&root, &access, "Q-4", RecordedQueued(Some(&theirs), queued)).unwrap();
+    assert_eq!(p.tip, theirs);
+}
+
 #[test]
 fn a_stage_commit_is_what_is_new_on_the_branch() {
     let (dir, access) = seeded();

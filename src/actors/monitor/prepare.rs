@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::super::Ctx;
 use crate::prompt::{PromptTask, PromptVars};
@@ -55,7 +56,7 @@ pub(super) async fn workspace(
                 .last_commit(d.task.id)
                 .await
                 .map_err(|e| format!("cannot read the task's last commit: {e}"))?;
-            prepare_branch(ctx, d, Start::Recorded(recorded)).await?
+            prepare_branch(ctx, d, Start::Recorded(recorded, queued_at(ctx, d))).await?
         }
     }
     .map_err(|e| format!("workspace: {e}"))?;
@@ -89,7 +90,8 @@ pub(super) async fn workspace(
 /// The task's last commit a preparation moves the branch to: [`workspace::LastCommit`],
 /// owned, for the blocking thread.
 enum Start {
-    Recorded(Option<String>),
+    /// The task's recorded last commit, for a job queued at the instant.
+    Recorded(Option<String>, Instant),
     OnBranch,
     HereAt(String),
 }
@@ -97,11 +99,22 @@ enum Start {
 impl Start {
     fn last(&self) -> workspace::LastCommit<'_> {
         match self {
-            Start::Recorded(commit) => workspace::LastCommit::Recorded(commit.as_deref()),
+            Start::Recorded(commit, queued) => {
+                workspace::LastCommit::RecordedQueued(commit.as_deref(), *queued)
+            }
             Start::OnBranch => workspace::LastCommit::OnBranch,
             Start::HereAt(sha) => workspace::LastCommit::HereAt(sha),
         }
     }
+}
+
+/// When `d`'s job was queued, or due again for a retry, as an instant of this process:
+/// now, when that was before the process could tell (its clock's start).
+fn queued_at(ctx: &Ctx, d: &Dispatched) -> Instant {
+    let queued = d.job.created_at.max(d.job.not_before);
+    let ago = Duration::from_millis(ctx.now().saturating_sub(queued).max(0) as u64);
+    let now = Instant::now();
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// [`workspace::prepare`] for `d`'s task, on a blocking thread, from `start`.
