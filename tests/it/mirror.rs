@@ -122,9 +122,6 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     );
 }
 
-/// A stage's commit is the one new on the task's branch since it began; a stage that
-/// left nothing has none, and one whose checkout no longer builds on the branch fails,
-/// its work and the branch both kept.
 /// A commit on the remote's `branch`, after its tip (or `main`'s), as another host's
 /// stage or a person would push it.
 fn push_commit(dir: &Path, branch: &str, message: &str) -> String {
@@ -168,6 +165,9 @@ fn jobs_that_waited_in_the_queue_together_share_a_fetch_begun_after_they_were_qu
     assert_eq!(p.tip, theirs);
 }
 
+/// A stage's commit is the one new on the task's branch since it began; a stage that
+/// left nothing has none, and one whose checkout no longer builds on the branch fails,
+/// its work and the branch both kept.
 #[test]
 fn a_stage_commit_is_what_is_new_on_the_branch() {
     let (dir, access) = seeded();
