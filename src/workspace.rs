@@ -48,8 +48,9 @@ pub enum LastCommit<'a> {
     /// the host starts from it, an existing one is fast-forwarded to it when behind.
     Recorded(Option<&'a str>),
     /// As `Recorded`, for a job queued (or due again, for a retry) at the given instant: a
-    /// fetch that began after it serves the preparation, so the stages of a backlog share
-    /// one fetch; a recorded commit the mirror then lacks is fetched for at once.
+    /// fetch that began after it, and up to [`OWN_STAGE_FETCH_AGE`] before the
+    /// preparation, serves it, so the stages of a backlog share fetches; a recorded commit
+    /// the mirror then lacks is fetched for at once.
     RecordedQueued(Option<&'a str>, std::time::Instant),
     /// This host's branch holds it already: the task's previous stage ran here, in this
     /// worktree, was decided by its own Monitor, and committed nothing. A branch not on
@@ -64,9 +65,9 @@ pub enum LastCommit<'a> {
 }
 
 /// How long before a preparation that follows this host's own stage (`OnBranch`,
-/// `HereAt`) a fetch may have begun and still serve it. Other preparations need a fetch
-/// that began after they did (`Recorded`) or after their job was queued
-/// (`RecordedQueued`).
+/// `HereAt`) a fetch may have begun and still serve it; for a job taken from the queue
+/// (`RecordedQueued`), it must also have begun after the job was queued. Other
+/// preparations (`Recorded`) need a fetch that began after they did.
 pub const OWN_STAGE_FETCH_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> WorkspaceError {

@@ -7,8 +7,9 @@
 //!
 //! Fetches are shared: a preparation is served by any fetch into the mirror that began
 //! after the preparation did (up to `OWN_STAGE_FETCH_AGE` before, after this host's own
-//! stage; after its job was queued, for `LastCommit::RecordedQueued`), so stages that
-//! start together, or waited in the queue together, cost one fetch, not one each.
+//! stage; after its job was queued and up to that age before, for
+//! `LastCommit::RecordedQueued`), so stages that start together, or waited in the queue
+//! together, cost one fetch, not one each.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -189,6 +190,18 @@ fn fetch_since(repo: &Repository, access: &RepoAccess, due: Instant) -> Result<(
     Ok(())
 }
 
+/// The earliest a fetch may have begun and serve a preparation from `start` begun at
+/// `due`: then, or up to [`OWN_STAGE_FETCH_AGE`] before after this host's own stage; for
+/// a job queued before `due`, after it was queued and no more than that age before.
+fn served_since(start: LastCommit<'_>, due: Instant) -> Instant {
+    let own = due.checked_sub(OWN_STAGE_FETCH_AGE).unwrap_or(due);
+    match start {
+        LastCommit::OnBranch | LastCommit::HereAt(_) => own,
+        LastCommit::RecordedQueued(_, queued) => queued.clamp(own, due),
+        LastCommit::Recorded(_) => due,
+    }
+}
+
 /// Removes a lock file git left behind, when there is one.
 fn clear_lock(path: &Path) {
     if path.exists() {
@@ -200,8 +213,8 @@ fn clear_lock(path: &Path) {
 /// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch (one that
 /// began after this call did: several preparations waiting on the mirror share it; after
 /// this host's own stage, one that began up to [`OWN_STAGE_FETCH_AGE`] before; for
-/// [`LastCommit::RecordedQueued`], one that began after the job was queued; in either
-/// case a fetch now when the stage's commit is not in the mirror).
+/// [`LastCommit::RecordedQueued`], one that began after the job was queued and up to that
+/// age before; in either case a fetch now when the stage's commit is not in the mirror).
 ///
 /// - A branch new to this host starts from `start_commit` (the task's last recorded stage
 ///   commit) when there is one, else from the remote's branch, else from `base_branch`;
@@ -247,13 +260,7 @@ pub fn prepare(
         keep_mirror(root, mirror);
         return Err(WorkspaceError::BranchNotHere(branch.to_string()));
     }
-    let served_since = match start_commit {
-        LastCommit::OnBranch | LastCommit::HereAt(_) => {
-            due.checked_sub(OWN_STAGE_FETCH_AGE).unwrap_or(due)
-        }
-        LastCommit::RecordedQueued(_, queued) => queued.min(due),
-        LastCommit::Recorded(_) => due,
-    };
+    let served_since = served_since(start_commit, due);
     fetch_since(&mirror, access, served_since)?;
 
     let start = match start_commit {

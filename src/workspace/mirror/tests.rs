@@ -62,6 +62,29 @@ fn a_preparation_is_served_by_a_fetch_that_began_after_it_and_only_by_such_a_one
     assert!(has("late"), "every fetch pruned");
 }
 
+/// A job taken from the queue is served by a fetch begun after it was queued, but none
+/// older than a stage after this host's own may take.
+#[test]
+fn a_queued_job_is_served_by_a_fetch_begun_since_it_was_queued_and_not_long_before() {
+    let age = OWN_STAGE_FETCH_AGE;
+    let due = Instant::now() + age * 120;
+    let queued = |at| LastCommit::RecordedQueued(None, at);
+    assert_eq!(served_since(queued(due - age / 2), due), due - age / 2);
+    assert_eq!(
+        served_since(queued(due - age * 60), due),
+        due - age,
+        "a fetch older than a second served a job that waited long"
+    );
+    assert_eq!(
+        served_since(queued(due + age), due),
+        due,
+        "queued after it began"
+    );
+    assert_eq!(served_since(LastCommit::Recorded(None), due), due);
+    assert_eq!(served_since(LastCommit::OnBranch, due), due - age);
+    assert_eq!(served_since(LastCommit::HereAt("0"), due), due - age);
+}
+
 /// A stage that finds its worktree as the last one left it is prepared without
 /// opening it; one whose agent moved the checkout off its branch is put back.
 #[test]
