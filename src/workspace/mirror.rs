@@ -1,9 +1,10 @@
 //! One bare mirror of the repository per host (`workspace_root/.mirror.git`), fetched
 //! before every stage (after this host's own stage, a fetch up to a second old serves;
-//! for a job taken from the queue, one since it was queued), and each task's checkout a
-//! git worktree of it on the task's branch. The mirror is guarded by baton's own file lock (`.mirror.lock`), which also
-//! serializes fetches into it; git's own lock files record no owner, so a task's are
-//! cleared only while the task has no live run (the caller's promise).
+//! for a job taken from the queue, one as recent that began after it was queued), and
+//! each task's checkout a git worktree of it on the task's branch. The mirror is guarded
+//! by baton's own file lock (`.mirror.lock`), which also serializes fetches into it;
+//! git's own lock files record no owner, so a task's are cleared only while the task has
+//! no live run (the caller's promise).
 //!
 //! Fetches are shared: a preparation is served by any fetch into the mirror that began
 //! after the preparation did (up to `OWN_STAGE_FETCH_AGE` before, after this host's own

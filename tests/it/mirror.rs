@@ -150,9 +150,13 @@ fn jobs_that_waited_in_the_queue_together_share_a_fetch_begun_after_they_were_qu
     let first = prepare_key(&root, &access, "Q-1", RecordedQueued(None, queued)).unwrap();
     // The remote's main moves after that fetch: a job queued before it is served by it
     // and starts where the first did; one queued since fetches, and starts at the move.
+    // (So long as that fetch is less than a second old, the most it may be.)
     let moved = push_commit(dir.path(), "main", "moved");
+    let asked = Instant::now();
     let second = prepare_key(&root, &access, "Q-2", RecordedQueued(None, queued)).unwrap();
-    assert_eq!(second.tip, first.tip, "a job of the backlog fetched again");
+    if asked.duration_since(queued) < workspace::OWN_STAGE_FETCH_AGE {
+        assert_eq!(second.tip, first.tip, "a job of the backlog fetched again");
+    }
     let later = prepare_key(&root, &access, "Q-3", RecordedQueued(None, Instant::now())).unwrap();
     assert_eq!(
         later.tip, moved,
