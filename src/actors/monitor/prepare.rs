@@ -56,7 +56,8 @@ pub(super) async fn workspace(
                 .last_commit(d.task.id)
                 .await
                 .map_err(|e| format!("cannot read the task's last commit: {e}"))?;
-            prepare_branch(ctx, d, Start::Recorded(recorded, queued_at(ctx, d))).await?
+            let queued = queued_at(&d.job, ctx.now());
+            prepare_branch(ctx, d, Start::Recorded(recorded, queued)).await?
         }
     }
     .map_err(|e| format!("workspace: {e}"))?;
@@ -108,11 +109,12 @@ impl Start {
     }
 }
 
-/// When `d`'s job was queued, or due again for a retry, as an instant of this process:
-/// now, when that was before the process could tell (its clock's start).
-fn queued_at(ctx: &Ctx, d: &Dispatched) -> Instant {
-    let queued = d.job.created_at.max(d.job.not_before);
-    let ago = Duration::from_millis(ctx.now().saturating_sub(queued).max(0) as u64);
+/// When `job` was queued, or due again for a retry, as an instant of this process, `now`
+/// being the time in milliseconds: now, when that was before the process could tell
+/// (its clock's start) or is later than `now` (a clock ahead of this host's).
+fn queued_at(job: &entity::jobs::Model, now: i64) -> Instant {
+    let queued = job.created_at.max(job.not_before);
+    let ago = Duration::from_millis(now.saturating_sub(queued).max(0) as u64);
     let now = Instant::now();
     now.checked_sub(ago).unwrap_or(now)
 }
@@ -213,4 +215,51 @@ pub(super) async fn render_prompt(
     let path = crate::prompt::write_beside(log, &text)
         .map_err(|e| format!("cannot write the prompt beside {}: {e}", log.display()))?;
     Ok((text, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::JobStatus;
+
+    /// A job queued at `created_at`, due at `not_before`.
+    fn job(created_at: i64, not_before: i64) -> entity::jobs::Model {
+        entity::jobs::Model {
+            id: 1,
+            task_id: 1,
+            stage: "dev".into(),
+            iteration: 1,
+            status: JobStatus::Running,
+            attempt: 1,
+            current_run_id: Some(1),
+            not_before,
+            feedback: None,
+            recovery: false,
+            created_at,
+            updated_at: created_at,
+        }
+    }
+
+    /// `queued_at` of `job` at time `now`, checked to be `ago` before the instant of the
+    /// call.
+    fn ago(job: &entity::jobs::Model, now: i64, ago: Duration) {
+        let before = Instant::now();
+        let at = queued_at(job, now);
+        let after = Instant::now();
+        assert!(at >= before - ago && at <= after - ago, "not {ago:?} ago");
+    }
+
+    #[test]
+    fn a_job_is_queued_when_it_was_created_or_when_its_retry_became_due() {
+        let now = 1_000_000;
+        ago(&job(now - 500, now - 500), now, Duration::from_millis(500));
+        // A retry: due again after its backoff, long after the job was created.
+        ago(
+            &job(now - 60_000, now - 200),
+            now,
+            Duration::from_millis(200),
+        );
+        // Written by a clock ahead of this host's: now.
+        ago(&job(now + 5_000, now + 5_000), now, Duration::ZERO);
+    }
 }
