@@ -45,13 +45,12 @@ pub enum WorkspaceError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LastCommit<'a> {
     /// The task's last recorded stage commit (none before its first): a branch new to
-    /// the host starts from it, an existing one is fast-forwarded to it when behind.
-    Recorded(Option<&'a str>),
-    /// As `Recorded`, for a job queued (or due again, for a retry) at the given instant: a
-    /// fetch that began after it, and up to [`OWN_STAGE_FETCH_AGE`] before the
-    /// preparation, serves it, so the stages of a backlog share fetches; a recorded commit
-    /// the mirror then lacks is fetched for at once.
-    RecordedQueued(Option<&'a str>, std::time::Instant),
+    /// the host starts from it, an existing one is fast-forwarded to it when behind. For a
+    /// job queued (or due again, for a retry) at the given instant: a fetch that began
+    /// after it, and up to [`OWN_STAGE_FETCH_AGE`] before the preparation, serves it, so
+    /// the stages of a backlog share fetches (a caller that knows no queue time passes
+    /// `Instant::now()`); a recorded commit the mirror then lacks is fetched for at once.
+    Recorded(Option<&'a str>, std::time::Instant),
     /// This host's branch holds it already: the task's previous stage ran here, in this
     /// worktree, was decided by its own Monitor, and committed nothing. A branch not on
     /// this host fails with [`WorkspaceError::BranchNotHere`], and the caller reads the
@@ -66,8 +65,7 @@ pub enum LastCommit<'a> {
 
 /// How long before a preparation that follows this host's own stage (`OnBranch`,
 /// `HereAt`) a fetch may have begun and still serve it; for a job taken from the queue
-/// (`RecordedQueued`), it must also have begun after the job was queued. Other
-/// preparations (`Recorded`) need a fetch that began after they did.
+/// (`Recorded`), it must also have begun after the job was queued.
 pub const OWN_STAGE_FETCH_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn git(context: impl Into<String>) -> impl FnOnce(git2::Error) -> WorkspaceError {

@@ -159,7 +159,7 @@ fn compare(
             key,
             &branch,
             "main",
-            workspace::LastCommit::Recorded(None),
+            workspace::LastCommit::Recorded(None, std::time::Instant::now()),
         )
         .map(|_| ())
         .with_context(|| format!("worktree for {key}"))

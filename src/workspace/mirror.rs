@@ -7,10 +7,10 @@
 //! no live run (the caller's promise).
 //!
 //! Fetches are shared: a preparation is served by any fetch into the mirror that began
-//! after the preparation did (up to `OWN_STAGE_FETCH_AGE` before, after this host's own
-//! stage; after its job was queued and up to that age before, for
-//! `LastCommit::RecordedQueued`), so stages that start together, or waited in the queue
-//! together, cost one fetch, not one each.
+//! after its job was queued and up to `OWN_STAGE_FETCH_AGE` before it
+//! (`LastCommit::Recorded`; up to that age before it, after this host's own stage), so
+//! stages that start together, or waited in the queue together, cost one fetch, not one
+//! each.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -192,14 +192,13 @@ fn fetch_since(repo: &Repository, access: &RepoAccess, due: Instant) -> Result<(
 }
 
 /// The earliest a fetch may have begun and serve a preparation from `start` begun at
-/// `due`: then, or up to [`OWN_STAGE_FETCH_AGE`] before after this host's own stage; for
-/// a job queued before `due`, after it was queued and no more than that age before.
+/// `due`: up to [`OWN_STAGE_FETCH_AGE`] before after this host's own stage; for a job
+/// queued, after it was queued and no more than that age before (no later than `due`).
 fn served_since(start: LastCommit<'_>, due: Instant) -> Instant {
     let own = due.checked_sub(OWN_STAGE_FETCH_AGE).unwrap_or(due);
     match start {
         LastCommit::OnBranch | LastCommit::HereAt(_) => own,
-        LastCommit::RecordedQueued(_, queued) => queued.clamp(own, due),
-        LastCommit::Recorded(_) => due,
+        LastCommit::Recorded(_, queued) => queued.clamp(own, due),
     }
 }
 
@@ -212,10 +211,10 @@ fn clear_lock(path: &Path) {
 }
 
 /// Prepares the checkout of `task_key` at `path` on `branch`, after a fetch (one that
-/// began after this call did: several preparations waiting on the mirror share it; after
-/// this host's own stage, one that began up to [`OWN_STAGE_FETCH_AGE`] before; for
-/// [`LastCommit::RecordedQueued`], one that began after the job was queued and up to that
-/// age before; in either case a fetch now when the stage's commit is not in the mirror).
+/// began after the job was queued, [`LastCommit::Recorded`], and up to
+/// [`OWN_STAGE_FETCH_AGE`] before this call: several preparations waiting on the mirror
+/// or in the queue share it; after this host's own stage, one that began up to that age
+/// before; in either case a fetch now when the stage's commit is not in the mirror).
 ///
 /// - A branch new to this host starts from `start_commit` (the task's last recorded stage
 ///   commit) when there is one, else from the remote's branch, else from `base_branch`;
@@ -265,9 +264,7 @@ pub fn prepare(
     fetch_since(&mirror, access, served_since)?;
 
     let start = match start_commit {
-        LastCommit::Recorded(Some(sha))
-        | LastCommit::RecordedQueued(Some(sha), _)
-        | LastCommit::HereAt(sha) => {
+        LastCommit::Recorded(Some(sha), _) | LastCommit::HereAt(sha) => {
             let oid = Oid::from_str(sha).map_err(git(format!("read commit {sha}")))?;
             if mirror.find_commit(oid).is_err() && served_since < due {
                 // The mirror was made anew, or the commit pushed, since the fetch that
@@ -281,9 +278,7 @@ pub fn prepare(
             }
             Some(oid)
         }
-        LastCommit::Recorded(None) | LastCommit::RecordedQueued(None, _) | LastCommit::OnBranch => {
-            None
-        }
+        LastCommit::Recorded(None, _) | LastCommit::OnBranch => None,
     };
     let remote_tip = mirror
         .find_branch(&format!("{ORIGIN}/{branch}"), BranchType::Remote)

@@ -201,7 +201,7 @@ async fn setup(db: TestDb, forge_kind: &str) -> Fx {
         "T-1",
         BRANCH,
         "main",
-        baton::workspace::LastCommit::Recorded(None),
+        baton::workspace::LastCommit::Recorded(None, std::time::Instant::now()),
     )
     .unwrap();
     std::fs::write(ws.join("feature.txt"), "work\n").unwrap();

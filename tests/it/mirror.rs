@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use baton::workspace::LastCommit::{HereAt, OnBranch, Recorded, RecordedQueued};
+use baton::workspace::LastCommit::{HereAt, OnBranch, Recorded};
 use baton::workspace::{self, RepoAccess};
 
 use crate::support::harness::*;
@@ -44,7 +44,7 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     let (root_a, ws_a) = host("host-a");
     let (root_b, ws_b) = host("host-b");
     let prepare = |root: &Path, start: Option<&str>| {
-        prepare_key(root, &access, "ABA-1", Recorded(start)).unwrap()
+        prepare_key(root, &access, "ABA-1", Recorded(start, Instant::now())).unwrap()
     };
     let stage = |ws: &Path, name: &str| {
         std::fs::write(ws.join(format!("{name}.txt")), name).unwrap();
@@ -87,7 +87,7 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
         assert_eq!(on_branch.fast_forwarded, None, "fetched again");
         assert_eq!(here_at.fast_forwarded, None, "fetched again");
     }
-    prepare_key(&root_b, &access, "ABA-1", Recorded(None)).unwrap();
+    prepare_key(&root_b, &access, "ABA-1", Recorded(None, Instant::now())).unwrap();
     assert!(ws_b.join("three.txt").exists(), "three was not fetched");
     // A commit said to be this host's own that its mirror lacks (the mirror was made
     // anew since, say) is fetched all the same: host F fetched before three was pushed.
@@ -114,7 +114,13 @@ fn a_task_that_comes_back_to_a_host_builds_on_the_work_done_elsewhere() {
     // A last commit that exists nowhere reachable is an error, not a start from main.
     let (root_d, _) = host("host-d");
     let missing = "0123456789abcdef0123456789abcdef01234567";
-    let err = prepare_key(&root_d, &access, "ABA-1", Recorded(Some(missing))).unwrap_err();
+    let err = prepare_key(
+        &root_d,
+        &access,
+        "ABA-1",
+        Recorded(Some(missing), Instant::now()),
+    )
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("neither on the remote nor on this host"),
@@ -147,17 +153,17 @@ fn jobs_that_waited_in_the_queue_together_share_a_fetch_begun_after_they_were_qu
     let (dir, access) = seeded();
     let root = dir.path().join("host");
     let queued = Instant::now();
-    let first = prepare_key(&root, &access, "Q-1", RecordedQueued(None, queued)).unwrap();
+    let first = prepare_key(&root, &access, "Q-1", Recorded(None, queued)).unwrap();
     // The remote's main moves after that fetch: a job queued before it is served by it
     // and starts where the first did; one queued since fetches, and starts at the move.
     // (So long as that fetch is less than a second old, the most it may be.)
     let moved = push_commit(dir.path(), "main", "moved");
     let asked = Instant::now();
-    let second = prepare_key(&root, &access, "Q-2", RecordedQueued(None, queued)).unwrap();
+    let second = prepare_key(&root, &access, "Q-2", Recorded(None, queued)).unwrap();
     if asked.duration_since(queued) < workspace::OWN_STAGE_FETCH_AGE {
         assert_eq!(second.tip, first.tip, "a job of the backlog fetched again");
     }
-    let later = prepare_key(&root, &access, "Q-3", RecordedQueued(None, Instant::now())).unwrap();
+    let later = prepare_key(&root, &access, "Q-3", Recorded(None, Instant::now())).unwrap();
     assert_eq!(
         later.tip, moved,
         "a job queued after the fetch missed the remote's move"
@@ -165,7 +171,7 @@ fn jobs_that_waited_in_the_queue_together_share_a_fetch_begun_after_they_were_qu
     // A recorded commit pushed since the fetch that serves (by another host's stage) is
     // fetched for, not reported missing.
     let theirs = push_commit(dir.path(), "baton/Q-4", "theirs(Q-4)");
-    let p = prepare_key(&root, &access, "Q-4", RecordedQueued(Some(&theirs), queued)).unwrap();
+    let p = prepare_key(&root, &access, "Q-4", Recorded(Some(&theirs), queued)).unwrap();
     assert_eq!(p.tip, theirs);
 }
 
@@ -178,7 +184,7 @@ fn a_stage_commit_is_what_is_new_on_the_branch() {
     let root = dir.path().join("ws");
     let path = root.join("OFF-1");
     let (branch, message) = ("baton/OFF-1", "stage(OFF-1)");
-    let p = prepare_key(&root, &access, "OFF-1", Recorded(None)).unwrap();
+    let p = prepare_key(&root, &access, "OFF-1", Recorded(None, Instant::now())).unwrap();
     let stage = |started: &str| workspace::commit_stage(&path, branch, Some(started), message);
     assert_eq!(stage(&p.tip).unwrap(), None, "nothing new");
     std::fs::write(path.join("a.txt"), "a").unwrap();
@@ -233,7 +239,7 @@ fn a_diverged_branch_fails_and_keeps_both() {
     let (dir, access) = seeded();
     let root = dir.path().join("ws");
     let path = root.join("DIV-1");
-    let p = prepare_key(&root, &access, "DIV-1", Recorded(None)).unwrap();
+    let p = prepare_key(&root, &access, "DIV-1", Recorded(None, Instant::now())).unwrap();
     assert!(p.created);
     std::fs::write(path.join("mine.txt"), "mine\n").unwrap();
     let mine = workspace::commit_all(&path, "mine").unwrap().unwrap();
@@ -246,7 +252,7 @@ fn a_diverged_branch_fails_and_keeps_both() {
         .unwrap()
         .push(&["refs/heads/main:refs/heads/baton/DIV-1"], None)
         .unwrap();
-    let err = prepare_key(&root, &access, "DIV-1", Recorded(None)).unwrap_err();
+    let err = prepare_key(&root, &access, "DIV-1", Recorded(None, Instant::now())).unwrap_err();
     assert!(err.to_string().contains("has diverged"), "{err}");
     // Nothing was discarded: the local commit is still the branch's.
     let ws = git2::Repository::open(&path).unwrap();
@@ -258,7 +264,9 @@ fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
     let (dir, access) = seeded();
     let root = dir.path().join("ws");
     let path = root.join("LOCK-1");
-    let prep = |start: Option<&str>| prepare_key(&root, &access, "LOCK-1", Recorded(start));
+    let prep = |start: Option<&str>| {
+        prepare_key(&root, &access, "LOCK-1", Recorded(start, Instant::now()))
+    };
     prep(None).unwrap();
     std::fs::write(path.join("a.txt"), "a\n").unwrap();
     let sha = workspace::commit_all(&path, "work").unwrap().unwrap();

@@ -334,7 +334,7 @@ push = true
         "GC-2",
         "baton/GC-2",
         "main",
-        Recorded(None),
+        Recorded(None, std::time::Instant::now()),
     )
     .unwrap();
     let ws1 = workspace::path_for(&root, "GC-1").unwrap();

@@ -101,7 +101,7 @@ impl Start {
     fn last(&self) -> workspace::LastCommit<'_> {
         match self {
             Start::Recorded(commit, queued) => {
-                workspace::LastCommit::RecordedQueued(commit.as_deref(), *queued)
+                workspace::LastCommit::Recorded(commit.as_deref(), *queued)
             }
             Start::OnBranch => workspace::LastCommit::OnBranch,
             Start::HereAt(sha) => workspace::LastCommit::HereAt(sha),

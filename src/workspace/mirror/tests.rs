@@ -68,7 +68,7 @@ fn a_preparation_is_served_by_a_fetch_that_began_after_it_and_only_by_such_a_one
 fn a_queued_job_is_served_by_a_fetch_begun_since_it_was_queued_and_not_long_before() {
     let age = OWN_STAGE_FETCH_AGE;
     let due = Instant::now() + age * 120;
-    let queued = |at| LastCommit::RecordedQueued(None, at);
+    let queued = |at| LastCommit::Recorded(None, at);
     assert_eq!(served_since(queued(due - age / 2), due), due - age / 2);
     assert_eq!(
         served_since(queued(due - age * 60), due),
@@ -80,7 +80,7 @@ fn a_queued_job_is_served_by_a_fetch_begun_since_it_was_queued_and_not_long_befo
         due,
         "queued after it began"
     );
-    assert_eq!(served_since(LastCommit::Recorded(None), due), due);
+    assert_eq!(served_since(queued(due), due), due, "queued as it began");
     assert_eq!(served_since(LastCommit::OnBranch, due), due - age);
     assert_eq!(served_since(LastCommit::HereAt("0"), due), due - age);
 }
@@ -100,7 +100,7 @@ fn a_worktree_left_on_its_branch_is_taken_as_it_is_and_one_moved_off_it_is_put_b
             "K-1",
             "baton/K-1",
             "main",
-            LastCommit::Recorded(None),
+            LastCommit::Recorded(None, Instant::now()),
         )
     };
     assert!(prep().unwrap().created);
@@ -147,7 +147,7 @@ fn the_opened_mirror_is_kept_between_preparations_while_its_folder_is_whole() {
             task,
             &format!("baton/{task}"),
             "main",
-            LastCommit::Recorded(None),
+            LastCommit::Recorded(None, Instant::now()),
         )
     };
     prep("K-1").unwrap();
