@@ -19,6 +19,7 @@
 //! - [`nodes`]: the node rows.
 //! - [`retention`]: history removed after `retention.history`, in small batches.
 
+mod batch;
 mod claim;
 mod delivery;
 mod dispatch;

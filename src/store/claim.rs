@@ -17,6 +17,7 @@ use sea_orm::{
 };
 use serde_json::json;
 
+use super::batch::Batch;
 use super::delivery::end_task;
 use super::fence::fence;
 use super::handoff::{HandOff, fence_and_queue, queue_next};
@@ -166,9 +167,9 @@ impl Store {
             _ => None,
         };
         let change = (decision.job, retry_feedback);
-        // On PostgreSQL a hand-off with nothing for the outbox is one statement: the
-        // fence, the run's outcome with the exit, the next job taken with its run.
-        let one_statement = self.is_postgres() && decision.effects.is_empty();
+        // A hand-off with nothing for the outbox is one call to the database: the fence,
+        // the run's outcome with the exit, the next job taken with its run.
+        let one_statement = decision.effects.is_empty();
         let queued = match (&hand, &decision.next) {
             (Some(hand), Some(next)) if one_statement => {
                 let at = (next.stage.as_str(), next.iteration);
@@ -189,10 +190,6 @@ impl Store {
                 let (run, exited, ended) =
                     fence(txn, &job, claim, change, with_fence, end, now).await?;
                 deferred.events.extend(exited);
-                // A fence that changes nothing wrote nothing: the loss is recorded.
-                let Some(run) = run else {
-                    return Ok((record_loss(txn, claim, deferred, now).await?, None));
-                };
                 (run, Next::Queue(hand, ended))
             }
         };
@@ -256,7 +253,8 @@ struct Deferred {
 }
 
 impl Deferred {
-    /// On PostgreSQL one statement writes both (the `advances` rows' insert in a `WITH`).
+    /// In one call: on PostgreSQL one statement writes both (the `advances` rows' insert
+    /// in a `WITH`), on SQLite one [`Batch`].
     async fn write(self, txn: &DatabaseTransaction) -> StoreResult<()> {
         let advances = (!self.advances.is_empty())
             .then(|| advances::Entity::insert_many(self.advances).into_query());
@@ -271,6 +269,13 @@ impl Deferred {
                     .to_owned();
                 events.with_cte(WithClause::new().cte(cte).to_owned());
                 txn.execute(&events).await?;
+            }
+            (events, advances) if txn.get_database_backend() == DbBackend::Sqlite => {
+                let mut batch = Batch::default();
+                for insert in events.iter().chain(&advances) {
+                    batch.push(insert);
+                }
+                batch.run(txn).await?;
             }
             (events, advances) => {
                 for insert in events.into_iter().chain(advances) {

@@ -342,7 +342,7 @@ pub(super) fn next_run_id(backend: DbBackend) -> Expr {
 
 /// Inserts the run of `job`, just taken for `taker` with the run's id drawn
 /// ([`next_run_id`]).
-pub(super) async fn insert_run(
+async fn insert_run(
     txn: &DatabaseTransaction,
     taker: &Taker<'_>,
     task: &tasks::Model,

@@ -7,31 +7,31 @@ use sea_orm::sea_query::{
     Alias, Asterisk, CommonTableExpression, Expr, ExprTrait, Query, ReturningClause,
     UpdateStatement, WithClause,
 };
-use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, IdenStatic};
 
+use super::batch::{Batch, returned, returning_mark};
 use super::{NewEvent, RunExit, StoreResult, must};
 use crate::model::{Claim, JobStatus};
 use crate::policy::JobChange;
 
-/// A fenced claim's run (`None` when the fence changed nothing), the events of the exit
-/// it carried, and whether the task's end it was given changed the task's row.
-pub(super) type Fenced = (Option<agent_runs::Model>, Vec<(NewEvent, i64)>, bool);
+/// A fenced claim's run, the events of the exit it carried, and whether the task's end it
+/// was given changed the task's row.
+pub(super) type Fenced = (agent_runs::Model, Vec<(NewEvent, i64)>, bool);
 
 /// The fenced write: it must change exactly the job's row read before, and then writes
-/// the run's outcome, returning the run (its node names the host of its effects). `None`
-/// when the fence changed nothing, and nothing of it was written; an error when the run
-/// is gone. `exit`, the run's exit the claim carries, is written first (only the first
-/// exit counts), with its events returned for the caller to append before its own.
-/// `end`, the task's end ([`end_task`](super::delivery::end_task)) when the claim ends
-/// it, is written after them; it may change nothing (a delivery waits).
+/// the run's outcome, returning the run (its node names the host of its effects). `exit`,
+/// the run's exit the claim carries, is written first (only the first exit counts), with
+/// its events returned for the caller to append before its own. `end`, the task's end
+/// ([`end_task`](super::delivery::end_task)) when the claim ends it, is written after
+/// them; it may change nothing (a delivery waits).
 ///
-/// On PostgreSQL one statement does all: the job's update and the task's in a `WITH`
-/// that the run's update requires. It returns nothing both when the fence changed nothing
-/// and when the run is gone (the job's update stands), so both are an error, which rolls
-/// the claims' transaction back. The fence cannot change nothing there: the job's row was
-/// read locked, in this transaction, after any earlier claim of the group that wrote it.
-/// The exit rides on the run's update there ([`with_exit`]); on SQLite it is a statement
-/// of its own, as is the task's end.
+/// The fence cannot change nothing: the caller read the job's row in this transaction,
+/// running the claim's run, after any earlier claim of the group that wrote it (locked on
+/// PostgreSQL; on SQLite the transaction is the only writer). So a fence that changed
+/// nothing, like a run that is gone, is an error, which rolls the claims' transaction
+/// back. All is written in one call to the database: on PostgreSQL one statement, the
+/// job's update and the task's in a `WITH` that the run's update requires, the exit
+/// riding on the run's update ([`with_exit`]); on SQLite one [`Batch`].
 pub(super) async fn fence(
     txn: &DatabaseTransaction,
     job: &jobs::Model,
@@ -66,26 +66,62 @@ pub(super) async fn fence(
         })?;
         let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?;
         let task_ended = ends && row.try_get::<bool>("", TASK_ENDED)?;
-        return Ok((Some(run), exit_events(&row, "", exit)?, task_ended));
+        return Ok((run, exit_events(&row, "", exit)?, task_ended));
     }
-    let (fence, outcome) = statements(job, claim, change, now);
-    let evs = match exit {
-        Some(exit) => exit.write(txn).await?.1,
+    let rows = fence_batch(job, claim, change, exit, end, now)
+        .run(txn)
+        .await?;
+    fenced(&rows, claim, exit)
+}
+
+/// SQLite: [`fence`]'s parts as a [`Batch`], each marking what it wrote: the exit's
+/// statements ([`RunExit::push_write`]), the fence, the run's outcome, the task's end.
+pub(super) fn fence_batch(
+    job: &jobs::Model,
+    claim: &Claim,
+    change: (JobChange, Option<&str>),
+    exit: Option<&RunExit>,
+    end: Option<UpdateStatement>,
+    now: i64,
+) -> Batch {
+    let (mut fence, outcome) = statements(job, claim, change, now);
+    fence.returning(returning_mark(FENCED));
+    let mut batch = Batch::default();
+    if let Some(exit) = exit {
+        exit.push_write(&mut batch);
+    }
+    batch.push(&fence).push(&outcome);
+    if let Some(mut end) = end {
+        end.returning(returning_mark(TASK_ENDED));
+        batch.push(&end);
+    }
+    batch
+}
+
+/// SQLite: what the rows of a [`fence_batch`] (and of what followed it) say was written.
+pub(super) fn fenced(
+    rows: &[sea_orm::QueryResult],
+    claim: &Claim,
+    exit: Option<&RunExit>,
+) -> StoreResult<Fenced> {
+    let fenced = rows.iter().any(|r| returned(r, FENCED));
+    // The run's outcome is the batch's first row of a run.
+    let run = rows
+        .iter()
+        .find(|r| returned(r, agent_runs::Column::JobId.as_str()))
+        .filter(|_| fenced);
+    let run = must(run, || {
+        format!("run {} (its job's fence, or its row)", claim.run_id)
+    })?;
+    let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(run, "")?;
+    // The run's row was read before its exit's statements (the same run's: the caller
+    // gives the exit with the fence only when it is the claimed run's).
+    let evs = match rows.iter().find(|r| returned(r, EXIT_WRITTEN)) {
+        Some(was) => exit_events(was, "", exit)?,
         None => Vec::new(),
     };
-    if txn.execute(&fence).await?.rows_affected() != 1 {
-        return Ok((None, evs, false));
-    }
-    let run = agent_runs::Entity::find()
-        .from_raw_sql(backend.build(&outcome))
-        .one(txn)
-        .await?;
-    let run = must(run, || format!("run {}", claim.run_id))?;
-    let ended = match end {
-        Some(end) => txn.execute(&end).await?.rows_affected() == 1,
-        None => false,
-    };
-    Ok((Some(run), evs, ended))
+    let ended = rows.iter().any(|r| returned(r, TASK_ENDED));
+    Ok((run, evs, ended))
 }
 
 /// PostgreSQL: the task's end in the fence's `WITH`, changing the task only with the

@@ -16,10 +16,9 @@ use sea_orm::{
     FromQueryResult, IdenStatic, Iterable, QueryFilter, QuerySelect, QueryTrait,
 };
 
-use super::dispatch::{
-    candidates, elsewhere, insert_run, log_path_around, new_run, next_run_id, taken,
-};
-use super::fence::{EXIT_WRITTEN, START_WRITTEN, exit_events, fence_parts};
+use super::batch::{Batch, returned};
+use super::dispatch::{candidates, elsewhere, log_path_around, new_run, next_run_id, taken};
+use super::fence::{EXIT_WRITTEN, START_WRITTEN, exit_events, fence_batch, fence_parts, fenced};
 use super::tasks::{FIRST_ATTEMPT, insert_job, new_job};
 use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, must};
 use crate::model::{Claim, JobStatus};
@@ -67,18 +66,13 @@ pub(super) async fn queue_next(
     if txn.get_database_backend() == DbBackend::Postgres {
         return queue_taken(txn, task, (stage, iteration), feedback, hand, now).await;
     }
-    // SQLite: the job's insert, then its run's when it was taken.
-    let backend = txn.get_database_backend();
-    let insert = taken_job(task, (stage, iteration), feedback, hand, backend, now)?;
-    let stmt = backend.build(&insert);
-    let job = jobs::Entity::find().from_raw_sql(stmt).one(txn).await?;
-    let job = must(job, || format!("the next job of task {}", task.id))?;
-    if job.current_run_id.is_none() {
-        return Ok((job, None));
-    }
-    let run = insert_run(txn, &hand.taker, task, &job, now).await?;
-    let d = taken(txn, &hand.taker, task.clone(), job.clone(), run, now).await?;
-    Ok((job, Some(d)))
+    // SQLite: the job's insert and its run's, in one batch.
+    let mut batch = Batch::default();
+    let at = (stage, iteration);
+    let (insert_job, insert_run) = taken_inserts(task, at, feedback, hand, DbBackend::Sqlite, now)?;
+    batch.push(&insert_job).push(&insert_run);
+    let rows = batch.run(txn).await?;
+    taken_rows(txn, &rows, task, hand, now).await
 }
 
 /// PostgreSQL: the next job inserted running, with its run's id drawn from the runs'
@@ -113,6 +107,17 @@ pub(super) async fn fence_and_queue(
     hand: &HandOff<'_>,
     now: i64,
 ) -> StoreResult<FencedAndQueued> {
+    if txn.get_database_backend() == DbBackend::Sqlite {
+        // One batch: the fence's, then the job's insert and its run's.
+        let mut batch = fence_batch(job, claim, change, exit, None, now);
+        let (insert_job, insert_run) =
+            taken_inserts(task, at, feedback, hand, DbBackend::Sqlite, now)?;
+        batch.push(&insert_job).push(&insert_run);
+        let rows = batch.run(txn).await?;
+        let (run, exited, _) = fenced(&rows, claim, exit)?;
+        let (next, handed) = taken_rows(txn, &rows, task, hand, now).await?;
+        return Ok((run, exited, next, handed));
+    }
     let (mut ctes, outcome) = fence_parts(job, claim, change, exit, now);
     let o = Alias::new("o");
     ctes.push(cte(outcome, &o));
@@ -193,17 +198,41 @@ async fn read_taken(
 /// and its run's (`r`), which inserts nothing when the job was not taken.
 fn taken_parts(
     task: &tasks::Model,
-    (stage, iteration): (&str, i32),
+    at: (&str, i32),
     feedback: Option<&str>,
     hand: &HandOff<'_>,
     now: i64,
 ) -> StoreResult<Vec<CommonTableExpression>> {
+    let (insert_job, insert_run) =
+        taken_inserts(task, at, feedback, hand, DbBackend::Postgres, now)?;
+    Ok(vec![
+        cte(insert_job, &Alias::new(J)),
+        cte(insert_run, &Alias::new(R)),
+    ])
+}
+
+/// The next job's insert ([`taken_job`]) and its run's, which reads the job as `j`: on
+/// PostgreSQL the job's insert's result, in a `WITH`; on SQLite, where the two follow
+/// each other in a [`Batch`], the row it inserted (`last_insert_rowid()`).
+fn taken_inserts(
+    task: &tasks::Model,
+    (stage, iteration): (&str, i32),
+    feedback: Option<&str>,
+    hand: &HandOff<'_>,
+    backend: DbBackend,
+    now: i64,
+) -> StoreResult<(InsertStatement, InsertStatement)> {
     let at = (stage, iteration);
-    let insert_job = taken_job(task, at, feedback, hand, DbBackend::Postgres, now)?;
+    let insert_job = taken_job(task, at, feedback, hand, backend, now)?;
 
     // The run's row as dispatch writes it, but for what only the job's insert knows.
     let j = Alias::new(J);
     let (log_before, log_after) = log_path_around(&hand.taker, task, stage, FIRST_ATTEMPT);
+    // Each backend's placeholders: PostgreSQL's numbered, SQLite's in order.
+    let log_path = match backend {
+        DbBackend::Postgres => "$1 || $2::text || $3",
+        _ => "? || ? || ?",
+    };
     let mut run = values_of(&new_run(&hand.taker, 0, 0, now));
     for (col, value) in &mut run {
         let from_job = |c: jobs::Column| Expr::col((j.clone(), c));
@@ -211,7 +240,7 @@ fn taken_parts(
             c if c == agent_runs::Column::JobId.as_str() => from_job(jobs::Column::Id),
             c if c == agent_runs::Column::Attempt.as_str() => from_job(jobs::Column::Attempt),
             c if c == agent_runs::Column::LogPath.as_str() => Expr::cust_with_exprs(
-                "$1 || $2::text || $3",
+                log_path,
                 [
                     Expr::val(log_before.clone()),
                     from_job(jobs::Column::CurrentRunId),
@@ -226,11 +255,43 @@ fn taken_parts(
         Expr::col((j.clone(), jobs::Column::CurrentRunId)),
     ));
     let mut from_job = Query::select();
-    from_job
-        .from(j.clone())
-        .and_where(Expr::col((j.clone(), jobs::Column::CurrentRunId)).is_not_null());
+    match backend {
+        DbBackend::Postgres => from_job.from(j.clone()),
+        _ => from_job.from_as(jobs::Entity, j.clone()).and_where(
+            Expr::col((j.clone(), jobs::Column::Id)).eq(Expr::cust("last_insert_rowid()")),
+        ),
+    };
+    from_job.and_where(Expr::col((j.clone(), jobs::Column::CurrentRunId)).is_not_null());
     let insert_run = insert_select(agent_runs::Entity, run, from_job)?;
-    Ok(vec![cte(insert_job, &j), cte(insert_run, &Alias::new(R))])
+    Ok((insert_job, insert_run))
+}
+
+/// SQLite: the next job and, when it was taken, its dispatch (with the start effect
+/// written), from the rows of a batch that ends with [`taken_inserts`]' statements: the
+/// job's is the row with a stage, its run's the row of the job's current run.
+async fn taken_rows(
+    txn: &DatabaseTransaction,
+    rows: &[sea_orm::QueryResult],
+    task: &tasks::Model,
+    hand: &HandOff<'_>,
+    now: i64,
+) -> StoreResult<(jobs::Model, Option<Dispatched>)> {
+    let job = rows
+        .iter()
+        .find(|r| returned(r, jobs::Column::Stage.as_str()));
+    let job = must(job, || format!("the next job of task {}", task.id))?;
+    let job = jobs::Model::from_query_result(job, "")?;
+    let Some(run_id) = job.current_run_id else {
+        return Ok((job, None));
+    };
+    let run = rows.iter().rev().find(|r| {
+        returned(r, agent_runs::Column::LogPath.as_str())
+            && r.try_get::<i64>("", agent_runs::Column::Id.as_str()).ok() == Some(run_id)
+    });
+    let run = must(run, || format!("run {run_id} of job {}", job.id))?;
+    let run = agent_runs::Model::from_query_result(run, "")?;
+    let d = taken(txn, &hand.taker, task.clone(), job.clone(), run, now).await?;
+    Ok((job, Some(d)))
 }
 
 /// The next job's insert, returning it: running, with its run's id drawn

@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 
 use entity::{agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Condition, Expr, Query};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::sea_query::{Alias, Condition, Expr, ExprTrait, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait,
+};
 use serde_json::json;
 
 use super::{NewEvent, Store, StoreResult, append, append_all};
@@ -356,21 +359,7 @@ impl RunExit {
         txn: &sea_orm::DatabaseTransaction,
     ) -> StoreResult<(bool, Vec<(NewEvent, i64)>)> {
         let run = &self.run;
-        let mut update = agent_runs::Entity::update_many()
-            .col_expr(agent_runs::Column::ExitCode, Expr::value(self.code))
-            .col_expr(agent_runs::Column::ExitedAt, Expr::value(self.at));
-        if let Some(started) = &self.started {
-            // The start rides on the exit's statement, and on its own when the exit was
-            // recorded already.
-            update = with_start(update, started);
-        }
-        let wrote = update
-            .filter(agent_runs::Column::Id.eq(run.id))
-            .filter(agent_runs::Column::ExitedAt.is_null())
-            .exec(txn)
-            .await?
-            .rows_affected
-            == 1;
+        let wrote = txn.execute(&self.exit_update()).await?.rows_affected() == 1;
         let started = match &self.started {
             Some(_) if wrote => true,
             Some(started) => write_started(txn, run, self.task_id, started)
@@ -379,6 +368,46 @@ impl RunExit {
             None => false,
         };
         Ok((wrote, self.events(wrote, started)))
+    }
+
+    /// SQLite: [`RunExit::write`]'s statements for a batch, after a read of what they
+    /// will write (the columns `exit_written` and `start_written`, as PostgreSQL's fence
+    /// returns them, see `fence::exit_events`): the exit with the pending start, then the
+    /// start alone, which writes nothing when the exit's statement wrote it.
+    pub(super) fn push_write(&self, batch: &mut super::batch::Batch) {
+        use super::fence::{EXIT_WRITTEN, START_WRITTEN};
+        use agent_runs::Column as C;
+        let was = Query::select()
+            .expr_as(Expr::col(C::ExitedAt).is_null(), Alias::new(EXIT_WRITTEN))
+            .expr_as(
+                Expr::col(C::ExitedAt)
+                    .is_null()
+                    .or(Expr::col(C::Pid).is_null()),
+                Alias::new(START_WRITTEN),
+            )
+            .from(agent_runs::Entity)
+            .and_where(C::Id.eq(self.run.id))
+            .to_owned();
+        batch.push(&was).push(&self.exit_update());
+        if let Some(started) = &self.started {
+            batch.push(&start_update(&self.run, started));
+        }
+    }
+
+    /// The exit's update (only the first one counts), with the pending start.
+    fn exit_update(&self) -> sea_orm::sea_query::UpdateStatement {
+        let mut update = agent_runs::Entity::update_many()
+            .col_expr(agent_runs::Column::ExitCode, Expr::value(self.code))
+            .col_expr(agent_runs::Column::ExitedAt, Expr::value(self.at));
+        if let Some(started) = &self.started {
+            // The start rides on the exit's statement, and on its own when the exit was
+            // recorded already.
+            update = with_start(update, started);
+        }
+        update
+            .filter(agent_runs::Column::Id.eq(self.run.id))
+            .filter(agent_runs::Column::ExitedAt.is_null())
+            .into_query()
     }
 
     /// The events of what was written of this: the agent's start, when `started` (and
@@ -407,13 +436,19 @@ async fn write_started(
     task_id: i64,
     started: &Started,
 ) -> StoreResult<Option<NewEvent>> {
-    let n = with_start(agent_runs::Entity::update_many(), started)
+    let n = txn
+        .execute(&start_update(run, started))
+        .await?
+        .rows_affected();
+    Ok((n == 1).then(|| started_event(run, task_id, started)))
+}
+
+/// The start's update of a run, unless one is recorded.
+fn start_update(run: &agent_runs::Model, started: &Started) -> sea_orm::sea_query::UpdateStatement {
+    with_start(agent_runs::Entity::update_many(), started)
         .filter(agent_runs::Column::Id.eq(run.id))
         .filter(agent_runs::Column::Pid.is_null())
-        .exec(txn)
-        .await?
-        .rows_affected;
-    Ok((n == 1).then(|| started_event(run, task_id, started)))
+        .into_query()
 }
 
 /// An update of a run that also sets what its start recorded: the pid and the prompt.
