@@ -105,10 +105,14 @@ pub(super) fn fenced(
     exit: Option<&RunExit>,
 ) -> StoreResult<Fenced> {
     let fenced = rows.iter().any(|r| returned(r, FENCED));
-    // The run's outcome is the batch's first row of a run.
+    // The run's outcome: the row of a run (a next job's run may follow) with its id.
+    let id = agent_runs::Column::Id.as_str();
     let run = rows
         .iter()
-        .find(|r| returned(r, agent_runs::Column::JobId.as_str()))
+        .find(|r| {
+            returned(r, agent_runs::Column::JobId.as_str())
+                && r.try_get::<i64>("", id).ok() == Some(claim.run_id)
+        })
         .filter(|_| fenced);
     let run = must(run, || {
         format!("run {} (its job's fence, or its row)", claim.run_id)
