@@ -169,9 +169,9 @@ impl Store {
         let change = (decision.job, retry_feedback);
         // A hand-off with nothing for the outbox is one call to the database: the fence,
         // the run's outcome with the exit, the next job taken with its run.
-        let one_statement = decision.effects.is_empty();
+        let one_call = decision.effects.is_empty();
         let queued = match (&hand, &decision.next) {
-            (Some(hand), Some(next)) if one_statement => {
+            (Some(hand), Some(next)) if one_call => {
                 let at = (next.stage.as_str(), next.iteration);
                 let next = (at, decision.feedback.as_deref());
                 let (j, t) = ((&job, claim), &task);
@@ -245,7 +245,8 @@ pub struct ClaimItem<'a> {
 }
 
 /// What a group's claims write that none of them reads: their events and `advances`
-/// rows, written in order after the last claim, one statement for each table.
+/// rows, written in order after the last claim: one statement on PostgreSQL, one batch
+/// on SQLite.
 #[derive(Default)]
 struct Deferred {
     events: Vec<(NewEvent, i64)>,

@@ -61,9 +61,7 @@ pub(super) async fn fence(
         }
         outcome.with_cte(with);
         let row = txn.query_one_raw(backend.build(&outcome)).await?;
-        let row = must(row, || {
-            format!("run {} (its job's fence, or its row)", claim.run_id)
-        })?;
+        let row = must(row, || fenced_run(claim))?;
         let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?;
         let task_ended = ends && row.try_get::<bool>("", TASK_ENDED)?;
         return Ok((run, exit_events(&row, "", exit)?, task_ended));
@@ -98,6 +96,11 @@ pub(super) fn fence_batch(
     batch
 }
 
+/// What a fence that returned no run lacked: the claimed run, or the fence itself.
+pub(super) fn fenced_run(claim: &Claim) -> String {
+    format!("run {} (its job's fence, or its row)", claim.run_id)
+}
+
 /// SQLite: what the rows of a [`fence_batch`] (and of what followed it) say was written.
 pub(super) fn fenced(
     rows: &[sea_orm::QueryResult],
@@ -114,9 +117,7 @@ pub(super) fn fenced(
                 && r.try_get::<i64>("", id).ok() == Some(claim.run_id)
         })
         .filter(|_| fenced);
-    let run = must(run, || {
-        format!("run {} (its job's fence, or its row)", claim.run_id)
-    })?;
+    let run = must(run, || fenced_run(claim))?;
     let run = <agent_runs::Model as sea_orm::FromQueryResult>::from_query_result(run, "")?;
     // The run's row was read before its exit's statements (the same run's: the caller
     // gives the exit with the fence only when it is the claimed run's).
@@ -150,7 +151,7 @@ fn has_rows(table: impl sea_orm::sea_query::IntoIden) -> Expr {
     Expr::exists(Query::select().expr(Expr::val(1)).from(table).to_owned())
 }
 
-/// The `WITH` name of a PostgreSQL fence's update of the job.
+/// The `WITH` name of a PostgreSQL fence's update of the job; on SQLite its mark.
 const FENCED: &str = "fenced";
 
 /// What the run's update of a PostgreSQL fence returns: the run and, with an exit
@@ -164,7 +165,8 @@ fn outcome_columns(exit: bool) -> Vec<Expr> {
     columns
 }
 
-/// The column of a PostgreSQL fence's result that says whether it ended the task.
+/// The column of a PostgreSQL fence's result that says whether it ended the task; on
+/// SQLite the task's end's mark.
 const TASK_ENDED: &str = "task_ended";
 
 /// The fence (the job's update) and the run's outcome (its update, returning the run).
@@ -235,8 +237,9 @@ pub(super) fn fence_parts(
     (ctes, outcome)
 }
 
-/// The events of the exit `exit` a PostgreSQL fence wrote, from its result's columns
-/// named `{prefix}exit_written` and `{prefix}start_written`.
+/// The events of the exit `exit` a fence wrote, from the columns named
+/// `{prefix}exit_written` and `{prefix}start_written` of PostgreSQL's result, or of
+/// SQLite's read before the write ([`run_as_it_was`]).
 pub(super) fn exit_events(
     row: &sea_orm::QueryResult,
     prefix: &str,
@@ -251,13 +254,33 @@ pub(super) fn exit_events(
     })
 }
 
-/// The columns of [`with_exit`]'s result that say whether it wrote the exit, and the
-/// agent's start.
+/// The columns of [`run_as_it_was`] (and of [`with_exit`]'s result) that say whether the
+/// exit's write wrote the exit, and the agent's start.
 pub(super) const EXIT_WRITTEN: &str = "exit_written";
 pub(super) const START_WRITTEN: &str = "start_written";
 
 /// The `WITH` name of the run's row as it was, before [`with_exit`]'s update.
 const WAS: &str = "was";
+
+/// The read of run `run_id` before an exit's write ([`with_exit`] on PostgreSQL,
+/// [`RunExit::push_write`] on SQLite): whether it will write the exit (none recorded)
+/// and the agent's start (no exit, or no pid, recorded), as the columns
+/// [`EXIT_WRITTEN`] and [`START_WRITTEN`].
+pub(super) fn run_as_it_was(run_id: i64) -> sea_orm::sea_query::SelectStatement {
+    use agent_runs::Column as C;
+    Query::select()
+        .column(C::Id)
+        .expr_as(Expr::col(C::ExitedAt).is_null(), Alias::new(EXIT_WRITTEN))
+        .expr_as(
+            Expr::col(C::ExitedAt)
+                .is_null()
+                .or(Expr::col(C::Pid).is_null()),
+            Alias::new(START_WRITTEN),
+        )
+        .from(agent_runs::Entity)
+        .and_where(Expr::col(C::Id).eq(run_id))
+        .to_owned()
+}
 
 /// PostgreSQL: the run's update of a fenced claim also writes the exit the claim carries
 /// unless one is recorded, and the agent's start with it, or alone unless one is recorded
@@ -272,17 +295,7 @@ fn with_exit(
     use agent_runs::Column as C;
     let was = Alias::new(WAS);
     let (open, unstarted) = (Alias::new(EXIT_WRITTEN), Alias::new(START_WRITTEN));
-    let before = Query::select()
-        .column(C::Id)
-        .expr_as(Expr::col(C::ExitedAt).is_null(), open.clone())
-        .expr_as(
-            Expr::col(C::ExitedAt)
-                .is_null()
-                .or(Expr::col(C::Pid).is_null()),
-            unstarted.clone(),
-        )
-        .from(agent_runs::Entity)
-        .and_where(Expr::col(C::Id).eq(exit.run.id))
+    let before = run_as_it_was(exit.run.id)
         .lock(sea_orm::sea_query::LockType::Update)
         .to_owned();
     let unless = |cond: &Alias, value: Expr, col: C| -> Expr {

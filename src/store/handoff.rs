@@ -18,7 +18,9 @@ use sea_orm::{
 
 use super::batch::{Batch, returned};
 use super::dispatch::{candidates, elsewhere, log_path_around, new_run, next_run_id, taken};
-use super::fence::{EXIT_WRITTEN, START_WRITTEN, exit_events, fence_batch, fence_parts, fenced};
+use super::fence::{
+    EXIT_WRITTEN, START_WRITTEN, exit_events, fence_batch, fence_parts, fenced, fenced_run,
+};
 use super::tasks::{FIRST_ATTEMPT, insert_job, new_job};
 use super::{Dispatched, NewEvent, RunExit, Store, StoreResult, Taker, must};
 use crate::model::{Claim, JobStatus};
@@ -93,9 +95,10 @@ async fn queue_taken(
     read_taken(txn, &row, task, hand, now).await
 }
 
-/// PostgreSQL: a won claim's fence, its run's outcome (with the exit it carries) and its
-/// task's next job, taken for `hand`'s taker when it comes first ([`queue_taken`]), in
-/// one statement: the run, the exit's events, the job and what was taken.
+/// A won claim's fence, its run's outcome (with the exit it carries) and its task's next
+/// job, taken for `hand`'s taker when it comes first ([`queue_taken`]), in one call: one
+/// statement on PostgreSQL, one [`Batch`] on SQLite. The run, the exit's events, the job
+/// and what was taken.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn fence_and_queue(
     txn: &DatabaseTransaction,
@@ -129,9 +132,7 @@ pub(super) async fn fence_and_queue(
     }
     select.from(o);
     let row = query_with(txn, taken_columns(select), ctes).await?;
-    let row = must(row, || {
-        format!("run {} (its job's fence, or its row)", claim.run_id)
-    })?;
+    let row = must(row, || fenced_run(claim))?;
     let run = agent_runs::Model::from_query_result(&row, OUTCOME)?;
     let exited = exit_events(&row, OUTCOME, exit)?;
     let (next, handed) = read_taken(txn, &row, task, hand, now).await?;
@@ -222,8 +223,7 @@ fn taken_inserts(
     backend: DbBackend,
     now: i64,
 ) -> StoreResult<(InsertStatement, InsertStatement)> {
-    let at = (stage, iteration);
-    let insert_job = taken_job(task, at, feedback, hand, backend, now)?;
+    let insert_job = taken_job(task, (stage, iteration), feedback, hand, backend, now)?;
 
     // The run's row as dispatch writes it, but for what only the job's insert knows.
     let j = Alias::new(J);
@@ -284,7 +284,7 @@ async fn taken_rows(
     let Some(run_id) = job.current_run_id else {
         return Ok((job, None));
     };
-    let run = rows.iter().rev().find(|r| {
+    let run = rows.iter().find(|r| {
         returned(r, agent_runs::Column::LogPath.as_str())
             && r.try_get::<i64>("", agent_runs::Column::Id.as_str()).ok() == Some(run_id)
     });

@@ -4,13 +4,15 @@
 use std::collections::HashMap;
 
 use entity::{agent_runs, jobs, nodes, tasks};
-use sea_orm::sea_query::{Alias, Condition, Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Condition, Expr, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect, QueryTrait,
 };
 use serde_json::json;
 
+use super::batch::Batch;
+use super::fence::run_as_it_was;
 use super::{NewEvent, Store, StoreResult, append, append_all};
 use crate::model::{EventKind, EventSource, JobStatus, Usage};
 
@@ -374,21 +376,10 @@ impl RunExit {
     /// will write (the columns `exit_written` and `start_written`, as PostgreSQL's fence
     /// returns them, see `fence::exit_events`): the exit with the pending start, then the
     /// start alone, which writes nothing when the exit's statement wrote it.
-    pub(super) fn push_write(&self, batch: &mut super::batch::Batch) {
-        use super::fence::{EXIT_WRITTEN, START_WRITTEN};
-        use agent_runs::Column as C;
-        let was = Query::select()
-            .expr_as(Expr::col(C::ExitedAt).is_null(), Alias::new(EXIT_WRITTEN))
-            .expr_as(
-                Expr::col(C::ExitedAt)
-                    .is_null()
-                    .or(Expr::col(C::Pid).is_null()),
-                Alias::new(START_WRITTEN),
-            )
-            .from(agent_runs::Entity)
-            .and_where(C::Id.eq(self.run.id))
-            .to_owned();
-        batch.push(&was).push(&self.exit_update());
+    pub(super) fn push_write(&self, batch: &mut Batch) {
+        batch
+            .push(&run_as_it_was(self.run.id))
+            .push(&self.exit_update());
         if let Some(started) = &self.started {
             batch.push(&start_update(&self.run, started));
         }
