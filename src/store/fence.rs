@@ -72,8 +72,9 @@ pub(super) async fn fence(
     fenced(&rows, claim, exit)
 }
 
-/// SQLite: [`fence`]'s parts as a [`Batch`], each marking what it wrote: the exit's
-/// statements ([`RunExit::push_write`]), the fence, the run's outcome, the task's end.
+/// SQLite: [`fence`]'s parts as a [`Batch`]: the exit's statements
+/// ([`RunExit::push_write`]), the fence and the task's end (each marking whether it
+/// wrote, [`returning_mark`]), and between them the run's outcome, returning the run.
 pub(super) fn fence_batch(
     job: &jobs::Model,
     claim: &Claim,
