@@ -257,14 +257,25 @@ impl std::fmt::Debug for Opened {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
-    /// SQLite only: writers of this process take turns here rather than in SQLite's
-    /// busy handler, which sleeps in steps of milliseconds while it waits.
-    write_lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite only: where this process writes ([`Writer`]).
+    writer: Option<Arc<Writer>>,
     /// The hostname of each node id this process dispatched for: a node's row never
     /// changes its hostname, so dispatch reads it once rather than per job.
     node_hosts: Arc<std::sync::Mutex<HashMap<String, String>>>,
     /// What opened the pool, for [`Store::own_pool`].
     opened: Arc<Opened>,
+}
+
+/// SQLite: the one connection this process writes through, and the lock its writers take
+/// turns at (rather than in SQLite's busy handler, which sleeps in steps of milliseconds
+/// while it waits). One connection for every write keeps its page cache: SQLite drops a
+/// connection's whole cache when it finds that another connection wrote since it last
+/// read, and the pool's connections took turns at the writes, each reading its pages
+/// again from the file (docs/benchmarks-changes.md). Reads use the pool.
+#[derive(Debug)]
+struct Writer {
+    lock: tokio::sync::Mutex<()>,
+    db: DatabaseConnection,
 }
 
 /// Turns on SQLite's query planner stability guarantee for a new connection. Without it,
@@ -293,7 +304,7 @@ async fn stable_plans(
 }
 
 /// Held while a write transaction of this process is open (SQLite).
-type WriteGuard = Option<tokio::sync::OwnedMutexGuard<()>>;
+type WriteGuard<'a> = Option<tokio::sync::MutexGuard<'a, ()>>;
 
 impl Store {
     /// Opens the database (SQLite in WAL mode with a busy timeout) without migrating.
@@ -304,14 +315,18 @@ impl Store {
     /// Like [`Store::connect`], with the time a caller waits for a pooled connection.
     /// Tests on a loaded machine pass a long one.
     pub async fn connect_with(url: &str, acquire_timeout: Duration) -> StoreResult<Store> {
-        let max = if url.starts_with("sqlite:") { 4 } else { 10 };
-        let db = connect_pool(url, acquire_timeout, max, false).await?;
-        let write_lock = url
-            .starts_with("sqlite:")
-            .then(|| Arc::new(tokio::sync::Mutex::new(())));
+        let sqlite = url.starts_with("sqlite:");
+        let db = connect_pool(url, acquire_timeout, if sqlite { 4 } else { 10 }, false).await?;
+        let writer = match sqlite {
+            true => Some(Arc::new(Writer {
+                lock: tokio::sync::Mutex::new(()),
+                db: connect_pool(url, acquire_timeout, 1, true).await?,
+            })),
+            false => None,
+        };
         Ok(Store {
             db,
-            write_lock,
+            writer,
             node_hosts: Arc::default(),
             opened: Arc::new(Opened {
                 url: url.to_string(),
@@ -396,20 +411,24 @@ impl Store {
     }
 
     pub async fn close(self) {
+        if let Some(writer) = &self.writer {
+            let _ = writer.db.clone().close().await;
+        }
         let _ = self.db.close().await;
     }
 
-    async fn lock_writes(&self) -> WriteGuard {
-        match &self.write_lock {
-            Some(l) => Some(l.clone().lock_owned().await),
-            None => None,
+    /// The connection to write through, with this process's turn to write on SQLite
+    /// ([`Writer`]); PostgreSQL's writers take no turns and write through the pool.
+    async fn lock_writes(&self) -> (WriteGuard<'_>, &DatabaseConnection) {
+        match &self.writer {
+            Some(w) => (Some(w.lock.lock().await), &w.db),
+            None => (None, &self.db),
         }
     }
 
-    async fn write_txn(&self) -> StoreResult<(WriteGuard, DatabaseTransaction)> {
-        let guard = self.lock_writes().await;
-        let txn = self
-            .db
+    async fn write_txn(&self) -> StoreResult<(WriteGuard<'_>, DatabaseTransaction)> {
+        let (guard, db) = self.lock_writes().await;
+        let txn = db
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
@@ -420,8 +439,8 @@ impl Store {
 
     /// Appends one event outside any other write.
     pub async fn append_event(&self, ev: NewEvent, now: i64) -> StoreResult<()> {
-        let _write = self.lock_writes().await;
-        append(&self.db, ev, now).await
+        let (_write, db) = self.lock_writes().await;
+        append(db, ev, now).await
     }
 }
 

@@ -9,7 +9,7 @@ use super::{Store, StoreResult};
 impl Store {
     /// Registers a fresh node (one per boot) and returns its id.
     pub async fn register_node(&self, hostname: &str, pid: i32, now: i64) -> StoreResult<String> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         let id = format!("{hostname}-{pid}-{now:x}");
         nodes::ActiveModel {
             id: Set(id.clone()),
@@ -19,7 +19,7 @@ impl Store {
             heartbeat_at: Set(now),
             stopped_at: Set(None),
         }
-        .insert(&self.db)
+        .insert(db)
         .await?;
         Ok(id)
     }
@@ -37,7 +37,7 @@ impl Store {
             .await?;
         use entity::agent_runs::{Column, Entity};
         use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         // A run whose row a claim holds is being finalized: it is skipped, not waited
         // for. Waiting could deadlock with a group of claims, which holds several runs'
         // rows of this node while it takes more (ADR 0001).
@@ -53,7 +53,7 @@ impl Store {
         Entity::update_many()
             .col_expr(Column::HeartbeatAt, Expr::value(now))
             .filter(Column::Id.in_subquery(running))
-            .exec(&self.db)
+            .exec(db)
             .await?;
         Ok(())
     }
@@ -108,10 +108,10 @@ impl Store {
     /// Gives up every lease `holder` holds (at a clean stop), so another node takes its
     /// duties over at once.
     pub async fn release_leases(&self, holder: &str) -> StoreResult<()> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         leases::Entity::delete_many()
             .filter(leases::Column::Holder.eq(holder))
-            .exec(&self.db)
+            .exec(db)
             .await?;
         Ok(())
     }
@@ -122,11 +122,11 @@ impl Store {
         column: nodes::Column,
         now: i64,
     ) -> StoreResult<()> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         nodes::Entity::update_many()
             .col_expr(column, Expr::value(now))
             .filter(nodes::Column::Id.eq(node_id))
-            .exec(&self.db)
+            .exec(db)
             .await?;
         Ok(())
     }

@@ -114,7 +114,7 @@ impl Store {
         lease_ms: i64,
         now: i64,
     ) -> StoreResult<bool> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         let n = effects::Entity::update_many()
             .col_expr(effects::Column::NextAttemptAt, Expr::value(now + lease_ms))
             .col_expr(effects::Column::LeasedBy, Expr::value(node_id))
@@ -124,7 +124,7 @@ impl Store {
             .filter(effects::Column::Status.eq(EffectStatus::Pending))
             .filter(effects::Column::Attempts.eq(e.attempts))
             .filter(effects::Column::NextAttemptAt.eq(e.next_attempt_at))
-            .exec(&self.db)
+            .exec(db)
             .await?
             .rows_affected;
         Ok(n == 1)
@@ -368,23 +368,23 @@ impl Store {
         source: EventSource,
         now: i64,
     ) -> StoreResult<bool> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         let r = webhook_deliveries::Entity::insert(webhook_deliveries::ActiveModel {
             id: Set(id.to_string()),
             source: Set(source),
             received_at: Set(now),
         })
         .on_conflict_do_nothing_on([webhook_deliveries::Column::Id])
-        .exec(&self.db)
+        .exec(db)
         .await?;
         Ok(matches!(r, sea_orm::TryInsertResult::Inserted(_)))
     }
 
     /// Forgets a delivery whose handling failed, so that the sender's redelivery counts.
     pub async fn forget_delivery(&self, id: &str) -> StoreResult<()> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         webhook_deliveries::Entity::delete_by_id(id.to_string())
-            .exec(&self.db)
+            .exec(db)
             .await?;
         Ok(())
     }

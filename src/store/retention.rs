@@ -98,7 +98,7 @@ impl Store {
             out.tasks += 1;
         }
         for _ in 0..max_tasks.div_ceil(100).max(1) * 10 {
-            let _write = self.lock_writes().await;
+            let (_write, db) = self.lock_writes().await;
             let old = Query::select()
                 .column(webhook_deliveries::Column::Id)
                 .from(webhook_deliveries::Entity)
@@ -107,7 +107,7 @@ impl Store {
                 .to_owned();
             let n = webhook_deliveries::Entity::delete_many()
                 .filter(webhook_deliveries::Column::Id.in_subquery(old))
-                .exec(&self.db)
+                .exec(db)
                 .await?
                 .rows_affected;
             out.deliveries += n;

@@ -289,12 +289,12 @@ impl Store {
 
     /// Keeps a task's description (read from its Plane work item before its first stage).
     pub async fn set_description(&self, task_id: i64, text: &str, now: i64) -> StoreResult<()> {
-        let _write = self.lock_writes().await;
+        let (_write, db) = self.lock_writes().await;
         tasks::Entity::update_many()
             .col_expr(tasks::Column::Description, Expr::value(text))
             .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
             .filter(tasks::Column::Id.eq(task_id))
-            .exec(&self.db)
+            .exec(db)
             .await?;
         Ok(())
     }
