@@ -204,12 +204,11 @@ pub fn commit_all(path: &Path, message: &str) -> Result<Option<String>, Workspac
 /// [`commit_all`] in the opened worktree `repo`.
 fn commit_in(repo: &Repository, message: &str) -> Result<Option<String>, WorkspaceError> {
     let mut index = repo.index().map_err(git("read the index"))?;
+    // One pass over the worktree: libgit2's add-all also takes out of the index what the
+    // worktree no longer has (an update-all after it was a second pass).
     index
         .add_all(["*"], IndexAddOption::DEFAULT, None)
         .map_err(git("stage files"))?;
-    index
-        .update_all(["*"], None)
-        .map_err(git("stage deletions"))?;
     let tree_id = index.write_tree().map_err(git("write the tree"))?;
     let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
     if parent.as_ref().is_some_and(|p| p.tree_id() == tree_id) {

@@ -1,6 +1,7 @@
 //! The mirror and a task's worktree in it, prepared before every stage: a task that
 //! moves between hosts, a stage after one of this host's own, jobs that waited in the
-//! queue together, a stage's commit, a diverged branch, leftovers of a crash.
+//! queue together, a stage's commit, a diverged branch, leftovers of a crash, what an
+//! auto-commit holds.
 
 use std::path::Path;
 use std::time::Instant;
@@ -287,4 +288,39 @@ fn leftovers_of_a_crash_are_cleared_and_a_broken_mirror_is_made_anew() {
     std::fs::remove_dir_all(&path).unwrap();
     let p = prep(None).unwrap();
     assert!(p.created && path.join("README.md").exists());
+}
+
+#[test]
+fn the_auto_commit_holds_new_changed_and_deleted_files() {
+    let (dir, access) = seeded();
+    let root = dir.path().join("ws");
+    let path = root.join("DEL-1");
+    prepare_key(&root, &access, "DEL-1", Recorded(None, Instant::now())).unwrap();
+    std::fs::write(path.join("a.txt"), "a\n").unwrap();
+    std::fs::create_dir(path.join("sub")).unwrap();
+    std::fs::write(path.join("sub/b.txt"), "b\n").unwrap();
+    workspace::commit_all(&path, "first").unwrap().unwrap();
+    // A stage that changes one file, deletes two (one in a folder) and adds one.
+    std::fs::write(path.join("a.txt"), "changed\n").unwrap();
+    std::fs::remove_file(path.join("README.md")).unwrap();
+    std::fs::remove_dir_all(path.join("sub")).unwrap();
+    std::fs::write(path.join("c.txt"), "c\n").unwrap();
+    let sha = workspace::commit_all(&path, "second").unwrap().unwrap();
+    let repo = git2::Repository::open(&path).unwrap();
+    let tree = repo
+        .find_commit(git2::Oid::from_str(&sha).unwrap())
+        .unwrap()
+        .tree()
+        .unwrap();
+    let names: Vec<String> = tree.iter().map(|e| e.name().unwrap().to_string()).collect();
+    assert_eq!(names, ["a.txt", "c.txt"]);
+    let a = tree.get_name("a.txt").unwrap().to_object(&repo).unwrap();
+    assert_eq!(a.as_blob().unwrap().content(), b"changed\n");
+    // A deletion alone is a change to commit; then nothing is left to commit.
+    std::fs::remove_file(path.join("c.txt")).unwrap();
+    assert!(workspace::commit_all(&path, "third").unwrap().is_some());
+    assert_eq!(workspace::commit_all(&path, "nothing").unwrap(), None);
+    // The index agrees with the last commit: a status shows nothing.
+    let statuses = repo.statuses(None).unwrap();
+    assert_eq!(statuses.len(), 0);
 }
