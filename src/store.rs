@@ -202,14 +202,31 @@ impl NewEvent {
     }
 }
 
-/// A pool of at most `max` connections to `url`; `lazy`: opened when first used.
+/// How a pool opens and keeps its connections.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// One connection opened now (the URL is checked), the others when needed; a
+    /// connection unused for a while, or old, is closed (sqlx's defaults).
+    Pooled,
+    /// As `Pooled`, the first one opened when first used too.
+    Lazy,
+    /// Opened now and kept for the process's life, with its page cache (SQLite's
+    /// [`Writer`]).
+    Always,
+}
+
+/// A pool of at most `max` connections to `url`, opened and kept as `keep` says.
 async fn connect_pool(
     url: &str,
     acquire_timeout: Duration,
     max: u32,
-    lazy: bool,
+    keep: Keep,
 ) -> StoreResult<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_string());
+    if let Keep::Always = keep {
+        opts.idle_timeout(None).max_lifetime(None);
+    }
+    let lazy = matches!(keep, Keep::Lazy);
     opts.sqlx_logging(false)
         .max_connections(max)
         .connect_lazy(lazy)
@@ -271,7 +288,8 @@ pub struct Store {
 /// while it waits). One connection for every write keeps its page cache: SQLite drops a
 /// connection's whole cache when it finds that another connection wrote since it last
 /// read, and the pool's connections took turns at the writes, each reading its pages
-/// again from the file (docs/benchmarks-changes.md). Reads use the pool.
+/// again from the file (docs/benchmarks-changes.md). Its connection is kept open for the
+/// process's life. Reads use the pool.
 #[derive(Debug)]
 struct Writer {
     lock: tokio::sync::Mutex<()>,
@@ -316,11 +334,17 @@ impl Store {
     /// Tests on a loaded machine pass a long one.
     pub async fn connect_with(url: &str, acquire_timeout: Duration) -> StoreResult<Store> {
         let sqlite = url.starts_with("sqlite:");
-        let db = connect_pool(url, acquire_timeout, if sqlite { 4 } else { 10 }, false).await?;
+        let db = connect_pool(
+            url,
+            acquire_timeout,
+            if sqlite { 4 } else { 10 },
+            Keep::Pooled,
+        )
+        .await?;
         let writer = match sqlite {
             true => Some(Arc::new(Writer {
                 lock: tokio::sync::Mutex::new(()),
-                db: connect_pool(url, acquire_timeout, 1, true).await?,
+                db: connect_pool(url, acquire_timeout, 1, Keep::Always).await?,
             })),
             false => None,
         };
@@ -349,7 +373,7 @@ impl Store {
             acquire_timeout,
         } = &*self.opened;
         Ok(Store {
-            db: connect_pool(url, *acquire_timeout, max, true).await?,
+            db: connect_pool(url, *acquire_timeout, max, Keep::Lazy).await?,
             ..self.clone()
         })
     }
@@ -388,12 +412,13 @@ impl Store {
     }
 
     pub async fn migrate(&self) -> StoreResult<Vec<String>> {
-        let pending: Vec<String> = migration::Migrator::get_pending_migrations(&self.db)
+        let (_write, db) = self.lock_writes().await;
+        let pending: Vec<String> = migration::Migrator::get_pending_migrations(db)
             .await?
             .iter()
             .map(|m| m.name().to_string())
             .collect();
-        migration::Migrator::up(&self.db, None).await?;
+        migration::Migrator::up(db, None).await?;
         Ok(pending)
     }
 
@@ -412,7 +437,7 @@ impl Store {
 
     pub async fn close(self) {
         if let Some(writer) = &self.writer {
-            let _ = writer.db.clone().close().await;
+            let _ = writer.db.close_by_ref().await;
         }
         let _ = self.db.close().await;
     }

@@ -19,7 +19,8 @@ impl Store {
     /// history grown over months rather than written at once.
     pub async fn analyze(&self) -> StoreResult<()> {
         use sea_orm::ConnectionTrait;
-        self.db.execute_unprepared("ANALYZE").await?;
+        let (_write, db) = self.lock_writes().await;
+        db.execute_unprepared("ANALYZE").await?;
         Ok(())
     }
 
