@@ -505,3 +505,36 @@ fn insert_events(evs: Vec<(NewEvent, i64)>) -> Option<sea_orm::sea_query::Insert
 fn must<T>(row: Option<T>, what: impl FnOnce() -> String) -> StoreResult<T> {
     row.ok_or_else(|| StoreError::Db(DbErr::RecordNotFound(what())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::ActiveModelTrait;
+
+    /// On SQLite a write holds the one writer connection and its turn; reads go to the
+    /// pool meanwhile: answered at once, without what the open transaction wrote.
+    #[tokio::test]
+    async fn sqlite_reads_do_not_wait_for_a_write_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("w.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let (guard, txn) = store.write_txn().await.unwrap();
+        assert!(guard.is_some(), "SQLite's writers take turns");
+        entity::nodes::ActiveModel {
+            id: Set("n1".into()),
+            hostname: Set("h".into()),
+            pid: Set(1),
+            started_at: Set(0),
+            heartbeat_at: Set(0),
+            stopped_at: Set(None),
+        }
+        .insert(&txn)
+        .await
+        .unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(20), store.nodes()).await;
+        assert!(matches!(read, Ok(Ok(ref n)) if n.is_empty()), "{read:?}");
+        txn.commit().await.unwrap();
+        drop(guard);
+        assert_eq!(store.nodes().await.unwrap()[0].id, "n1");
+    }
+}
